@@ -1,0 +1,235 @@
+"""The `concentric` command line.
+
+Owns argument parsing and turning the runtime's errors into one clear line and exit status 2
+(never a traceback for a user mistake). Each subcommand is a thin call into the layer that does
+the work.
+
+Deliberately does not know: any model math, or how subnets are validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from server.runtime.subnets import DEFAULT_CUSTOM_YAML
+
+# Errors a user can cause, reported as one line (their classes live in the runtime).
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, MemoryError)
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    from server.runtime.dev_model import dev_model_cache
+
+    folder = dev_model_cache("mini")
+    print(f"(no --checkpoint: using the built-in dev model at {folder})", file=sys.stderr)
+    return folder
+
+
+def _custom(args: argparse.Namespace) -> Path | None:
+    if getattr(args, "no_custom", False):
+        return None
+    return Path(args.custom) if getattr(args, "custom", None) else DEFAULT_CUSTOM_YAML
+
+
+def cmd_make_dev_model(args: argparse.Namespace) -> int:
+    from server.runtime.dev_model import make_dev_model
+
+    t0 = time.perf_counter()
+    out = make_dev_model(args.preset, args.out, progress=not args.quiet)
+    print(f"wrote dev model {args.preset!r} to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_subnets(args: argparse.Namespace) -> int:
+    from server.runtime.checkpoint import CheckpointStore
+    from server.runtime.subnets import DEFAULT_TABLE_CSV, format_table, load_subnet_table
+
+    store = CheckpointStore.open(_checkpoint(args))
+    table = load_subnet_table(store.text, DEFAULT_TABLE_CSV, _custom(args))
+    print(format_table(table))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from server.runtime.elastic import ElasticRuntime
+    from server.runtime.generation import GenerationRequest
+
+    rt = ElasticRuntime.open(_checkpoint(args), args.dtype, args.device, _custom(args))
+    subnet = rt.subnets.get(args.subnet)
+    if args.chat:
+        prompt_ids = rt.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = rt.tokenizer.encode(args.prompt)
+    request = GenerationRequest(
+        subnet=subnet,
+        prompt_ids=prompt_ids,
+        max_tokens=args.max_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_ids=() if args.ignore_eos else rt.tokenizer.stop_ids,
+    )
+    t0 = time.perf_counter()
+    result = rt.generate([request])[0]
+    elapsed = time.perf_counter() - t0
+    text = rt.tokenizer.decode(result.token_ids)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "subnet": subnet.name,
+                    "prompt_token_ids": prompt_ids,
+                    "token_ids": result.token_ids,
+                    "text": text,
+                    "finish_reason": result.finish_reason,
+                    "seconds": round(elapsed, 4),
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print(text)
+        print(
+            f"[{subnet.name}: {len(result.token_ids)} tokens in {elapsed:.2f} s, "
+            f"{result.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from server.runtime.checkpoint import CheckpointStore
+    from server.runtime.export import export_subnet
+    from server.runtime.subnets import DEFAULT_TABLE_CSV, load_subnet_table
+
+    store = CheckpointStore.open(_checkpoint(args))
+    table = load_subnet_table(store.text, DEFAULT_TABLE_CSV, _custom(args))
+    subnet = table.get(args.subnet)
+    out = export_subnet(
+        store, subnet, args.out, int(args.max_shard_gb * 1024**3), progress=not args.quiet
+    )
+    print(
+        f"exported subnet {subnet.name!r} ({len(subnet.layers)} layers, "
+        f"{subnet.effective_params / 1e9:.3f} B effective parameters) to {out}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Several subnets of one checkpoint answering one prompt, in one batch."""
+    from server.runtime.elastic import ElasticRuntime
+    from server.runtime.generation import GenerationRequest
+
+    rt = ElasticRuntime.open(_checkpoint(args), args.dtype, args.device, _custom(args))
+    names = args.subnets.split(",") if args.subnets else [s.name for s in rt.subnets][:4]
+    subnets = [rt.subnets.get(n) for n in names]
+    prompt_ids = rt.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    requests = [
+        GenerationRequest(s, prompt_ids, args.max_tokens, stop_ids=rt.tokenizer.stop_ids)
+        for s in subnets
+    ]
+    t0 = time.perf_counter()
+    results = rt.generate(requests)
+    elapsed = time.perf_counter() - t0
+    print(f"prompt: {args.prompt!r} ({len(prompt_ids)} tokens); checkpoint {rt.store.folder}")
+    print(
+        "(random dev weights: the text is noise; what matters is that every subnet is served "
+        "from one weight copy, in one batch)"
+    )
+    for s, r in zip(subnets, results, strict=True):
+        print(
+            f"\n[{s.name}] {s.effective_params / 1e6:.1f} M effective params, "
+            f"{len(s.layers)} layers:\n  {rt.tokenizer.decode(r.token_ids)!r}"
+        )
+    total = sum(len(r.token_ids) for r in results)
+    print(f"\n{total} tokens for {len(subnets)} subnets in {elapsed:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="concentric",
+        description="Elastic inference server for Gemma 3n: every MatFormer subnet served as a "
+        "view of one checkpoint.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+        p.add_argument("--checkpoint", help="checkpoint folder (default: the built-in dev model)")
+        p.add_argument("--custom", help=f"custom subnets YAML (default: {DEFAULT_CUSTOM_YAML})")
+        p.add_argument("--no-custom", action="store_true", help="offer no custom subnets")
+        if runtime:
+            p.add_argument(
+                "--dtype",
+                default="auto",
+                choices=["auto", "float32", "bfloat16", "float16"],
+                help="compute dtype (auto: as stored)",
+            )
+            p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+    p = sub.add_parser("make-dev-model", help="write a random-weight Gemma 3n dev checkpoint")
+    p.add_argument("--preset", required=True, choices=["tiny", "mini", "bench"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_make_dev_model)
+
+    p = sub.add_parser("subnets", help="print the subnet table of a checkpoint")
+    model_args(p, runtime=False)
+    p.set_defaults(func=cmd_subnets)
+
+    p = sub.add_parser("generate", help="complete one prompt with one subnet")
+    model_args(p)
+    p.add_argument("--subnet", default="full")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write one subnet as a standalone HF checkpoint")
+    model_args(p, runtime=False)
+    p.add_argument("--subnet", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-shard-gb", type=float, default=4.0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="several subnets answer one prompt in one batch")
+    model_args(p)
+    p.add_argument("--prompt", default="Tell me about nested models.")
+    p.add_argument("--subnets", help="comma-separated subnet names (default: the first four)")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_tokens", 1) < 1:
+        print("concentric: error: --max-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except _USER_ERRORS as e:
+        print(f"concentric: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

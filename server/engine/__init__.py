@@ -1,0 +1,1 @@
+"""Concentric engine layer."""

@@ -1,0 +1,1 @@
+"""Concentric runtime layer."""

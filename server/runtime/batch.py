@@ -1,0 +1,132 @@
+"""A forward batch: the tensors one forward pass over many sequences of many subnets needs.
+
+Owns the packing. Each sequence contributes the tokens it processes this step (a prompt chunk, or
+its last sampled token), the position of the first one, its KV block table, and which rows need
+logits. Sequences are reordered so that each subnet's sequences form one contiguous segment: the
+forward then runs width-independent parts over all rows together and the FFN per segment, and a
+layer that some subnet skips is a gather of the other segments' rows.
+
+Deliberately does not know: how tokens are chosen, which blocks are free, or the model math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from server.runtime.subnets import Subnet
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """One sequence's part of a step."""
+
+    subnet: Subnet
+    token_ids: Sequence[int]  # tokens processed this step
+    start: int  # position of token_ids[0]; equals the number of tokens already in the KV cache
+    block_table: Sequence[Sequence[int]]  # per KV-owning layer (0..first_shared-1): block ids
+    logits: str = "last"  # which of this step's rows need logits: "last", "all" or "none"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive sequences (and their rows) that share one subnet."""
+
+    subnet: Subnet
+    seqs: slice  # sequence indices, in batch order
+    rows: slice  # token rows, in batch order
+    logit_rows: slice  # positions within `ForwardBatch.logits_rows`
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [N] token ids, sequences back to back in batch order
+    positions: torch.Tensor  # [N] position of each row in its sequence
+    row_seq: torch.Tensor  # [N] batch index of each row's sequence
+    seq_end: torch.Tensor  # [S] positions in the KV cache after this step (context length)
+    block_tables: torch.Tensor  # [S, num_kv_layers, max_blocks] block ids, -1 where none
+    block_size: int
+    logits_rows: torch.Tensor  # [M] rows whose logits are returned, in batch order
+    segments: list[Segment]
+    order: list[int]  # batch index -> index in the caller's list
+    num_rows_per_seq: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.order)
+
+
+def build_forward_batch(
+    seqs: Sequence[SequenceInput],
+    num_kv_layers: int,
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> ForwardBatch:
+    """Pack sequences into one batch, grouping them by subnet (stable within a subnet)."""
+    if not seqs:
+        raise ValueError("a forward batch needs at least one sequence")
+    first_seen: dict[str, int] = {}
+    for s in seqs:
+        first_seen.setdefault(s.subnet.name, len(first_seen))
+    order = sorted(range(len(seqs)), key=lambda i: first_seen[seqs[i].subnet.name])
+
+    ids: list[int] = []
+    positions: list[int] = []
+    row_seq: list[int] = []
+    seq_end: list[int] = []
+    logits_rows: list[int] = []
+    rows_per_seq: list[int] = []
+    segments: list[Segment] = []
+    max_blocks = max(1, max(len(bt) for s in seqs for bt in s.block_table))
+    tables: list[list[list[int]]] = []  # one tensor is built at the end: far cheaper than many
+
+    seg_start = (0, 0, 0)
+    for b, i in enumerate(order):
+        s = seqs[i]
+        n = len(s.token_ids)
+        if n == 0:
+            raise ValueError("every sequence in a step must process at least one token")
+        if len(s.block_table) != num_kv_layers:
+            raise ValueError(f"block_table needs {num_kv_layers} per-layer lists")
+        row0 = len(ids)
+        ids.extend(s.token_ids)
+        positions.extend(range(s.start, s.start + n))
+        row_seq.extend([b] * n)
+        seq_end.append(s.start + n)
+        rows_per_seq.append(n)
+        if s.logits == "last":
+            logits_rows.append(row0 + n - 1)
+        elif s.logits == "all":
+            logits_rows.extend(range(row0, row0 + n))
+        elif s.logits != "none":
+            raise ValueError(f"logits must be 'last', 'all' or 'none', not {s.logits!r}")
+        tables.append([list(bt) + [-1] * (max_blocks - len(bt)) for bt in s.block_table])
+        last = b + 1 == len(order) or seqs[order[b + 1]].subnet.name != s.subnet.name
+        if last:
+            segments.append(
+                Segment(
+                    subnet=s.subnet,
+                    seqs=slice(seg_start[0], b + 1),
+                    rows=slice(seg_start[1], len(ids)),
+                    logit_rows=slice(seg_start[2], len(logits_rows)),
+                )
+            )
+            seg_start = (b + 1, len(ids), len(logits_rows))
+
+    def long(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return ForwardBatch(
+        input_ids=long(ids),
+        positions=long(positions),
+        row_seq=long(row_seq),
+        seq_end=long(seq_end),
+        block_tables=long(tables) if tables else long([]),
+        block_size=block_size,
+        logits_rows=long(logits_rows),
+        segments=segments,
+        order=order,
+        num_rows_per_seq=rows_per_seq,
+    )

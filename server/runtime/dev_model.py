@@ -1,0 +1,331 @@
+"""Dev checkpoints: small random-weight Gemma 3n models in the exact real layout, made offline.
+
+Owns the presets and the writer behind `concentric make-dev-model`. No model hub is reachable
+from where this project is built and tested, so every test, demo and benchmark runs on these.
+
+A dev checkpoint keeps E4B's topology and changes only sizes: 35 layers in the same 4-sliding /
+1-full pattern, KV producers 18 and 19 and consumers 20..34, activation sparsity on layers 0..9,
+4 AltUp streams, LAuReL, per-layer embeddings, and a full FFN width whose half is the E2B width
+(as 8192 is half of 16384). The files are those of `google/gemma-3n-E4B-it`: a `Gemma3nConfig`
+with `text_config`, tensors under `model.language_model.` in safetensors shards with an index,
+the multimodal embedders `model.embed_vision.*` / `model.embed_audio.*` (the vision and audio
+towers themselves are left out), a generation config and a tokenizer with Gemma's chat template.
+
+Weights are random but scaled so that the model is not degenerate: activations keep unit-order
+magnitudes through 35 layers, attention is neither uniform nor one-hot, logits spread by a few
+units (greedy choices are not near-ties), and the FFN contributes enough that every subnet gives
+visibly different text. Bytes are deterministic per preset (numpy's PCG64 stream, fixed order).
+
+Deliberately does not know: how the model is run, or which subnets exist.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from server.runtime.checkpoint import INDEX_FILE
+from server.runtime.dev_tokenizer import DEV_TOKEN_IDS, write_dev_tokenizer
+from server.runtime.shard import PlannedTensor, write_shard
+
+NUM_LAYERS = 35
+NUM_KV_SHARED = 15
+MM_VOCAB = 128  # ids per modality (vision, audio) after the text vocabulary, as in Gemma 3n
+# Scales of the random weights (see `_tensor_plan`). They were chosen by measurement: with AltUp
+# coefficients of std 0.2 the 35 stacked predict/correct steps amplify float32 rounding ~10^4x
+# (float32 and float64 logits differed by 0.45), which turns greedy decoding into a coin toss
+# between two correct implementations; at 0.05, with attention logits of std ~1 and post-norms of
+# 0.5, they differ by ~4e-5 while each subnet still disagrees with the full model on most argmaxes.
+ALTUP_COEF_STD = 0.05
+ATTENTION_LOGIT_STD = 1.0
+POST_NORM_SCALE = 0.5
+ROUTER_SCALE = 0.7
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int  # full width; half of it is the nested "E2B" width
+    ple: int  # per-layer-embedding width per layer
+    laurel: int
+    text_vocab: int
+    sliding_window: int
+    max_positions: int
+    shards: int
+    seed: int
+
+
+PRESETS: dict[str, Preset] = {
+    # Unit tests: ~10 MB, loads in milliseconds. A small window so short prompts cross it.
+    "tiny": Preset(64, 4, 1, 16, 256, 16, 8, 512, 32, 2048, 2, 1),
+    # The out-of-the-box demo: ~160 MB, tens of tokens per second on 2 CPU cores.
+    "mini": Preset(256, 4, 1, 64, 1024, 32, 16, 4096, 512, 8192, 2, 2),
+    # Benchmarks: ~640 MB, large enough that matrix work, not dispatch, dominates a CPU step.
+    "bench": Preset(512, 8, 2, 64, 2048, 64, 32, 8192, 512, 8192, 4, 3),
+}
+
+
+def text_config_dict(p: Preset) -> dict:
+    """The `text_config` of a preset, in transformers 5's field names."""
+    return {
+        "model_type": "gemma3n_text",
+        "vocab_size": p.text_vocab + 2 * MM_VOCAB,
+        "vocab_size_per_layer_input": p.text_vocab,
+        "hidden_size": p.hidden,
+        "hidden_size_per_layer_input": p.ple,
+        "intermediate_size": [p.ffn] * NUM_LAYERS,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": p.heads,
+        "num_key_value_heads": p.kv_heads,
+        "head_dim": p.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": p.max_positions,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "sliding_window": p.sliding_window,
+        "layer_types": [
+            "full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(NUM_LAYERS)
+        ],
+        "final_logit_softcapping": 30.0,
+        "altup_active_idx": 0,
+        "altup_coef_clip": 120.0,
+        "altup_correct_scale": True,
+        "altup_num_inputs": 4,
+        "num_kv_shared_layers": NUM_KV_SHARED,
+        "laurel_rank": p.laurel,
+        "activation_sparsity_pattern": [0.95] * 10 + [0.0] * (NUM_LAYERS - 10),
+        "pad_token_id": DEV_TOKEN_IDS.pad,
+        "bos_token_id": DEV_TOKEN_IDS.bos,
+        "eos_token_id": [DEV_TOKEN_IDS.eos, DEV_TOKEN_IDS.end_of_turn],
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+
+
+def checkpoint_config_dict(name: str, p: Preset) -> dict:
+    v = p.text_vocab
+    return {
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "model_type": "gemma3n",
+        "text_config": text_config_dict(p),
+        "vision_config": {
+            "model_type": "gemma3n_vision",
+            "hidden_size": p.hidden,
+            "vocab_size": MM_VOCAB,
+            "vocab_offset": v,
+            "rms_norm_eps": 1e-6,
+        },
+        "audio_config": {
+            "model_type": "gemma3n_audio",
+            "hidden_size": p.hidden,
+            "vocab_size": MM_VOCAB,
+            "vocab_offset": v + MM_VOCAB,
+            "rms_norm_eps": 1e-6,
+        },
+        "audio_soft_tokens_per_image": 188,
+        "vision_soft_tokens_per_image": 256,
+        "boi_token_id": DEV_TOKEN_IDS.start_of_image,
+        "eoi_token_id": v,
+        "image_token_id": v + 1,
+        "boa_token_id": DEV_TOKEN_IDS.start_of_audio,
+        "eoa_token_id": v + MM_VOCAB,
+        "audio_token_id": v + MM_VOCAB + 1,
+        "initializer_range": 0.02,
+        "dtype": "float32",
+        "tie_word_embeddings": True,
+        "concentric_dev_preset": {"name": name, **asdict(p)},
+    }
+
+
+# ---- weights --------------------------------------------------------------------------------
+
+
+def _tensor_plan(p: Preset, rng: np.random.Generator) -> list[PlannedTensor]:
+    """Every tensor of the checkpoint, in file order, each with a deterministic generator.
+
+    Values are drawn when the writer reaches a tensor, in plan order, from one PCG64 stream,
+    so the bytes depend only on the preset.
+    """
+    h, d, a = p.hidden, p.ple, 4
+    q_out, kv_out = p.heads * p.head_dim, p.kv_heads * p.head_dim
+    vocab = p.text_vocab + 2 * MM_VOCAB
+    plan: list[PlannedTensor] = []
+
+    def add(name: str, shape: tuple[int, ...], make: Callable[[tuple[int, ...]], np.ndarray]):
+        def produce() -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(make(shape), dtype=np.float32))
+
+        plan.append(PlannedTensor(name, torch.float32, shape, produce))
+
+    def normal(std: float):
+        return lambda shape: rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+    def around(center: float, spread: float):
+        # Norm weights and scales: positive, near `center`, never zero.
+        return lambda shape: (
+            np.float32(center)
+            * (1.0 + np.float32(spread) * rng.uniform(-1.0, 1.0, shape).astype(np.float32))
+        )
+
+    def embedding(shape: tuple[int, ...]) -> np.ndarray:
+        # Logits are final-norm(h) . E[token]; |final-norm(h)| ~ sqrt(hidden), so std 4/sqrt(h)
+        # spreads logits by ~4 (softcap 30). Rows past the text vocabulary copy the pad row, as
+        # Google's converter does for the vision/audio ids.
+        e = rng.standard_normal(shape, dtype=np.float32) * np.float32(4.0 / math.sqrt(h))
+        e[p.text_vocab :] = e[DEV_TOKEN_IDS.pad]
+        return e
+
+    t = "model.language_model."
+    add(t + "embed_tokens.weight", (vocab, h), embedding)
+    add(
+        t + "embed_tokens_per_layer.weight",
+        (p.text_vocab, NUM_LAYERS * d),
+        normal(1 / math.sqrt(d)),
+    )
+    add(t + "per_layer_model_projection.weight", (NUM_LAYERS * d, h), normal(1 / math.sqrt(h)))
+    add(t + "per_layer_projection_norm.weight", (d,), around(1.0, 0.2))
+    for i in range(a - 1):
+        add(f"{t}altup_projections.{i}.weight", (h, h), normal(1 / math.sqrt(h)))
+    for i in range(a - 1):
+        add(f"{t}altup_unembed_projections.{i}.weight", (h, h), normal(1 / math.sqrt(h)))
+    add(t + "norm.weight", (h,), around(1.0, 0.2))
+
+    # q.k is taken with scaling 1.0 over head_dim after RMS norms; norm weights of about
+    # (s/sqrt(head_dim))^(1/2) give attention logits of std ~s: neither uniform nor one-hot.
+    qk_norm = math.sqrt(ATTENTION_LOGIT_STD / math.sqrt(p.head_dim))
+    for layer in range(NUM_LAYERS):
+        L = f"{t}layers.{layer}."
+        add(L + "self_attn.q_proj.weight", (q_out, h), normal(1 / math.sqrt(h)))
+        # Consumer layers (20..34) keep their never-used k/v weights, as real checkpoints do.
+        add(L + "self_attn.k_proj.weight", (kv_out, h), normal(1 / math.sqrt(h)))
+        add(L + "self_attn.v_proj.weight", (kv_out, h), normal(1 / math.sqrt(h)))
+        add(L + "self_attn.o_proj.weight", (h, q_out), normal(1 / math.sqrt(q_out)))
+        add(L + "self_attn.q_norm.weight", (p.head_dim,), around(qk_norm, 0.1))
+        add(L + "self_attn.k_norm.weight", (p.head_dim,), around(qk_norm, 0.1))
+        add(L + "mlp.gate_proj.weight", (p.ffn, h), normal(1 / math.sqrt(h)))
+        add(L + "mlp.up_proj.weight", (p.ffn, h), normal(1 / math.sqrt(h)))
+        add(L + "mlp.down_proj.weight", (h, p.ffn), normal(1 / math.sqrt(p.ffn)))
+        for norm in ("input_layernorm", "pre_feedforward_layernorm"):
+            add(L + norm + ".weight", (h,), around(1.0, 0.2))
+        for norm in (
+            "post_attention_layernorm",
+            "post_feedforward_layernorm",
+            "post_per_layer_input_norm",
+        ):
+            add(L + norm + ".weight", (h,), around(POST_NORM_SCALE, 0.2))
+        add(L + "altup.correct_output_scale", (h,), around(1.0, 0.3))
+        add(L + "altup.correction_coefs.weight", (a, a), normal(ALTUP_COEF_STD))
+        add(L + "altup.prediction_coefs.weight", (a * a, a), normal(ALTUP_COEF_STD))
+        # The router sees router_norm(x) / hidden: weights of ~sqrt(hidden) put its tanh in
+        # the responsive range rather than at 0.
+        add(L + "altup.modality_router.weight", (a, h), normal(ROUTER_SCALE * math.sqrt(h)))
+        add(L + "altup.router_norm.weight", (h,), around(1.0, 0.2))
+        add(L + "laurel.linear_left.weight", (p.laurel, h), normal(1 / math.sqrt(h)))
+        add(L + "laurel.linear_right.weight", (h, p.laurel), normal(1 / math.sqrt(p.laurel)))
+        add(L + "laurel.post_laurel_norm.weight", (h,), around(1.0, 0.2))
+        add(L + "per_layer_input_gate.weight", (d, h), normal(1 / math.sqrt(h)))
+        add(L + "per_layer_projection.weight", (h, d), normal(1 / math.sqrt(d)))
+
+    # The multimodal embedders are part of the real layout (the towers are not written).
+    for kind in ("vision", "audio"):
+        e = f"model.embed_{kind}."
+        add(e + "embedding.weight", (MM_VOCAB, h), normal(1 / math.sqrt(h)))
+        add(e + "hard_embedding_norm.weight", (h,), around(1.0, 0.2))
+        add(e + "soft_embedding_norm.weight", (h,), around(1.0, 0.2))
+        add(e + "embedding_projection.weight", (h, h), normal(1 / math.sqrt(h)))
+    return plan
+
+
+def _split(plan: list[PlannedTensor], shards: int) -> list[list[PlannedTensor]]:
+    """Consecutive groups of roughly equal bytes, in plan order."""
+    total = sum(t.nbytes for t in plan)
+    target = total / shards
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in plan:
+        if groups[-1] and size + t.nbytes / 2 > target * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(t)
+        size += t.nbytes
+    return groups
+
+
+def make_dev_model(preset: str, out: str | Path, progress: bool = True) -> Path:
+    """Write the preset's checkpoint into `out` (created; must be empty or absent)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    rng = np.random.Generator(np.random.PCG64(p.seed))
+    plan = _tensor_plan(p, rng)
+    groups = _split(plan, p.shards)
+    total = sum(t.nbytes for t in plan)
+    weight_map: dict[str, str] = {}
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"dev model {preset}", disable=not progress
+    ) as bar:
+        for i, group in enumerate(groups, start=1):
+            file_name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            write_shard(tmp / file_name, group, on_bytes=bar.update)
+            weight_map.update({t.name: file_name for t in group})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(tmp / INDEX_FILE, index)
+    _write_json(tmp / "config.json", checkpoint_config_dict(preset, p))
+    ids = DEV_TOKEN_IDS
+    _write_json(
+        tmp / "generation_config.json",
+        {
+            "bos_token_id": ids.bos,
+            "eos_token_id": [ids.eos, ids.end_of_turn],
+            "pad_token_id": ids.pad,
+        },
+    )
+    write_dev_tokenizer(tmp, p.text_vocab)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def dev_model_cache(preset: str = "mini", cache_dir: str | Path | None = None) -> Path:
+    """The preset's checkpoint in the cache folder, made on first use.
+
+    The cache is `$CONCENTRIC_CACHE`, else `~/.cache/concentric`."""
+    import os
+
+    root = Path(
+        cache_dir or os.environ.get("CONCENTRIC_CACHE") or Path.home() / ".cache" / "concentric"
+    )
+    folder = root / f"dev-{preset}"
+    if not (folder / "config.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        make_dev_model(preset, folder)
+    return folder
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -1,0 +1,85 @@
+"""The elastic runtime as one object: a checkpoint opened once, its subnets, its tokenizer.
+
+Owns the wiring that every user of the runtime repeats otherwise: open and check the store, take
+the weights to the compute dtype and device once, build the subnet table against this checkpoint,
+load the tokenizer, and build the model. The engine and the CLI hold one of these; every subnet is
+served from it without copying a weight.
+
+Deliberately does not know: requests, scheduling, HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from server.runtime.checkpoint import CheckpointStore
+from server.runtime.gemma3n import Gemma3nModel
+from server.runtime.generation import GenerationRequest, GenerationResult, Generator
+from server.runtime.subnets import (
+    DEFAULT_CUSTOM_YAML,
+    DEFAULT_TABLE_CSV,
+    SubnetTable,
+    load_subnet_table,
+)
+from server.runtime.tokenizer import TextTokenizer
+from server.runtime.weights import Weights
+
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
+
+
+@dataclass
+class ElasticRuntime:
+    store: CheckpointStore
+    weights: Weights
+    model: Gemma3nModel
+    subnets: SubnetTable
+    tokenizer: TextTokenizer
+
+    @classmethod
+    def open(
+        cls,
+        checkpoint: str | Path,
+        dtype: str = "auto",
+        device: str = "cpu",
+        custom_subnets: Path | None = DEFAULT_CUSTOM_YAML,
+        ffn_mode: str = "grouped",
+    ) -> ElasticRuntime:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        store = CheckpointStore.open(checkpoint)
+        weights = Weights(store, dtype=parse_dtype(dtype), device=device)
+        subnets = load_subnet_table(store.text, DEFAULT_TABLE_CSV, custom_subnets)
+        return cls(
+            store, weights, Gemma3nModel(weights, ffn_mode), subnets, TextTokenizer(store.folder)
+        )
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        keep_logits: bool = False,
+    ) -> list[GenerationResult]:
+        """Run prompts to completion in one mixed-subnet batch (offline; see generation.py)."""
+        if num_blocks is None:
+            longest = max(len(r.prompt_ids) + r.max_tokens for r in requests)
+            per_seq = -(-longest // block_size) * self.store.text.first_kv_shared_layer
+            num_blocks = per_seq * len(requests)
+        gen = Generator(self.model, num_blocks=num_blocks, block_size=block_size)
+        return gen.generate(requests, keep_logits=keep_logits)

@@ -1,0 +1,179 @@
+"""Compute-ready weights of the text decoder, and the per-subnet FFN views into them.
+
+Owns: taking tensors from the host store into the compute dtype and device ONCE, and handing out
+views. When the stored dtype is the compute dtype and the device is the CPU, every tensor here is
+the store's memory-mapped view: the process holds one copy of the checkpoint (the page cache's).
+When a conversion is needed (bf16 on disk, float32 compute), it is made once per tensor at load
+and shared by every subnet, never per subnet.
+
+A subnet's FFN for layer l at width k is `gate[:k]`, `up[:k]` (contiguous row prefixes) and
+`down[:, :k]` (a strided column prefix that BLAS takes through its leading dimension): views of
+the one copy, whatever the number of subnets served.
+
+The per-layer-embedding table stays where the store mapped it (host memory, stored dtype): only
+the rows of the tokens in a batch are gathered, converted and moved, per step.
+
+Deliberately does not know: subnets' names or validity, batching, or the forward math.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from server.runtime.checkpoint import CheckpointStore
+from server.runtime.text_config import TextConfig
+
+
+@dataclass
+class LayerWeights:
+    q_proj: torch.Tensor
+    k_proj: torch.Tensor | None  # None for KV-consumer layers: never loaded
+    v_proj: torch.Tensor | None
+    o_proj: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor | None
+    gate: torch.Tensor  # [full_width, hidden]
+    up: torch.Tensor  # [full_width, hidden]
+    down: torch.Tensor  # [hidden, full_width]
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    pre_ffn_norm: torch.Tensor
+    post_ffn_norm: torch.Tensor
+    altup_correct_scale: torch.Tensor
+    altup_correction_coefs: torch.Tensor
+    altup_prediction_coefs: torch.Tensor
+    altup_router: torch.Tensor
+    altup_router_norm: torch.Tensor
+    laurel_left: torch.Tensor
+    laurel_right: torch.Tensor
+    laurel_norm: torch.Tensor
+    ple_gate: torch.Tensor
+    ple_projection: torch.Tensor
+    ple_post_norm: torch.Tensor
+
+
+class Weights:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.store = store
+        self.text: TextConfig = store.text
+        self.device = torch.device(device)
+        embed_name = "embed_tokens.weight"
+        self.stored_dtype = store.dtype(store.config.text_prefix + embed_name)
+        self.dtype = dtype or self.stored_dtype
+        get = self._load
+
+        self.embed = get(embed_name)
+        self.lm_head = (
+            self.embed
+            if self.text.tie_word_embeddings
+            else self._place(store.tensor("lm_head.weight"))
+        )
+        # Host-resident, stored dtype: rows are gathered per step (see module docstring).
+        self.ple_table = store.text_tensor("embed_tokens_per_layer.weight")
+        self.ple_model_projection = get("per_layer_model_projection.weight")
+        self.ple_projection_norm = get("per_layer_projection_norm.weight")
+        n_streams = self.text.altup_num_inputs
+        self.altup_projections = [
+            get(f"altup_projections.{i}.weight") for i in range(n_streams - 1)
+        ]
+        self.altup_unembed = [
+            get(f"altup_unembed_projections.{i}.weight") for i in range(n_streams - 1)
+        ]
+        self.final_norm = get("norm.weight")
+        self.layers = [self._layer(i) for i in range(self.text.num_hidden_layers)]
+        self._check_altup_clip()
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == self.dtype and t.device == self.device:
+            return t  # the store's zero-copy view
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def _load(self, relative: str) -> torch.Tensor:
+        return self._place(self.store.text_tensor(relative))
+
+    def _layer(self, i: int) -> LayerWeights:
+        def get(name: str) -> torch.Tensor:
+            return self._load(f"layers.{i}.{name}")
+
+        owns_kv = self.text.owns_kv(i)
+        return LayerWeights(
+            q_proj=get("self_attn.q_proj.weight"),
+            k_proj=get("self_attn.k_proj.weight") if owns_kv else None,
+            v_proj=get("self_attn.v_proj.weight") if owns_kv else None,
+            o_proj=get("self_attn.o_proj.weight"),
+            q_norm=get("self_attn.q_norm.weight"),
+            k_norm=get("self_attn.k_norm.weight") if owns_kv else None,
+            gate=get("mlp.gate_proj.weight"),
+            up=get("mlp.up_proj.weight"),
+            down=get("mlp.down_proj.weight"),
+            input_norm=get("input_layernorm.weight"),
+            post_attention_norm=get("post_attention_layernorm.weight"),
+            pre_ffn_norm=get("pre_feedforward_layernorm.weight"),
+            post_ffn_norm=get("post_feedforward_layernorm.weight"),
+            altup_correct_scale=get("altup.correct_output_scale"),
+            altup_correction_coefs=get("altup.correction_coefs.weight"),
+            altup_prediction_coefs=get("altup.prediction_coefs.weight"),
+            altup_router=get("altup.modality_router.weight"),
+            altup_router_norm=get("altup.router_norm.weight"),
+            laurel_left=get("laurel.linear_left.weight"),
+            laurel_right=get("laurel.linear_right.weight"),
+            laurel_norm=get("laurel.post_laurel_norm.weight"),
+            ple_gate=get("per_layer_input_gate.weight"),
+            ple_projection=get("per_layer_projection.weight"),
+            ple_post_norm=get("post_per_layer_input_norm.weight"),
+        )
+
+    def _check_altup_clip(self) -> None:
+        # transformers 4.x clamped the correction coefficients IN PLACE on every call; 5.x (our
+        # oracle) uses them as stored outside training. We never write into shared weights, so
+        # we follow 5.x and only say so when the clamp would have mattered.
+        clip = self.text.altup_coef_clip
+        if clip is None:
+            return
+        over = [i for i, w in enumerate(self.layers) if w.altup_correction_coefs.abs().max() > clip]
+        if over:
+            warnings.warn(
+                f"AltUp correction coefficients exceed ±{clip} in layers {over}; using them "
+                "unclamped, as transformers 5 does at inference",
+                stacklevel=2,
+            )
+
+    # ---- subnet views -----------------------------------------------------------------------
+
+    def ffn(self, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate, up and down of `layer` at FFN width `width`: views, never copies."""
+        w = self.layers[layer]
+        if not 0 < width <= w.gate.shape[0]:
+            raise ValueError(f"layer {layer}: width {width} outside (0, {w.gate.shape[0]}]")
+        return w.gate[:width], w.up[:width], w.down[:, :width]
+
+    def ple_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Per-layer-embedding rows for `token_ids`, gathered from host memory: [N, L*d].
+
+        Ids outside the PLE vocabulary (vision/audio placeholders) read row 0, as transformers
+        does."""
+        ids = token_ids.to("cpu")
+        in_table = (ids >= 0) & (ids < self.text.vocab_size_per_layer_input)
+        ids = torch.where(in_table, ids, torch.zeros_like(ids))
+        rows = self.ple_table.index_select(0, ids)
+        return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def storages(self) -> set[int]:
+        """Data pointers of every distinct storage the weights use (for sharing proofs)."""
+        ptrs = {
+            self.embed.untyped_storage().data_ptr(),
+            self.ple_table.untyped_storage().data_ptr(),
+        }
+        for w in self.layers:
+            for t in vars(w).values():
+                if t is not None:
+                    ptrs.add(t.untyped_storage().data_ptr())
+        return ptrs
