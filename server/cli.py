@@ -18,7 +18,13 @@ from pathlib import Path
 from server.runtime.subnets import DEFAULT_CUSTOM_YAML
 
 # Errors a user can cause, reported as one line (their classes live in the runtime).
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, MemoryError)
+# NotADirectoryError: an --out that is an existing file.
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileExistsError,
+    NotADirectoryError,
+    MemoryError,
+)
 
 
 def _checkpoint(args: argparse.Namespace) -> Path:

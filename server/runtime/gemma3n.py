@@ -42,11 +42,11 @@ FFN_MODES = ("grouped", "masked")
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma 3n RMSNorm: no `1 + w` offset; computed in float32 and cast back."""
-    xf = x.float()
-    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        y = y * weight.float()
-    return y.type_as(x)
+    if x.dtype != torch.float32:
+        w = None if weight is None else weight.float()
+        return rms_norm(x.float(), w, eps).type_as(x)
+    y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return y if weight is None else y * weight
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,8 @@ class AttentionGroup:
     q_valid: torch.Tensor  # [G, Q] False for padding
     seqs: torch.Tensor  # [G] batch index of each sequence
     key_pos: torch.Tensor  # [G, K] positions of the keys read (padding clamped to valid)
-    mask: torch.Tensor  # [G, 1, Q, K] True where a query may attend a key
+    mask: torch.Tensor  # [G, 1, rep*Q, K] True where a query may attend a key (per query head
+    # of a KV group, see `Gemma3nModel.attention`)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ class StepContext:
         self.segment_of_row = segment_of_row.to(device)
         self._layer_rows: dict[tuple, LayerRows] = {}
         self._groups: dict[tuple, list[AttentionGroup]] = {}
+        self._rope_rows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # K/V read from the cache by KV-consumer layers: every consumer of one producer reads
+        # the same keys for the same rows, so one gather serves all of them.
+        self.consumer_reads: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._widths: dict[tuple, list[tuple[int, torch.Tensor | None]]] = {}
 
     def layer_rows(self, phase: int, keep: tuple[bool, ...]) -> LayerRows:
@@ -154,6 +159,16 @@ class StepContext:
                 row_width = per_segment.to(lr.rows.device)[self.segment_of_row[lr.rows]]
                 self._widths[key] = [(wd, (row_width == wd).nonzero().flatten()) for wd in distinct]
         return self._widths[key]
+
+    def rope_rows(self, lr: LayerRows, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [R, 1, head_dim] of a layer's rows."""
+        key = (lr.key, kind)
+        if key not in self._rope_rows:
+            cos, sin = self.rope[kind]
+            if lr.key[0] != 0 or lr.index is not None:
+                cos, sin = cos[lr.rows], sin[lr.rows]
+            self._rope_rows[key] = (cos[:, None, :], sin[:, None, :])
+        return self._rope_rows[key]
 
     def attention_groups(self, lr: LayerRows, kind: str) -> list[AttentionGroup]:
         """Attention layout for a layer's query rows, for one layer type.
@@ -207,9 +222,10 @@ class StepContext:
         # Padded query slots attend key 0 so softmax never sees an all-masked row.
         mask |= (~q_valid[:, :, None]) & (torch.arange(k_len, device=device) == 0)
         key_pos = torch.minimum(key_pos, torch.tensor(highs, device=device)[:, None] - 1)
-        return AttentionGroup(
-            q_index, q_valid, torch.tensor(seqs, device=device), key_pos, mask[:, None]
-        )
+        rep = self.text.num_attention_heads // self.text.num_key_value_heads
+        mask = mask[:, None, None].expand(len(q_rows), 1, rep, q_len, k_len)
+        mask = mask.reshape(len(q_rows), 1, rep * q_len, k_len)
+        return AttentionGroup(q_index, q_valid, torch.tensor(seqs, device=device), key_pos, mask)
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -365,7 +381,7 @@ class Gemma3nModel:
         heads, kv_heads, dim = t.num_attention_heads, t.num_key_value_heads, t.head_dim
         kind = t.layer_types[layer]
         rows = lr.rows
-        cos, sin = (c[rows][:, None, :] for c in ctx.rope[kind])
+        cos, sin = ctx.rope_rows(lr, kind)
 
         q = rms_norm((x @ lw.q_proj.T).view(-1, heads, dim), lw.q_norm, t.rms_norm_eps)
         q = q * cos + rotate_half(q) * sin  # [R, heads, dim]
@@ -381,20 +397,26 @@ class Gemma3nModel:
             kv.k[slots] = k
             kv.v[slots] = v
 
+        groups = ctx.attention_groups(lr, kind)
+        read_key = (source, lr.key, kind)
+        reads = ctx.consumer_reads.get(read_key) if source != layer else None
+        if reads is None:
+            reads = []
+            for g in groups:
+                slots = self.slots(ctx.batch, source, g.seqs[:, None], g.key_pos)  # [G, K]
+                reads.append((kv.k[slots].permute(0, 2, 1, 3), kv.v[slots].permute(0, 2, 1, 3)))
+            if source != layer:
+                ctx.consumer_reads[read_key] = reads
+
         out = torch.empty(rows.numel(), heads * dim, dtype=x.dtype, device=x.device)
         rep = heads // kv_heads
-        for g in ctx.attention_groups(lr, kind):
+        for g, (keys, values) in zip(groups, reads, strict=True):  # keys: [G, kv_heads, K, dim]
             n_seq, q_len = g.q_index.shape
-            slots = self.slots(ctx.batch, source, g.seqs[:, None], g.key_pos)  # [G, K]
-            keys = kv.k[slots].permute(0, 2, 1, 3)  # [G, kv_heads, K, dim]
-            values = kv.v[slots].permute(0, 2, 1, 3)
             # Grouped-query attention without copying K/V: the `rep` query heads that share a
             # KV head are folded into the query-length axis.
             qg = q[g.q_index].view(n_seq, q_len, kv_heads, rep, dim).permute(0, 2, 3, 1, 4)
             qg = qg.reshape(n_seq, kv_heads, rep * q_len, dim)
-            mask = g.mask[:, :, None].expand(n_seq, 1, rep, q_len, g.mask.shape[-1])
-            mask = mask.reshape(n_seq, 1, rep * q_len, -1)
-            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=1.0)
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, scale=1.0)
             o = o.view(n_seq, kv_heads, rep, q_len, dim).permute(0, 3, 1, 2, 4)
             o = o.reshape(n_seq, q_len, heads * dim)
             out[g.q_index[g.q_valid]] = o[g.q_valid]

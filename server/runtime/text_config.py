@@ -269,7 +269,18 @@ def text_config_from_dict(cfg: dict[str, Any], where: Path | str = "config") -> 
         raise ConfigError(f"{where}: hidden_activation {activation!r} is not supported")
 
     eos = cfg.get("eos_token_id", 1)
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    for key, default in (
+        ("pad_token_id", 0),
+        ("bos_token_id", 2),
+        ("sliding_window", 512),
+        ("max_position_embeddings", 32768),
+    ):
+        value = cfg.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{where}: {key} must be a non-negative integer, got {value!r}")
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
+        raise ConfigError(f"{where}: eos_token_id must be an integer or a list of them")
     softcap = cfg.get("final_logit_softcapping", 30.0)
 
     text = TextConfig(

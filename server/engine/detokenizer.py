@@ -1,0 +1,221 @@
+"""Streaming text for one request: generated token ids in, safe text deltas out, stop strings cut.
+
+Owns turning a request's generated ids, one at a time, into text deltas whose concatenation is
+exactly what the tokenizer decodes for the whole output, without ever streaming half a character,
+and matching the request's stop strings on that text (the first to complete wins; a stop string
+is never split across deltas).
+
+Deliberately does not know: which tokenizer it talks to (anything with `decode(ids,
+skip_special_tokens)`), stop token ids, sampling, or how deltas reach the client. Plain Python:
+no torch, no transformers.
+
+How it stays exact while decoding only a few ids per token: it keeps a short *window* of the
+newest ids and decodes the whole window every step. The window begins with *context* ids whose
+text was already streamed; the delta is whatever the window's text has beyond that. The context
+starts on a token with text of its own, so it absorbs what a decoder does at the start of a text
+(SentencePiece-style decoders drop a leading space): decode(a + b) != decode(a) + decode(b) does
+not leak into the stream. Text is released only once it can no longer change:
+- a decode ending in U+FFFD may be an incomplete character: that tail waits for more ids;
+- a token that decodes on its own to nothing or to U+FFFD (a byte-fallback byte, a skipped
+  special token) may still be inside a run of bytes that the decoder judges as a whole (the
+  tokenizers ByteFallback decoder turns every byte of a run into U+FFFD if any of it is invalid,
+  rewriting characters that looked complete), so nothing is released until a token with text of
+  its own ends the run, or `_MAX_HELD_TOKENS` have been held.
+
+Streamed text cannot be taken back, so exactness needs a decoder whose text for old ids stops
+changing once the rules above say so. Known limits: an ASCII byte-fallback token (<0x41>) has
+text of its own and releases its run early; a decoder that strips a leading space loses it after
+more than `_MAX_WINDOW` tokens without text; clean_up_tokenization_spaces-style rewrites of
+earlier text are not followed. With Gemma's tokenizer (no strip, no clean-up) the stream can
+only differ from decode(all ids) if the model writes invalid UTF-8 after an ASCII byte token or
+after more than `_MAX_HELD_TOKENS` byte tokens in one run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+_REPLACEMENT = "\ufffd"
+# Bounds the window (so the cost per token) when a stream is nothing but byte tokens, e.g. text
+# in a script the vocabulary lacks. Past it, text is released as soon as it is whole characters;
+# exactness is then lost only if a later byte of the same run is invalid and the decoder
+# rewrites the run.
+_MAX_HELD_TOKENS = 16
+# How far back (in ids) the next window's context may start. Only matters after a long stretch
+# of tokens without text of their own; see _slide.
+_MAX_WINDOW = 32
+
+
+class TokenDecoder(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str  # new text to stream now (may be "")
+    stopped: bool  # a stop string matched: the request must finish now
+    stop_reason: str | None  # the matched stop string, else None
+
+
+class IncrementalDetokenizer:
+    """One request's output. push() each generated id; finish() once at eos/length/abort."""
+
+    def __init__(
+        self,
+        decoder: TokenDecoder,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+        skip_special_tokens: bool = True,
+    ):
+        stops = tuple(stop)
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
+        self._decoder = decoder
+        self._skip = skip_special_tokens
+        self._stops = tuple(dict.fromkeys(stops))
+        self._include_stop = include_stop_str_in_output
+        # Every proper prefix of a stop string: a pending suffix in this set may still grow into
+        # a stop string, so it must not be streamed yet.
+        self._stop_prefixes = {s[:i] for s in self._stops for i in range(1, len(s))}
+        self._longest_prefix = max((len(s) - 1 for s in self._stops), default=0)
+
+        self._window: list[int] = []
+        self._passed = 0  # chars of decode(window) already handed to the stop-string stage
+        # Window prefix lengths whose decode ended in a whole character: the only places a new
+        # window may start (0, the current start, is one by construction).
+        self._clean: list[int] = []
+        self._held_tokens = 0  # consecutive pushes that released nothing
+        self._alone: dict[int, str] = {}  # decode([id]) per id seen
+
+        self._pending = ""  # text past the decoder stage, held back as a possible stop prefix
+        self._emitted: list[str] = []
+        self._stop_reason: str | None = None
+        self._closed = False
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far (all deltas, plus finish()'s text once called)."""
+        if len(self._emitted) > 1:
+            self._emitted = ["".join(self._emitted)]
+        return self._emitted[0] if self._emitted else ""
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def push(self, token_id: int) -> TextDelta:
+        if self._stop_reason is not None:
+            raise RuntimeError(f"push() after stop string {self._stop_reason!r} matched")
+        if self._closed:
+            raise RuntimeError("push() after finish()")
+        window = self._window
+        window.append(token_id)
+        text = self._decode(window)
+        whole = not text.endswith(_REPLACEMENT)
+        if whole:
+            self._clean.append(len(window))
+
+        if self._has_own_text(token_id):
+            self._held_tokens = 0  # a token with text of its own ends any byte run
+        elif self._held_tokens < _MAX_HELD_TOKENS:
+            self._held_tokens += 1
+            return TextDelta("", False, None)
+        # else: a run past the bound; from here on it is released a character at a time
+
+        # A trailing U+FFFD run may be an unfinished character; a genuine one is released by the
+        # next token or by finish().
+        ready = len(text.rstrip(_REPLACEMENT))
+        new = text[self._passed : ready]
+        self._passed = max(self._passed, ready)
+        if whole:
+            self._slide()
+        return self._stop_stage(new, final=False)
+
+    def finish(self) -> str:
+        """Release held text at the end of the request (eos, length or abort); idempotent.
+
+        Undecided bytes come out as decode gives them (U+FFFD). Released text is still checked
+        for stop strings: held bytes may complete one, and then the text is cut as in push()."""
+        if self._closed or self._stop_reason is not None:
+            self._closed = True
+            return ""
+        self._closed = True
+        text = self._decode(self._window)
+        return self._stop_stage(text[self._passed :], final=True).text
+
+    def _slide(self) -> None:
+        """Everything decoded is streamed and ends on a whole character: keep only a short
+        context as the next window. It starts at a clean boundary, on a token with text of its
+        own where one is near, because a context whose text is empty (a skipped special token,
+        a space the decoder strips) would not absorb the start-of-text rules."""
+        window, n = self._window, len(self._window)
+        starts = [k for k in reversed(self._clean) if k < n and n - k <= _MAX_WINDOW]
+        if n <= _MAX_WINDOW:
+            starts.append(0)  # the window's own start is clean by construction
+        if not starts:
+            return  # no character boundary near: the window has to keep growing
+        start, context = starts[0], None
+        for k in starts:
+            if k == 0 and self._has_own_text(window[0]):
+                return  # the window already starts at the best place
+            if self._has_own_text(window[k]):
+                # The usual case, one id, is already known.
+                text = self._alone[window[k]] if k == n - 1 else self._decode(window[k:])
+                if text:
+                    start, context = k, text
+                    break
+        if start == 0:
+            return
+        if context is None:  # nothing with text near: the newest boundary, whatever its text
+            context = self._decode(window[start:])
+        del window[:start]
+        self._clean = [k - start for k in self._clean if k > start]
+        self._passed = len(context)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._decoder.decode(ids, skip_special_tokens=self._skip)
+
+    def _has_own_text(self, token_id: int) -> bool:
+        """Does the id alone decode to text, without U+FFFD? Such a token ends any byte run."""
+        alone = self._alone.get(token_id)
+        if alone is None:
+            alone = self._alone[token_id] = self._decode([token_id])
+        return bool(alone) and _REPLACEMENT not in alone
+
+    def _stop_stage(self, new: str, final: bool) -> TextDelta:
+        """Find the earliest-ending stop string in the pending text, else stream all of it but
+        the longest suffix that could still become one (all of it when final)."""
+        pending = self._pending + new
+        best: tuple[int, int, str] | None = None
+        for s in self._stops:
+            at = pending.find(s)
+            # Earliest end is what a char-by-char stream would see first; on a tie the earlier
+            # start (the longer string) cuts more.
+            if at >= 0 and (best is None or (at + len(s), at) < best[:2]):
+                best = (at + len(s), at, s)
+        if best is not None:
+            end, start, s = best
+            self._pending = ""
+            self._stop_reason = s
+            return self._emit(pending[: end if self._include_stop else start], s)
+
+        hold = 0
+        if not final:
+            for k in range(min(len(pending), self._longest_prefix), 0, -1):
+                if pending[-k:] in self._stop_prefixes:
+                    hold = k
+                    break
+        cut = len(pending) - hold
+        self._pending = pending[cut:]
+        return self._emit(pending[:cut], None)
+
+    def _emit(self, text: str, stop_reason: str | None) -> TextDelta:
+        if text:
+            self._emitted.append(text)
+        return TextDelta(text, stop_reason is not None, stop_reason)

@@ -1,0 +1,93 @@
+"""A request's state as the engine sees it: tokens, subnet, sampling, status and timestamped events.
+
+Owns the request state machine (one ordered status enum; everything from FINISHED_STOPPED on is
+finished, and maps to an OpenAI finish reason) and the events the metrics are derived from
+(arrived, first scheduled, first token, every token, preemptions, finished). Plain Python.
+
+Deliberately does not know: KV block ids (kv_blocks.py), tensors, or HTTP.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from server.runtime.sampling_params import SamplingParams
+from server.runtime.subnets import Subnet
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # KV dropped; waits to be recomputed
+    FINISHED_STOPPED = 3  # eos, a stop token or a stop string
+    FINISHED_LENGTH = 4  # max_tokens or the context limit
+    FINISHED_ABORTED = 5  # the client went away or asked to stop
+    FINISHED_ERROR = 6  # this request failed; the others carry on
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class RequestEvents:
+    """Monotonic timestamps (time.monotonic) of a request's life, for latency metrics."""
+
+    arrived: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finished: float | None = None
+    preemptions: int = 0
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    subnet: Subnet
+    params: SamplingParams
+    priority: int = 0  # lower runs first among equals (as vLLM's `priority`)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # of those, how many came from the prefix cache (last admission)
+    error: str | None = None
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+    events: RequestEvents = field(default_factory=lambda: RequestEvents(time.monotonic()))
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. tenant/tier, for metrics
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def finish(self, status: RequestStatus, now: float | None = None) -> None:
+        assert status.finished
+        self.status = status
+        self.events.finished = time.monotonic() if now is None else now

@@ -1,0 +1,187 @@
+"""The model runner: one engine step as tensors, a forward pass, and one sampled token per sequence.
+
+Owns the K/V tensors, the per-request sampling state (kept across steps, so seeded requests draw
+from their own generator whatever else is batched with them), the choice between the two ways of
+running mixed FFN widths, and isolating failures: if a step fails, its sequences are retried one
+by one so that only the culprit gets an error.
+
+FFN mode by measurement: with several widths in a step, "grouped" runs one GEMM per width on its
+rows (saves FLOPs: wins when compute-bound, e.g. prefill chunks) and "masked" one GEMM at the
+widest width with narrower rows masked (one weight read and fewer kernel launches: wins when
+bandwidth- or overhead-bound, e.g. decode). Which wins depends on the machine and the step, so
+the runner times both per kind of step and keeps the faster, re-checking now and then.
+
+Deliberately does not know: queues, budgets, block bookkeeping, detokenization, or HTTP.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from server.runtime.batch import SequenceInput, build_forward_batch
+from server.runtime.gemma3n import FFN_MODES, Gemma3nModel
+from server.runtime.kv_cache import KVCache
+from server.runtime.sampler import Sampler, SampleResult, SamplerState, SamplingError
+from server.runtime.sampling_params import SamplingParams
+from server.runtime.subnets import Subnet
+
+
+@dataclass(frozen=True)
+class StepSequence:
+    """One request's share of a step."""
+
+    request_id: str
+    subnet: Subnet
+    token_ids: Sequence[int]  # computed this step
+    start: int  # position of token_ids[0]
+    block_table: Sequence[Sequence[int]]  # per KV-owning layer
+    sample: bool  # sample the next token from the last row's logits
+    params: SamplingParams  # used the first time the request is seen
+    prompt_ids: Sequence[int] = ()  # likewise (repetition penalty looks at the prompt)
+
+
+@dataclass
+class StepResult:
+    samples: dict[str, SampleResult] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> message
+    seconds: float = 0.0
+    ffn_mode: str | None = None
+
+
+class FfnModeChooser:
+    """Keeps recent step times per (kind of step, mode) and picks the faster mode."""
+
+    def __init__(self, warmup: int = 3, recheck_every: int = 50, window: int = 9):
+        self.warmup = warmup
+        self.recheck_every = recheck_every
+        self.times: dict[tuple, dict[str, deque]] = defaultdict(
+            lambda: {m: deque(maxlen=window) for m in FFN_MODES}
+        )
+        self.decisions: dict[tuple, int] = defaultdict(int)
+
+    def choose(self, key: tuple) -> str:
+        times = self.times[key]
+        for mode in FFN_MODES:  # measure each mode a few times first
+            if len(times[mode]) < self.warmup:
+                return mode
+        self.decisions[key] += 1
+        best = min(FFN_MODES, key=lambda m: statistics.median(times[m]))
+        if self.decisions[key] % self.recheck_every == 0:  # the other may have become faster
+            return next(m for m in FFN_MODES if m != best)
+        return best
+
+    def record(self, key: tuple, mode: str, seconds: float) -> None:
+        self.times[key][mode].append(seconds)
+
+    def summary(self) -> dict[tuple, dict[str, float]]:
+        return {
+            k: {m: statistics.median(t) for m, t in v.items() if t} for k, v in self.times.items()
+        }
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Gemma3nModel,
+        num_blocks: int,
+        block_size: int,
+        eos_token_ids: Sequence[int],
+        ffn_mode: str = "auto",
+    ):
+        if ffn_mode not in (*FFN_MODES, "auto"):
+            raise ValueError(f"ffn_mode must be one of {(*FFN_MODES, 'auto')}")
+        self.model = model
+        text = model.text
+        self.text = text
+        self.block_size = block_size
+        self.kv = KVCache(text, num_blocks, block_size, model.w.dtype, model.w.device)
+        self.sampler = Sampler(text.vocab_size_per_layer_input)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.states: dict[str, SamplerState] = {}
+        self.ffn_mode = ffn_mode
+        self.chooser = FfnModeChooser()
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's sampling state."""
+        self.states.pop(request_id, None)
+
+    def execute(self, seqs: Sequence[StepSequence]) -> StepResult:
+        t0 = time.perf_counter()
+        try:
+            result = self._run(seqs)
+        except Exception as e:  # isolate, then report per request
+            if len(seqs) == 1:
+                result = StepResult(errors={seqs[0].request_id: f"{type(e).__name__}: {e}"})
+            else:
+                result = StepResult()
+                for s in seqs:  # rewriting the same K/V slots with the same values is harmless
+                    one = self.execute([s])
+                    result.samples.update(one.samples)
+                    result.errors.update(one.errors)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _run(self, seqs: Sequence[StepSequence]) -> StepResult:
+        n_kv = self.text.first_kv_shared_layer
+        inputs = [
+            SequenceInput(
+                s.subnet, s.token_ids, s.start, s.block_table, "last" if s.sample else "none"
+            )
+            for s in seqs
+        ]
+        batch = build_forward_batch(inputs, n_kv, self.block_size, self.model.w.device)
+        key = self._step_kind(seqs)
+        mode = self.ffn_mode
+        if mode == "auto":
+            mode = self.chooser.choose(key) if key is not None else "grouped"
+        t0 = time.perf_counter()
+        logits = self.model.forward(batch, self.kv, ffn_mode=mode)
+        if key is not None and self.ffn_mode == "auto":
+            if logits.is_cuda:
+                torch.cuda.synchronize()
+            self.chooser.record(key, mode, time.perf_counter() - t0)
+
+        # Logit rows follow the batch order (sequences grouped by subnet).
+        sampled = [seqs[i] for i in batch.order if seqs[i].sample]
+        states = [self._state(s) for s in sampled]
+        result = StepResult(ffn_mode=mode if key is not None else None)
+        try:
+            samples: list[SampleResult | None] = list(self.sampler.sample(logits, states))
+        except SamplingError as e:  # only the failed rows lose; the others' draws stand
+            samples = e.results or [None] * len(sampled)
+            for row, message in e.failures.items():
+                result.errors[sampled[row].request_id] = f"sampling failed: {message}"
+        for s, state, sample in zip(sampled, states, samples, strict=True):
+            if sample is not None:
+                state.record(sample.token_id)
+                result.samples[s.request_id] = sample
+        return result
+
+    def _state(self, s: StepSequence) -> SamplerState:
+        state = self.states.get(s.request_id)
+        if state is None:
+            state = SamplerState(
+                s.params,
+                s.prompt_ids,
+                self.text.vocab_size_per_layer_input,
+                self.eos_token_ids,
+                "cpu",
+            )
+            self.states[s.request_id] = state
+        return state
+
+    @staticmethod
+    def _step_kind(seqs: Sequence[StepSequence]) -> tuple | None:
+        """A key for steps that cost alike; None when all sequences share one subnet's widths
+        (then the two modes are the same computation)."""
+        if len({s.subnet.widths for s in seqs}) < 2 and len({s.subnet.layers for s in seqs}) < 2:
+            return None
+        tokens = sum(len(s.token_ids) for s in seqs)
+        prefill = any(len(s.token_ids) > 1 for s in seqs)
+        return ("prefill" if prefill else "decode", 1 << max(0, tokens - 1).bit_length())
