@@ -26,7 +26,8 @@ setup() {
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  serve) setup; exec concentric demo "$@" ;;
+  serve) setup; exec concentric serve --open "$@" ;;
+  demo)  setup; exec concentric demo "$@" ;;
   test)  setup; exec python -m pytest "$@" ;;
   *) echo "usage: ./dev.sh serve|test [args...]" >&2; exit 2 ;;
 esac

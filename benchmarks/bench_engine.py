@@ -48,12 +48,20 @@ def make_load(n: int, vocab: int, subnets: list[str], seed: int = 0):
 
 
 def run_engine(rt: ElasticRuntime, load, ffn_mode: str = "auto") -> dict:
-    config = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=256, max_prefill_chunk=128,
-                             max_model_len=rt.store.text.max_position_embeddings)
+    config = SchedulerConfig(
+        max_num_seqs=32,
+        max_num_batched_tokens=256,
+        max_prefill_chunk=128,
+        max_model_len=rt.store.text.max_position_embeddings,
+    )
     eng = Engine.from_runtime(rt, 256 * 1024 * 1024, config, ffn_mode=ffn_mode)
     for rid, subnet, prompt, out_len in load:
-        eng.add_request(rid, prompt, rt.subnets[subnet],
-                        SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True))
+        eng.add_request(
+            rid,
+            prompt,
+            rt.subnets[subnet],
+            SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True),
+        )
     tokens = 0
     modes: dict[str, int] = {}
     t0 = time.perf_counter()
@@ -63,8 +71,13 @@ def run_engine(rt: ElasticRuntime, load, ffn_mode: str = "auto") -> dict:
         if eng.last_step.ffn_mode:
             modes[eng.last_step.ffn_mode] = modes.get(eng.last_step.ffn_mode, 0) + 1
     seconds = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": seconds, "steps": eng.num_steps, "modes": modes,
-            "chooser": eng.runner.chooser.summary()}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "steps": eng.num_steps,
+        "modes": modes,
+        "chooser": eng.runner.chooser.summary(),
+    }
 
 
 def hf_models(rt: ElasticRuntime, names, tmp: Path):
@@ -85,8 +98,13 @@ def run_hf_sequential(models, load) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         for _, subnet, prompt, out_len in load:
-            models[subnet].generate(torch.tensor([prompt]), max_new_tokens=out_len,
-                                    min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+            models[subnet].generate(
+                torch.tensor([prompt]),
+                max_new_tokens=out_len,
+                min_new_tokens=out_len,
+                do_sample=False,
+                pad_token_id=0,
+            )
             tokens += out_len
     return {"tokens": tokens, "seconds": time.perf_counter() - t0}
 
@@ -103,15 +121,22 @@ def run_hf_padded(models, load) -> dict:
             ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group])
             longest = max(n for _, n in group)
-            model.generate(ids, attention_mask=mask, max_new_tokens=longest,
-                           min_new_tokens=longest, do_sample=False, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                do_sample=False,
+                pad_token_id=0,
+            )
             tokens += sum(n for _, n in group)  # useful tokens only
     return {"tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoint")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -126,10 +151,12 @@ def main() -> None:
     rt = ElasticRuntime.open(checkpoint, dtype="float32")
     vocab = rt.store.text.vocab_size_per_layer_input
     load = make_load(args.requests, vocab, SUBNETS)
-    print(f"checkpoint {checkpoint}  float32  threads {args.threads}  {len(load)} requests over "
-          f"{', '.join(SUBNETS)}; prompts {min(len(p) for _, _, p, _ in load)}-"
-          f"{max(len(p) for _, _, p, _ in load)} tokens, outputs "
-          f"{min(n for *_, n in load)}-{max(n for *_, n in load)} tokens, greedy\n")
+    print(
+        f"checkpoint {checkpoint}  float32  threads {args.threads}  {len(load)} requests over "
+        f"{', '.join(SUBNETS)}; prompts {min(len(p) for _, _, p, _ in load)}-"
+        f"{max(len(p) for _, _, p, _ in load)} tokens, outputs "
+        f"{min(n for *_, n in load)}-{max(n for *_, n in load)} tokens, greedy\n"
+    )
 
     run_engine(rt, load[:4])  # warm-up
     rows = {"engine (continuous batching)": run_engine(rt, load)}

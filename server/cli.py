@@ -160,6 +160,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.api.serve import serve
+    from server.config import flag_overrides, load_config
+
+    config = load_config(args.config, overrides=flag_overrides(args))
+    serve(config)
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from server.tenancy import hash_key
+
+    print(hash_key(args.key))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="concentric",
@@ -213,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=float, default=4.0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    from server.config import DEFAULT_CONFIG, add_flags
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    p.add_argument("--config", help=f"server config YAML (default: {DEFAULT_CONFIG})")
+    add_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for tenants.yaml")
+    p.add_argument("key")
+    p.set_defaults(func=cmd_hash_key)
 
     p = sub.add_parser("demo", help="several subnets answer one prompt in one batch")
     model_args(p)

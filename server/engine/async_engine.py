@@ -44,6 +44,11 @@ class RequestStream:
     def put(self, out: RequestOutput) -> None:
         self._queue.put_nowait(out)
 
+    def close(self) -> None:
+        """The consumer is gone: abort the request unless it already finished."""
+        if not self.finished:
+            self._engine.abort(self.request_id)
+
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
 

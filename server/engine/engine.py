@@ -242,4 +242,5 @@ class Engine:
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
             timings=timings,
+            tags=dict(req.tags),
         )

@@ -31,3 +31,4 @@ class RequestOutput:
     num_output_tokens: int = 0  # so far
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     timings: dict[str, float] = field(default_factory=dict)  # filled when finished
+    tags: dict[str, str] = field(default_factory=dict)  # the request's tags, when finished

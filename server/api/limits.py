@@ -1,0 +1,123 @@
+"""Per-tenant admission limits: concurrency, requests per minute, tokens per minute.
+
+Owns the limit state. Rates are token buckets (capacity = the per-minute allowance, refilled
+continuously), so a tenant may burst up to its minute's allowance and then proceeds at the rate.
+A request is charged its prompt tokens plus its max output tokens when admitted; what it did not
+generate is given back when it finishes. All checks pass or none is charged, and a refusal says
+which limit and when to retry (`Retry-After`, whole seconds, at least 1).
+
+Deliberately does not know: HTTP, tiers' files, or the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.tenancy import Tenant
+
+
+class TokenBucket:
+    def __init__(self, per_minute: int, now: float):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = float(per_minute)
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until `amount` is available (0: now)."""
+        self._refill(now)
+        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
+
+    def take(self, amount: float, now: float) -> None:
+        self._refill(now)
+        self.level -= amount
+
+    def give(self, amount: float, now: float) -> None:
+        self._refill(now)
+        self.level = min(self.capacity, self.level + amount)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    limit: str  # "concurrency" | "requests_per_minute" | "tokens_per_minute"
+    message: str
+    retry_after: int  # seconds
+
+
+class _TenantState:
+    def __init__(self, tenant: Tenant, now: float):
+        tier = tenant.tier
+        self.in_flight = 0
+        self.requests = TokenBucket(tier.requests_per_minute, now)
+        self.tokens = TokenBucket(tier.tokens_per_minute, now)
+
+
+class Limiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._states: dict[str, _TenantState] = {}
+        self._lock = threading.Lock()
+        self.refusals: dict[str, int] = {}  # limit -> count, for metrics
+
+    def _state(self, tenant: Tenant, now: float) -> _TenantState:
+        state = self._states.get(tenant.name)
+        if state is None:
+            state = self._states[tenant.name] = _TenantState(tenant, now)
+        return state
+
+    def admit(self, tenant: Tenant, tokens: int, requests: int = 1) -> Refusal | None:
+        """Charge a request (or `requests` choices of one) or say which limit refuses it."""
+        tier = tenant.tier
+        with self._lock:
+            now = self.clock()
+            s = self._state(tenant, now)
+            refusal = None
+            if s.in_flight + requests > tier.max_concurrent:
+                refusal = Refusal(
+                    "concurrency",
+                    f"tenant {tenant.name!r} has {s.in_flight} request(s) in flight; tier "
+                    f"{tier.name!r} allows {tier.max_concurrent} at once",
+                    1,
+                )
+            elif (wait := s.requests.wait_for(requests, now)) > 0:
+                refusal = Refusal(
+                    "requests_per_minute",
+                    f"tier {tier.name!r} allows {tier.requests_per_minute} requests per minute",
+                    math.ceil(wait),
+                )
+            elif (wait := s.tokens.wait_for(tokens, now)) > 0:
+                refusal = Refusal(
+                    "tokens_per_minute",
+                    f"tier {tier.name!r} allows {tier.tokens_per_minute} tokens per minute "
+                    f"(this request reserves {tokens}: prompt plus max output tokens)",
+                    math.ceil(wait),
+                )
+            if refusal is not None:
+                self.refusals[refusal.limit] = self.refusals.get(refusal.limit, 0) + 1
+                return refusal
+            s.in_flight += requests
+            s.requests.take(requests, now)
+            s.tokens.take(tokens, now)
+            return None
+
+    def release(self, tenant: Tenant, unused_tokens: int = 0) -> None:
+        """A request finished: free its concurrency slot, give back tokens it did not use."""
+        with self._lock:
+            now = self.clock()
+            s = self._state(tenant, now)
+            s.in_flight = max(0, s.in_flight - 1)
+            if unused_tokens > 0:
+                s.tokens.give(unused_tokens, now)
+
+    def in_flight(self, tenant: Tenant) -> int:
+        with self._lock:
+            s = self._states.get(tenant.name)
+            return 0 if s is None else s.in_flight

@@ -1,0 +1,221 @@
+"""The running service: the model, the engine, tenants, limits and metrics, and their lifecycle.
+
+Owns what the routes share: loading the checkpoint in the background (the server answers /health
+at once and /ready once the model is loaded), the async engine, the tenancy and the limiter, the
+metrics, resolving a request's `model` field to a subnet (and the tier's right to pin it), and
+draining (on SIGTERM: not ready, no new requests, in-flight ones finish).
+
+Deliberately does not know: HTTP request or response shapes (openai_routes.py), or model math.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from policies.ordering import PriorityOrder
+from server.api.errors import APIError
+from server.api.limits import Limiter
+from server.config import ServerConfig
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import Engine
+from server.engine.scheduler import SchedulerConfig
+from server.runtime.elastic import ElasticRuntime
+from server.runtime.subnets import Subnet
+from server.telemetry.metrics import Metrics
+from server.tenancy import Tenancy, Tenant, load_tenancy, open_tenancy
+
+log = logging.getLogger("concentric")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The subnet a request runs on, and whether the request named it."""
+
+    subnet: Subnet
+    pinned: bool
+
+
+class Service:
+    def __init__(self, config: ServerConfig, checkpoint: Path):
+        self.config = config
+        self.checkpoint = checkpoint
+        self.model_name = config.model_name or checkpoint.name
+        self.metrics = Metrics()
+        self.limiter = Limiter()
+        self.runtime: ElasticRuntime | None = None
+        self.engine: AsyncEngine | None = None
+        self.tenancy: Tenancy | None = None
+        self.ready = False
+        self.draining = False
+        self.load_error: str | None = None
+        self._load_task: asyncio.Task | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def check_config(self) -> None:
+        """Fail fast on configuration errors (tenants, tiers, subnets) before loading weights."""
+        from server.runtime.checkpoint import CheckpointStore
+        from server.runtime.subnets import DEFAULT_TABLE_CSV, load_subnet_table
+
+        store = CheckpointStore.open(self.checkpoint)
+        custom = Path(self.config.custom_subnets) if self.config.custom_subnets else None
+        table = load_subnet_table(store.text, DEFAULT_TABLE_CSV, custom)
+        if self.config.open:
+            self.tenancy = open_tenancy()
+        else:
+            if not self.config.tenants_file or not self.config.tiers_file:
+                raise ValueError("tenants_file and tiers_file are required unless --open")
+            self.tenancy = load_tenancy(
+                Path(self.config.tenants_file), Path(self.config.tiers_file), table.names()
+            )
+
+    async def start(self) -> None:
+        if self.tenancy is None:
+            self.check_config()
+        self._load_task = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            self.runtime = await asyncio.to_thread(self._open_runtime)
+            engine = Engine.from_runtime(
+                self.runtime,
+                self.config.kv_cache_bytes,
+                self._scheduler_config(),
+                block_size=self.config.block_size,
+                policy=PriorityOrder(),
+                ffn_mode=self.config.ffn_mode,
+            )
+            self.engine = AsyncEngine(engine)
+            self.engine.on_step.append(
+                lambda e: self.metrics.observe_step(e.scheduler, e.last_step)
+            )
+            self.engine.on_finished.append(self._finished)
+            await self.engine.start()
+            self.metrics.up.set(1)
+            self.ready = True
+            log.info(
+                "model %s loaded from %s; %d subnets; ready",
+                self.model_name,
+                self.checkpoint,
+                len(self.runtime.subnets),
+            )
+        except Exception as e:  # reported by /ready and /health; the process keeps serving them
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("loading the model failed: %s", self.load_error)
+
+    def _finished(self, out) -> None:
+        """Every finished request, aborted ones included: metrics, and its limits released."""
+        self.metrics.observe_finished(out, out.tags.get("tier", "none"))
+        tenant = self._tenant(out.tags.get("tenant"))
+        if tenant is not None:
+            unused = int(out.tags.get("max_tokens", "0")) - out.num_output_tokens
+            self.limiter.release(tenant, max(0, unused))
+
+    def _tenant(self, name: str | None) -> Tenant | None:
+        if self.tenancy is None or name is None:
+            return None
+        return next((t for t in self.tenancy.tenants if t.name == name), None)
+
+    def _open_runtime(self) -> ElasticRuntime:
+        custom = Path(self.config.custom_subnets) if self.config.custom_subnets else None
+        return ElasticRuntime.open(self.checkpoint, self.config.dtype, self.config.device, custom)
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        assert self.runtime is not None
+        c = self.config
+        max_len = c.max_model_len or self.runtime.store.text.max_position_embeddings
+        return SchedulerConfig(
+            max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            max_prefill_chunk=c.max_prefill_chunk,
+            max_model_len=max_len,
+        )
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.engine is not None:
+            await self.engine.stop()
+        self.metrics.up.set(0)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking requests and wait (up to timeout_s) for in-flight ones to finish."""
+        self.draining = True
+        log.warning(
+            "draining: /ready is 503, new requests get 503; waiting up to %.0f s for "
+            "%d in-flight request(s)",
+            timeout_s,
+            self.in_flight,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    @property
+    def in_flight(self) -> int:
+        return 0 if self.engine is None else self.engine.num_in_flight
+
+    @property
+    def alive(self) -> bool:
+        return self.load_error is None and (self.engine is None or self.engine.dead is None)
+
+    # ---- per request ------------------------------------------------------------------------
+
+    def require_ready(self) -> AsyncEngine:
+        if self.draining:
+            raise APIError(
+                503, "the server is shutting down; retry on another instance", code="draining"
+            )
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}", code="unavailable")
+        if not self.ready or self.engine is None:
+            raise APIError(
+                503,
+                "the model is still loading; retry shortly",
+                code="loading",
+                headers={"Retry-After": "2"},
+            )
+        if self.engine.dead:
+            raise APIError(503, f"the engine has stopped: {self.engine.dead}", code="unavailable")
+        return self.engine
+
+    def resolve(self, model: str, tenant: Tenant) -> Choice:
+        """The subnet for a request's `model` field: the base model (the server chooses) or one
+        subnet (pinned, if the tenant's tier may)."""
+        assert self.runtime is not None
+        table = self.runtime.subnets
+        if model == self.model_name:
+            return Choice(table.full, pinned=False)
+        if model in table:
+            if not tenant.tier.may_pin(model):
+                raise APIError(
+                    403,
+                    f"tier {tenant.tier.name!r} may not use subnet {model!r}; "
+                    f"allowed: {', '.join(tenant.tier.subnets)}",
+                    param="model",
+                    code="subnet_not_allowed",
+                )
+            return Choice(table[model], pinned=True)
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; use {self.model_name!r} or one of "
+            f"its subnets (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def warn_open(config: ServerConfig) -> None:
+    if config.open:
+        banner = "=" * 72
+        print(
+            f"{banner}\n  OPEN MODE: no API keys are checked; every request is served as the\n"
+            f"  'default' tenant. For development only. Never expose this port.\n{banner}",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,0 +1,87 @@
+"""Server-sent events, merging several choices' streams, and noticing clients that go away.
+
+Owns the mechanics under the routes: SSE framing (`data: <json>` per event, `data: [DONE]` at the
+end), interleaving the outputs of `n` engine requests as they come, and aborting every engine
+request of an API request the moment its client disconnects. For a streaming response the server
+framework cancels the generator on disconnect, which closes the engine streams (each aborts
+itself when closed early); a non-streaming request is watched for disconnects while it runs.
+
+Deliberately does not know: OpenAI's chunk shapes (openai_routes.py) or the engine's internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from server.engine.async_engine import RequestStream
+from server.engine.outputs import RequestOutput
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+async def merge_streams(
+    streams: Sequence[RequestStream],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from all streams, in arrival order, until every one finishes."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, _DONE))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, out = await queue.get()
+            if out is _DONE:
+                remaining -= 1
+                continue
+            yield i, out
+    finally:
+        for t in tasks:  # cancelled: each stream's iterator closes and aborts its request
+            t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnect(
+    request: Request, work: Awaitable[T], streams: Sequence[RequestStream], poll_s: float = 0.1
+) -> T:
+    """Run `work`; if the client disconnects first, abort its streams and stop."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                for s in streams:
+                    s.close()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            for s in streams:
+                s.close()

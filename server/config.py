@@ -1,0 +1,216 @@
+"""The server configuration: `configs/server.yaml`, overridden by environment and command line.
+
+Owns every setting of `concentric serve`, its default, its type and its check. Precedence, lowest
+first: the defaults below, the YAML file, `CONCENTRIC_<KEY>` environment variables, command-line
+flags (`--kv-cache-bytes`, ...). An unknown key anywhere is an error that names it; so is a value
+of the wrong type. Relative paths in the file are resolved against the file's folder.
+
+Deliberately does not know: tenants and tiers themselves (tenancy.py), or how the server runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "server.yaml"
+ENV_PREFIX = "CONCENTRIC_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    checkpoint: str | None = None
+    """Checkpoint folder; none: the built-in `mini` dev model, made on first use."""
+    model_name: str | None = None
+    """Base model name in the API; none: the checkpoint folder's name."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N."""
+    dtype: str = "auto"
+    """Compute dtype: auto (as stored), float32, bfloat16, float16."""
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    """Memory for the KV cache. On an accelerator the residency decision may leave less."""
+    block_size: int = 16
+    """Positions per KV block."""
+    max_num_seqs: int = 32
+    """Requests computed in one step at most."""
+    max_num_batched_tokens: int = 256
+    """Tokens computed in one step at most (the token budget)."""
+    max_prefill_chunk: int = 128
+    """Prompt tokens one request computes per step at most (chunked prefill)."""
+    max_model_len: int | None = None
+    """Prompt plus output tokens at most; none: the checkpoint's context length."""
+    ffn_mode: str = "auto"
+    """Mixed FFN widths in a step: grouped, masked, or auto (measured)."""
+    custom_subnets: str | None = "subnets/custom.yaml"
+    """Custom subnets YAML (relative to this file); none: official subnets only."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tenants_file: str | None = "tenants.yaml"
+    tiers_file: str | None = "tiers.yaml"
+    open: bool = False
+    """Development mode: no API keys, one default tenant. Never in production."""
+    metrics_open: bool = True
+    """Serve /metrics without a key (for Prometheus scrapes inside the deployment)."""
+    max_body_bytes: int = 1024 * 1024
+    """Larger request bodies get 413."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, how long in-flight requests may take to finish."""
+    max_n: int = 8
+    """The most choices (`n`) one request may ask for."""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "kv_cache_bytes",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_prefill_chunk",
+            "max_body_bytes",
+            "max_n",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len must be at least 1")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("drain_timeout_s must be >= 0")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
+            )
+        if self.ffn_mode not in ("auto", "grouped", "masked"):
+            raise ConfigError(f"ffn_mode must be auto, grouped or masked, not {self.ffn_mode!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level must be debug, info, warning or error")
+
+
+_FIELDS = {f.name: f for f in fields(ServerConfig)}
+_PATH_KEYS = ("checkpoint", "custom_subnets", "tenants_file", "tiers_file")
+# CONCENTRIC_* variables that are not settings (read elsewhere: the dev-model cache, API keys).
+_ENV_NOT_SETTINGS = {"CONCENTRIC_CACHE", "CONCENTRIC_API_KEY"}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check (file values) or convert (env and flag strings) one value to the field's type."""
+    kind = _FIELDS[name].type
+    optional = "None" in str(kind)
+    if value is None or (
+        isinstance(value, str) and value.lower() in ("null", "none", "") and source != "file"
+    ):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name} may not be empty")
+    base = str(kind).replace(" | None", "")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be {base}, got {value!r}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Defaults < `path` (YAML; default configs/server.yaml if it exists) < env < overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    # Relative paths: from the file, against its folder; from env or flags, against the working
+    # directory; the defaults, against the repository's configs/ folder.
+    path_base = {name: REPO / "configs" for name in _PATH_KEYS}
+    if path and not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    file = Path(path) if path else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if file is not None:
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a mapping of settings")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"{file}: unknown setting(s): {', '.join(map(str, unknown))}")
+        for k, v in data.items():
+            values[k] = _coerce(k, v, str(file))
+            path_base[k] = file.parent
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_SETTINGS:
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in _FIELDS:
+            raise ConfigError(f"environment: unknown setting {key}")
+        values[name] = _coerce(name, value, f"environment {key}")
+        path_base[name] = Path.cwd()
+    for name, value in (overrides or {}).items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name}")
+        if value is not None:
+            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+            path_base[name] = Path.cwd()
+    for name in _PATH_KEYS:
+        value = values.get(name, getattr(ServerConfig, name))
+        if value is not None and not Path(value).expanduser().is_absolute():
+            value = str((path_base[name] / Path(value).expanduser()).resolve())
+        values[name] = value
+    return ServerConfig(**values)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, each defaulting to None (= not given)."""
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if str(f.type) == "bool":
+            parser.add_argument(
+                flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction
+            )
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper())
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        f.name: getattr(args, f.name)
+        for f in fields(ServerConfig)
+        if getattr(args, f.name, None) is not None
+    }
+
+
+def describe(config: ServerConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
