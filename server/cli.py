@@ -160,6 +160,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from server.runtime.memory_plan import format_plan, plan
+    from server.runtime.subnets import DEFAULT_TABLE_CSV, load_subnet_table
+    from server.runtime.text_config import read_checkpoint_config
+
+    text = read_checkpoint_config(_checkpoint(args)).text  # the config alone: no weights read
+    table = load_subnet_table(text, DEFAULT_TABLE_CSV, _custom(args))
+    if args.kv_tokens < 0:
+        raise ValueError("--kv-tokens must be >= 0")
+    print(format_plan(plan(text, table, args.kv_tokens, args.dtype), args.kv_tokens, args.dtype))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.api.serve import serve
     from server.config import flag_overrides, load_config
@@ -236,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"server config YAML (default: {DEFAULT_CONFIG})")
     add_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("plan", help="print the memory plan per subnet (no weights read)")
+    model_args(p, runtime=False)
+    p.add_argument("--kv-tokens", type=int, default=8192, help="KV cache token positions")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for tenants.yaml")
     p.add_argument("key")

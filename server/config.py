@@ -69,6 +69,23 @@ class ServerConfig:
     """On SIGTERM, how long in-flight requests may take to finish."""
     max_n: int = 8
     """The most choices (`n`) one request may ask for."""
+    subnet_policy: str = "sla"
+    """How the server chooses a request's subnet: sla, largest-fits or fixed."""
+    fixed_subnet: str = "full"
+    """The subnet of the `fixed` policy."""
+    subnet_table: str | None = "subnets/gemma3n-e4b.csv"
+    """Google's official subnet table (relative to this file); none: only full and custom."""
+    memory_budget_bytes: int | None = None
+    """On a CPU: the memory budget the resident widths follow (none: they stay full). On an
+    accelerator NVML reports the device's memory instead."""
+    low_water_bytes: int = 1024**3
+    """Shrink the resident FFN widths when free accelerator memory falls under this."""
+    high_water_bytes: int = 2 * 1024**3
+    """Grow them back when free memory exceeds this plus what the next level needs."""
+    probe_interval_s: float = 0.5
+    """How often free memory is read."""
+    calibrate: bool = True
+    """Time a few steps of the smallest and largest subnet at start, to seed the cost model."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -96,6 +113,16 @@ class ServerConfig:
             )
         if self.ffn_mode not in ("auto", "grouped", "masked"):
             raise ConfigError(f"ffn_mode must be auto, grouped or masked, not {self.ffn_mode!r}")
+        if self.subnet_policy not in ("sla", "largest-fits", "fixed"):
+            raise ConfigError(
+                f"subnet_policy must be sla, largest-fits or fixed, not {self.subnet_policy!r}"
+            )
+        if self.low_water_bytes < 0 or self.high_water_bytes < self.low_water_bytes:
+            raise ConfigError("need 0 <= low_water_bytes <= high_water_bytes")
+        if self.probe_interval_s <= 0:
+            raise ConfigError("probe_interval_s must be positive")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
+            raise ConfigError("memory_budget_bytes must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -103,23 +130,35 @@ class ServerConfig:
 
 
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
-_PATH_KEYS = ("checkpoint", "custom_subnets", "tenants_file", "tiers_file")
+_PATH_KEYS = ("checkpoint", "custom_subnets", "tenants_file", "tiers_file", "subnet_table")
 # CONCENTRIC_* variables that are not settings (read elsewhere: the dev-model cache, API keys).
 _ENV_NOT_SETTINGS = {"CONCENTRIC_CACHE", "CONCENTRIC_API_KEY"}
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """Check (file values) or convert (env and flag strings) one value to the field's type."""
+def _coerce(name: str, value: Any, source: str, from_file: bool = False) -> Any:
+    """Check (file values: YAML has types, so a quoted "8000" is a string, not a port) or
+    convert (env and flag strings) one value to the field's type."""
     kind = _FIELDS[name].type
     optional = "None" in str(kind)
     if value is None or (
-        isinstance(value, str) and value.lower() in ("null", "none", "") and source != "file"
+        not from_file and isinstance(value, str) and value.lower() in ("null", "none", "")
     ):
         if optional:
             return None
         raise ConfigError(f"{source}: {name} may not be empty")
     base = str(kind).replace(" | None", "")
     try:
+        if from_file:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = {
+                "bool": isinstance(value, bool),
+                "int": number and isinstance(value, int),
+                "float": number,
+                "str": isinstance(value, str),
+            }[base]
+            if not ok:
+                raise ValueError
+            return float(value) if base == "float" else value
         if base == "bool":
             if isinstance(value, bool):
                 return value
@@ -168,7 +207,7 @@ def load_config(
         if unknown:
             raise ConfigError(f"{file}: unknown setting(s): {', '.join(map(str, unknown))}")
         for k, v in data.items():
-            values[k] = _coerce(k, v, str(file))
+            values[k] = _coerce(k, v, str(file), from_file=True)
             path_base[k] = file.parent
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_SETTINGS:

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from policies.snapshots import TierView
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -49,6 +51,18 @@ class Tier:
 
     def may_pin(self, subnet: str) -> bool:
         return "*" in self.subnets or subnet in self.subnets
+
+    def view(self) -> TierView:
+        """What the subnet policy sees of this tier."""
+        return TierView(
+            self.name,
+            self.priority,
+            self.subnets,
+            self.target_ttft_s,
+            self.target_tpot_s,
+            self.quality_floor,
+            self.quality_ceiling,
+        )
 
 
 @dataclass(frozen=True)
@@ -122,9 +136,11 @@ def load_tiers(path: Path) -> dict[str, Tier]:
         ):
             if key in values:
                 v = values[key]
-                low = 0 if key == "priority" else 1
-                if not isinstance(v, int) or isinstance(v, bool) or (key != "priority" and v < low):
-                    raise TenancyError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+                if key == "priority":  # any integer: lower is served first
+                    if not isinstance(v, int) or isinstance(v, bool):
+                        raise TenancyError(f"{where}: priority must be an integer, got {v!r}")
+                elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise TenancyError(f"{where}: {key} must be an integer >= 1, got {v!r}")
         for key in ("target_ttft_s", "target_tpot_s", "quality_floor", "quality_ceiling"):
             v = values.get(key)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):

@@ -76,36 +76,46 @@ class Guard:
                     f"the request body exceeds {limit} bytes",
                     code="request_too_large",
                 )
-            receive = _limited(receive, limit)
-        try:
-            await self.app(scope, receive, send)
-        except _TooLarge:
-            await _reply(
-                scope,
-                send,
-                413,
-                f"the request body exceeds {svc.config.max_body_bytes} bytes",
-                code="request_too_large",
-            )
+            if length is None:
+                # No length given (chunked): read the body here, so an oversized one is a 413
+                # before the app sees it. (Raising from inside the app's body read would reach
+                # FastAPI, which turns any error there into a 400 "error parsing the body".)
+                buffered = await _buffered(receive, limit)
+                if buffered is None:
+                    return await _reply(
+                        scope,
+                        send,
+                        413,
+                        f"the request body exceeds {limit} bytes",
+                        code="request_too_large",
+                    )
+                receive = buffered
+        await self.app(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def _limited(receive: Receive, limit: int) -> Receive:
+async def _buffered(receive: Receive, limit: int) -> Receive | None:
+    """Read a body of unknown length in full and replay it; None if it exceeds `limit`. The
+    replay then hands on the server's later messages (a disconnect) as they come."""
+    chunks: list[bytes] = []
     seen = 0
-
-    async def wrapped() -> Message:
-        nonlocal seen
+    while True:
         message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _TooLarge
-        return message
+        if message["type"] != "http.request":
+            pending = [message]  # the client left before the body was complete
+            break
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+            break
 
-    return wrapped
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:
@@ -152,6 +162,7 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     errors.install(app)
     app.include_router(router)
+    errors.document(app)
 
     @app.get("/health")
     async def health() -> Response:

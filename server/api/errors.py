@@ -88,9 +88,66 @@ def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         return f"missing required parameter: {'.'.join(loc)!r}", ".".join(loc)
     param = ".".join(loc) or None
     where = f"{param}: " if param else ""
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    first = {**first, "msg": msg}
     if not loc and kind in ("model_attributes_type", "dict_type"):
         return "the request body must be a JSON object", None
     return f"{where}{first.get('msg', 'invalid value')}", param
+
+
+_DOCUMENTED = {
+    "400": "Invalid request: the parameter at fault is named in `param`",
+    "401": "Missing or invalid API key",
+    "403": "The tenant's tier may not use this subnet",
+    "404": "Unknown model",
+    "413": "Request body too large",
+    "429": "A rate limit of the tenant's tier; see Retry-After",
+    "503": "Loading, draining or unavailable",
+}
+
+
+def document(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the server really answers: OpenAI's error envelope
+    for 400/401/403/404/413/429/503, never FastAPI's 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        components["Error"] = {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                        "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                    },
+                }
+            },
+        }
+        ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for op in operations.values():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                if path.startswith("/v1/"):
+                    for code, text in _DOCUMENTED.items():
+                        responses.setdefault(code, {"description": text, "content": ref})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def install(app: FastAPI) -> None:

@@ -50,6 +50,7 @@ class Refusal:
     limit: str  # "concurrency" | "requests_per_minute" | "tokens_per_minute"
     message: str
     retry_after: int  # seconds
+    never: bool = False  # the request exceeds the tier's whole allowance: retrying cannot help
 
 
 class _TenantState:
@@ -80,6 +81,29 @@ class Limiter:
             now = self.clock()
             s = self._state(tenant, now)
             refusal = None
+            too_big = [
+                (
+                    requests > tier.max_concurrent,
+                    "concurrency",
+                    f"{requests} choices; tier {tier.name!r} allows {tier.max_concurrent} at once",
+                ),
+                (
+                    requests > tier.requests_per_minute,
+                    "requests_per_minute",
+                    f"{requests} choices; tier {tier.name!r} allows {tier.requests_per_minute} "
+                    "requests per minute",
+                ),
+                (
+                    tokens > tier.tokens_per_minute,
+                    "tokens_per_minute",
+                    f"this request reserves {tokens} tokens (prompt plus max output tokens, per "
+                    f"choice); tier {tier.name!r} allows {tier.tokens_per_minute} per minute",
+                ),
+            ]
+            for exceeded, limit, message in too_big:
+                if exceeded:
+                    self.refusals[limit] = self.refusals.get(limit, 0) + 1
+                    return Refusal(limit, message, 0, never=True)
             if s.in_flight + requests > tier.max_concurrent:
                 refusal = Refusal(
                     "concurrency",

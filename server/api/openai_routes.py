@@ -15,11 +15,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from policies.snapshots import TierView
 from server.api.errors import APIError, error_body
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.service import Choice, Service
@@ -44,6 +45,24 @@ class Submission:
     n: int
     created: int
     response_id: str
+    # Choices submitted once the first one's subnet is known (they follow it): (ids, params)
+    deferred: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    tier: TierView | None = None
+    priority: int = 0
+    subnet_name: str = ""  # the subnet that serves the request, once known
+
+
+def _unicode(text: str, param: str) -> str:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode: a 400,
+    not the tokenizer's TypeError (a 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400, f"{param} is not valid Unicode (it contains a lone surrogate)", param=param
+        ) from None
+    return text
 
 
 def _params(
@@ -135,6 +154,14 @@ def _submit(
             plan.append((ids, max_tokens))
     reserved = sum(len(ids) + m for ids, m in plan)
     refusal = svc.limiter.admit(tenant, reserved, requests=len(plan))
+    if refusal is not None and refusal.never:
+        svc.metrics.reject(tier.name, refusal.limit)
+        raise APIError(
+            400,
+            f"request too large for the tier ({refusal.limit}): {refusal.message}",
+            param="n" if refusal.limit != "tokens_per_minute" else "max_tokens",
+            code="request_too_large",
+        )
     if refusal is not None:
         svc.metrics.reject(tier.name, refusal.limit)
         raise APIError(
@@ -143,32 +170,65 @@ def _submit(
             code="rate_limit_exceeded",
             headers={"Retry-After": str(refusal.retry_after)},
         )
-    streams: list[RequestStream] = []
-    try:
-        for i, (ids, max_tokens) in enumerate(plan):
-            # n choices with a seed: choice i uses seed + i, so they differ yet reproduce.
-            seed = None if body.seed is None else (body.seed + i % body.n) % 2**64
-            params = _params(body, max_tokens, seed, logprobs, text.vocab_size_per_layer_input)
-            tags = {"tenant": tenant.name, "tier": tier.name, "max_tokens": str(max_tokens)}
-            streams.append(
-                engine.add_request(ids, choice.subnet, params, priority=tier.priority, tags=tags)
-            )
-    except (ValueError, APIError) as e:
-        for s in streams:
-            engine.abort(s.request_id)  # their release happens when their aborts finish
-        for _ in range(len(plan) - len(streams)):
-            svc.limiter.release(tenant, 0)
-        if isinstance(e, APIError):
-            raise
-        raise APIError(400, str(e), param=prompt_param) from None
-    return Submission(
-        streams,
+    sub = Submission(
+        [],
         choice,
         [len(ids) for ids in prompts],
         body.n,
         int(time.time()),
         uuid.uuid4().hex[:24],
+        tier=tier.view(),
+        priority=tier.priority,
+        tags={"tenant": tenant.name, "tier": tier.name},
     )
+    try:
+        for i, (ids, max_tokens) in enumerate(plan):
+            # n choices with a seed: choice i uses seed + i, so they differ yet reproduce.
+            seed = None if body.seed is None else (body.seed + i % body.n) % 2**64
+            params = _params(body, max_tokens, seed, logprobs, text.vocab_size_per_layer_input)
+            if choice.pinned or i == 0:
+                sub.streams.append(_add(engine, sub, ids, choice.subnet, params))
+            else:
+                # Unpinned: the policy chooses the first choice's subnet at admission; the
+                # others follow it, so one response is served by one subnet.
+                sub.deferred.append((ids, params))
+    except (ValueError, APIError) as e:
+        for st in sub.streams:
+            engine.abort(st.request_id)  # their release happens when their aborts finish
+        for _ in range(len(plan) - len(sub.streams)):
+            svc.limiter.release(tenant, 0)
+        if isinstance(e, APIError):
+            raise
+        raise APIError(400, str(e), param=prompt_param) from None
+    return sub
+
+
+def _add(engine, sub: Submission, ids: list[int], subnet, params: SamplingParams):
+    tags = {**sub.tags, "max_tokens": str(params.max_tokens)}
+    return engine.add_request(ids, subnet, params, priority=sub.priority, tags=tags, tier=sub.tier)
+
+
+async def _start(request: Request, sub: Submission) -> RequestOutput:
+    """Wait for the first output (it names the subnet the request got), then submit the
+    choices that follow that subnet. Before any response byte is sent, so the subnet goes into
+    the response header, and a request that failed at once gets a real error status."""
+    svc: Service = request.app.state.service
+    first = await until_disconnect(request, sub.streams[0].first(), sub.streams)
+    sub.subnet_name = first.subnet or "none"
+    if first.finish_reason in ("error", "abort") and not first.subnet:
+        for _ in sub.deferred:  # never submitted
+            svc.limiter.release(request.state.tenant, 0)
+        sub.deferred.clear()
+        for st in sub.streams:
+            st.close()
+        raise _error_of(first)
+    if sub.deferred:
+        engine = svc.require_ready()
+        subnet = svc.runtime.subnets[first.subnet]  # type: ignore[union-attr]
+        for ids, params in sub.deferred:
+            sub.streams.append(_add(engine, sub, ids, subnet, params))
+        sub.deferred.clear()
+    return first
 
 
 def _usage(sub: Submission, finals: dict[int, RequestOutput]) -> dict:
@@ -186,7 +246,7 @@ def _usage(sub: Submission, finals: dict[int, RequestOutput]) -> dict:
 
 
 def _fingerprint(sub: Submission) -> str:
-    return f"concentric:{sub.choice.subnet.name}"
+    return f"concentric:{sub.subnet_name}"
 
 
 def _error_of(out: RequestOutput) -> APIError:
@@ -205,10 +265,25 @@ class _Tokens:
             self.cache[token_id] = self.tok.decode([token_id], skip_special_tokens=False)
         return self.cache[token_id]
 
+    def bytes_of(self, token_id: int) -> list[int]:
+        """The token's own bytes: a byte-fallback token (<0xE4>) is that one byte, not the
+        replacement character its text decodes to."""
+        piece = self.tok.hf.convert_ids_to_tokens(token_id)
+        if (
+            isinstance(piece, str)
+            and len(piece) == 6
+            and piece.startswith("<0x")
+            and piece[-1] == ">"
+        ):
+            try:
+                return [int(piece[3:5], 16)]
+            except ValueError:
+                pass
+        return list(self.text(token_id).encode("utf-8"))
+
     def chat_entry(self, token_id: int, logprob: float, top) -> dict:
         def one(tid: int, lp: float) -> dict:
-            t = self.text(tid)
-            return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+            return {"token": self.text(tid), "logprob": lp, "bytes": self.bytes_of(tid)}
 
         return {**one(token_id, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}
 
@@ -221,8 +296,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     svc: Service = request.app.state.service
     svc.require_ready()
     messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
+        {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": _unicode(m.text(), f"messages.{i}.content"),
+        }
+        for i, m in enumerate(body.messages)
     ]
     try:
         prompt_ids = svc.runtime.tokenizer.encode_chat(messages)  # type: ignore[union-attr]
@@ -230,7 +308,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, str(e), param="messages") from None
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sub = _submit(request, body, [prompt_ids], logprobs, "messages")
-    headers = {SUBNET_HEADER: sub.choice.subnet.name}
+    await _start(request, sub)
+    headers = {SUBNET_HEADER: sub.subnet_name}
     tokens = _Tokens(svc)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -348,18 +427,20 @@ async def completions(body: CompletionRequest, request: Request):
     tok = svc.runtime.tokenizer  # type: ignore[union-attr]
     p = body.prompt
     if isinstance(p, str):
-        prompts = [tok.encode(p)]
+        prompts = [tok.encode(_unicode(p, "prompt"))]
     elif all(isinstance(x, int) for x in p):
         prompts = [list(p)]  # type: ignore[arg-type]
     elif all(isinstance(x, str) for x in p):
-        prompts = [tok.encode(x) for x in p]  # type: ignore[arg-type]
+        prompts = [tok.encode(_unicode(x, "prompt")) for x in p]  # type: ignore[arg-type]
     else:
         prompts = [list(x) for x in p]  # type: ignore[arg-type]
-    vocab = svc.runtime.store.text.vocab_size  # type: ignore[union-attr]
+    # Text prompts only: ids past the text vocabulary are image/audio placeholders.
+    vocab = svc.runtime.store.text.vocab_size_per_layer_input  # type: ignore[union-attr]
     if any(t < 0 or t >= vocab for ids in prompts for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     sub = _submit(request, body, prompts, body.logprobs, "prompt")
-    headers = {SUBNET_HEADER: sub.choice.subnet.name}
+    await _start(request, sub)
+    headers = {SUBNET_HEADER: sub.subnet_name}
     tokens = _Tokens(svc)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -405,7 +486,12 @@ def _completion_logprobs(tokens: _Tokens, lps: list, offset: int = 0) -> dict:
         text = tokens.text(lp.token_id)
         out["tokens"].append(text)
         out["token_logprobs"].append(lp.logprob)
-        out["top_logprobs"].append({tokens.text(t): v for t, v in lp.top})
+        # Keyed by text: ids that read alike (byte tokens all read U+FFFD) share an entry, which
+        # keeps the first (most likely) id's logprob, so the dict stays sorted and true.
+        top: dict[str, float] = {}
+        for t, v in lp.top:
+            top.setdefault(tokens.text(t), v)
+        out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)
     return out
@@ -422,17 +508,22 @@ async def _completion_stream(
         "system_fingerprint": _fingerprint(sub),
     }
     finals: dict[int, RequestOutput] = {}
+    offsets = [0] * len(sub.streams)  # per choice: text_offset counts from the choice's start
     async for i, out in merge_streams(sub.streams):
         if out.finish_reason == "error":
             yield sse(error_body(500, f"generation failed: {out.error}"))
             break
         if not out.text and not out.finished and not out.logprobs:
             continue
+        logprobs = None
+        if out.logprobs:
+            logprobs = _completion_logprobs(tokens, list(out.logprobs), offsets[i])
+            offsets[i] += sum(len(t) for t in logprobs["tokens"])
         entry = {
             "index": i,
             "text": out.text,
             "finish_reason": out.finish_reason if out.finished else None,
-            "logprobs": _completion_logprobs(tokens, list(out.logprobs)) if out.logprobs else None,
+            "logprobs": logprobs,
         }
         if out.finished:
             entry["stop_reason"] = out.stop_reason

@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.ordering import PriorityOrder
+from policies.subnet_choice import make_policy
 from server.api.errors import APIError
 from server.api.limits import Limiter
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncEngine
+from server.engine.elasticity import Elasticity, ElasticityConfig
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.subnets import Subnet
+from server.telemetry.headroom import ProbeSampler, default_probe
 from server.telemetry.metrics import Metrics
 from server.tenancy import Tenancy, Tenant, load_tenancy, open_tenancy
 
@@ -33,9 +36,9 @@ log = logging.getLogger("concentric")
 
 @dataclass(frozen=True)
 class Choice:
-    """The subnet a request runs on, and whether the request named it."""
+    """The subnet a request named (pinned), or None: the subnet policy chooses at admission."""
 
-    subnet: Subnet
+    subnet: Subnet | None
     pinned: bool
 
 
@@ -53,17 +56,22 @@ class Service:
         self.draining = False
         self.load_error: str | None = None
         self._load_task: asyncio.Task | None = None
+        self.sampler: ProbeSampler | None = None
+        self.elasticity: Elasticity | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def check_config(self) -> None:
         """Fail fast on configuration errors (tenants, tiers, subnets) before loading weights."""
         from server.runtime.checkpoint import CheckpointStore
-        from server.runtime.subnets import DEFAULT_TABLE_CSV, load_subnet_table
+        from server.runtime.subnets import load_subnet_table
 
         store = CheckpointStore.open(self.checkpoint)
-        custom = Path(self.config.custom_subnets) if self.config.custom_subnets else None
-        table = load_subnet_table(store.text, DEFAULT_TABLE_CSV, custom)
+        table = load_subnet_table(store.text, self._table_csv(), self._custom())
+        if self.config.subnet_policy == "fixed" and self.config.fixed_subnet not in table:
+            raise ValueError(
+                f"fixed_subnet {self.config.fixed_subnet!r} is not a subnet of this checkpoint"
+            )
         if self.config.open:
             self.tenancy = open_tenancy()
         else:
@@ -72,6 +80,7 @@ class Service:
             self.tenancy = load_tenancy(
                 Path(self.config.tenants_file), Path(self.config.tiers_file), table.names()
             )
+        self.metrics.prepare(list(self.tenancy.tiers))
 
     async def start(self) -> None:
         if self.tenancy is None:
@@ -81,6 +90,22 @@ class Service:
     async def _load(self) -> None:
         try:
             self.runtime = await asyncio.to_thread(self._open_runtime)
+            self.sampler = self._probe()
+            if self.config.device.startswith("cuda") or self.config.memory_budget_bytes:
+                self.elasticity = Elasticity(
+                    self.runtime.weights,
+                    self.runtime.subnets,
+                    self.sampler,
+                    ElasticityConfig(self.config.low_water_bytes, self.config.high_water_bytes),
+                )
+            policy = make_policy(
+                self.config.subnet_policy,
+                **(
+                    {"subnet": self.config.fixed_subnet}
+                    if self.config.subnet_policy == "fixed"
+                    else {}
+                ),
+            )
             engine = Engine.from_runtime(
                 self.runtime,
                 self.config.kv_cache_bytes,
@@ -88,28 +113,68 @@ class Service:
                 block_size=self.config.block_size,
                 policy=PriorityOrder(),
                 ffn_mode=self.config.ffn_mode,
+                subnet_policy=policy,
+                elasticity=self.elasticity,
             )
+            if self.config.calibrate:
+                await asyncio.to_thread(engine.calibrate)
             self.engine = AsyncEngine(engine)
-            self.engine.on_step.append(
-                lambda e: self.metrics.observe_step(e.scheduler, e.last_step)
-            )
+            self.engine.on_step.append(self._observe_step)
             self.engine.on_finished.append(self._finished)
             await self.engine.start()
+            self.sampler.start()
             self.metrics.up.set(1)
+            self._observe_step(engine)
             self.ready = True
             log.info(
-                "model %s loaded from %s; %d subnets; ready",
+                "model %s loaded from %s; %d subnets; policy %s; ready",
                 self.model_name,
                 self.checkpoint,
                 len(self.runtime.subnets),
+                self.config.subnet_policy,
             )
         except Exception as e:  # reported by /ready and /health; the process keeps serving them
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", self.load_error)
 
+    def _probe(self) -> ProbeSampler:
+        budget = self.config.memory_budget_bytes or _host_memory_bytes()
+        probe = default_probe(self.config.device, budget)
+
+        def on_sample(snap) -> None:
+            self.metrics.observe_memory(snap)
+            if self.engine is not None and self.engine.engine.chooser is not None:
+                self.engine.engine.chooser.headroom_bytes = snap.free_bytes
+
+        return ProbeSampler(probe, self.config.probe_interval_s, on_sample)
+
+    def _observe_step(self, engine: Engine) -> None:
+        self.metrics.observe_step(engine.scheduler, engine.last_step)
+        if engine.chooser is not None:
+            self.metrics.observe_choices(engine.chooser)
+            offered = sum(1 for s in engine.chooser.table if engine.chooser.offered(s))
+            if self.elasticity is not None:
+                self.metrics.observe_elasticity(self.elasticity, offered)
+            else:
+                self.metrics.observe_residency(self.runtime.weights.residency.widths, offered)
+
     def _finished(self, out) -> None:
-        """Every finished request, aborted ones included: metrics, and its limits released."""
-        self.metrics.observe_finished(out, out.tags.get("tier", "none"))
+        """Every finished request, aborted ones included: metrics, SLA misses, its limits
+        released, and its latency for the subnet policy."""
+        tier_name = out.tags.get("tier", "none")
+        self.metrics.observe_finished(out, tier_name)
+        tier = self.tenancy.tiers.get(tier_name) if self.tenancy else None
+        t = out.timings
+        if tier is not None and "first_token" in t and out.finish_reason in ("stop", "length"):
+            ttft = t["first_token"] - t["arrived"]
+            if tier.target_ttft_s is not None and ttft > tier.target_ttft_s:
+                self.metrics.sla_miss(tier_name, "ttft")
+            if tier.target_tpot_s is not None and out.num_output_tokens > 1:
+                tpot = (t["finished"] - t["first_token"]) / (out.num_output_tokens - 1)
+                if tpot > tier.target_tpot_s:
+                    self.metrics.sla_miss(tier_name, "tpot")
+        if self.engine is not None and self.engine.engine.chooser is not None:
+            self.engine.engine.chooser.record_finished(out)
         tenant = self._tenant(out.tags.get("tenant"))
         if tenant is not None:
             unused = int(out.tags.get("max_tokens", "0")) - out.num_output_tokens
@@ -120,9 +185,20 @@ class Service:
             return None
         return next((t for t in self.tenancy.tenants if t.name == name), None)
 
+    def _table_csv(self) -> Path | None:
+        return Path(self.config.subnet_table) if self.config.subnet_table else None
+
+    def _custom(self) -> Path | None:
+        return Path(self.config.custom_subnets) if self.config.custom_subnets else None
+
     def _open_runtime(self) -> ElasticRuntime:
-        custom = Path(self.config.custom_subnets) if self.config.custom_subnets else None
-        return ElasticRuntime.open(self.checkpoint, self.config.dtype, self.config.device, custom)
+        return ElasticRuntime.open(
+            self.checkpoint,
+            self.config.dtype,
+            self.config.device,
+            self._custom(),
+            table_csv=self._table_csv(),
+        )
 
     def _scheduler_config(self) -> SchedulerConfig:
         assert self.runtime is not None
@@ -138,6 +214,8 @@ class Service:
     async def stop(self) -> None:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+        if self.sampler is not None:
+            self.sampler.stop()
         if self.engine is not None:
             await self.engine.stop()
         self.metrics.up.set(0)
@@ -190,7 +268,7 @@ class Service:
         assert self.runtime is not None
         table = self.runtime.subnets
         if model == self.model_name:
-            return Choice(table.full, pinned=False)
+            return Choice(None, pinned=False)  # the subnet policy chooses, at admission
         if model in table:
             if not tenant.tier.may_pin(model):
                 raise APIError(
@@ -219,3 +297,14 @@ def warn_open(config: ServerConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+def _host_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * 1024**3

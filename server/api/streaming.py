@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from server.api.errors import APIError
 from server.engine.async_engine import RequestStream
 from server.engine.outputs import RequestOutput
 
@@ -66,7 +67,7 @@ async def merge_streams(
 async def until_disconnect(
     request: Request, work: Awaitable[T], streams: Sequence[RequestStream], poll_s: float = 0.1
 ) -> T:
-    """Run `work`; if the client disconnects first, abort its streams and stop."""
+    """Run `work`; if the client disconnects first, abort its streams and raise APIError(499)."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -79,7 +80,9 @@ async def until_disconnect(
                     s.close()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                raise asyncio.CancelledError("client disconnected")
+                # A response nobody reads (the server drops it), rather than CancelledError,
+                # which the server would log as an ASGI application error with a traceback.
+                raise APIError(499, "the client closed the request", code="client_disconnected")
     finally:
         if not task.done():
             task.cancel()

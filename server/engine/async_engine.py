@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from policies.snapshots import TierView
 from server.engine.engine import Engine
 from server.engine.outputs import RequestOutput
 from server.engine.request import RequestStatus
@@ -40,6 +41,7 @@ class RequestStream:
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
+        self._head: RequestOutput | None = None  # read by first(), not yet iterated
 
     def put(self, out: RequestOutput) -> None:
         self._queue.put_nowait(out)
@@ -49,13 +51,23 @@ class RequestStream:
         if not self.finished:
             self._engine.abort(self.request_id)
 
+    async def first(self) -> RequestOutput:
+        """The first output, without consuming it (iteration still starts with it). It tells
+        which subnet the request was admitted with."""
+        if self._head is None:
+            self._head = await self._queue.get()
+        return self._head
+
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
         try:
             while True:
-                out = await self._queue.get()
+                if self._head is not None:
+                    out, self._head = self._head, None
+                else:
+                    out = await self._queue.get()
                 yield out
                 if out.finished:
                     self.finished = True
@@ -102,11 +114,12 @@ class AsyncEngine:
     def add_request(
         self,
         prompt_ids: Sequence[int],
-        subnet: Subnet,
+        subnet: Subnet | None,
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
         tags: dict[str, str] | None = None,
+        tier: TierView | None = None,
     ) -> RequestStream:
         """Queue a request and return its output stream. Raises ValueError at once if the
         request can never run (bad parameters, too long for the context or the KV pool)."""
@@ -117,7 +130,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         # Checked here, so the caller hears of a bad request before any response starts; queued
         # into the engine by the step thread, so the event loop never waits for a step.
-        req = self.engine.make_request(request_id, prompt_ids, subnet, params, priority, tags)
+        req = self.engine.make_request(request_id, prompt_ids, subnet, params, priority, tags, tier)
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         self._ops.append(lambda: self.engine.add(req))

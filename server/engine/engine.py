@@ -18,14 +18,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from policies.ordering import FirstComeFirstServed, OrderPolicy
+from policies.snapshots import TierView
+from policies.subnet_choice import SubnetPolicy
+from server.engine.chooser import SubnetChooser
 from server.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from server.engine.elasticity import Elasticity
 from server.engine.kv_blocks import BlockManager, KVLayout
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.request import Request, RequestStatus
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.kv_cache import KVCache
-from server.runtime.runner import ModelRunner, StepSequence
+from server.runtime.runner import DeviceOutOfMemory, ModelRunner, StepSequence
 from server.runtime.sampling_params import SamplingParams
 from server.runtime.subnets import Subnet
 
@@ -45,12 +49,18 @@ class StepStats:
 
 class Engine:
     def __init__(
-        self, runner: ModelRunner, scheduler: Scheduler, decoder: TokenDecoder, vocab_size: int
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        decoder: TokenDecoder,
+        vocab_size: int,
+        chooser: SubnetChooser | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
         self.decoder = decoder
         self.vocab_size = vocab_size
+        self.chooser = chooser  # subnet choice at admission; None: every request names one
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.last_step = StepStats()
         self.num_steps = 0
@@ -65,6 +75,8 @@ class Engine:
         policy: OrderPolicy | None = None,
         ffn_mode: str = "auto",
         enable_prefix_cache: bool = True,
+        subnet_policy: SubnetPolicy | None = None,
+        elasticity: Elasticity | None = None,
     ) -> Engine:
         """An engine over a loaded runtime, with as many KV blocks as the byte budget holds."""
         text = rt.store.text
@@ -80,7 +92,30 @@ class Engine:
         eos = rt.tokenizer.stop_ids
         scheduler = Scheduler(config, blocks, policy or FirstComeFirstServed(), eos)
         runner = ModelRunner(rt.model, num_blocks, block_size, eos, ffn_mode)
-        return cls(runner, scheduler, rt.tokenizer, text.vocab_size_per_layer_input)
+        chooser = SubnetChooser(rt.subnets, scheduler, subnet_policy, elasticity)
+        return cls(runner, scheduler, rt.tokenizer, text.vocab_size_per_layer_input, chooser)
+
+    def calibrate(self, prompt_tokens: int = 32, max_tokens: int = 4) -> None:
+        """Seed the step-cost model before real traffic: a few steps on the smallest and the
+        largest subnet, alone and batched. Call only while the engine is idle."""
+        if self.chooser is None or self.has_work:
+            return
+        table = self.chooser.table
+        ends = sorted(table, key=lambda s: s.effective_params)
+        prompt = [self.decoder_bos()] + [(7 * i) % 97 + 200 for i in range(prompt_tokens - 1)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        for batch in (1, 4):
+            for subnet in (ends[0], ends[-1]):
+                for i in range(batch):
+                    self.add_request(f"calibrate-{subnet.name}-{batch}-{i}", prompt, subnet, params)
+                while self.has_work:
+                    self.step()
+        self.chooser.choices.clear()
+        self.chooser.latency = type(self.chooser.latency)()
+
+    def decoder_bos(self) -> int:
+        bos = getattr(getattr(self.decoder, "hf", None), "bos_token_id", None)
+        return 2 if bos is None else int(bos)
 
     @property
     def has_work(self) -> bool:
@@ -90,17 +125,30 @@ class Engine:
         self,
         request_id: str,
         prompt_ids: Sequence[int],
-        subnet: Subnet,
+        subnet: Subnet | None,
         params: SamplingParams,
         priority: int = 0,
         tags: dict[str, str] | None = None,
+        tier: TierView | None = None,
     ) -> Request:
         """Build and check a request without queueing it (safe from any thread: reads only
-        configuration). Raises ValueError, with the reason, if it could never run."""
+        configuration). `subnet` None: the subnet policy chooses at admission; a subnet: pinned.
+        Raises ValueError, with the reason, if it could never run."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if subnet is None and self.chooser is None:
+            raise ValueError("this engine has no subnet policy: name a subnet")
         params.validate(self.vocab_size, self.scheduler.config.max_model_len)
-        req = Request(request_id, list(prompt_ids), subnet, params, priority, tags=dict(tags or {}))
+        req = Request(
+            request_id,
+            list(prompt_ids),
+            subnet,
+            params,
+            priority,
+            tier=tier,
+            pinned=subnet is not None,
+            tags=dict(tags or {}),
+        )
         self.scheduler.check(req)
         return req
 
@@ -114,13 +162,14 @@ class Engine:
         self,
         request_id: str,
         prompt_ids: Sequence[int],
-        subnet: Subnet,
+        subnet: Subnet | None,
         params: SamplingParams,
         priority: int = 0,
         tags: dict[str, str] | None = None,
+        tier: TierView | None = None,
     ) -> Request:
         """Queue a request; raises ValueError (with the reason) if it can never run."""
-        req = self.make_request(request_id, prompt_ids, subnet, params, priority, tags)
+        req = self.make_request(request_id, prompt_ids, subnet, params, priority, tags, tier)
         self.add(req)
         return req
 
@@ -132,23 +181,36 @@ class Engine:
         return self._final(req, "")
 
     def step(self) -> list[RequestOutput]:
+        elasticity = self.chooser.elasticity if self.chooser else None
+        if elasticity is not None:
+            elasticity.tick(self.scheduler)
         plan = self.scheduler.schedule()
         stats = StepStats(num_preempted=len(plan.preempted))
         if not plan.chunks:
             self.last_step = stats
             return []
         seqs = [self._sequence(c) for c in plan.chunks]
-        result = self.runner.execute(seqs)
+        try:
+            result = self.runner.execute(seqs)
+        except DeviceOutOfMemory:
+            # Not the requests' fault: shrink the resident widths (moving or preempting what no
+            # longer fits) and run the step again, once.
+            if elasticity is None or not elasticity.on_out_of_memory(self.scheduler):
+                raise
+            self._unschedule(plan)
+            return self.step()
         self.num_steps += 1
         stats.num_seqs, stats.num_tokens = len(seqs), plan.num_tokens
-        stats.num_decodes, stats.seconds, stats.ffn_mode = (
-            plan.num_decodes,
-            result.seconds,
-            result.ffn_mode,
-        )
+        stats.num_decodes, stats.seconds = plan.num_decodes, result.seconds
+        stats.ffn_mode = result.ffn_mode
         for s in seqs:
             stats.subnets[s.subnet.name] = stats.subnets.get(s.subnet.name, 0) + 1
         self.last_step = stats
+        if self.chooser is not None:
+            self.chooser.record_step(result.seconds, [s.subnet for s in seqs], plan.num_tokens)
+            self.chooser.admitted(
+                [self.scheduler.requests[r] for r in plan.admitted if r in self.scheduler.requests]
+            )
 
         outputs: list[RequestOutput] = []
         for request_id, message in result.errors.items():
@@ -178,6 +240,10 @@ class Engine:
             prompt_ids=req.prompt_token_ids,
         )
 
+    def _unschedule(self, plan: StepPlan) -> None:
+        """Undo a step that did not run: nothing was computed, so no state moves forward.
+        Admission (blocks booked, the running queue) stays: the retried step reuses it."""
+
     @staticmethod
     def _without(plan: StepPlan, failed: dict[str, str]) -> StepPlan:
         if not failed:
@@ -198,7 +264,7 @@ class Engine:
             return self._final(req, text, (sample.token_id,), logprobs)
         return RequestOutput(
             request_id=req.request_id,
-            subnet=req.subnet.name,
+            subnet=req.subnet.name if req.subnet else "",
             token_ids=(sample.token_id,),
             text=text,
             logprobs=logprobs,
@@ -230,7 +296,7 @@ class Engine:
             timings["first_token"] = ev.first_token
         return RequestOutput(
             request_id=req.request_id,
-            subnet=req.subnet.name,
+            subnet=req.subnet.name if req.subnet else "",
             token_ids=token_ids,
             text=text,
             logprobs=logprobs,

@@ -13,6 +13,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from policies.snapshots import TierView
 from server.runtime.sampling_params import SamplingParams
 from server.runtime.subnets import Subnet
 
@@ -59,9 +60,11 @@ class RequestEvents:
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    subnet: Subnet
+    subnet: Subnet | None  # None until the subnet policy chooses it, at admission
     params: SamplingParams
     priority: int = 0  # lower runs first among equals (as vLLM's `priority`)
+    tier: TierView | None = None  # the tenant's tier, for the subnet policy
+    pinned: bool = False  # the client named the subnet: no policy choice, never moved
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

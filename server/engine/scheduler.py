@@ -19,6 +19,7 @@ Deliberately does not know: tensors, sampling, detokenization, or where requests
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from policies.ordering import OrderPolicy, WaitingRequest
@@ -61,6 +62,7 @@ class ScheduledChunk:
 class StepPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    admitted: list[str] = field(default_factory=list)  # joined the running batch this step
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +89,9 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Set by the engine: give a waiting request its subnet just before admission (the policy
+        # decides then, from the load at that moment). Returns False if it cannot run now.
+        self.assign_subnet: Callable[[Request], bool] = lambda req: req.subnet is not None
 
     @property
     def has_work(self) -> bool:
@@ -119,9 +124,9 @@ class Scheduler:
         bs, layout = self.blocks.block_size, self.blocks.layout
         full = -(-num_tokens // bs)
         window = min(full, -(-layout.sliding_window // bs) + 1)
-        return sum(
-            window if layer in layout.sliding_layers else full for layer in req.subnet.kv_layers
-        )
+        # Before its subnet is chosen, assume the most a subnet can book: every KV layer.
+        layers = req.subnet.kv_layers if req.subnet else range(layout.num_kv_layers)
+        return sum(window if layer in layout.sliding_layers else full for layer in layers)
 
     def abort(self, request_id: str) -> Request | None:
         """Stop a request now and free its blocks. Returns it, or None if it is unknown."""
@@ -177,7 +182,7 @@ class Scheduler:
                 r.events.arrived,
                 r.priority,
                 r.num_prompt_tokens,
-                r.subnet.name,
+                r.subnet.name if r.subnet else "",
                 r.status == RequestStatus.PREEMPTED,
             )
             for r in self.waiting
@@ -186,6 +191,8 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             req = by_id[request_id]
+            if not self.assign_subnet(req):
+                continue  # its pinned subnet is not resident now: others may still run
             self.blocks.admit(req)  # attaches the longest cached prefix
             num_new = self._num_new(req, budget)
             if not self.blocks.allocate(req, num_new):
@@ -197,6 +204,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.events.first_scheduled is None:
                 req.events.first_scheduled = time.monotonic()
+            plan.admitted.append(req.request_id)
             plan.chunks.append(self._chunk(req, num_new))
             budget -= num_new
 
@@ -210,6 +218,10 @@ class Scheduler:
     def _chunk(req: Request, num_new: int) -> ScheduledChunk:
         start = req.num_computed_tokens
         return ScheduledChunk(req.request_id, start, num_new, start + num_new == req.num_tokens)
+
+    def preempt(self, req: Request) -> None:
+        """Drop a running request's KV; it waits (first in line) to be recomputed."""
+        self._preempt(req, StepPlan())
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.running.remove(req)

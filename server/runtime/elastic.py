@@ -59,12 +59,13 @@ class ElasticRuntime:
         device: str = "cpu",
         custom_subnets: Path | None = DEFAULT_CUSTOM_YAML,
         ffn_mode: str = "grouped",
+        table_csv: Path | None = DEFAULT_TABLE_CSV,
     ) -> ElasticRuntime:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
         store = CheckpointStore.open(checkpoint)
         weights = Weights(store, dtype=parse_dtype(dtype), device=device)
-        subnets = load_subnet_table(store.text, DEFAULT_TABLE_CSV, custom_subnets)
+        subnets = load_subnet_table(store.text, table_csv, custom_subnets)
         return cls(
             store, weights, Gemma3nModel(weights, ffn_mode), subnets, TextTokenizer(store.folder)
         )

@@ -32,6 +32,10 @@ from server.runtime.sampling_params import SamplingParams
 from server.runtime.subnets import Subnet
 
 
+class DeviceOutOfMemory(RuntimeError):
+    """A step ran out of accelerator (or host) memory."""
+
+
 @dataclass(frozen=True)
 class StepSequence:
     """One request's share of a step."""
@@ -115,6 +119,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         try:
             result = self._run(seqs)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            # Not a request's fault: the engine shrinks the resident widths and retries.
+            raise DeviceOutOfMemory(str(e)) from e
         except Exception as e:  # isolate, then report per request
             if len(seqs) == 1:
                 result = StepResult(errors={seqs[0].request_id: f"{type(e).__name__}: {e}"})

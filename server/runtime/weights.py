@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from server.runtime.checkpoint import CheckpointStore
+from server.runtime.residency import FfnResidency, ResizeReport
 from server.runtime.text_config import TextConfig
 
 
@@ -61,6 +62,7 @@ class Weights:
         store: CheckpointStore,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        private_ffn: bool | None = None,
     ):
         self.store = store
         self.text: TextConfig = store.text
@@ -88,6 +90,17 @@ class Weights:
             get(f"altup_unembed_projections.{i}.weight") for i in range(n_streams - 1)
         ]
         self.final_norm = get("norm.weight")
+        # FFN rows live in resident buffers (residency.py): views of the mapping on a CPU in the
+        # stored dtype, the device's own copies otherwise (or when asked, e.g. by tests).
+        if private_ffn is None:
+            private_ffn = self.device.type != "cpu" or self.dtype != self.stored_dtype
+        host_ffn = [
+            tuple(
+                store.text_tensor(f"layers.{i}.mlp.{n}_proj.weight") for n in ("gate", "up", "down")
+            )
+            for i in range(self.text.num_hidden_layers)
+        ]
+        self.residency = FfnResidency(host_ffn, self.device, self.dtype, private_ffn)
         self.layers = [self._layer(i) for i in range(self.text.num_hidden_layers)]
         self._check_altup_clip()
 
@@ -111,9 +124,9 @@ class Weights:
             o_proj=get("self_attn.o_proj.weight"),
             q_norm=get("self_attn.q_norm.weight"),
             k_norm=get("self_attn.k_norm.weight") if owns_kv else None,
-            gate=get("mlp.gate_proj.weight"),
-            up=get("mlp.up_proj.weight"),
-            down=get("mlp.down_proj.weight"),
+            gate=self.residency.buffers[i][0],
+            up=self.residency.buffers[i][1],
+            down=self.residency.buffers[i][2],
             input_norm=get("input_layernorm.weight"),
             post_attention_norm=get("post_attention_layernorm.weight"),
             pre_ffn_norm=get("pre_feedforward_layernorm.weight"),
@@ -150,10 +163,14 @@ class Weights:
 
     def ffn(self, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate, up and down of `layer` at FFN width `width`: views, never copies."""
-        w = self.layers[layer]
-        if not 0 < width <= w.gate.shape[0]:
-            raise ValueError(f"layer {layer}: width {width} outside (0, {w.gate.shape[0]}]")
-        return w.gate[:width], w.up[:width], w.down[:, :width]
+        return self.residency.view(layer, width)
+
+    def resize_ffn(self, widths) -> ResizeReport:
+        """Change the resident FFN widths (between steps only)."""
+        report = self.residency.resize(widths)
+        for i, layer in enumerate(self.layers):
+            layer.gate, layer.up, layer.down = self.residency.buffers[i]
+        return report
 
     def ple_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Per-layer-embedding rows for `token_ids`, gathered from host memory: [N, L*d].

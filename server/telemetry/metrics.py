@@ -182,6 +182,58 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge(p + "engine_up", "1 while the engine loop runs", registry=r)
+        # elasticity
+        self.device_memory = Gauge(
+            p + "device_memory_bytes",
+            "Accelerator memory (NVML; on a CPU the configured budget)",
+            ("kind", "source"),
+            registry=r,
+        )
+        self.device_utilization = Gauge(
+            p + "device_utilization_ratio", "Accelerator busy fraction (NVML)", registry=r
+        )
+        self.resident_width = Gauge(
+            p + "resident_ffn_width",
+            "Mean resident FFN width of a group of layers",
+            ("layers",),
+            registry=r,
+        )
+        self.resident_bytes = Gauge(
+            p + "resident_ffn_bytes", "Accelerator bytes held by resident FFN rows", registry=r
+        )
+        self.residency_level = Gauge(
+            p + "residency_level", "Resident-width level (0 = smallest)", registry=r
+        )
+        self.residency_changes = Counter(
+            p + "residency_changes", "Resident-width resizes", ("direction",), registry=r
+        )
+        self.subnet_offered = Gauge(
+            p + "subnets_offered", "Subnets new requests may get", registry=r
+        )
+        self.choices = Counter(
+            p + "subnet_choices",
+            "Subnets requests were admitted with",
+            ("subnet", "tier", "pinned"),
+            registry=r,
+        )
+        self.downgrades = Counter(
+            p + "subnet_downgrades",
+            "Requests given less than their tier's best at no load",
+            ("tier",),
+            registry=r,
+        )
+        self.moves = Counter(
+            p + "subnet_moves",
+            "Running requests moved to a smaller subnet of the same KV layout",
+            registry=r,
+        )
+        self.sla_misses = Counter(
+            p + "sla_misses",
+            "Finished requests over their tier's target (ttft or tpot)",
+            ("tier", "target"),
+            registry=r,
+        )
+        self._counted: dict[str, dict] = {"choices": {}, "downgrades": {}, "elastic": {}}
 
     def observe_step(self, scheduler, last_step) -> None:
         """Gauges from the scheduler and block manager; called after each engine step."""
@@ -222,6 +274,85 @@ class Metrics:
             if out.num_output_tokens > 1:
                 per_token = (t["finished"] - t["first_token"]) / (out.num_output_tokens - 1)
                 self.tpot.labels(**labels).observe(per_token)
+
+    def observe_memory(self, snap) -> None:
+        """A headroom probe reading (telemetry/headroom.py's MemorySnapshot)."""
+        for kind in ("total", "used", "free", "process"):
+            self.device_memory.labels(kind=kind, source=snap.source).set(
+                getattr(snap, f"{kind}_bytes")
+            )
+        if snap.utilization is not None:
+            self.device_utilization.set(snap.utilization)
+
+    def observe_choices(self, chooser) -> None:
+        """Cumulative choice and downgrade counts of the engine's subnet chooser."""
+        self._inc_from(
+            self._counted["choices"],
+            chooser.choices,
+            lambda k: self.choices.labels(subnet=k[0], tier=k[1], pinned=str(k[2]).lower()),
+        )
+        self._inc_from(
+            self._counted["downgrades"],
+            chooser.downgrades,
+            lambda k: self.downgrades.labels(tier=k),
+        )
+
+    def observe_residency(
+        self,
+        widths: tuple[int, ...],
+        offered: int,
+        resident_bytes: int = 0,
+        level: int | None = None,
+    ) -> None:
+        for start in range(0, len(widths), 5):  # Gemma 3n's blocks of 4 sliding + 1 full layer
+            group = widths[start : start + 5]
+            self.resident_width.labels(layers=f"{start}-{start + len(group) - 1}").set(
+                sum(group) / len(group)
+            )
+        self.resident_bytes.set(resident_bytes)
+        if level is not None:
+            self.residency_level.set(level)
+        self.subnet_offered.set(offered)
+
+    def observe_elasticity(self, el, offered: int) -> None:
+        widths = el.resident_widths
+        for start in range(0, len(widths), 5):  # Gemma 3n's blocks of 4 sliding + 1 full layer
+            group = widths[start : start + 5]
+            self.resident_width.labels(layers=f"{start}-{start + len(group) - 1}").set(
+                sum(group) / len(group)
+            )
+        self.resident_bytes.set(el.weights.residency.resident_bytes)
+        self.residency_level.set(el.current)
+        self.subnet_offered.set(offered)
+        c = el.counters
+        self._inc_from(
+            self._counted["elastic"],
+            {"grow": c.grows, "shrink": c.shrinks + c.oom_shrinks, "moves": c.moves},
+            lambda k: self.moves if k == "moves" else self.residency_changes.labels(direction=k),
+        )
+
+    @staticmethod
+    def _inc_from(seen: dict, current, metric_of) -> None:
+        for key, value in current.items():
+            delta = value - seen.get(key, 0)
+            if delta > 0:
+                metric_of(key).inc(delta)
+                seen[key] = value
+
+    def sla_miss(self, tier: str, target: str) -> None:
+        self.sla_misses.labels(tier=tier, target=target).inc()
+
+    def prepare(self, tiers: list[str]) -> None:
+        """Create the bounded label sets at zero, so rates read 0 (not "no data") before the
+        first event: every tier's misses, downgrades and refusals, both resize directions."""
+        for tier in tiers:
+            self.downgrades.labels(tier=tier)
+            for target in ("ttft", "tpot"):
+                self.sla_misses.labels(tier=tier, target=target)
+            for reason in ("concurrency", "requests_per_minute", "tokens_per_minute"):
+                self.rejections.labels(tier=tier, reason=reason)
+        for direction in ("grow", "shrink"):
+            self.residency_changes.labels(direction=direction)
 
     def reject(self, tier: str, reason: str) -> None:
         self.rejections.labels(tier=tier, reason=reason).inc()

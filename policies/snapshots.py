@@ -1,0 +1,101 @@
+"""Read-only snapshots a subnet-choice policy decides from. Plain data, no behaviour.
+
+Owns the vocabulary between the engine and the policies: what a policy may know about the
+subnets on offer, the requesting tier, the requests running now, the load, the memory headroom,
+and the measured cost of a step. The engine builds these between steps; a policy never sees
+engine objects, tensors or blocks, so every policy is testable on hand-made snapshots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SubnetView:
+    name: str
+    quality: float  # MMLU % where the table gives one; else a stand-in from parameter count
+    effective_params: int
+    resident: bool  # its widths fit in what the accelerator holds now (always true on a CPU)
+    kv_key: str  # subnets with equal keys write identical KV
+
+
+@dataclass(frozen=True)
+class TierView:
+    name: str
+    priority: int  # lower is more important
+    subnets: tuple[str, ...]  # what the tier may use ("*": any)
+    target_ttft_s: float | None
+    target_tpot_s: float | None
+    quality_floor: float | None
+    quality_ceiling: float | None
+
+    def allows(self, subnet: SubnetView) -> bool:
+        if "*" not in self.subnets and subnet.name not in self.subnets:
+            return False
+        if self.quality_floor is not None and subnet.quality < self.quality_floor:
+            return False
+        return not (self.quality_ceiling is not None and subnet.quality > self.quality_ceiling)
+
+
+@dataclass(frozen=True)
+class RunningView:
+    subnet: str
+    effective_params: int
+    tier: TierView | None
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """A fitted model of one engine step's duration:
+
+        seconds = base + per_param * (effective params of the widest subnet in the step)
+                       + per_token * (tokens computed in the step)
+
+    A decode step reads the widest subnet's weights once whatever the batch (memory-bound);
+    tokens add compute (prefill chunks)."""
+
+    base: float
+    per_param: float
+    per_token: float
+    samples: int = 0
+
+    def predict(self, widest_params: int, tokens: int) -> float:
+        return max(0.0, self.base + self.per_param * widest_params + self.per_token * tokens)
+
+
+@dataclass(frozen=True)
+class Load:
+    running: tuple[RunningView, ...] = ()
+    waiting: int = 0  # requests queued ahead
+    waiting_prompt_tokens: int = 0  # their prompt tokens still to compute
+    kv_usage: float = 0.0  # fraction of KV blocks held
+    headroom_bytes: int | None = None  # accelerator memory free for us (None: not measured)
+    token_budget: int = 256  # tokens per step (scheduler)
+    prefill_chunk: int = 128
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    tier: TierView
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    offered: tuple[SubnetView, ...]
+    load: Load
+    cost: StepCost
+    observed_tpot_s: dict[str, float] = field(default_factory=dict)  # recent p95 per subnet
+    observed_ttft_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    subnet: str
+    priority: int
+    reason: str  # one line, for logs and debugging
+    predicted_ttft_s: float | None = None
+    predicted_tpot_s: float | None = None
+    downgraded: bool = False  # below the best the tier could have had with no load

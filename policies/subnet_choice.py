@@ -1,0 +1,192 @@
+"""Choosing the subnet (and priority) of a request: the interface and its three policies.
+
+Owns the decision, over the snapshots in `snapshots.py`. Plain Python, no torch, no engine.
+
+- `fixed`: always one subnet (or, if it is not resident, the best resident one below it).
+- `largest-fits`: the highest-quality resident subnet the tier allows. Headroom only.
+- `sla` (the product): the highest-quality resident subnet the tier allows whose predicted time to
+  first token and time per output token at the current load meet the tier's targets.
+
+Why the SLA policy reasons about the batch, not only the request: a decode step reads the weights
+of the widest subnet in it once, for every sequence, so its duration is set by that subnet (the
+`bench` preset measures a load spread over four subnets at the speed of an all-full load; see
+benchmarks/results/bench_engine.txt). Admitting one wide request therefore slows every running
+request. The policy predicts the step time the batch would have with the candidate in it and
+refuses candidates that would push any running request of the same or a more important tier past
+its time-per-token target. Less important tiers are not protected from more important ones: under
+overload they are the ones that step down to narrower subnets first. A tier's choice moves up only
+with a margin (predictions at most `upgrade_margin` of the targets) so it does not flap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Protocol
+
+from policies.snapshots import ChoiceRequest, Decision, PolicyContext, SubnetView
+
+
+class SubnetPolicy(Protocol):
+    name: str
+
+    def choose(self, req: ChoiceRequest, ctx: PolicyContext) -> Decision: ...
+
+
+def _by_quality(subnets: list[SubnetView]) -> list[SubnetView]:
+    return sorted(subnets, key=lambda s: (-s.quality, s.effective_params, s.name))
+
+
+def _allowed(req: ChoiceRequest, ctx: PolicyContext) -> list[SubnetView]:
+    return _by_quality([s for s in ctx.offered if s.resident and req.tier.allows(s)])
+
+
+def _fallback(req: ChoiceRequest, ctx: PolicyContext, reason: str) -> Decision:
+    """When nothing the tier allows is resident: the smallest resident subnet."""
+    resident = [s for s in ctx.offered if s.resident]
+    if not resident:
+        raise LookupError("no subnet is resident")
+    small = min(resident, key=lambda s: (s.effective_params, s.name))
+    return Decision(small.name, req.tier.priority, reason, downgraded=True)
+
+
+def predict_tpot(ctx: PolicyContext, candidate: SubnetView) -> float:
+    """Step time with the candidate joining the running batch: one token per sequence."""
+    widest = max([r.effective_params for r in ctx.load.running] + [candidate.effective_params])
+    return ctx.cost.predict(widest, len(ctx.load.running) + 1)
+
+
+def predict_ttft(ctx: PolicyContext, req: ChoiceRequest, candidate: SubnetView) -> float:
+    """Queued prompt tokens ahead, then this prompt, in chunks beside the running decodes."""
+    load = ctx.load
+    widest = max([r.effective_params for r in load.running] + [candidate.effective_params])
+    decodes = len(load.running)
+    chunk = max(1, min(load.prefill_chunk, load.token_budget - decodes))
+    steps = math.ceil(load.waiting_prompt_tokens / chunk) + math.ceil(req.prompt_tokens / chunk)
+    return steps * ctx.cost.predict(widest, decodes + chunk)
+
+
+class FixedPolicy:
+    name = "fixed"
+
+    def __init__(self, subnet: str = "full"):
+        self.subnet = subnet
+
+    def choose(self, req: ChoiceRequest, ctx: PolicyContext) -> Decision:
+        by_name = {s.name: s for s in ctx.offered}
+        target = by_name.get(self.subnet)
+        if target is not None and target.resident:
+            return Decision(target.name, req.tier.priority, f"fixed: {target.name}")
+        below = [
+            s
+            for s in ctx.offered
+            if s.resident and target is not None and s.effective_params <= target.effective_params
+        ]
+        if below:
+            best = _by_quality(below)[0]
+            return Decision(
+                best.name,
+                req.tier.priority,
+                f"fixed: {self.subnet} not resident; {best.name} instead",
+                downgraded=True,
+            )
+        return _fallback(req, ctx, f"fixed: {self.subnet} not offered")
+
+
+class LargestFitsPolicy:
+    name = "largest-fits"
+
+    def choose(self, req: ChoiceRequest, ctx: PolicyContext) -> Decision:
+        allowed = _allowed(req, ctx)
+        if not allowed:
+            return _fallback(req, ctx, f"tier {req.tier.name}: nothing allowed is resident")
+        best = allowed[0]
+        return Decision(best.name, req.tier.priority, f"largest resident: {best.name}")
+
+
+class SlaPolicy:
+    name = "sla"
+
+    def __init__(self, upgrade_margin: float = 0.85):
+        self.upgrade_margin = upgrade_margin
+        self.last: dict[str, str] = {}  # tier -> subnet chosen last time (hysteresis)
+
+    def choose(self, req: ChoiceRequest, ctx: PolicyContext) -> Decision:
+        tier = req.tier
+        allowed = _allowed(req, ctx)
+        if not allowed:
+            return _fallback(req, ctx, f"tier {tier.name}: nothing allowed is resident")
+        # Running requests whose targets this choice must respect: same or more important tiers.
+        protected = {
+            r.tier.name: r.tier
+            for r in ctx.load.running
+            if r.tier is not None
+            and r.tier.target_tpot_s is not None
+            and r.tier.priority <= tier.priority
+        }
+        rank = {s.name: i for i, s in enumerate(allowed)}
+        # Index of last time's choice; with no history (or if it is gone) nothing is an upgrade.
+        previous = rank.get(self.last.get(tier.name, ""), 0)
+        for i, c in enumerate(allowed):
+            tpot, ttft = predict_tpot(ctx, c), predict_ttft(ctx, req, c)
+            # Moving up to a better subnet than last time needs a margin; staying or moving
+            # down needs only the target.
+            margin = self.upgrade_margin if i < previous else 1.0
+            fits = (tier.target_tpot_s is None or tpot <= tier.target_tpot_s * margin) and (
+                tier.target_ttft_s is None or ttft <= tier.target_ttft_s * margin
+            )
+            others = all(tpot <= t.target_tpot_s * margin for t in protected.values())
+            if fits and others:
+                self.last[tier.name] = c.name
+                why = (
+                    "meets the targets"
+                    if (tier.target_tpot_s or tier.target_ttft_s)
+                    else "best allowed"
+                )
+                if protected and i > 0:
+                    why += f", keeps {', '.join(sorted(protected))} within time-per-token target"
+                return Decision(
+                    c.name, tier.priority, f"sla: {c.name} {why}", ttft, tpot, downgraded=i > 0
+                )
+        cheapest = min(allowed, key=lambda s: (s.effective_params, s.name))
+        self.last[tier.name] = cheapest.name
+        return Decision(
+            cheapest.name,
+            tier.priority,
+            f"sla: no allowed subnet meets the targets at this load; {cheapest.name}",
+            predict_ttft(ctx, req, cheapest),
+            predict_tpot(ctx, cheapest),
+            downgraded=True,
+        )
+
+
+def make_policy(name: str, **params) -> SubnetPolicy:
+    if name == "fixed":
+        return FixedPolicy(**params)
+    if name == "largest-fits":
+        return LargestFitsPolicy(**params)
+    if name == "sla":
+        return SlaPolicy(**params)
+    raise ValueError(f"unknown subnet policy {name!r}: choose fixed, largest-fits or sla")
+
+
+def quality_scores(subnets: list[tuple[str, float | None, int]]) -> dict[str, float]:
+    """Quality per subnet: the table's score where it has one; otherwise a stand-in from the
+    effective parameter count, interpolated between the scored subnets (clamped at the ends)."""
+    scored = sorted((p, q) for _, q, p in subnets if q is not None)
+    out = {}
+    for name, q, p in subnets:
+        if q is not None:
+            out[name] = q
+        elif not scored:
+            out[name] = p / 1e9  # no scores at all: bigger is better
+        elif p <= scored[0][0]:
+            out[name] = scored[0][1]
+        elif p >= scored[-1][0]:
+            out[name] = scored[-1][1]
+        else:
+            for (p0, q0), (p1, q1) in itertools.pairwise(scored):
+                if p0 <= p <= p1:
+                    out[name] = q0 + (q1 - q0) * (p - p0) / max(1, p1 - p0)
+                    break
+    return out

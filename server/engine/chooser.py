@@ -1,0 +1,131 @@
+"""Subnet choice at admission: the engine's side of the policy interface.
+
+Owns building the read-only snapshot a policy decides from (the subnets on offer and whether they
+are resident, the running batch and its tiers, the queue, KV usage, headroom, the fitted step-cost
+model and recent latency quantiles), asking the policy when a waiting request is about to be
+admitted, and keeping the numbers the policy learns from: every step's duration against the
+widest subnet in it and its token count, and every finished request's TTFT and time per token.
+
+A pinned request (the client named the subnet) is not chosen for: it runs on its subnet when that
+subnet is resident, and waits otherwise. A request that already generated tokens (preempted, to
+be recomputed) keeps its subnet while it is offered.
+
+Deliberately does not know: how the policy decides (policies/), or tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from policies.snapshots import (
+    ChoiceRequest,
+    Load,
+    PolicyContext,
+    RunningView,
+    SubnetView,
+    TierView,
+)
+from policies.subnet_choice import LargestFitsPolicy, SubnetPolicy, quality_scores
+from server.engine.outputs import RequestOutput
+from server.engine.request import Request
+from server.engine.scheduler import Scheduler
+from server.runtime.subnets import Subnet, SubnetTable
+from server.telemetry.latency import LatencyStats, StepCostModel
+
+DEFAULT_TIER = TierView("default", 0, ("*",), None, None, None, None)
+
+
+class SubnetChooser:
+    def __init__(
+        self,
+        table: SubnetTable,
+        scheduler: Scheduler,
+        policy: SubnetPolicy | None = None,
+        elasticity=None,
+    ):
+        self.table = table
+        self.scheduler = scheduler
+        self.policy = policy or LargestFitsPolicy()
+        self.elasticity = elasticity
+        self.cost = StepCostModel()
+        self.latency = LatencyStats()
+        self.quality = quality_scores([(s.name, s.quality, s.effective_params) for s in table])
+        self.headroom_bytes: int | None = None
+        self.choices: Counter[tuple[str, str, bool]] = Counter()  # (subnet, tier, pinned)
+        self.downgrades: Counter[str] = Counter()  # tier
+        self.last_reason: dict[str, str] = {}  # request id -> why (until admitted)
+        scheduler.assign_subnet = self.assign
+
+    def offered(self, subnet: Subnet) -> bool:
+        return self.elasticity is None or self.elasticity.offered(subnet)
+
+    # ---- the hook the scheduler calls -------------------------------------------------------
+
+    def assign(self, req: Request) -> bool:
+        if req.pinned:
+            return req.subnet is not None and self.offered(req.subnet)
+        if req.subnet is not None and req.output_token_ids and self.offered(req.subnet):
+            return True  # continues on the subnet that produced its tokens so far
+        tier = req.tier or DEFAULT_TIER
+        decision = self.policy.choose(
+            ChoiceRequest(tier, req.num_tokens, req.params.max_tokens), self.context()
+        )
+        req.subnet = self.table[decision.subnet]
+        req.priority = decision.priority
+        req.tags["downgraded"] = "1" if decision.downgraded else "0"
+        self.last_reason[req.request_id] = decision.reason
+        return True
+
+    def context(self) -> PolicyContext:
+        sched = self.scheduler
+        offered = tuple(
+            SubnetView(s.name, self.quality[s.name], s.effective_params, self.offered(s), s.kv_key)
+            for s in self.table
+        )
+        running = tuple(
+            RunningView(r.subnet.name, r.subnet.effective_params, r.tier)
+            for r in sched.running
+            if r.subnet is not None
+        )
+        waiting_tokens = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        load = Load(
+            running,
+            len(sched.waiting),
+            waiting_tokens,
+            sched.blocks.usage,
+            self.headroom_bytes,
+            sched.config.max_num_batched_tokens,
+            sched.config.max_prefill_chunk,
+        )
+        return PolicyContext(
+            offered,
+            load,
+            self.cost.snapshot(),
+            self.latency.quantile("tpot", 0.95),
+            self.latency.quantile("ttft", 0.95),
+        )
+
+    # ---- learning ---------------------------------------------------------------------------
+
+    def admitted(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            tier = (req.tier or DEFAULT_TIER).name
+            assert req.subnet is not None
+            self.choices[(req.subnet.name, tier, req.pinned)] += 1
+            if req.tags.get("downgraded") == "1":
+                self.downgrades[tier] += 1
+            self.last_reason.pop(req.request_id, None)
+
+    def record_step(self, seconds: float, subnets: list[Subnet], tokens: int) -> None:
+        if seconds > 0 and subnets:
+            self.cost.record(seconds, max(s.effective_params for s in subnets), tokens)
+
+    def record_finished(self, out: RequestOutput) -> None:
+        t = out.timings
+        if "first_token" not in t or not out.subnet:
+            return
+        ttft = t["first_token"] - t["arrived"]
+        tpot = None
+        if out.num_output_tokens > 1:
+            tpot = (t["finished"] - t["first_token"]) / (out.num_output_tokens - 1)
+        self.latency.record(out.subnet, ttft, tpot)

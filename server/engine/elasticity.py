@@ -1,0 +1,195 @@
+"""Elasticity: the resident FFN widths follow the accelerator's headroom, between steps.
+
+Owns the residency decision and keeping requests whole across it. The subnet table defines
+nested residency levels (runtime/residency.py: level k serves the k smallest subnets and every
+subnet that fits in the same widths). Between engine steps:
+
+- headroom below the low-water mark: pick the next level down. Subnets that do not fit it stop
+  being offered at once (new requests do not get them). Running requests on them are moved to the
+  best subnet of the same KV layout class that fits and that their tier allows (their KV stays
+  valid: no recompute) when one exists; the others are allowed to finish. When none is left on a
+  removed width, the widths shrink and the memory is released.
+- headroom above the high-water mark plus what the next level up needs: grow one level (only the
+  missing rings are uploaded).
+- an out-of-memory error in a step: shrink now, moving what can be moved and preempting the rest
+  (they are recomputed later on a subnet that fits), then the step is retried.
+
+The gap between the two marks is the hysteresis: a shrink frees at least one level's bytes, which
+must not be enough to trigger the next grow at once.
+
+Deliberately does not know: how a subnet is chosen (policies/), or how memory is measured
+(telemetry/headroom.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from server.engine.request import Request
+from server.engine.scheduler import Scheduler
+from server.runtime.subnets import Subnet, SubnetTable
+from server.runtime.weights import Weights
+from server.telemetry.headroom import ProbeSampler
+
+log = logging.getLogger("concentric.elasticity")
+
+
+@dataclass(frozen=True)
+class ElasticityConfig:
+    low_water_bytes: int  # shrink when headroom falls below this
+    high_water_bytes: int  # grow when headroom exceeds this plus the next level's extra bytes
+    oom_cooldown_s: float = 30.0  # after an out-of-memory shrink, no growing for this long
+
+
+@dataclass
+class ElasticityCounters:
+    grows: int = 0
+    shrinks: int = 0
+    moves: int = 0  # running requests moved to a smaller KV-compatible subnet
+    oom_shrinks: int = 0
+    oom_preemptions: int = 0
+
+
+class Elasticity:
+    def __init__(
+        self,
+        weights: Weights,
+        table: SubnetTable,
+        sampler: ProbeSampler | None,
+        config: ElasticityConfig,
+    ):
+        from server.runtime.residency import residency_levels
+
+        self.weights = weights
+        self.table = table
+        self.sampler = sampler
+        self.config = config
+        self.levels = residency_levels(
+            weights.residency.full, [(s.layers, s.widths, s.effective_params) for s in table]
+        )
+        self.level_bytes = [weights.residency.bytes_for(level) for level in self.levels]
+        widths = weights.residency.widths
+        self.current = self.levels.index(widths) if widths in self.levels else len(self.levels) - 1
+        self.target = self.current  # below current while a shrink waits for requests to leave
+        self.counters = ElasticityCounters()
+        self.moved: set[str] = set()  # ids of requests moved to another subnet (for tests/logs)
+        # A reading taken before an out-of-memory error can still look roomy: do not grow back
+        # into the same error until the cool-down has passed.
+        self._no_grow_until = 0.0
+
+    # ---- what may run -----------------------------------------------------------------------
+
+    def fits(self, subnet: Subnet, level: int | None = None) -> bool:
+        widths = self.levels[self.target if level is None else level]
+        return all(
+            w <= widths[layer] for layer, w in zip(subnet.layers, subnet.widths, strict=True)
+        )
+
+    def offered(self, subnet: Subnet) -> bool:
+        """Resident now and not about to be released."""
+        return self.fits(subnet, self.current) and self.fits(subnet, self.target)
+
+    @property
+    def resident_widths(self) -> tuple[int, ...]:
+        return self.weights.residency.widths
+
+    # ---- between steps ----------------------------------------------------------------------
+
+    def tick(self, scheduler: Scheduler) -> None:
+        snap = self.sampler.latest if self.sampler else None
+        if snap is not None and self.target == self.current:
+            free = snap.free_bytes
+            if free < self.config.low_water_bytes and self.current > 0:
+                self.target = self.current - 1
+                log.warning(
+                    "headroom %d B under the low-water mark: shrinking to level %d/%d",
+                    free,
+                    self.target,
+                    len(self.levels) - 1,
+                )
+            elif self.current < len(self.levels) - 1 and time.monotonic() >= self._no_grow_until:
+                extra = self.level_bytes[self.current + 1] - self.level_bytes[self.current]
+                if free > self.config.high_water_bytes + extra:
+                    self._apply(self.current + 1)
+                    self.counters.grows += 1
+                    log.info(
+                        "headroom %d B: grew to level %d/%d",
+                        free,
+                        self.current,
+                        len(self.levels) - 1,
+                    )
+        if self.target < self.current:
+            self._move_or_wait(scheduler, force=False)
+
+    def on_out_of_memory(self, scheduler: Scheduler) -> bool:
+        """Shrink now (one level). Returns False if already at the smallest level."""
+        if self.current == 0:
+            return False
+        self.target = min(self.target, self.current - 1)
+        self.counters.oom_shrinks += 1
+        self._no_grow_until = time.monotonic() + self.config.oom_cooldown_s
+        log.warning("out of memory in a step: shrinking to level %d now", self.target)
+        self._move_or_wait(scheduler, force=True)
+        return True
+
+    def _move_or_wait(self, scheduler: Scheduler, force: bool) -> None:
+        blocking = []
+        for req in list(scheduler.running):
+            if req.subnet is None or self.fits(req.subnet):
+                continue
+            smaller = self._kv_compatible(req)
+            if smaller is not None and (not req.pinned or force):
+                log.info(
+                    "moving %s from %s to %s (same KV layout)",
+                    req.request_id,
+                    req.subnet.name,
+                    smaller.name,
+                )
+                req.subnet = smaller
+                self.counters.moves += 1
+                self.moved.add(req.request_id)
+            elif force:
+                scheduler.preempt(req)  # recomputed later, on a subnet that fits
+                if not req.pinned:
+                    req.subnet = None  # chosen again at re-admission
+                self.counters.oom_preemptions += 1
+            else:
+                blocking.append(req.request_id)
+        if not blocking:
+            self._apply(self.target)
+            self.counters.shrinks += 1
+
+    def _kv_compatible(self, req: Request) -> Subnet | None:
+        assert req.subnet is not None
+        candidates = [
+            s
+            for s in self.table
+            if s.kv_key == req.subnet.kv_key
+            and self.fits(s)
+            and (req.tier is None or _tier_allows(req, s))
+        ]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda s: (s.quality or 0.0, s.effective_params))
+
+    def _apply(self, level: int) -> None:
+        report = self.weights.resize_ffn(self.levels[level])
+        self.current = self.target = level
+        log.info(
+            "resident FFN widths now level %d (%d B resident; +%d B uploaded, -%d B released)",
+            level,
+            self.weights.residency.resident_bytes,
+            report.uploaded_bytes,
+            report.released_bytes,
+        )
+
+
+def _tier_allows(req: Request, subnet: Subnet) -> bool:
+    tier = req.tier
+    assert tier is not None
+    if "*" not in tier.subnets and subnet.name not in tier.subnets:
+        return False
+    floor, quality = tier.quality_floor, subnet.quality
+    return floor is None or quality is None or quality >= floor

@@ -1,0 +1,91 @@
+"""Latency statistics, online: a fitted step-cost model and recent per-subnet quantiles.
+
+Owns what the subnet-choice policy knows about speed. Every engine step reports its duration,
+the effective parameter count of the widest subnet in it, and the tokens it computed; a linear
+model `seconds = base + per_param * widest + per_token * tokens` is fitted to them by recursive
+least squares with exponential forgetting (recent steps weigh more, so the model follows changes
+in load, machine or resident widths). Per subnet, the time to first token and time per output
+token of finished requests are kept in sliding windows, for quantiles (p50/p95) and dashboards.
+
+Plain Python. Deliberately does not know: the engine, the policies, or Prometheus.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict, deque
+
+from policies.snapshots import StepCost
+
+_SCALE = (1.0, 1e-9, 1e-2)  # features scaled to similar magnitudes: 1, params (in B), tokens/100
+
+
+class StepCostModel:
+    def __init__(self, forgetting: float = 0.98, prior: StepCost | None = None):
+        self.forgetting = forgetting
+        self.samples = 0
+        n = 3
+        self._p = [[1e3 if i == j else 0.0 for j in range(n)] for i in range(n)]  # covariance
+        self._w = [0.0, 0.0, 0.0]  # weights on the scaled features
+        self._lock = threading.Lock()
+        if prior is not None:
+            self._w = [
+                prior.base / _SCALE[0],
+                prior.per_param / _SCALE[1],
+                prior.per_token / _SCALE[2],
+            ]
+
+    def record(self, seconds: float, widest_params: int, tokens: int) -> None:
+        x = [_SCALE[0], widest_params * _SCALE[1], tokens * _SCALE[2]]
+        lam = self.forgetting
+        with self._lock:
+            p, w = self._p, self._w
+            px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
+            denom = lam + sum(x[i] * px[i] for i in range(3))
+            gain = [v / denom for v in px]
+            error = seconds - sum(w[i] * x[i] for i in range(3))
+            self._w = [w[i] + gain[i] * error for i in range(3)]
+            self._p = [[(p[i][j] - gain[i] * px[j]) / lam for j in range(3)] for i in range(3)]
+            self.samples += 1
+
+    def snapshot(self) -> StepCost:
+        with self._lock:
+            w = self._w
+            # A negative per-unit cost is noise from too few distinct samples: clamp at 0.
+            return StepCost(
+                base=max(0.0, w[0] * _SCALE[0]),
+                per_param=max(0.0, w[1] * _SCALE[1]),
+                per_token=max(0.0, w[2] * _SCALE[2]),
+                samples=self.samples,
+            )
+
+
+class LatencyStats:
+    """Sliding windows of per-request TTFT and TPOT per subnet."""
+
+    def __init__(self, window: int = 200):
+        self.ttft: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+        self.tpot: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+        self._lock = threading.Lock()
+
+    def record(self, subnet: str, ttft: float | None, tpot: float | None) -> None:
+        with self._lock:
+            if ttft is not None:
+                self.ttft[subnet].append(ttft)
+            if tpot is not None:
+                self.tpot[subnet].append(tpot)
+
+    def quantile(self, which: str, q: float) -> dict[str, float]:
+        with self._lock:
+            series = self.ttft if which == "ttft" else self.tpot
+            return {name: _quantile(list(values), q) for name, values in series.items() if values}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    values.sort()
+    if len(values) == 1:
+        return values[0]
+    pos = q * (len(values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)

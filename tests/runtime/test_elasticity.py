@@ -1,0 +1,178 @@
+"""Elasticity on the tiny model: resident widths follow a scripted headroom, requests stay whole.
+
+The FFN buffers are private copies here (as on an accelerator), so growing really uploads rings
+and shrinking really releases them, on the CPU. Free memory drops step by step: the resident
+widths shrink level by level, the subnets on offer shrink with them, running requests are moved
+or finish, and no request fails; memory returns and the widths grow back. An out-of-memory error
+in a step shrinks and retries instead of failing anyone.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from policies.subnet_choice import LargestFitsPolicy
+from server.engine.elasticity import Elasticity, ElasticityConfig
+from server.engine.engine import Engine
+from server.engine.scheduler import SchedulerConfig
+from server.runtime.checkpoint import CheckpointStore
+from server.runtime.elastic import ElasticRuntime
+from server.runtime.gemma3n import Gemma3nModel
+from server.runtime.generation import GenerationRequest
+from server.runtime.residency import residency_levels
+from server.runtime.sampling_params import SamplingParams
+from server.runtime.subnets import load_subnet_table
+from server.runtime.tokenizer import TextTokenizer
+from server.runtime.weights import Weights
+from server.telemetry.headroom import ProbeSampler, ScriptedProbe
+from tests.runtime.conftest import prompt_ids
+
+MB = 1024 * 1024
+
+
+def elastic_engine(tiny_dir, free_mb: float):
+    store = CheckpointStore.open(tiny_dir)
+    weights = Weights(store, private_ffn=True)
+    rt = ElasticRuntime(
+        store,
+        weights,
+        Gemma3nModel(weights),
+        load_subnet_table(store.text),
+        TextTokenizer(tiny_dir),
+    )
+    probe = ScriptedProbe(total_bytes=100 * MB, free_bytes=int(free_mb * MB))
+    sampler = ProbeSampler(probe)
+    el = Elasticity(weights, rt.subnets, sampler, ElasticityConfig(20 * MB, 40 * MB))
+    config = SchedulerConfig(
+        max_num_seqs=16, max_num_batched_tokens=64, max_prefill_chunk=32, max_model_len=1024
+    )
+    eng = Engine.from_runtime(
+        rt, 8 * MB, config, block_size=8, subnet_policy=LargestFitsPolicy(), elasticity=el
+    )
+    return eng, el, probe, sampler, rt
+
+
+def test_residency_levels_are_nested_and_end_at_full(tiny):
+    subnets = [(s.layers, s.widths, s.effective_params) for s in tiny.subnets]
+    levels = residency_levels(tiny.weights.residency.full, subnets)
+    assert levels[-1] == tiny.weights.residency.full
+    for lower, upper in itertools.pairwise(levels):
+        assert all(a <= b for a, b in zip(lower, upper, strict=True)) and lower != upper
+    smallest = min(tiny.subnets, key=lambda s: s.effective_params)
+    assert all(
+        w <= levels[0][layer] for layer, w in zip(smallest.layers, smallest.widths, strict=True)
+    )
+
+
+def test_grow_uploads_only_the_ring_and_shrink_releases_it(tiny_dir):
+    store = CheckpointStore.open(tiny_dir)
+    w = Weights(store, private_ffn=True)
+    full = w.residency.full
+    half = tuple(k // 2 for k in full)
+    before = w.residency.resident_bytes
+    report = w.resize_ffn(half)
+    assert report.released_bytes == before - w.residency.resident_bytes > 0
+    assert report.uploaded_bytes == 0
+    gate_half = w.layers[3].gate
+    assert gate_half.shape[0] == full[3] // 2
+    host_gate = store.text_tensor("layers.3.mlp.gate_proj.weight")
+    assert torch.equal(gate_half, host_gate[: full[3] // 2])
+    report = w.resize_ffn(full)
+    ring = sum(3 * (f - h) * store.text.hidden_size * 4 for f, h in zip(full, half, strict=True))
+    assert report.uploaded_bytes == ring  # only the missing rows crossed
+    assert torch.equal(w.layers[3].down, store.text_tensor("layers.3.mlp.down_proj.weight"))
+    with pytest.raises(ValueError, match="resident"):
+        w.resize_ffn(half)
+        w.ffn(3, full[3])
+
+
+def _serve(eng, count, start, phase_hook, max_tokens=10):
+    """Submit `count` requests over time; call phase_hook(step) before each step."""
+    outputs, finished = {}, {}
+    step = 0
+    submitted = 0
+    while submitted < count or eng.has_work:
+        if submitted < count and step % 2 == 0:
+            rid = f"q{start + submitted}"
+            eng.add_request(
+                rid,
+                prompt_ids(12 + submitted % 9, seed=start + submitted),
+                None,
+                SamplingParams(max_tokens=max_tokens, temperature=0.0),
+            )
+            submitted += 1
+        phase_hook(step)
+        for out in eng.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finished:
+                finished[out.request_id] = out
+        step += 1
+        assert step < 5000
+    return outputs, finished
+
+
+def test_scripted_headroom_shrinks_then_grows_and_no_request_fails(tiny_dir, tiny):
+    eng, el, probe, sampler, _ = elastic_engine(tiny_dir, free_mb=60)
+    top = len(el.levels) - 1
+    assert el.current == top
+    levels_seen, largest_offered = [], []
+
+    def script(step):
+        if 6 <= step < 6 + 3 * top:
+            probe.set_free(10 * MB)  # under the low-water mark: shrink, level by level
+        elif step >= 6 + 3 * top:
+            probe.set_free(90 * MB)  # memory is back: grow
+        sampler.sample()
+        levels_seen.append(el.current)
+        offered = [s for s in eng.chooser.table if el.offered(s)]
+        largest_offered.append(max(s.effective_params for s in offered))
+
+    outputs, finished = _serve(eng, 40, 0, script)
+    assert len(finished) == 40
+    assert all(o.finish_reason in ("length", "stop") for o in finished.values())
+    low = min(levels_seen)
+    assert low < top and levels_seen[-1] == top, levels_seen
+    # the subnets on offer shrank with the widths and came back
+    assert min(largest_offered) < largest_offered[0] and largest_offered[-1] == largest_offered[0]
+    assert el.counters.shrinks >= 1 and el.counters.grows >= 1
+    # requests that were never moved produced exactly what their subnet gives alone
+    unmoved = [rid for rid in sorted(finished) if rid not in el.moved]
+    assert unmoved
+    for rid in unmoved[::4]:
+        i, out = int(rid[1:]), finished[rid]
+        [alone] = tiny.generate(
+            [
+                GenerationRequest(
+                    tiny.subnets[out.subnet],
+                    prompt_ids(12 + i % 9, seed=i),
+                    10,
+                    stop_ids=tiny.tokenizer.stop_ids,
+                )
+            ]
+        )
+        assert outputs[rid] == alone.token_ids, rid
+    blocks = eng.scheduler.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
+
+
+def test_out_of_memory_in_a_step_shrinks_and_retries(tiny_dir, monkeypatch):
+    eng, el, _probe, _sampler, rt = elastic_engine(tiny_dir, free_mb=60)
+    top = len(el.levels) - 1
+    forward = rt.model.forward
+    calls = {"n": 0}
+
+    def flaky(batch, kv, ffn_mode=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(batch, kv, ffn_mode)
+
+    monkeypatch.setattr(rt.model, "forward", flaky)
+    _, finished = _serve(eng, 6, 100, lambda step: None)
+    assert len(finished) == 6
+    assert all(o.finish_reason in ("length", "stop") for o in finished.values())
+    # shrunk one level, and not grown back by the (stale, roomy) reading during the cool-down
+    assert el.counters.oom_shrinks == 1 and el.current == top - 1 and el.counters.grows == 0
