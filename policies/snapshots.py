@@ -59,6 +59,9 @@ class StepCost:
     per_param: float
     per_token: float
     samples: int = 0
+    # Recent steps' p95 of (measured / predicted): turns the fitted mean into a p95 estimate,
+    # since tiers' targets are p95s.
+    p95_factor: float = 1.0
 
     def predict(self, widest_params: int, tokens: int) -> float:
         return max(0.0, self.base + self.per_param * widest_params + self.per_token * tokens)
@@ -73,6 +76,7 @@ class Load:
     headroom_bytes: int | None = None  # accelerator memory free for us (None: not measured)
     token_budget: int = 256  # tokens per step (scheduler)
     prefill_chunk: int = 128
+    recent_step_tokens: float = 0.0  # tokens per step lately (decodes plus others' prefill)
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,4 @@ class Decision:
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
     downgraded: bool = False  # below the best the tier could have had with no load
+    admit: bool = True  # False: wait (admitting it now would slow a more important tier)

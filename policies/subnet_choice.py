@@ -51,9 +51,13 @@ def _fallback(req: ChoiceRequest, ctx: PolicyContext, reason: str) -> Decision:
 
 
 def predict_tpot(ctx: PolicyContext, candidate: SubnetView) -> float:
-    """Step time with the candidate joining the running batch: one token per sequence."""
-    widest = max([r.effective_params for r in ctx.load.running] + [candidate.effective_params])
-    return ctx.cost.predict(widest, len(ctx.load.running) + 1)
+    """p95 step time with the candidate in the running batch. A step computes one token per
+    running sequence plus other requests' prefill chunks (taken from recent steps), and reads
+    the widest subnet's weights."""
+    load = ctx.load
+    widest = max([r.effective_params for r in load.running] + [candidate.effective_params])
+    tokens = max(len(load.running) + 1, load.recent_step_tokens)
+    return ctx.cost.predict(widest, round(tokens)) * ctx.cost.p95_factor
 
 
 def predict_ttft(ctx: PolicyContext, req: ChoiceRequest, candidate: SubnetView) -> float:
@@ -63,7 +67,7 @@ def predict_ttft(ctx: PolicyContext, req: ChoiceRequest, candidate: SubnetView) 
     decodes = len(load.running)
     chunk = max(1, min(load.prefill_chunk, load.token_budget - decodes))
     steps = math.ceil(load.waiting_prompt_tokens / chunk) + math.ceil(req.prompt_tokens / chunk)
-    return steps * ctx.cost.predict(widest, decodes + chunk)
+    return steps * ctx.cost.predict(widest, decodes + chunk) * ctx.cost.p95_factor
 
 
 class FixedPolicy:
@@ -149,6 +153,20 @@ class SlaPolicy:
                     c.name, tier.priority, f"sla: {c.name} {why}", ttft, tpot, downgraded=i > 0
                 )
         cheapest = min(allowed, key=lambda s: (s.effective_params, s.name))
+        above = [t for t in protected.values() if t.priority < tier.priority]
+        if any(predict_tpot(ctx, cheapest) > t.target_tpot_s for t in above):
+            # Even the narrowest subnet would push a more important running tier past its
+            # target: this request waits (admission is retried every step) instead.
+            return Decision(
+                cheapest.name,
+                tier.priority,
+                f"sla: deferred; admitting it would slow "
+                f"{', '.join(sorted(t.name for t in above))} past its target",
+                predict_ttft(ctx, req, cheapest),
+                predict_tpot(ctx, cheapest),
+                downgraded=True,
+                admit=False,
+            )
         self.last[tier.name] = cheapest.name
         return Decision(
             cheapest.name,

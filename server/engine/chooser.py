@@ -53,6 +53,8 @@ class SubnetChooser:
         self.headroom_bytes: int | None = None
         self.choices: Counter[tuple[str, str, bool]] = Counter()  # (subnet, tier, pinned)
         self.downgrades: Counter[str] = Counter()  # tier
+        self.deferrals: Counter[str] = Counter()  # tier: admissions put off to protect others
+        self.recent_step_tokens = 0.0  # moving average of tokens per step
         self.last_reason: dict[str, str] = {}  # request id -> why (until admitted)
         scheduler.assign_subnet = self.assign
 
@@ -74,7 +76,9 @@ class SubnetChooser:
         req.priority = decision.priority
         req.tags["downgraded"] = "1" if decision.downgraded else "0"
         self.last_reason[req.request_id] = decision.reason
-        return True
+        if not decision.admit:
+            self.deferrals[tier.name] += 1
+        return decision.admit
 
     def context(self) -> PolicyContext:
         sched = self.scheduler
@@ -96,6 +100,7 @@ class SubnetChooser:
             self.headroom_bytes,
             sched.config.max_num_batched_tokens,
             sched.config.max_prefill_chunk,
+            self.recent_step_tokens,
         )
         return PolicyContext(
             offered,
@@ -119,6 +124,7 @@ class SubnetChooser:
     def record_step(self, seconds: float, subnets: list[Subnet], tokens: int) -> None:
         if seconds > 0 and subnets:
             self.cost.record(seconds, max(s.effective_params for s in subnets), tokens)
+            self.recent_step_tokens = 0.8 * self.recent_step_tokens + 0.2 * tokens
 
     def record_finished(self, out: RequestOutput) -> None:
         t = out.timings

@@ -28,6 +28,7 @@ class StepCostModel:
         self._p = [[1e3 if i == j else 0.0 for j in range(n)] for i in range(n)]  # covariance
         self._w = [0.0, 0.0, 0.0]  # weights on the scaled features
         self._lock = threading.Lock()
+        self._ratios: deque[float] = deque(maxlen=100)  # measured / predicted, recent steps
         if prior is not None:
             self._w = [
                 prior.base / _SCALE[0],
@@ -43,7 +44,10 @@ class StepCostModel:
             px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
             denom = lam + sum(x[i] * px[i] for i in range(3))
             gain = [v / denom for v in px]
-            error = seconds - sum(w[i] * x[i] for i in range(3))
+            predicted = sum(w[i] * x[i] for i in range(3))
+            if self.samples >= 8 and predicted > 0:
+                self._ratios.append(seconds / predicted)
+            error = seconds - predicted
             self._w = [w[i] + gain[i] * error for i in range(3)]
             self._p = [[(p[i][j] - gain[i] * px[j]) / lam for j in range(3)] for i in range(3)]
             self.samples += 1
@@ -52,11 +56,14 @@ class StepCostModel:
         with self._lock:
             w = self._w
             # A negative per-unit cost is noise from too few distinct samples: clamp at 0.
+            ratios = sorted(self._ratios)
+            p95 = ratios[int(0.95 * (len(ratios) - 1))] if len(ratios) >= 10 else 1.0
             return StepCost(
                 base=max(0.0, w[0] * _SCALE[0]),
                 per_param=max(0.0, w[1] * _SCALE[1]),
                 per_token=max(0.0, w[2] * _SCALE[2]),
                 samples=self.samples,
+                p95_factor=max(1.0, p95),
             )
 
 

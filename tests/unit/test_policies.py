@@ -175,3 +175,26 @@ def test_make_policy_and_no_torch():
     code = "import policies.subnet_choice, policies.ordering, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_sla_defers_a_less_important_request_that_would_break_a_running_targets():
+    gold = tier("gold", priority=0, tpot=0.045)
+    # five gold decodes on e2b: 0.01 + 0.019 + 0.006 = 0.035 with one more token; full-size
+    # bronze would make it 0.056; even e2b would (with 30 recent tokens per step) reach 0.059
+    running = [RunningView("e2b", TINY.effective_params, gold)] * 5
+    busy = PolicyContext(
+        ALL,
+        Load(tuple(running), 0, 0, token_budget=256, prefill_chunk=128, recent_step_tokens=30),
+        COST,
+    )
+    d = SlaPolicy().choose(req(tier("bronze", priority=10)), busy)
+    assert not d.admit and "deferred" in d.reason and "gold" in d.reason
+    # the same request of gold's own priority is not deferred (it gets the cheapest)
+    d2 = SlaPolicy().choose(req(tier("gold2", priority=0)), busy)
+    assert d2.admit
+
+
+def test_predictions_use_recent_step_tokens_and_the_p95_factor():
+    cost = StepCost(base=0.01, per_param=0.01e-9, per_token=0.001, p95_factor=1.5)
+    c = PolicyContext(ALL, Load((), 0, 0, recent_step_tokens=40), cost)
+    assert predict_tpot(c, TINY) == pytest.approx((0.01 + 0.019 + 0.040) * 1.5)
