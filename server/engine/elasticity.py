@@ -75,6 +75,7 @@ class Elasticity:
         self.target = self.current  # below current while a shrink waits for requests to leave
         self.counters = ElasticityCounters()
         self.moved: set[str] = set()  # ids of requests moved to another subnet (for tests/logs)
+        self._growing: tuple[int, object] | None = None  # (level, PendingResize) in flight
         # A reading taken before an out-of-memory error can still look roomy: do not grow back
         # into the same error until the cool-down has passed.
         self._no_grow_until = 0.0
@@ -98,6 +99,13 @@ class Elasticity:
     # ---- between steps ----------------------------------------------------------------------
 
     def tick(self, scheduler: Scheduler) -> None:
+        if self._growing is not None:
+            if not self._growing[1].done():
+                return  # the ring is still uploading; steps go on at the current widths
+            level, pending = self._growing
+            self._growing = None
+            self._commit(level, pending)
+            return
         snap = self.sampler.latest if self.sampler else None
         if snap is not None and self.target == self.current:
             free = snap.free_bytes
@@ -112,19 +120,23 @@ class Elasticity:
             elif self.current < len(self.levels) - 1 and time.monotonic() >= self._no_grow_until:
                 extra = self.level_bytes[self.current + 1] - self.level_bytes[self.current]
                 if free > self.config.high_water_bytes + extra:
-                    self._apply(self.current + 1)
+                    # Built in the background; swapped in at a later step boundary.
+                    up = self.current + 1
+                    self._growing = (up, self.weights.prepare_ffn(self.levels[up]))
                     self.counters.grows += 1
                     log.info(
-                        "headroom %d B: grew to level %d/%d",
-                        free,
-                        self.current,
-                        len(self.levels) - 1,
+                        "headroom %d B: growing to level %d/%d", free, up, len(self.levels) - 1
                     )
         if self.target < self.current:
             self._move_or_wait(scheduler, force=False)
 
     def on_out_of_memory(self, scheduler: Scheduler) -> bool:
         """Shrink now (one level). Returns False if already at the smallest level."""
+        if self._growing is not None:  # abandon a growth in flight: it is what memory lacks
+            thread = self._growing[1].thread
+            if thread is not None:
+                thread.join()
+            self._growing = None
         if self.current == 0:
             return False
         self.target = min(self.target, self.current - 1)
@@ -175,7 +187,10 @@ class Elasticity:
         return max(candidates, key=lambda s: (s.quality or 0.0, s.effective_params))
 
     def _apply(self, level: int) -> None:
-        report = self.weights.resize_ffn(self.levels[level])
+        self._commit(level, self.weights.residency.prepare(self.levels[level], background=False))
+
+    def _commit(self, level: int, pending) -> None:
+        report = self.weights.commit_ffn(pending)
         self.current = self.target = level
         log.info(
             "resident FFN widths now level %d (%d B resident; +%d B uploaded, -%d B released)",

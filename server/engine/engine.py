@@ -195,9 +195,10 @@ class Engine:
         except DeviceOutOfMemory:
             # Not the requests' fault: shrink the resident widths (moving or preempting what no
             # longer fits) and run the step again, once.
+            # Nothing was computed, so nothing moves back: the next schedule() finds the same
+            # requests with their blocks already booked (allocation is idempotent).
             if elasticity is None or not elasticity.on_out_of_memory(self.scheduler):
                 raise
-            self._unschedule(plan)
             return self.step()
         self.num_steps += 1
         stats.num_seqs, stats.num_tokens = len(seqs), plan.num_tokens
@@ -239,10 +240,6 @@ class Engine:
             params=req.params,
             prompt_ids=req.prompt_token_ids,
         )
-
-    def _unschedule(self, plan: StepPlan) -> None:
-        """Undo a step that did not run: nothing was computed, so no state moves forward.
-        Admission (blocks booked, the running queue) stays: the retried step reuses it."""
 
     @staticmethod
     def _without(plan: StepPlan, failed: dict[str, str]) -> StepPlan:

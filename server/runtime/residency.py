@@ -21,10 +21,24 @@ Deliberately does not know: headroom, policies, or which requests run.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class PendingResize:
+    widths: tuple[int, ...]
+    old: tuple[int, ...]  # the widths it starts from
+    buffers: list | None = None
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,13 @@ class FfnResidency:
     # ---- resizing ---------------------------------------------------------------------------
 
     def resize(self, widths: Sequence[int]) -> ResizeReport:
-        """Make `widths` resident. Raises (and leaves every layer as it was) on failure."""
+        """Make `widths` resident now. Raises (and leaves every layer as it was) on failure."""
+        return self.commit(self.prepare(widths, background=False))
+
+    def prepare(self, widths: Sequence[int], background: bool = True) -> PendingResize:
+        """Build the buffers for `widths` without touching the ones in use. In the background
+        (a thread; a side CUDA stream on a GPU), growing stages and uploads its rings while
+        steps keep running on the current widths; `commit` swaps them in between steps."""
         widths = tuple(widths)
         if len(widths) != len(self.full) or any(
             not 0 < w <= f for w, f in zip(widths, self.full, strict=True)
@@ -92,14 +112,47 @@ class FfnResidency:
             raise ValueError(
                 f"resident widths must be in (0, full] for each of {len(self.full)} layers"
             )
-        new = list(self.buffers)
-        for layer, (old_w, new_w) in enumerate(zip(self.widths, widths, strict=True)):
-            if new_w != old_w:
-                new[layer] = self._load(layer, old_w, new_w, self.buffers[layer])
+        pending = PendingResize(widths, self.widths)
+        current = list(self.buffers)
+
+        def build() -> None:
+            try:
+                stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    new = list(current)
+                    for layer, (old_w, new_w) in enumerate(zip(pending.old, widths, strict=True)):
+                        if new_w != old_w:
+                            new[layer] = self._load(layer, old_w, new_w, current[layer])
+                if stream is not None:
+                    stream.synchronize()
+                pending.buffers = new
+            except BaseException as e:  # reported at commit
+                pending.error = e
+
+        if background:
+            pending.thread = threading.Thread(target=build, name="ffn-resize", daemon=True)
+            pending.thread.start()
+        else:
+            build()
+        return pending
+
+    def commit(self, pending: PendingResize) -> ResizeReport:
+        """Swap in prepared buffers (waits if they are not ready yet)."""
+        if pending.thread is not None:
+            pending.thread.join()
+        if pending.error is not None:
+            raise pending.error
+        if pending.old != self.widths:
+            raise RuntimeError("the resident widths changed while a resize was being prepared")
+        assert pending.buffers is not None
+        if self.device.type == "cuda":  # built on a side stream, used on the main one from now
+            for tensors in pending.buffers:
+                for t in tensors:
+                    t.record_stream(torch.cuda.current_stream(self.device))
         before = self.resident_bytes
-        self.buffers, self.widths = new, widths
+        self.buffers, self.widths = pending.buffers, pending.widths
         after = self.resident_bytes
-        return ResizeReport(max(0, after - before), max(0, before - after), widths)
+        return ResizeReport(max(0, after - before), max(0, before - after), pending.widths)
 
     def _load(
         self,

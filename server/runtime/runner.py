@@ -158,6 +158,9 @@ class ModelRunner:
         sampled = [seqs[i] for i in batch.order if seqs[i].sample]
         states = [self._state(s) for s in sampled]
         result = StepResult(ffn_mode=mode if key is not None else None)
+        # Sampling happens on the host: each request's generator lives there, so a seeded
+        # request draws the same numbers on any device; [B, vocab] is a small copy.
+        logits = logits.float().cpu()
         try:
             samples: list[SampleResult | None] = list(self.sampler.sample(logits, states))
         except SamplingError as e:  # only the failed rows lose; the others' draws stand

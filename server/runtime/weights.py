@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from server.runtime.checkpoint import CheckpointStore
-from server.runtime.residency import FfnResidency, ResizeReport
+from server.runtime.residency import FfnResidency, PendingResize, ResizeReport
 from server.runtime.text_config import TextConfig
 
 
@@ -80,6 +80,7 @@ class Weights:
         )
         # Host-resident, stored dtype: rows are gathered per step (see module docstring).
         self.ple_table = store.text_tensor("embed_tokens_per_layer.weight")
+        self._ple_staging: torch.Tensor | None = None  # pinned, for the host->device copy
         self.ple_model_projection = get("per_layer_model_projection.weight")
         self.ple_projection_norm = get("per_layer_projection_norm.weight")
         n_streams = self.text.altup_num_inputs
@@ -166,8 +167,16 @@ class Weights:
         return self.residency.view(layer, width)
 
     def resize_ffn(self, widths) -> ResizeReport:
-        """Change the resident FFN widths (between steps only)."""
-        report = self.residency.resize(widths)
+        """Change the resident FFN widths now (between steps only)."""
+        return self.commit_ffn(self.residency.prepare(widths, background=False))
+
+    def prepare_ffn(self, widths) -> PendingResize:
+        """Start building buffers for new widths in the background (see residency.py)."""
+        return self.residency.prepare(widths, background=True)
+
+    def commit_ffn(self, pending: PendingResize) -> ResizeReport:
+        """Swap prepared FFN buffers in (between steps only)."""
+        report = self.residency.commit(pending)
         for i, layer in enumerate(self.layers):
             layer.gate, layer.up, layer.down = self.residency.buffers[i]
         return report
@@ -180,8 +189,18 @@ class Weights:
         ids = token_ids.to("cpu")
         in_table = (ids >= 0) & (ids < self.text.vocab_size_per_layer_input)
         ids = torch.where(in_table, ids, torch.zeros_like(ids))
-        rows = self.ple_table.index_select(0, ids)
-        return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if self.device.type != "cuda":
+            return self.ple_table.index_select(0, ids).to(dtype=self.dtype)
+        # Gather into a reusable pinned buffer, so the copy to the device is asynchronous (it
+        # overlaps the embedding and the first layers' work instead of stalling the step).
+        n, width = ids.numel(), self.ple_table.shape[1]
+        if self._ple_staging is None or self._ple_staging.shape[0] < n:
+            self._ple_staging = torch.empty(
+                (max(n, 256), width), dtype=self.ple_table.dtype, pin_memory=True
+            )
+        staged = self._ple_staging[:n]
+        torch.index_select(self.ple_table, 0, ids, out=staged)
+        return staged.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
     def storages(self) -> set[int]:
         """Data pointers of every distinct storage the weights use (for sharing proofs)."""

@@ -89,6 +89,25 @@ def test_grow_uploads_only_the_ring_and_shrink_releases_it(tiny_dir):
         w.ffn(3, full[3])
 
 
+def test_growth_is_prepared_in_the_background_and_swapped_in_between_steps(tiny_dir):
+    store = CheckpointStore.open(tiny_dir)
+    w = Weights(store, private_ffn=True)
+    full = w.residency.full
+    half = tuple(k // 2 for k in full)
+    w.resize_ffn(half)
+    pending = w.prepare_ffn(full)
+    # until the commit, the forward keeps reading the old (half-width) buffers
+    assert w.layers[5].gate.shape[0] == full[5] // 2
+    report = w.commit_ffn(pending)
+    assert pending.done() and report.uploaded_bytes > 0
+    assert w.layers[5].gate.shape[0] == full[5]
+    assert torch.equal(w.layers[5].up, store.text_tensor("layers.5.mlp.up_proj.weight"))
+    stale = w.prepare_ffn(half)
+    w.resize_ffn(tuple(k // 4 for k in full))  # widths moved on meanwhile: refuse the stale one
+    with pytest.raises(RuntimeError, match="changed while a resize"):
+        w.commit_ffn(stale)
+
+
 def _serve(eng, count, start, phase_hook, max_tokens=10):
     """Submit `count` requests over time; call phase_hook(step) before each step."""
     outputs, finished = {}, {}
