@@ -68,27 +68,16 @@ class Guard:
                 )
             length = headers.get(b"content-length")
             limit = svc.config.max_body_bytes
+            too_large = f"the request body exceeds {limit} bytes"
             if length is not None and (not length.isdigit() or int(length) > limit):
-                return await _reply(
-                    scope,
-                    send,
-                    413,
-                    f"the request body exceeds {limit} bytes",
-                    code="request_too_large",
-                )
+                return await _reply(scope, send, 413, too_large, code="request_too_large")
             if length is None:
                 # No length given (chunked): read the body here, so an oversized one is a 413
                 # before the app sees it. (Raising from inside the app's body read would reach
                 # FastAPI, which turns any error there into a 400 "error parsing the body".)
                 buffered = await _buffered(receive, limit)
                 if buffered is None:
-                    return await _reply(
-                        scope,
-                        send,
-                        413,
-                        f"the request body exceeds {limit} bytes",
-                        code="request_too_large",
-                    )
+                    return await _reply(scope, send, 413, too_large, code="request_too_large")
                 receive = buffered
         await self.app(scope, receive, send)
 

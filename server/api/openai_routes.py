@@ -308,22 +308,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, str(e), param="messages") from None
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sub = _submit(request, body, [prompt_ids], logprobs, "messages")
-    await _start(request, sub)
-    headers = {SUBNET_HEADER: sub.subnet_name}
-    tokens = _Tokens(svc)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _chat_stream(sub, body.model, tokens, include_usage),
-            media_type="text/event-stream",
-            headers=headers,
-        )
-    finals, pieces = await until_disconnect(request, _collect(sub), sub.streams)
+    return await _respond(request, sub, body, _chat_stream, _chat_response)
+
+
+def _chat_response(sub: Submission, body, finals, pieces, tokens: _Tokens) -> dict:
     choices = []
     for i in range(len(sub.streams)):
         out = finals[i]
-        if out.finish_reason == "error":
-            raise _error_of(out)
         entry = {
             "index": i,
             "message": {"role": "assistant", "content": pieces[i][0]},
@@ -338,18 +329,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 ]
             }
         choices.append(entry)
-    return JSONResponse(
-        {
-            "id": f"chatcmpl-{sub.response_id}",
-            "object": "chat.completion",
-            "created": sub.created,
-            "model": body.model,
-            "system_fingerprint": _fingerprint(sub),
-            "choices": choices,
-            "usage": _usage(sub, finals),
-        },
-        headers=headers,
+    return {"id": f"chatcmpl-{sub.response_id}", "object": "chat.completion", "choices": choices}
+
+
+async def _respond(request: Request, sub: Submission, body, streamer, assemble):
+    """What both endpoints do once the request is submitted: learn the subnet, then stream
+    server-sent events or collect every choice into one JSON body."""
+    await _start(request, sub)
+    headers = {SUBNET_HEADER: sub.subnet_name}
+    tokens = _Tokens(request.app.state.service)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            streamer(sub, body.model, tokens, include_usage),
+            media_type="text/event-stream",
+            headers=headers,
+        )
+    finals, pieces = await until_disconnect(request, _collect(sub), sub.streams)
+    for i in range(len(sub.streams)):
+        if finals[i].finish_reason == "error":
+            raise _error_of(finals[i])
+    response = assemble(sub, body, finals, pieces, tokens)
+    response.update(
+        created=sub.created,
+        model=body.model,
+        system_fingerprint=_fingerprint(sub),
+        usage=_usage(sub, finals),
     )
+    return JSONResponse(response, headers=headers)
 
 
 async def _collect(sub: Submission):
@@ -439,45 +446,23 @@ async def completions(body: CompletionRequest, request: Request):
     if any(t < 0 or t >= vocab for ids in prompts for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     sub = _submit(request, body, prompts, body.logprobs, "prompt")
-    await _start(request, sub)
-    headers = {SUBNET_HEADER: sub.subnet_name}
-    tokens = _Tokens(svc)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _completion_stream(sub, body.model, tokens, include_usage),
-            media_type="text/event-stream",
-            headers=headers,
-        )
-    finals, pieces = await until_disconnect(request, _collect(sub), sub.streams)
-    choices = []
-    for i in range(len(sub.streams)):
-        out = finals[i]
-        if out.finish_reason == "error":
-            raise _error_of(out)
-        choices.append(
-            {
-                "index": i,
-                "text": pieces[i][0],
-                "finish_reason": out.finish_reason,
-                "stop_reason": out.stop_reason,
-                "logprobs": _completion_logprobs(tokens, pieces[i][1])
-                if body.logprobs is not None
-                else None,
-            }
-        )
-    return JSONResponse(
+    return await _respond(request, sub, body, _completion_stream, _completion_response)
+
+
+def _completion_response(sub: Submission, body, finals, pieces, tokens: _Tokens) -> dict:
+    choices = [
         {
-            "id": f"cmpl-{sub.response_id}",
-            "object": "text_completion",
-            "created": sub.created,
-            "model": body.model,
-            "system_fingerprint": _fingerprint(sub),
-            "choices": choices,
-            "usage": _usage(sub, finals),
-        },
-        headers=headers,
-    )
+            "index": i,
+            "text": pieces[i][0],
+            "finish_reason": finals[i].finish_reason,
+            "stop_reason": finals[i].stop_reason,
+            "logprobs": _completion_logprobs(tokens, pieces[i][1])
+            if body.logprobs is not None
+            else None,
+        }
+        for i in range(len(sub.streams))
+    ]
+    return {"id": f"cmpl-{sub.response_id}", "object": "text_completion", "choices": choices}
 
 
 def _completion_logprobs(tokens: _Tokens, lps: list, offset: int = 0) -> dict:
