@@ -4,7 +4,8 @@
 #   ./dev.sh test    set everything up, then run the test suite
 # Setup creates .venv here and installs the package with its test extras, once (again only when
 # pyproject.toml changes). CONCENTRIC_TORCH chooses the torch requirement; the default is the
-# CPU build that this project's build machines carry locally.
+# CPU build that this project's build machines carry locally. `test` also installs Debian's
+# `prometheus` package when it is missing (tests/api/test_prometheus.py runs a real Prometheus).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,11 +24,42 @@ setup() {
   fi
 }
 
+# The metrics test needs `prometheus` and `promtool`. Install them with apt when missing (as root,
+# or through passwordless sudo). When that is impossible, say so and carry on: the test then
+# fails with the same explanation. It never skips, because CI must prove the dashboard's queries.
+ensure_prometheus() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return 0
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+      sudo=(sudo -n)
+    else
+      echo "dev.sh: prometheus is not installed and cannot be (not root, no passwordless sudo):" \
+        "tests/api/test_prometheus.py will fail. Install it: apt-get install prometheus" >&2
+      return 0
+    fi
+  fi
+  if ! command -v apt-get >/dev/null; then
+    echo "dev.sh: prometheus is not installed and there is no apt-get:" \
+      "tests/api/test_prometheus.py will fail. Install Prometheus 2.x (prometheus, promtool)." >&2
+    return 0
+  fi
+  echo "dev.sh: installing Debian's prometheus package (for tests/api/test_prometheus.py)" >&2
+  # No recommends: the node exporter is not needed. In a container the package's service does
+  # not start; on a VM it may listen on 9090, which the test never uses (it picks a free port).
+  if ! { "${sudo[@]}" apt-get update -qq \
+    && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; then
+    echo "dev.sh: installing prometheus with apt-get failed:" \
+      "tests/api/test_prometheus.py will fail." >&2
+  fi
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   serve) setup; exec concentric serve --open "$@" ;;
   demo)  setup; exec concentric demo "$@" ;;
-  test)  setup; exec python -m pytest "$@" ;;
+  test)  setup; ensure_prometheus; exec python -m pytest "$@" ;;
   *) echo "usage: ./dev.sh serve|test [args...]" >&2; exit 2 ;;
 esac

@@ -42,7 +42,10 @@ MAX_BODY_BYTES = 65536
 # - tpm-120 (2 tokens/s): a 110-token reservation leaves 10, so a 15-token one is refused for
 #   ~2.5 s and succeeds after Retry-After;
 # - solo: one request in flight at a time;
-# - fuzz: 4 output tokens at most, so schemathesis' valid bodies stay cheap to serve.
+# - fuzz: 4 output tokens at most, so schemathesis' valid bodies stay cheap to serve;
+# - strict: targets no request can meet (1 ms), so every request it finishes is an SLA miss and
+#   a downgrade; one request at a time, so a second is a 429. Least important (priority 9), so
+#   the sla policy never holds other tiers' requests back for it.
 TIERS: dict[str, dict[str, Any]] = {
     "premium": {
         "priority": 0,
@@ -65,6 +68,12 @@ TIERS: dict[str, dict[str, Any]] = {
         "max_prompt_tokens": 512,
         "max_output_tokens": 4,
     },
+    "strict": {
+        "priority": 9,
+        "max_concurrent": 1,
+        "target_ttft_s": 0.001,
+        "target_tpot_s": 0.001,
+    },
 }
 TENANTS = {
     "alice": "premium",
@@ -75,6 +84,7 @@ TENANTS = {
     "tpm": "tpm-120",
     "solo": "solo",
     "fuzz": "fuzz",
+    "strict": "strict",
 }
 
 
