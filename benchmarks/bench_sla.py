@@ -51,8 +51,12 @@ def schedule(vocab: int, seed: int = 0):
 
 
 def run(rt: ElasticRuntime, policy, tiers: dict[str, TierView], arrivals) -> list[dict]:
-    config = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=256, max_prefill_chunk=64,
-                             max_model_len=rt.store.text.max_position_embeddings)
+    config = SchedulerConfig(
+        max_num_seqs=32,
+        max_num_batched_tokens=256,
+        max_prefill_chunk=64,
+        max_model_len=rt.store.text.max_position_embeddings,
+    )
     eng = Engine.from_runtime(rt, 256 * 1024 * 1024, config, subnet_policy=policy)
     eng.calibrate()
     done: dict[str, dict] = {}
@@ -64,9 +68,14 @@ def run(rt: ElasticRuntime, policy, tiers: dict[str, TierView], arrivals) -> lis
         while pending and pending[0][1][0] <= now:
             i, (_, phase, tier, prompt, n) = pending.pop(0)
             rid = f"r{i}"
-            eng.add_request(rid, prompt, None, SamplingParams(max_tokens=n, temperature=0.0,
-                                                              ignore_eos=True),
-                            priority=tiers[tier].priority, tier=tiers[tier])
+            eng.add_request(
+                rid,
+                prompt,
+                None,
+                SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                priority=tiers[tier].priority,
+                tier=tiers[tier],
+            )
             meta[rid] = (phase, tier)
         if not eng.has_work:
             time.sleep(max(0.0, pending[0][1][0] - (time.monotonic() - t0)))
@@ -75,10 +84,14 @@ def run(rt: ElasticRuntime, policy, tiers: dict[str, TierView], arrivals) -> lis
             if out.finished:
                 t = out.timings
                 tpot = (t["finished"] - t["first_token"]) / max(1, out.num_output_tokens - 1)
-                done[out.request_id] = {"phase": meta[out.request_id][0],
-                                        "tier": meta[out.request_id][1], "subnet": out.subnet,
-                                        "tpot": tpot, "ttft": t["first_token"] - t["arrived"],
-                                        "quality": eng.chooser.quality[out.subnet]}
+                done[out.request_id] = {
+                    "phase": meta[out.request_id][0],
+                    "tier": meta[out.request_id][1],
+                    "subnet": out.subnet,
+                    "tpot": tpot,
+                    "ttft": t["first_token"] - t["arrived"],
+                    "quality": eng.chooser.quality[out.subnet],
+                }
     return list(done.values())
 
 
@@ -90,8 +103,9 @@ def p95(values: list[float]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoint")
     ap.add_argument("--target-tpot", type=float, default=0.20, help="gold's p95 seconds/token")
     ap.add_argument("--threads", type=int, default=2)
@@ -105,18 +119,25 @@ def main() -> None:
         "bronze": TierView("bronze", 10, ("*",), None, None, None, None),
     }
     arrivals = schedule(rt.store.text.vocab_size_per_layer_input)
-    print(f"checkpoint {checkpoint}  float32  threads {args.threads}  {len(arrivals)} requests; "
-          f"gold target: p95 time per output token <= {args.target_tpot * 1e3:.0f} ms")
+    print(
+        f"checkpoint {checkpoint}  float32  threads {args.threads}  {len(arrivals)} requests; "
+        f"gold target: p95 time per output token <= {args.target_tpot * 1e3:.0f} ms"
+    )
     print("phases (arrivals/s x requests): " + ", ".join(f"{r}/s x {n}" for r, n in PHASES))
     results = {}
-    for name, policy in (("fixed full", FixedPolicy("full")), ("fixed e2b", FixedPolicy("e2b")),
-                         ("sla", SlaPolicy())):
+    for name, policy in (
+        ("fixed full", FixedPolicy("full")),
+        ("fixed e2b", FixedPolicy("e2b")),
+        ("sla", SlaPolicy()),
+    ):
         t0 = time.perf_counter()
         results[name] = run(rt, policy, tiers, arrivals)
         print(f"  ran {name:<11} in {time.perf_counter() - t0:.0f} s")
 
-    print(f"\n{'phase':<7}{'policy':<12}{'gold p95 TPOT ms':>17}{'meets':>7}"
-          f"{'bronze p95 ms':>15}{'avg quality':>13}{'subnets served'}")
+    print(
+        f"\n{'phase':<7}{'policy':<12}{'gold p95 TPOT ms':>17}{'meets':>7}"
+        f"{'bronze p95 ms':>15}{'avg quality':>13}{'subnets served'}"
+    )
     for phase, (rate, _) in enumerate(PHASES):
         for name, rows in results.items():
             rows = [r for r in rows if r["phase"] == phase]
@@ -128,11 +149,17 @@ def main() -> None:
                 mix[r["subnet"]] = mix.get(r["subnet"], 0) + 1
             meets = "yes" if gold <= args.target_tpot else "NO"
             mix_s = " " + ", ".join(f"{k}:{v}" for k, v in sorted(mix.items()))
-            print(f"{rate:<7}{name:<12}{gold * 1e3:>17.0f}{meets:>7}{bronze * 1e3:>15.0f}"
-                  f"{quality:>13.1f}{mix_s}")
-    print("\noverall average quality served: " + ", ".join(
-        f"{name} {statistics.mean(r['quality'] for r in rows):.1f}"
-        for name, rows in results.items()))
+            print(
+                f"{rate:<7}{name:<12}{gold * 1e3:>17.0f}{meets:>7}{bronze * 1e3:>15.0f}"
+                f"{quality:>13.1f}{mix_s}"
+            )
+    print(
+        "\noverall average quality served: "
+        + ", ".join(
+            f"{name} {statistics.mean(r['quality'] for r in rows):.1f}"
+            for name, rows in results.items()
+        )
+    )
 
 
 if __name__ == "__main__":

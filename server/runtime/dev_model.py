@@ -16,6 +16,11 @@ magnitudes through 35 layers, attention is neither uniform nor one-hot, logits s
 units (greedy choices are not near-ties), and the FFN contributes enough that every subnet gives
 visibly different text. Bytes are deterministic per preset (numpy's PCG64 stream, fixed order).
 
+The same plan also writes the real E4B's sizes (`E4B`: 13.75 GB in bf16, the real checkpoint's
+15.7 GB less its vision and audio towers) for measurements on an accelerator: there the values
+come from a torch generator on the device (`TorchDraws`), in the checkpoint's dtype, in row
+blocks, with the same scales; numpy on a CPU would take many minutes.
+
 Deliberately does not know: how the model is run, or which subnets exist.
 """
 
@@ -24,9 +29,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -74,6 +80,10 @@ PRESETS: dict[str, Preset] = {
     # Benchmarks: ~640 MB, large enough that matrix work, not dispatch, dominates a CPU step.
     "bench": Preset(512, 8, 2, 64, 2048, 64, 32, 8192, 512, 8192, 4, 3),
 }
+# The real E4B's sizes (google/gemma-3n-E4B-it's text config). Not a `make-dev-model` preset: it is
+# written only with `TorchDraws` on an accelerator (benchmarks/gpu_e4b.py).
+E4B = Preset(2048, 8, 2, 256, 16384, 256, 64, 262144, 512, 32768, 4, 4)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def text_config_dict(p: Preset) -> dict:
@@ -119,7 +129,7 @@ def text_config_dict(p: Preset) -> dict:
     }
 
 
-def checkpoint_config_dict(name: str, p: Preset) -> dict:
+def checkpoint_config_dict(name: str, p: Preset, dtype: str = "float32") -> dict:
     v = p.text_vocab
     return {
         "architectures": ["Gemma3nForConditionalGeneration"],
@@ -148,7 +158,7 @@ def checkpoint_config_dict(name: str, p: Preset) -> dict:
         "eoa_token_id": v + MM_VOCAB,
         "audio_token_id": v + MM_VOCAB + 1,
         "initializer_range": 0.02,
-        "dtype": "float32",
+        "dtype": dtype,
         "tie_word_embeddings": True,
         "concentric_dev_preset": {"name": name, **asdict(p)},
     }
@@ -156,41 +166,156 @@ def checkpoint_config_dict(name: str, p: Preset) -> dict:
 
 # ---- weights --------------------------------------------------------------------------------
 
+Produce = Callable[[], torch.Tensor | Iterable[torch.Tensor]]
 
-def _tensor_plan(p: Preset, rng: np.random.Generator) -> list[PlannedTensor]:
+
+class Draws(Protocol):
+    """Where a plan's values come from. Each method returns the tensor's `produce` callable; values
+    are drawn only when the writer calls it, in plan order."""
+
+    dtype: torch.dtype
+
+    def normal(self, shape: tuple[int, ...], std: float) -> Produce: ...
+
+    def around(self, shape: tuple[int, ...], center: float, spread: float) -> Produce: ...
+
+    def embedding(
+        self, shape: tuple[int, ...], std: float, first_copied: int, source_row: int
+    ) -> Produce: ...
+
+
+class NumpyDraws:
+    """The presets' values: one PCG64 stream, float32, so the bytes depend only on the preset."""
+
+    dtype = torch.float32
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def normal(self, shape: tuple[int, ...], std: float) -> Produce:
+        return lambda: _f32(self.rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+    def around(self, shape: tuple[int, ...], center: float, spread: float) -> Produce:
+        return lambda: _f32(
+            np.float32(center)
+            * (1.0 + np.float32(spread) * self.rng.uniform(-1.0, 1.0, shape).astype(np.float32))
+        )
+
+    def embedding(
+        self, shape: tuple[int, ...], std: float, first_copied: int, source_row: int
+    ) -> Produce:
+        def make() -> torch.Tensor:
+            e = self.rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+            e[first_copied:] = e[source_row]
+            return _f32(e)
+
+        return make
+
+
+def _f32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+class TorchDraws:
+    """Values from a torch generator on `device`, converted to `dtype` there and handed to the
+    writer in row blocks of about `block_bytes` (float32 while drawn), so neither the device nor
+    the host ever holds more than a block of the 4.7 GB PLE table. Deterministic for one seed,
+    device and block size; not the presets' bytes."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        seed: int,
+        block_bytes: int = 256 * 1024**2,
+    ):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPE_NAMES.values())}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(seed)
+        self.block_elems = max(1, block_bytes // 4)
+
+    def _blocks(
+        self, shape: tuple[int, ...], fill: Callable[[tuple[int, ...]], torch.Tensor]
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        per_row = math.prod(shape[1:])
+        step = max(1, self.block_elems // max(1, per_row))
+        for start in range(0, shape[0], step):
+            yield start, fill((min(step, shape[0] - start), *shape[1:]))
+
+    def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32)
+
+    def _out(self, block: torch.Tensor) -> torch.Tensor:
+        return block.to(self.dtype).cpu()
+
+    def normal(self, shape: tuple[int, ...], std: float) -> Produce:
+        def make() -> Iterator[torch.Tensor]:
+            for _, block in self._blocks(shape, self._randn):
+                yield self._out(block.mul_(std))
+
+        return make
+
+    def around(self, shape: tuple[int, ...], center: float, spread: float) -> Produce:
+        def uniform(s: tuple[int, ...]) -> torch.Tensor:
+            u = torch.rand(s, generator=self.gen, device=self.device, dtype=torch.float32)
+            return u.mul_(2.0).sub_(1.0)  # U(-1, 1), as the presets draw
+
+        def make() -> Iterator[torch.Tensor]:
+            for _, block in self._blocks(shape, uniform):
+                yield self._out(block.mul_(spread).add_(1.0).mul_(center))
+
+        return make
+
+    def embedding(
+        self, shape: tuple[int, ...], std: float, first_copied: int, source_row: int
+    ) -> Produce:
+        def make() -> Iterator[torch.Tensor]:
+            source: torch.Tensor | None = None
+            for start, block in self._blocks(shape, self._randn):
+                block.mul_(std)
+                if source is None:
+                    if source_row >= block.shape[0]:
+                        raise ValueError("the copied row must lie in the first block")
+                    source = block[source_row].clone()
+                low = max(0, first_copied - start)
+                if low < block.shape[0]:
+                    block[low:] = source
+                yield self._out(block)
+
+        return make
+
+
+def _tensor_plan(p: Preset, draws: Draws | np.random.Generator) -> list[PlannedTensor]:
     """Every tensor of the checkpoint, in file order, each with a deterministic generator.
 
-    Values are drawn when the writer reaches a tensor, in plan order, from one PCG64 stream,
-    so the bytes depend only on the preset.
+    Values are drawn when the writer reaches a tensor, in plan order; with a numpy generator (the
+    presets) from one PCG64 stream, so the bytes depend only on the preset.
     """
+    if isinstance(draws, np.random.Generator):
+        draws = NumpyDraws(draws)
     h, d, a = p.hidden, p.ple, 4
     q_out, kv_out = p.heads * p.head_dim, p.kv_heads * p.head_dim
     vocab = p.text_vocab + 2 * MM_VOCAB
     plan: list[PlannedTensor] = []
 
-    def add(name: str, shape: tuple[int, ...], make: Callable[[tuple[int, ...]], np.ndarray]):
-        def produce() -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(make(shape), dtype=np.float32))
+    def add(name: str, shape: tuple[int, ...], make: Callable[[tuple[int, ...]], Produce]):
+        plan.append(PlannedTensor(name, draws.dtype, shape, make(shape)))
 
-        plan.append(PlannedTensor(name, torch.float32, shape, produce))
+    def normal(std: float) -> Callable[[tuple[int, ...]], Produce]:
+        return lambda shape: draws.normal(shape, std)
 
-    def normal(std: float):
-        return lambda shape: rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-
-    def around(center: float, spread: float):
+    def around(center: float, spread: float) -> Callable[[tuple[int, ...]], Produce]:
         # Norm weights and scales: positive, near `center`, never zero.
-        return lambda shape: (
-            np.float32(center)
-            * (1.0 + np.float32(spread) * rng.uniform(-1.0, 1.0, shape).astype(np.float32))
-        )
+        return lambda shape: draws.around(shape, center, spread)
 
-    def embedding(shape: tuple[int, ...]) -> np.ndarray:
+    def embedding(shape: tuple[int, ...]) -> Produce:
         # Logits are final-norm(h) . E[token]; |final-norm(h)| ~ sqrt(hidden), so std 4/sqrt(h)
         # spreads logits by ~4 (softcap 30). Rows past the text vocabulary copy the pad row, as
         # Google's converter does for the vision/audio ids.
-        e = rng.standard_normal(shape, dtype=np.float32) * np.float32(4.0 / math.sqrt(h))
-        e[p.text_vocab :] = e[DEV_TOKEN_IDS.pad]
-        return e
+        return draws.embedding(shape, 4.0 / math.sqrt(h), p.text_vocab, DEV_TOKEN_IDS.pad)
 
     t = "model.language_model."
     add(t + "embed_tokens.weight", (vocab, h), embedding)
@@ -272,6 +397,24 @@ def make_dev_model(preset: str, out: str | Path, progress: bool = True) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
+    draws = NumpyDraws(np.random.Generator(np.random.PCG64(p.seed)))
+    return write_dev_checkpoint(out, preset, p, draws, progress=progress)
+
+
+def write_dev_checkpoint(
+    out: str | Path,
+    name: str,
+    p: Preset,
+    draws: Draws,
+    tokenizer_vocab: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write a checkpoint of shapes `p` with values from `draws` (in `draws.dtype`) into `out`.
+
+    `tokenizer_vocab` (default: the model's text vocabulary) sizes the dev tokenizer alone: at
+    E4B's 262144 its file is 58 MB and takes tens of seconds to load, while random weights need
+    only that every id fits the model (a smaller tokenizer decodes the ids it lacks to nothing).
+    """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder")
@@ -279,13 +422,12 @@ def make_dev_model(preset: str, out: str | Path, progress: bool = True) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    rng = np.random.Generator(np.random.PCG64(p.seed))
-    plan = _tensor_plan(p, rng)
+    plan = _tensor_plan(p, draws)
     groups = _split(plan, p.shards)
     total = sum(t.nbytes for t in plan)
     weight_map: dict[str, str] = {}
     with tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"dev model {preset}", disable=not progress
+        total=total, unit="B", unit_scale=True, desc=f"dev model {name}", disable=not progress
     ) as bar:
         for i, group in enumerate(groups, start=1):
             file_name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
@@ -293,7 +435,7 @@ def make_dev_model(preset: str, out: str | Path, progress: bool = True) -> Path:
             weight_map.update({t.name: file_name for t in group})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(tmp / INDEX_FILE, index)
-    _write_json(tmp / "config.json", checkpoint_config_dict(preset, p))
+    _write_json(tmp / "config.json", checkpoint_config_dict(name, p, _DTYPE_NAMES[draws.dtype]))
     ids = DEV_TOKEN_IDS
     _write_json(
         tmp / "generation_config.json",
@@ -303,7 +445,7 @@ def make_dev_model(preset: str, out: str | Path, progress: bool = True) -> Path:
             "pad_token_id": ids.pad,
         },
     )
-    write_dev_tokenizer(tmp, p.text_vocab)
+    write_dev_tokenizer(tmp, tokenizer_vocab or p.text_vocab)
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -21,7 +21,13 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, Gemma3nConfig
 
 from server.runtime.checkpoint import INDEX_FILE, CheckpointStore
-from server.runtime.dev_model import PRESETS, _tensor_plan, make_dev_model
+from server.runtime.dev_model import (
+    PRESETS,
+    TorchDraws,
+    _tensor_plan,
+    make_dev_model,
+    write_dev_checkpoint,
+)
 from server.runtime.subnets import load_subnet_table
 from server.runtime.text_config import FULL, read_checkpoint_config
 
@@ -181,3 +187,36 @@ def test_unknown_preset_names_the_presets(tmp_path: Path) -> None:
     for name in PRESETS:
         assert name in message
     assert not (tmp_path / "x").exists()
+
+
+def test_torch_draws_write_the_same_layout_in_another_dtype(tmp_path: Path) -> None:
+    # What benchmarks/gpu_e4b.py does at E4B's sizes on a GPU, here at tiny's on the CPU: values
+    # from a torch generator, bf16, in row blocks (24 rows of the embedding per block, so the
+    # copied rows past the text vocabulary start inside a block), and a smaller tokenizer.
+    p = PRESETS["tiny"]
+
+    def write(name: str) -> Path:
+        draws = TorchDraws("cpu", torch.bfloat16, seed=7, block_bytes=24 * p.hidden * 4)
+        return write_dev_checkpoint(
+            tmp_path / name, "tiny-bf16", p, draws, tokenizer_vocab=400, progress=False
+        )
+
+    folder = write("a")
+    CheckpointStore.open(folder)  # every tensor the decoder needs, named and shaped as the real one
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert len(AutoTokenizer.from_pretrained(folder)) == 400
+    tensors = dict(all_tensors(folder))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    t = "model.language_model."
+    embed = tensors[t + "embed_tokens.weight"]
+    assert torch.equal(embed[p.text_vocab :], embed[0].expand_as(embed[p.text_vocab :]))
+    assert not torch.equal(embed[p.text_vocab - 1], embed[0])
+    # The presets' scales: std 1/sqrt(d) for the PLE table, norms within 20% of 1.
+    ple = tensors[t + "embed_tokens_per_layer.weight"].float()
+    assert abs(ple.std().item() * p.ple**0.5 - 1) < 0.05
+    norm = tensors[t + "norm.weight"].float()
+    assert norm.min() >= 0.8 and norm.max() <= 1.2 and norm.std() > 0
+    # One seed and block size, one checkpoint.
+    again = write("b")
+    for shard in sorted(folder.glob("*.safetensors")):
+        assert sha256(shard) == sha256(again / shard.name)
