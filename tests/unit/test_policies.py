@@ -83,11 +83,11 @@ def test_largest_fits_takes_the_best_resident_subnet_the_tier_allows():
 
 
 def test_sla_picks_the_best_subnet_that_meets_the_targets():
-    p = SlaPolicy()
+    p = SlaPolicy(safety=1.0)
     # alone: every subnet's step is <= 0.051 s; a 0.06 s target admits the best (e3.39b)
     assert p.choose(req(tier(tpot=0.06)), ctx()).subnet == "e3.39b"
     # a tight target leaves only small subnets: 0.01 + 0.025 + 0.001 = 0.036 for e2.49b
-    d = SlaPolicy().choose(req(tier(tpot=0.037)), ctx())
+    d = SlaPolicy(safety=1.0).choose(req(tier(tpot=0.037)), ctx())
     assert d.subnet == "e2.49b" and d.downgraded
     assert d.predicted_tpot_s == pytest.approx(0.036)
 
@@ -96,24 +96,24 @@ def test_sla_never_picks_a_non_resident_subnet():
     offered = tuple(
         SubnetView(s.name, s.quality, s.effective_params, s.name == "e2b", s.kv_key) for s in ALL
     )
-    assert SlaPolicy().choose(req(tier(tpot=1.0)), ctx(offered=offered)).subnet == "e2b"
+    assert SlaPolicy(safety=1.0).choose(req(tier(tpot=1.0)), ctx(offered=offered)).subnet == "e2b"
 
 
 def test_sla_protects_running_tiers_of_equal_or_higher_importance():
     gold = tier("gold", priority=0, tpot=0.045)
     running = [RunningView("e2b", TINY.effective_params, gold)] * 4
     bronze = tier("bronze", priority=10)  # no targets of its own
-    d = SlaPolicy().choose(req(bronze), ctx(running=running))
+    d = SlaPolicy(safety=1.0).choose(req(bronze), ctx(running=running))
     # full would make the batch's step 0.01+0.04+0.005 = 0.055 > gold's 0.045: capped
     assert d.subnet in ("e2.49b", "e2b") and d.downgraded
     assert "gold" in d.reason
     # a more important request is not held back by a less important running tier
     running_bronze = [RunningView("e2b", TINY.effective_params, tier("b", 10, tpot=0.03))] * 4
-    assert SlaPolicy().choose(req(gold), ctx(running=running_bronze)).subnet == "e2.49b"
+    assert SlaPolicy(safety=1.0).choose(req(gold), ctx(running=running_bronze)).subnet == "e2.49b"
 
 
 def test_sla_steps_down_under_load_and_back_up():
-    p = SlaPolicy(upgrade_margin=0.85)
+    p = SlaPolicy(upgrade_margin=0.85, safety=1.0)
     t = tier(tpot=0.060)
     assert p.choose(req(t), ctx()).subnet == "e3.39b"  # 0.01 + 0.034 + 0.001 = 0.045
     busy = [RunningView("e2b", TINY.effective_params, None)] * 20
@@ -126,12 +126,12 @@ def test_sla_steps_down_under_load_and_back_up():
 def test_sla_full_batch_of_a_wide_subnet_sets_everyones_pace():
     busy = [RunningView("full", FULL.effective_params, None)] * 15
     # whatever joins, the step reads the full subnet: 0.066 > 0.06 for every candidate
-    d = SlaPolicy().choose(req(tier(tpot=0.06)), ctx(running=busy))
+    d = SlaPolicy(safety=1.0).choose(req(tier(tpot=0.06)), ctx(running=busy))
     assert d.subnet == "e2b" and d.downgraded
 
 
 def test_sla_hysteresis_needs_a_margin_to_move_up():
-    p = SlaPolicy(upgrade_margin=0.85)
+    p = SlaPolicy(upgrade_margin=0.85, safety=1.0)
     t = tier(tpot=0.050)
     heavy = [RunningView("e2b", TINY.effective_params, None)] * 20
     assert p.choose(req(t), ctx(running=heavy)).subnet == "e2b"  # 0.01+0.019+0.021 = 0.05
@@ -143,15 +143,15 @@ def test_sla_hysteresis_needs_a_margin_to_move_up():
 
 
 def test_when_nothing_meets_the_targets_the_cheapest_allowed_subnet_is_used():
-    d = SlaPolicy().choose(req(tier(tpot=0.001)), ctx())
+    d = SlaPolicy(safety=1.0).choose(req(tier(tpot=0.001)), ctx())
     assert d.subnet == "e2b" and d.downgraded and "no allowed subnet" in d.reason
 
 
 def test_quality_floor_and_tier_subnets_restrict_choices():
     t = tier(tpot=0.02, floor=55.0)  # nothing meets 0.02; floor excludes e2b and e2.49b
-    assert SlaPolicy().choose(req(t), ctx()).subnet == "e3.39b"
+    assert SlaPolicy(safety=1.0).choose(req(t), ctx()).subnet == "e3.39b"
     t2 = tier(subnets=("e2b", "e2.49b"))
-    assert SlaPolicy().choose(req(t2), ctx()).subnet == "e2.49b"
+    assert SlaPolicy(safety=1.0).choose(req(t2), ctx()).subnet == "e2.49b"
 
 
 def test_quality_scores_fill_in_missing_scores_from_parameter_counts():
@@ -187,10 +187,10 @@ def test_sla_defers_a_less_important_request_that_would_break_a_running_targets(
         Load(tuple(running), 0, 0, token_budget=256, prefill_chunk=128, recent_step_tokens=30),
         COST,
     )
-    d = SlaPolicy().choose(req(tier("bronze", priority=10)), busy)
+    d = SlaPolicy(safety=1.0).choose(req(tier("bronze", priority=10)), busy)
     assert not d.admit and "deferred" in d.reason and "gold" in d.reason
     # the same request of gold's own priority is not deferred (it gets the cheapest)
-    d2 = SlaPolicy().choose(req(tier("gold2", priority=0)), busy)
+    d2 = SlaPolicy(safety=1.0).choose(req(tier("gold2", priority=0)), busy)
     assert d2.admit
 
 
@@ -198,3 +198,9 @@ def test_predictions_use_recent_step_tokens_and_the_p95_factor():
     cost = StepCost(base=0.01, per_param=0.01e-9, per_token=0.001, p95_factor=1.5)
     c = PolicyContext(ALL, Load((), 0, 0, recent_step_tokens=40), cost)
     assert predict_tpot(c, TINY) == pytest.approx((0.01 + 0.019 + 0.040) * 1.5)
+
+
+def test_sla_aims_below_the_target_by_its_safety_factor():
+    # e2.49b predicts 0.036; with a 0.037 target it fits exactly, but not 90% of it (0.0333)
+    assert SlaPolicy(safety=1.0).choose(req(tier(tpot=0.037)), ctx()).subnet == "e2.49b"
+    assert SlaPolicy(safety=0.9).choose(req(tier(tpot=0.037)), ctx()).subnet == "e2b"
