@@ -1,0 +1,225 @@
+"""OpenAI response shapes: complete bodies, stream chunks, logprobs and usage.
+
+Owns turning engine outputs into what OpenAI clients parse: `chat.completion` and
+`text_completion` bodies, their server-sent chunks (role first, held-back text skipped, the
+usage chunk last when asked for), logprobs in each endpoint's format, usage counted as OpenAI
+does, and `system_fingerprint` naming the subnet that served the request.
+
+Deliberately does not know: admission, limits, or how outputs are produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from server.api.errors import error_body
+from server.api.service import Service
+from server.api.streaming import merge_streams, sse
+from server.api.submission import Submission
+from server.engine.outputs import RequestOutput
+
+
+def usage(sub: Submission, finals: dict[int, RequestOutput]) -> dict:
+    """OpenAI counts each prompt once, however many choices answer it."""
+    prompt = sum(sub.prompt_lengths)
+    completion = sum(o.num_output_tokens for o in finals.values())
+    firsts = [p * sub.n for p in range(len(sub.prompt_lengths))]
+    cached = sum(finals[i].num_cached_tokens for i in firsts if i in finals)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def fingerprint(sub: Submission) -> str:
+    return f"concentric:{sub.subnet_name}"
+
+
+class TokenText:
+    """Token ids to the strings and bytes OpenAI's logprobs show."""
+
+    def __init__(self, svc: Service):
+        self.tok = svc.runtime.tokenizer  # type: ignore[union-attr]
+        self.cache: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self.cache:
+            self.cache[token_id] = self.tok.decode([token_id], skip_special_tokens=False)
+        return self.cache[token_id]
+
+    def bytes_of(self, token_id: int) -> list[int]:
+        """The token's own bytes: a byte-fallback token (<0xE4>) is that one byte, not the
+        replacement character its text decodes to."""
+        piece = self.tok.hf.convert_ids_to_tokens(token_id)
+        if (
+            isinstance(piece, str)
+            and len(piece) == 6
+            and piece.startswith("<0x")
+            and piece[-1] == ">"
+        ):
+            try:
+                return [int(piece[3:5], 16)]
+            except ValueError:
+                pass
+        return list(self.text(token_id).encode("utf-8"))
+
+    def chat_entry(self, token_id: int, logprob: float, top) -> dict:
+        def one(tid: int, lp: float) -> dict:
+            return {"token": self.text(tid), "logprob": lp, "bytes": self.bytes_of(tid)}
+
+        return {**one(token_id, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}
+
+
+# ---- chat -----------------------------------------------------------------------------------
+
+
+def chat_body(sub: Submission, body, finals, pieces, tokens: TokenText) -> dict:
+    choices = []
+    for i in range(len(sub.streams)):
+        out = finals[i]
+        entry = {
+            "index": i,
+            "message": {"role": "assistant", "content": pieces[i][0]},
+            "logprobs": None,
+            "finish_reason": out.finish_reason,
+            "stop_reason": out.stop_reason,
+        }
+        if body.logprobs:
+            entry["logprobs"] = {
+                "content": [
+                    tokens.chat_entry(lp.token_id, lp.logprob, lp.top) for lp in pieces[i][1]
+                ]
+            }
+        choices.append(entry)
+    return {"id": f"chatcmpl-{sub.response_id}", "object": "chat.completion", "choices": choices}
+
+
+async def chat_chunks(
+    sub: Submission, model: str, tokens: TokenText, include_usage: bool
+) -> AsyncIterator[str]:
+    base = {
+        "id": f"chatcmpl-{sub.response_id}",
+        "object": "chat.completion.chunk",
+        "created": sub.created,
+        "model": model,
+        "system_fingerprint": fingerprint(sub),
+    }
+
+    def chunk(choices: list, **extra) -> str:
+        return sse({**base, "choices": choices, **extra})
+
+    for i in range(len(sub.streams)):
+        yield chunk(
+            [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in merge_streams(sub.streams):
+        if out.finish_reason == "error":
+            yield sse(error_body(500, f"generation failed: {out.error}"))
+            break
+        if not out.text and not out.finished and not out.logprobs:
+            continue  # held-back text (an unfinished character or stop-string prefix)
+        entry = {
+            "index": i,
+            "delta": {"content": out.text} if out.text else {},
+            "logprobs": None,
+            "finish_reason": out.finish_reason if out.finished else None,
+        }
+        if out.logprobs:
+            entry["logprobs"] = {
+                "content": [
+                    tokens.chat_entry(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs
+                ]
+            }
+        if out.finished:
+            entry["stop_reason"] = out.stop_reason
+            finals[i] = out
+        yield chunk([entry])
+    if include_usage and len(finals) == len(sub.streams):
+        yield chunk([], usage=usage(sub, finals))
+    yield "data: [DONE]\n\n"
+
+
+# ---- completions ----------------------------------------------------------------------------
+
+
+def completion_body(sub: Submission, body, finals, pieces, tokens: TokenText) -> dict:
+    choices = [
+        {
+            "index": i,
+            "text": pieces[i][0],
+            "finish_reason": finals[i].finish_reason,
+            "stop_reason": finals[i].stop_reason,
+            "logprobs": completion_logprobs(tokens, pieces[i][1])
+            if body.logprobs is not None
+            else None,
+        }
+        for i in range(len(sub.streams))
+    ]
+    return {"id": f"cmpl-{sub.response_id}", "object": "text_completion", "choices": choices}
+
+
+def completion_logprobs(tokens: TokenText, lps: list, offset: int = 0) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in lps:
+        text = tokens.text(lp.token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp.logprob)
+        # Keyed by text: ids that read alike (byte tokens all read U+FFFD) share an entry, which
+        # keeps the first (most likely) id's logprob, so the dict stays sorted and true.
+        top: dict[str, float] = {}
+        for t, v in lp.top:
+            top.setdefault(tokens.text(t), v)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+async def completion_chunks(
+    sub: Submission, model: str, tokens: TokenText, include_usage: bool
+) -> AsyncIterator[str]:
+    base = {
+        "id": f"cmpl-{sub.response_id}",
+        "object": "text_completion",
+        "created": sub.created,
+        "model": model,
+        "system_fingerprint": fingerprint(sub),
+    }
+    finals: dict[int, RequestOutput] = {}
+    offsets = [0] * len(sub.streams)  # per choice: text_offset counts from the choice's start
+    async for i, out in merge_streams(sub.streams):
+        if out.finish_reason == "error":
+            yield sse(error_body(500, f"generation failed: {out.error}"))
+            break
+        if not out.text and not out.finished and not out.logprobs:
+            continue
+        logprobs = None
+        if out.logprobs:
+            logprobs = completion_logprobs(tokens, list(out.logprobs), offsets[i])
+            offsets[i] += sum(len(t) for t in logprobs["tokens"])
+        entry = {
+            "index": i,
+            "text": out.text,
+            "finish_reason": out.finish_reason if out.finished else None,
+            "logprobs": logprobs,
+        }
+        if out.finished:
+            entry["stop_reason"] = out.stop_reason
+            finals[i] = out
+        yield sse({**base, "choices": [entry]})
+    if include_usage and len(finals) == len(sub.streams):
+        yield sse({**base, "choices": [], "usage": usage(sub, finals)})
+    yield "data: [DONE]\n\n"
+
+
+# ---- models ---------------------------------------------------------------------------------
