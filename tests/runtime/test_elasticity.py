@@ -195,3 +195,28 @@ def test_out_of_memory_in_a_step_shrinks_and_retries(tiny_dir, monkeypatch):
     assert all(o.finish_reason in ("length", "stop") for o in finished.values())
     # shrunk one level, and not grown back by the (stale, roomy) reading during the cool-down
     assert el.counters.oom_shrinks == 1 and el.current == top - 1 and el.counters.grows == 0
+
+
+def test_resident_widths_follow_the_host_probe_on_a_cpu(tiny_dir):
+    # The CPU path of a real server: the host probe reports this process's resident memory
+    # against a configured budget. A budget just above what we use leaves no headroom: the
+    # widths shrink; a generous budget gives headroom back: they grow.
+    from server.telemetry.headroom import HostProbe
+
+    eng, el, _, sampler, _ = elastic_engine(tiny_dir, free_mb=60)
+    probe = HostProbe(budget_bytes=1)
+    sampler.probe = probe
+    top = len(el.levels) - 1
+    probe.budget = sampler.probe.read().process_bytes + 5 * MB  # 5 MB free < 20 MB low water
+    seen = []
+
+    def script(step):
+        if step == 20:
+            probe.budget = probe.read().process_bytes + 500 * MB  # plenty again
+        sampler.sample()
+        seen.append(el.current)
+
+    _, finished = _serve(eng, 30, 200, script)
+    assert all(o.finish_reason in ("length", "stop") for o in finished.values())
+    assert min(seen) < top and seen[-1] == top, seen
+    assert sampler.latest.source == "host"
