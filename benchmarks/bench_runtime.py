@@ -81,6 +81,34 @@ def hf_decode(model, prompt: list[int], tokens: int) -> tuple[float, float]:
     return prefill, (t2 - t1) - prefill
 
 
+def memory_bandwidth(rt: ElasticRuntime) -> dict[str, float]:
+    """GB/s of a plain read (sum of 256 MiB) and of the decode GEMV on this checkpoint's FFN
+    weights as stored ([out, in]: x @ W.T) and transposed ([in, out]: x @ W)."""
+    out: dict[str, float] = {}
+    a = torch.ones(64 * 1024 * 1024)
+    a.sum()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a.sum()
+    out["read (sum)"] = 5 * a.nbytes / 1e9 / (time.perf_counter() - t0)
+    gates = [layer.gate for layer in rt.weights.layers]
+    transposed = [g.T.contiguous() for g in gates]
+    x = torch.randn(1, gates[0].shape[1])
+    nbytes = sum(g.nbytes for g in gates)
+    for name, mats, fn in (
+        ("GEMV [out, in]", gates, lambda w: x @ w.T),
+        ("GEMV [in, out]", transposed, lambda w: x @ w),
+    ):
+        for w in mats:
+            fn(w)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            for w in mats:
+                fn(w)
+        out[name] = 3 * nbytes / 1e9 / (time.perf_counter() - t0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,6 +193,8 @@ def main() -> None:
             f"ratio {hf_switch / ours_switch:.1f}x"
         )
         print(f"(one-time export of {b}: {rows[b]['export'] * 1e3:.0f} ms)")
+    bw = memory_bandwidth(rt)
+    print("memory bandwidth, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
 
 
 if __name__ == "__main__":
