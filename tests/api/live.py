@@ -189,19 +189,28 @@ def start_server(
         stderr=subprocess.STDOUT,
     )
     server = LiveServer(f"http://127.0.0.1:{port}", keys, proc, log, _log_file=log_file)
+    wait_ready(
+        "the server", proc, f"{server.base_url}/ready", server.stop, server.log_text, timeout
+    )
+    return server
+
+
+def wait_ready(what: str, proc: subprocess.Popen, url: str, stop, log_text, timeout: float) -> None:
+    """Poll `url` until it answers 200; if the process dies or time runs out, stop it and raise
+    with its log."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            server.stop()
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{server.log_text()}")
+            stop()
+            raise RuntimeError(f"{what} exited ({proc.returncode}):\n{log_text()}")
         try:
-            if httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200:
-                return server
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"the server was not ready in {timeout} s:\n{server.log_text()}")
+            stop()
+            raise RuntimeError(f"{what} was not ready in {timeout} s:\n{log_text()}")
         time.sleep(0.2)
 
 

@@ -31,7 +31,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.api.live import MODEL, REPO, LiveServer, free_port, sse_events
+from tests.api.live import MODEL, REPO, LiveServer, free_port, sse_events, wait_ready
 
 DASHBOARD = REPO / "configs" / "grafana" / "concentric.json"
 PROMETHEUS_CONFIG = REPO / "configs" / "prometheus" / "prometheus.yml"
@@ -211,20 +211,8 @@ def start_prometheus(folder: Path, target: str, timeout: float = 30) -> Promethe
         stderr=subprocess.STDOUT,
     )
     prom = Prometheus(f"http://127.0.0.1:{port}", proc, log, _log_file=log_file)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            prom.stop()
-            raise RuntimeError(f"prometheus exited ({proc.returncode}):\n{prom.log_text()}")
-        try:
-            if httpx.get(f"{prom.url}/-/ready", timeout=2).status_code == 200:
-                return prom
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            prom.stop()
-            raise RuntimeError(f"prometheus was not ready in {timeout} s:\n{prom.log_text()}")
-        time.sleep(0.2)
+    wait_ready("prometheus", proc, f"{prom.url}/-/ready", prom.stop, prom.log_text, timeout)
+    return prom
 
 
 @pytest.fixture(scope="module")
