@@ -30,10 +30,10 @@ import torch
 
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.dev_model import dev_model_cache
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.export import export_subnet
-from server.runtime.sampling_params import SamplingParams
+from server.tools.dev_model import dev_model_cache
+from server.tools.export import export_subnet
+from server.vocabulary.sampling_params import SamplingParams
 
 SUBNETS = ["full", "e3.39b-layer", "e2.98b-block", "e2b"]
 

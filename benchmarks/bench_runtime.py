@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from server.runtime.batch import SequenceInput, build_forward_batch
-from server.runtime.dev_model import dev_model_cache
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.export import export_subnet
 from server.runtime.kv_cache import KVCache
+from server.tools.dev_model import dev_model_cache
+from server.tools.export import export_subnet
 
 
 def ours_decode(rt: ElasticRuntime, subnet, prompt: list[int], tokens: int) -> tuple[float, float]:

@@ -31,9 +31,9 @@ from policies.snapshots import TierView
 from policies.subnet_choice import FixedPolicy, SlaPolicy
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.dev_model import dev_model_cache
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.sampling_params import SamplingParams
+from server.tools.dev_model import dev_model_cache
+from server.vocabulary.sampling_params import SamplingParams
 
 PHASES = [(0.6, 8), (1.4, 12), (2.8, 16), (4.5, 16)]  # (arrivals per second, requests)
 

@@ -18,7 +18,7 @@ section, so a run cut short still leaves what it measured:
    with NVML's free memory (or the host probe's) before and after.
 
 The checkpoint is generated first, in the real layout, with random weights drawn on the device
-(`server.runtime.dev_model.TorchDraws`; 13.75 GB in bf16, no vision/audio towers) and written to
+(`server.tools.dev_model.TorchDraws`; 13.75 GB in bf16, no vision/audio towers) and written to
 `--work` (not under `--out`: only the small result files travel back). A checkpoint or export
 already in `--work` is reused, so an immediate rerun on a warm machine skips straight to measuring.
 `--scale small` (the `tiny` dev preset's shapes) runs every section on a CPU in seconds; that is
@@ -56,7 +56,11 @@ import torch
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.batch import SequenceInput, build_forward_batch
-from server.runtime.dev_model import (
+from server.runtime.elastic import ElasticRuntime
+from server.runtime.kv_cache import KVCache
+from server.runtime.residency import residency_levels
+from server.telemetry.headroom import default_probe
+from server.tools.dev_model import (
     E4B,
     PRESETS,
     Preset,
@@ -64,14 +68,10 @@ from server.runtime.dev_model import (
     _tensor_plan,
     write_dev_checkpoint,
 )
-from server.runtime.dev_tokenizer import MIN_TEXT_VOCAB_SIZE
-from server.runtime.elastic import ElasticRuntime
-from server.runtime.export import export_subnet
-from server.runtime.kv_cache import KVCache
-from server.runtime.residency import residency_levels
-from server.runtime.sampling_params import SamplingParams
-from server.runtime.subnets import Subnet, effective_params
-from server.telemetry.headroom import default_probe
+from server.tools.dev_tokenizer import MIN_TEXT_VOCAB_SIZE
+from server.tools.export import export_subnet
+from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.subnets import Subnet, effective_params
 
 SCALES: dict[str, Preset] = {"e4b": E4B, "small": PRESETS["tiny"], "mini": PRESETS["mini"]}
 ENGINE_SUBNETS = ("full", "e3.39b-layer", "e2.98b-block", "e2b")

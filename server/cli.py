@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.runtime.subnets import DEFAULT_CUSTOM_YAML
+from server.vocabulary.subnets import DEFAULT_CUSTOM_YAML
 
 # Errors a user can cause, reported as one line (their classes live in the runtime).
 # NotADirectoryError: an --out that is an existing file.
@@ -30,7 +30,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 def _checkpoint(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
-    from server.runtime.dev_model import dev_model_cache
+    from server.tools.dev_model import dev_model_cache
 
     folder = dev_model_cache("mini")
     print(f"(no --checkpoint: using the built-in dev model at {folder})", file=sys.stderr)
@@ -44,7 +44,7 @@ def _custom(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_make_dev_model(args: argparse.Namespace) -> int:
-    from server.runtime.dev_model import make_dev_model
+    from server.tools.dev_model import make_dev_model
 
     t0 = time.perf_counter()
     out = make_dev_model(args.preset, args.out, progress=not args.quiet)
@@ -53,8 +53,8 @@ def cmd_make_dev_model(args: argparse.Namespace) -> int:
 
 
 def cmd_subnets(args: argparse.Namespace) -> int:
-    from server.runtime.checkpoint import CheckpointStore
-    from server.runtime.subnets import DEFAULT_TABLE_CSV, format_table, load_subnet_table
+    from server.checkpoint.store import CheckpointStore
+    from server.vocabulary.subnets import DEFAULT_TABLE_CSV, format_table, load_subnet_table
 
     store = CheckpointStore.open(_checkpoint(args))
     table = load_subnet_table(store.text, DEFAULT_TABLE_CSV, _custom(args))
@@ -112,9 +112,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from server.runtime.checkpoint import CheckpointStore
-    from server.runtime.export import export_subnet
-    from server.runtime.subnets import DEFAULT_TABLE_CSV, load_subnet_table
+    from server.checkpoint.store import CheckpointStore
+    from server.tools.export import export_subnet
+    from server.vocabulary.subnets import DEFAULT_TABLE_CSV, load_subnet_table
 
     store = CheckpointStore.open(_checkpoint(args))
     table = load_subnet_table(store.text, DEFAULT_TABLE_CSV, _custom(args))
@@ -161,9 +161,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from server.runtime.memory_plan import format_plan, plan
-    from server.runtime.subnets import DEFAULT_TABLE_CSV, load_subnet_table
-    from server.runtime.text_config import read_checkpoint_config
+    from server.tools.memory_plan import format_plan, plan
+    from server.vocabulary.subnets import DEFAULT_TABLE_CSV, load_subnet_table
+    from server.vocabulary.text_config import read_checkpoint_config
 
     text = read_checkpoint_config(_checkpoint(args)).text  # the config alone: no weights read
     table = load_subnet_table(text, DEFAULT_TABLE_CSV, _custom(args))

@@ -1,1 +1,1 @@
-"""Concentric api layer."""
+"""The OpenAI-compatible HTTP service: wire types, routes, tenants' limits, streaming."""

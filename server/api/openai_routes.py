@@ -29,7 +29,7 @@ from server.api.responses import (
 from server.api.service import Service
 from server.api.streaming import until_disconnect
 from server.api.submission import Submission, collect, error_of, start, submit
-from server.runtime.tokenizer import TokenizerError
+from server.checkpoint.tokenizer import TokenizerError
 
 router = APIRouter()
 SUBNET_HEADER = "x-concentric-subnet"

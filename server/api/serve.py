@@ -51,7 +51,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(config: ServerConfig) -> None:
-    from server.runtime.dev_model import dev_model_cache
+    from server.tools.dev_model import dev_model_cache
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -26,10 +26,10 @@ from server.engine.elasticity import Elasticity, ElasticityConfig
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.subnets import Subnet
 from server.telemetry.headroom import ProbeSampler, default_probe
 from server.telemetry.metrics import Metrics
 from server.tenancy import Tenancy, Tenant, load_tenancy, open_tenancy
+from server.vocabulary.subnets import Subnet
 
 log = logging.getLogger("concentric")
 
@@ -63,8 +63,8 @@ class Service:
 
     def check_config(self) -> None:
         """Fail fast on configuration errors (tenants, tiers, subnets) before loading weights."""
-        from server.runtime.checkpoint import CheckpointStore
-        from server.runtime.subnets import load_subnet_table
+        from server.checkpoint.store import CheckpointStore
+        from server.vocabulary.subnets import load_subnet_table
 
         store = CheckpointStore.open(self.checkpoint)
         table = load_subnet_table(store.text, self._table_csv(), self._custom())

@@ -25,8 +25,8 @@ from server.api.service import Choice, Service
 from server.api.streaming import merge_streams, until_disconnect
 from server.engine.async_engine import RequestStream
 from server.engine.outputs import RequestOutput
-from server.runtime.sampling_params import SamplingParams, SamplingParamsError
 from server.tenancy import Tenant
+from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
 
 
 @dataclass

@@ -27,8 +27,8 @@ from policies.snapshots import TierView
 from server.engine.engine import Engine
 from server.engine.outputs import RequestOutput
 from server.engine.request import RequestStatus
-from server.runtime.sampling_params import SamplingParams
-from server.runtime.subnets import Subnet
+from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.subnets import Subnet
 
 log = logging.getLogger("concentric.engine")
 

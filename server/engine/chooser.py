@@ -26,11 +26,11 @@ from policies.snapshots import (
     TierView,
 )
 from policies.subnet_choice import LargestFitsPolicy, SubnetPolicy, quality_scores
+from server.engine.latency import LatencyStats, StepCostModel
 from server.engine.outputs import RequestOutput
 from server.engine.request import Request
 from server.engine.scheduler import Scheduler
-from server.runtime.subnets import Subnet, SubnetTable
-from server.telemetry.latency import LatencyStats, StepCostModel
+from server.vocabulary.subnets import Subnet, SubnetTable
 
 DEFAULT_TIER = TierView("default", 0, ("*",), None, None, None, None)
 

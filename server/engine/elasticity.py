@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 from server.engine.request import Request
 from server.engine.scheduler import Scheduler
-from server.runtime.subnets import Subnet, SubnetTable
 from server.runtime.weights import Weights
 from server.telemetry.headroom import ProbeSampler
+from server.vocabulary.subnets import Subnet, SubnetTable
 
 log = logging.getLogger("concentric.elasticity")
 

@@ -30,8 +30,8 @@ from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.kv_cache import KVCache
 from server.runtime.runner import DeviceOutOfMemory, ModelRunner, StepSequence
-from server.runtime.sampling_params import SamplingParams
-from server.runtime.subnets import Subnet
+from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.subnets import Subnet
 
 
 @dataclass

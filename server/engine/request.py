@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 
 from policies.snapshots import TierView
-from server.runtime.sampling_params import SamplingParams
-from server.runtime.subnets import Subnet
+from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.subnets import Subnet
 
 
 class RequestStatus(enum.IntEnum):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.runtime.subnets import Subnet
+from server.vocabulary.subnets import Subnet
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from server.runtime.checkpoint import CheckpointStore
+from server.checkpoint.store import CheckpointStore
+from server.checkpoint.tokenizer import TextTokenizer
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.generation import GenerationRequest, GenerationResult, Generator
-from server.runtime.subnets import (
+from server.runtime.weights import Weights
+from server.vocabulary.subnets import (
     DEFAULT_CUSTOM_YAML,
     DEFAULT_TABLE_CSV,
     SubnetTable,
     load_subnet_table,
 )
-from server.runtime.tokenizer import TextTokenizer
-from server.runtime.weights import Weights
 
 DTYPES = {
     "auto": None,

@@ -21,7 +21,7 @@ import torch
 from server.runtime.batch import SequenceInput, build_forward_batch
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.kv_cache import KVCache
-from server.runtime.subnets import Subnet
+from server.vocabulary.subnets import Subnet
 
 
 @dataclass(frozen=True)

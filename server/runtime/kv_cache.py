@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from server.runtime.text_config import TextConfig
+from server.vocabulary.text_config import TextConfig
 
 
 class KVCache:

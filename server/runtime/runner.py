@@ -28,8 +28,8 @@ from server.runtime.batch import SequenceInput, build_forward_batch
 from server.runtime.gemma3n import FFN_MODES, Gemma3nModel
 from server.runtime.kv_cache import KVCache
 from server.runtime.sampler import Sampler, SampleResult, SamplerState, SamplingError
-from server.runtime.sampling_params import SamplingParams
-from server.runtime.subnets import Subnet
+from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.subnets import Subnet
 
 
 class DeviceOutOfMemory(RuntimeError):

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.runtime.sampling_params import SamplingParams
+from server.vocabulary.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 _F32_MAX = torch.finfo(torch.float32).max

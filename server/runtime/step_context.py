@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from server.runtime.batch import ForwardBatch
-from server.runtime.text_config import SLIDING, TextConfig
+from server.vocabulary.text_config import SLIDING, TextConfig
 
 
 def rotary(positions: torch.Tensor, theta: float, dim: int, dtype: torch.dtype):

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.runtime.checkpoint import CheckpointStore
+from server.checkpoint.store import CheckpointStore
 from server.runtime.residency import FfnResidency, PendingResize, ResizeReport
-from server.runtime.text_config import TextConfig
+from server.vocabulary.text_config import TextConfig
 
 
 @dataclass

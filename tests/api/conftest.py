@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from server.runtime.dev_model import make_dev_model
+    from server.tools.dev_model import make_dev_model
 
     return make_dev_model("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", progress=False)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.runtime.dev_model import make_dev_model
 from server.runtime.elastic import ElasticRuntime
+from server.tools.dev_model import make_dev_model
 
 torch.set_num_threads(2)
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.runtime.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, CheckpointStore
+from server.checkpoint.store import INDEX_FILE, SINGLE_FILE, CheckpointError, CheckpointStore
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.weights import LayerWeights, Weights
 from tests.runtime.conftest import prompt_ids

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from server.checkpoint.store import CheckpointStore
 from server.cli import main
-from server.runtime.checkpoint import CheckpointStore
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.generation import GenerationRequest
-from server.runtime.subnets import load_subnet_table
+from server.vocabulary.subnets import load_subnet_table
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The harbor town wakes"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from server.checkpoint.tokenizer import TextTokenizer
 from server.engine.detokenizer import IncrementalDetokenizer, TextDelta
-from server.runtime.dev_tokenizer import write_dev_tokenizer
-from server.runtime.tokenizer import TextTokenizer
+from server.tools.dev_tokenizer import write_dev_tokenizer
 
 FFFD = "\ufffd"
 FIRST_BYTE_ID = 107  # <0x00>; <0x80>..<0xFF> are FIRST_BYTE_ID + 128..255

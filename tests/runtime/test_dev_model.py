@@ -20,16 +20,16 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, Gemma3nConfig
 
-from server.runtime.checkpoint import INDEX_FILE, CheckpointStore
-from server.runtime.dev_model import (
+from server.checkpoint.store import INDEX_FILE, CheckpointStore
+from server.tools.dev_model import (
     PRESETS,
     TorchDraws,
     _tensor_plan,
     make_dev_model,
     write_dev_checkpoint,
 )
-from server.runtime.subnets import load_subnet_table
-from server.runtime.text_config import FULL, read_checkpoint_config
+from server.vocabulary.subnets import load_subnet_table
+from server.vocabulary.text_config import FULL, read_checkpoint_config
 
 MB = 1_000_000
 

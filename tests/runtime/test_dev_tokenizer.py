@@ -15,7 +15,7 @@ from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from server.runtime.dev_tokenizer import DEV_TOKEN_IDS, write_dev_tokenizer
+from server.tools.dev_tokenizer import DEV_TOKEN_IDS, write_dev_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FILES = (
@@ -254,7 +254,7 @@ def test_deterministic_across_calls_and_processes(
     fresh.mkdir()
     script = (
         "import sys; from pathlib import Path;"
-        "from server.runtime.dev_tokenizer import write_dev_tokenizer;"
+        "from server.tools.dev_tokenizer import write_dev_tokenizer;"
         "write_dev_tokenizer(Path(sys.argv[1]), 4096)"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO_ROOT)}

@@ -15,19 +15,19 @@ import pytest
 import torch
 
 from policies.subnet_choice import LargestFitsPolicy
+from server.checkpoint.store import CheckpointStore
+from server.checkpoint.tokenizer import TextTokenizer
 from server.engine.elasticity import Elasticity, ElasticityConfig
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.checkpoint import CheckpointStore
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.generation import GenerationRequest
 from server.runtime.residency import residency_levels
-from server.runtime.sampling_params import SamplingParams
-from server.runtime.subnets import load_subnet_table
-from server.runtime.tokenizer import TextTokenizer
 from server.runtime.weights import Weights
 from server.telemetry.headroom import ProbeSampler, ScriptedProbe
+from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.subnets import load_subnet_table
 from tests.runtime.conftest import prompt_ids
 
 MB = 1024 * 1024

@@ -19,7 +19,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.generation import GenerationRequest
-from server.runtime.sampling_params import SamplingParams
+from server.vocabulary.sampling_params import SamplingParams
 from tests.runtime.conftest import prompt_ids
 
 SUBNETS = ["full", "e2b", "e2.98b-layer", "mix-0.75", "skip-3-7", "skip-30-33"]

@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, Gemma3nForCausalLM
 
-from server.runtime.checkpoint import INDEX_FILE, CheckpointStore
+from server.checkpoint.store import INDEX_FILE, CheckpointStore
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.export import export_subnet
-from server.runtime.subnets import Subnet
+from server.tools.export import export_subnet
+from server.vocabulary.subnets import Subnet
 
 SUBNETS = ("e2b", "skip-3-7")
 TEXT = "model.language_model."

@@ -17,8 +17,8 @@ import torch
 from transformers import AutoConfig, Gemma3nForCausalLM
 
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.export import export_subnet
 from server.runtime.generation import GenerationRequest
+from server.tools.export import export_subnet
 from tests.runtime.conftest import prompt_ids
 
 ATOL = 1e-4
@@ -82,9 +82,9 @@ def test_full_subnet_equals_transformers_on_the_checkpoint(tiny, tiny_dir):
 
 def all_subnets():
     # Resolved lazily against the tiny checkpoint inside the test; names are the table's.
-    from server.runtime.dev_model import PRESETS, text_config_dict
-    from server.runtime.subnets import load_subnet_table
-    from server.runtime.text_config import text_config_from_dict
+    from server.tools.dev_model import PRESETS, text_config_dict
+    from server.vocabulary.subnets import load_subnet_table
+    from server.vocabulary.text_config import text_config_from_dict
 
     text = text_config_from_dict(text_config_dict(PRESETS["tiny"]))
     return load_subnet_table(text).names()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from server.runtime.sampler import Sampler, SampleResult, SamplerState, SamplingError
-from server.runtime.sampling_params import SamplingParams, SamplingParamsError
+from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
 
 V = 32  # text vocabulary
 PLACEHOLDERS = 8  # ids V .. V+7: vision/audio, never sampled

@@ -6,9 +6,9 @@ import itertools
 
 from server.engine.kv_blocks import BlockManager, KVLayout
 from server.engine.request import Request
-from server.runtime.sampling_params import SamplingParams
-from server.runtime.subnets import Subnet, make_subnet
-from server.runtime.text_config import TextConfig, text_config_from_dict
+from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.subnets import Subnet, make_subnet
+from server.vocabulary.text_config import TextConfig, text_config_from_dict
 
 SMALL = {
     "model_type": "gemma3n_text",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from server.runtime.sampling_params import SamplingParams, SamplingParamsError
+from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 1000
@@ -20,7 +20,7 @@ VOCAB = 1000
 
 def test_module_does_not_import_torch() -> None:
     code = (
-        "import sys, server.runtime.sampling_params as m; "
+        "import sys, server.vocabulary.sampling_params as m; "
         "m.SamplingParams(logit_bias={1: 2.0}, stop=['x']).validate(10); "
         "assert 'torch' not in sys.modules, 'torch'"
     )

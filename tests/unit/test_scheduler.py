@@ -138,7 +138,7 @@ def test_stops_on_eos_stop_token_and_respects_min_tokens():
     s.add(eos)
     run_step(s, token=1)
     assert eos.status == RequestStatus.FINISHED_STOPPED
-    from server.runtime.sampling_params import SamplingParams
+    from server.vocabulary.sampling_params import SamplingParams
 
     late = request(FULL, [5, 6], max_tokens=10)
     late.params = SamplingParams(max_tokens=10, min_tokens=2, stop_token_ids=(9,), temperature=0)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.runtime.subnets import (
+from server.vocabulary.subnets import (
     DEFAULT_CUSTOM_YAML,
     DEFAULT_TABLE_CSV,
     SubnetError,
@@ -28,7 +28,7 @@ from server.runtime.subnets import (
     official_slug,
     parse_official_csv,
 )
-from server.runtime.text_config import TextConfig, text_config_from_dict
+from server.vocabulary.text_config import TextConfig, text_config_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,7 +101,7 @@ def custom(text: TextConfig, tmp_path: Path, *entries: dict[str, Any]) -> Subnet
 
 
 def test_module_does_not_import_torch() -> None:
-    code = "import sys, server.runtime.subnets; assert 'torch' not in sys.modules, 'torch'"
+    code = "import sys, server.vocabulary.subnets; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 

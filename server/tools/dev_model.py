@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from server.runtime.checkpoint import INDEX_FILE
-from server.runtime.dev_tokenizer import DEV_TOKEN_IDS, write_dev_tokenizer
-from server.runtime.shard import PlannedTensor, write_shard
+from server.checkpoint.shard import PlannedTensor, write_shard
+from server.checkpoint.store import INDEX_FILE
+from server.tools.dev_tokenizer import DEV_TOKEN_IDS, write_dev_tokenizer
 
 NUM_LAYERS = 35
 NUM_KV_SHARED = 15

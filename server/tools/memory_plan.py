@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.runtime.subnets import Subnet, SubnetTable
-from server.runtime.text_config import TextConfig
+from server.vocabulary.subnets import Subnet, SubnetTable
+from server.vocabulary.text_config import TextConfig
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

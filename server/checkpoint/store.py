@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from server.runtime.shard import DTYPES, Shard, ShardError
-from server.runtime.text_config import CheckpointConfig, ConfigError, read_checkpoint_config
+from server.checkpoint.shard import DTYPES, Shard, ShardError
+from server.vocabulary.text_config import CheckpointConfig, ConfigError, read_checkpoint_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

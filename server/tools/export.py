@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from server.runtime.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointStore
-from server.runtime.shard import PlannedTensor, write_shard
-from server.runtime.subnets import Subnet
+from server.checkpoint.shard import PlannedTensor, write_shard
+from server.checkpoint.store import INDEX_FILE, SINGLE_FILE, CheckpointStore
+from server.vocabulary.subnets import Subnet
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 _LAYER = re.compile(r"^(?P<prefix>.*\.layers\.)(?P<index>\d+)\.(?P<rest>.+)$")

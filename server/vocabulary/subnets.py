@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from server.runtime.text_config import TextConfig
+from server.vocabulary.text_config import TextConfig
 
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TABLE_CSV = _REPO / "configs" / "subnets" / "gemma3n-e4b.csv"
