@@ -154,6 +154,7 @@ class Engine:
 
     def add(self, req: Request) -> None:
         self.scheduler.add(req)
+        self.runner.add_request(req.request_id, req.params, req.prompt_token_ids)
         self._detok[req.request_id] = IncrementalDetokenizer(
             self.decoder, req.params.stop, req.params.include_stop_str_in_output
         )
@@ -237,8 +238,6 @@ class Engine:
             start=chunk.start,
             block_table=self.scheduler.blocks.block_table(req.request_id),
             sample=chunk.sample,
-            params=req.params,
-            prompt_ids=req.prompt_token_ids,
         )
 
     @staticmethod

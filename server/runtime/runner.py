@@ -46,8 +46,6 @@ class StepSequence:
     start: int  # position of token_ids[0]
     block_table: Sequence[Sequence[int]]  # per KV-owning layer
     sample: bool  # sample the next token from the last row's logits
-    params: SamplingParams  # used the first time the request is seen
-    prompt_ids: Sequence[int] = ()  # likewise (repetition penalty looks at the prompt)
 
 
 @dataclass
@@ -111,6 +109,14 @@ class ModelRunner:
         self.ffn_mode = ffn_mode
         self.chooser = FfnModeChooser()
 
+    def add_request(
+        self, request_id: str, params: SamplingParams, prompt_ids: Sequence[int]
+    ) -> None:
+        """Register a request's sampling parameters and prompt once, before its first step."""
+        self.states[request_id] = SamplerState(
+            params, prompt_ids, self.text.vocab_size_per_layer_input, self.eos_token_ids, "cpu"
+        )
+
     def release(self, request_id: str) -> None:
         """Forget a finished request's sampling state."""
         self.states.pop(request_id, None)
@@ -156,7 +162,7 @@ class ModelRunner:
 
         # Logit rows follow the batch order (sequences grouped by subnet).
         sampled = [seqs[i] for i in batch.order if seqs[i].sample]
-        states = [self._state(s) for s in sampled]
+        states = [self.states[s.request_id] for s in sampled]
         result = StepResult(ffn_mode=mode if key is not None else None)
         # Sampling happens on the host: each request's generator lives there, so a seeded
         # request draws the same numbers on any device; [B, vocab] is a small copy.
@@ -172,19 +178,6 @@ class ModelRunner:
                 state.record(sample.token_id)
                 result.samples[s.request_id] = sample
         return result
-
-    def _state(self, s: StepSequence) -> SamplerState:
-        state = self.states.get(s.request_id)
-        if state is None:
-            state = SamplerState(
-                s.params,
-                s.prompt_ids,
-                self.text.vocab_size_per_layer_input,
-                self.eos_token_ids,
-                "cpu",
-            )
-            self.states[s.request_id] = state
-        return state
 
     @staticmethod
     def _step_kind(seqs: Sequence[StepSequence]) -> tuple | None:
