@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine.engine import Engine
+from server.engine.assembly import assemble_engine
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.elastic import ElasticRuntime
 from server.tools.dev_model import dev_model_cache
@@ -54,7 +54,7 @@ def run_engine(rt: ElasticRuntime, load, ffn_mode: str = "auto") -> dict:
         max_prefill_chunk=128,
         max_model_len=rt.store.text.max_position_embeddings,
     )
-    eng = Engine.from_runtime(rt, 256 * 1024 * 1024, config, ffn_mode=ffn_mode)
+    eng = assemble_engine(rt, 256 * 1024 * 1024, config, ffn_mode=ffn_mode)
     for rid, subnet, prompt, out_len in load:
         eng.add_request(
             rid,

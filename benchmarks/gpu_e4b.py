@@ -53,12 +53,11 @@ from typing import Any
 
 import torch
 
-from server.engine.engine import Engine
+from server.engine.assembly import assemble_engine
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.batch import SequenceInput, build_forward_batch
+from server.runtime.batch import build_forward_batch
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.kv_cache import KVCache
-from server.runtime.residency import residency_levels
 from server.telemetry.headroom import default_probe
 from server.tools.dev_model import (
     E4B,
@@ -70,7 +69,9 @@ from server.tools.dev_model import (
 )
 from server.tools.dev_tokenizer import MIN_TEXT_VOCAB_SIZE
 from server.tools.export import export_subnet
+from server.vocabulary.residency_levels import residency_levels
 from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.step import StepSequence
 from server.vocabulary.subnets import Subnet, effective_params
 
 SCALES: dict[str, Preset] = {"e4b": E4B, "small": PRESETS["tiny"], "mini": PRESETS["mini"]}
@@ -371,14 +372,16 @@ def decode_once(state: State, subnet: Subnet, prompt: list[int], tokens: int) ->
     vocab = text.vocab_size_per_layer_input
     state.sync()
     t0 = time.perf_counter()
-    batch = build_forward_batch([SequenceInput(subnet, prompt, 0, table)], n_kv, bs, dev)
+    seq = StepSequence("bench", subnet, prompt, 0, table, sample=True)
+    batch = build_forward_batch([seq], n_kv, bs, dev)
     out = [int(rt.model.forward(batch, kv)[0, :vocab].argmax())]
     prefill_s = time.perf_counter() - t0
     steps = []
     for _ in range(tokens - 1):
         t = time.perf_counter()
         pos = len(prompt) + len(out) - 1
-        batch = build_forward_batch([SequenceInput(subnet, out[-1:], pos, table)], n_kv, bs, dev)
+        seq = StepSequence("bench", subnet, out[-1:], pos, table, sample=True)
+        batch = build_forward_batch([seq], n_kv, bs, dev)
         out.append(int(rt.model.forward(batch, kv)[0, :vocab].argmax()))
         steps.append(time.perf_counter() - t)
     return {"prefill_s": prefill_s, "steps": steps, "tokens": out}
@@ -466,7 +469,7 @@ def run_engine(state: State, load: Sequence[tuple[str, str, list[int], int]]) ->
         max_prefill_chunk=a.engine_prefill_chunk,
         max_model_len=text.max_position_embeddings,
     )
-    eng = Engine.from_runtime(rt, kv_bytes, config, block_size=block_size)
+    eng = assemble_engine(rt, kv_bytes, config, block_size=block_size)
     for rid, subnet, prompt, out_len in load:
         params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
         eng.add_request(rid, prompt, rt.subnets[subnet], params)

@@ -21,6 +21,7 @@ from policies.subnet_choice import make_policy
 from server.api.errors import APIError
 from server.api.limits import Limiter
 from server.config import ServerConfig
+from server.engine.assembly import assemble_engine, calibrate
 from server.engine.async_engine import AsyncEngine
 from server.engine.elasticity import Elasticity, ElasticityConfig
 from server.engine.engine import Engine
@@ -106,18 +107,19 @@ class Service:
                     else {}
                 ),
             )
-            engine = Engine.from_runtime(
+            engine = assemble_engine(
                 self.runtime,
                 self.config.kv_cache_bytes,
                 self._scheduler_config(),
                 block_size=self.config.block_size,
-                policy=PriorityOrder(),
+                order=PriorityOrder(),
                 ffn_mode=self.config.ffn_mode,
                 subnet_policy=policy,
                 elasticity=self.elasticity,
+                headroom=self.sampler.free_bytes,
             )
             if self.config.calibrate:
-                await asyncio.to_thread(engine.calibrate)
+                await asyncio.to_thread(calibrate, engine, self.runtime.tokenizer.bos_id)
             self.engine = AsyncEngine(engine)
             self.engine.on_step.append(self._observe_step)
             self.engine.on_finished.append(self._finished)
@@ -141,12 +143,7 @@ class Service:
         budget = self.config.memory_budget_bytes or _host_memory_bytes()
         probe = default_probe(self.config.device, budget)
 
-        def on_sample(snap) -> None:
-            self.metrics.observe_memory(snap)
-            if self.engine is not None and self.engine.engine.chooser is not None:
-                self.engine.engine.chooser.headroom_bytes = snap.free_bytes
-
-        return ProbeSampler(probe, self.config.probe_interval_s, on_sample)
+        return ProbeSampler(probe, self.config.probe_interval_s, self.metrics.observe_memory)
 
     def _observe_step(self, engine: Engine) -> None:
         self.metrics.observe_step(engine.scheduler, engine.last_step)
@@ -156,7 +153,7 @@ class Service:
             if self.elasticity is not None:
                 self.metrics.observe_elasticity(self.elasticity, offered)
             else:
-                self.metrics.observe_residency(self.runtime.weights.residency.widths, offered)
+                self.metrics.observe_residency(self.runtime.weights.resident_widths, offered)
 
     def _finished(self, out) -> None:
         """Every finished request, aborted ones included: metrics, SLA misses, its limits
@@ -164,17 +161,12 @@ class Service:
         tier_name = out.tags.get("tier", "none")
         self.metrics.observe_finished(out, tier_name)
         tier = self.tenancy.tiers.get(tier_name) if self.tenancy else None
-        t = out.timings
-        if tier is not None and "first_token" in t and out.finish_reason in ("stop", "length"):
-            ttft = t["first_token"] - t["arrived"]
-            if tier.target_ttft_s is not None and ttft > tier.target_ttft_s:
+        lat = out.latency
+        if tier is not None and lat is not None and out.finish_reason in ("stop", "length"):
+            if tier.target_ttft_s is not None and (lat.ttft_s or 0.0) > tier.target_ttft_s:
                 self.metrics.sla_miss(tier_name, "ttft")
-            if tier.target_tpot_s is not None and out.num_output_tokens > 1:
-                tpot = (t["finished"] - t["first_token"]) / (out.num_output_tokens - 1)
-                if tpot > tier.target_tpot_s:
-                    self.metrics.sla_miss(tier_name, "tpot")
-        if self.engine is not None and self.engine.engine.chooser is not None:
-            self.engine.engine.chooser.record_finished(out)
+            if tier.target_tpot_s is not None and (lat.tpot_s or 0.0) > tier.target_tpot_s:
+                self.metrics.sla_miss(tier_name, "tpot")
         tenant = self._tenant(out.tags.get("tenant"))
         if tenant is not None:
             unused = int(out.tags.get("max_tokens", "0")) - out.num_output_tokens
@@ -270,7 +262,7 @@ class Service:
         if model == self.model_name:
             return Choice(None, pinned=False)  # the subnet policy chooses, at admission
         if model in table:
-            if not tenant.tier.may_pin(model):
+            if not tenant.tier.view().allows(model, table.scores[model]):
                 raise APIError(
                     403,
                     f"tier {tenant.tier.name!r} may not use subnet {model!r}; "

@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from policies.snapshots import TierView
 from server.engine.engine import Engine
 from server.engine.outputs import RequestOutput
-from server.engine.request import RequestStatus
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.subnets import Subnet
 
@@ -182,18 +181,10 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as e:  # one step failed: fail its requests, go on
                 log.exception("engine step failed")
-                outputs = self._fail_all(f"{type(e).__name__}: {e}")
+                outputs = self.engine.fail_running(f"{type(e).__name__}: {e}")
             for observer in self.on_step:
                 observer(self.engine)
         return outputs
-
-    def _fail_all(self, message: str) -> list[RequestOutput]:
-        outs = []
-        for req in list(self.engine.scheduler.running):
-            req.error = message
-            self.engine.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
-            outs.append(self.engine._final(req, ""))
-        return outs
 
     def _deliver_soon(self, outputs: list[RequestOutput]) -> None:
         # Called on the step thread: hand the outputs to the event loop.

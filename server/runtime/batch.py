@@ -1,10 +1,12 @@
 """A forward batch: the tensors one forward pass over many sequences of many subnets needs.
 
-Owns the packing. Each sequence contributes the tokens it processes this step (a prompt chunk, or
-its last sampled token), the position of the first one, its KV block table, and which rows need
-logits. Sequences are reordered so that each subnet's sequences form one contiguous segment: the
-forward then runs width-independent parts over all rows together and the FFN per segment, and a
-layer that some subnet skips is a gather of the other segments' rows.
+Owns the packing of `StepSequence`s (server/vocabulary/step.py) into tensors. Each sequence
+contributes the tokens it processes this step (a prompt chunk, or its last sampled token), the
+position of the first one, its KV block table, and which rows need logits (the last row of a
+sequence that samples; every row when a caller asks for all logits). Sequences are reordered so
+that each subnet's sequences form one contiguous segment: the forward then runs
+width-independent parts over all rows together and the FFN per segment, and a layer that some
+subnet skips is a gather of the other segments' rows.
 
 Deliberately does not know: how tokens are chosen, which blocks are free, or the model math.
 """
@@ -16,18 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.vocabulary.step import StepSequence
 from server.vocabulary.subnets import Subnet
-
-
-@dataclass(frozen=True)
-class SequenceInput:
-    """One sequence's part of a step."""
-
-    subnet: Subnet
-    token_ids: Sequence[int]  # tokens processed this step
-    start: int  # position of token_ids[0]; equals the number of tokens already in the KV cache
-    block_table: Sequence[Sequence[int]]  # per KV-owning layer (0..first_shared-1): block ids
-    logits: str = "last"  # which of this step's rows need logits: "last", "all" or "none"
 
 
 @dataclass(frozen=True)
@@ -59,12 +51,14 @@ class ForwardBatch:
 
 
 def build_forward_batch(
-    seqs: Sequence[SequenceInput],
+    seqs: Sequence[StepSequence],
     num_kv_layers: int,
     block_size: int,
     device: torch.device | str = "cpu",
+    all_logits: bool = False,
 ) -> ForwardBatch:
-    """Pack sequences into one batch, grouping them by subnet (stable within a subnet)."""
+    """Pack sequences into one batch, grouping them by subnet (stable within a subnet).
+    `all_logits`: logits for every row (a prompt's full distribution), not only sampled ones."""
     if not seqs:
         raise ValueError("a forward batch needs at least one sequence")
     first_seen: dict[str, int] = {}
@@ -96,12 +90,10 @@ def build_forward_batch(
         row_seq.extend([b] * n)
         seq_end.append(s.start + n)
         rows_per_seq.append(n)
-        if s.logits == "last":
-            logits_rows.append(row0 + n - 1)
-        elif s.logits == "all":
+        if all_logits:
             logits_rows.extend(range(row0, row0 + n))
-        elif s.logits != "none":
-            raise ValueError(f"logits must be 'last', 'all' or 'none', not {s.logits!r}")
+        elif s.sample:
+            logits_rows.append(row0 + n - 1)
         tables.append([list(bt) + [-1] * (max_blocks - len(bt)) for bt in s.block_table])
         last = b + 1 == len(order) or seqs[order[b + 1]].subnet.name != s.subnet.name
         if last:

@@ -10,7 +10,6 @@ Deliberately does not know: requests, scheduling, HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import torch
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
 from server.runtime.gemma3n import Gemma3nModel
-from server.runtime.generation import GenerationRequest, GenerationResult, Generator
 from server.runtime.weights import Weights
 from server.vocabulary.subnets import (
     DEFAULT_CUSTOM_YAML,
@@ -69,18 +67,3 @@ class ElasticRuntime:
         return cls(
             store, weights, Gemma3nModel(weights, ffn_mode), subnets, TextTokenizer(store.folder)
         )
-
-    def generate(
-        self,
-        requests: Sequence[GenerationRequest],
-        num_blocks: int | None = None,
-        block_size: int = 16,
-        keep_logits: bool = False,
-    ) -> list[GenerationResult]:
-        """Run prompts to completion in one mixed-subnet batch (offline; see generation.py)."""
-        if num_blocks is None:
-            longest = max(len(r.prompt_ids) + r.max_tokens for r in requests)
-            per_seq = -(-longest // block_size) * self.store.text.first_kv_shared_layer
-            num_blocks = per_seq * len(requests)
-        gen = Generator(self.model, num_blocks=num_blocks, block_size=block_size)
-        return gen.generate(requests, keep_logits=keep_logits)

@@ -43,22 +43,6 @@ class KVCache:
         """Bytes of one block: K and V for `block_size` positions of one layer."""
         return 2 * block_size * text.num_key_value_heads * text.head_dim * dtype.itemsize
 
-    @classmethod
-    def from_budget(
-        cls,
-        text: TextConfig,
-        budget_bytes: int,
-        block_size: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> KVCache:
-        num_blocks = budget_bytes // cls.block_bytes(text, block_size, dtype)
-        if num_blocks < 1:
-            raise ValueError(
-                f"a KV budget of {budget_bytes} bytes holds no block of {block_size} positions"
-            )
-        return cls(text, int(num_blocks), block_size, dtype, device)
-
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2

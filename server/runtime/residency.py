@@ -97,10 +97,6 @@ class FfnResidency:
 
     # ---- resizing ---------------------------------------------------------------------------
 
-    def resize(self, widths: Sequence[int]) -> ResizeReport:
-        """Make `widths` resident now. Raises (and leaves every layer as it was) on failure."""
-        return self.commit(self.prepare(widths, background=False))
-
     def prepare(self, widths: Sequence[int], background: bool = True) -> PendingResize:
         """Build the buffers for `widths` without touching the ones in use. In the background
         (a thread; a side CUDA stream on a GPU), growing stages and uploads its rings while
@@ -186,26 +182,3 @@ class FfnResidency:
         if self.device.type == "cuda":
             staged = staged.pin_memory()
         return staged.to(device=self.device, dtype=self.dtype, non_blocking=True)
-
-
-def residency_levels(
-    full: Sequence[int], subnets: Sequence[tuple[Sequence[int], Sequence[int], int]]
-) -> list[tuple[int, ...]]:
-    """Nested resident-width configurations, smallest first.
-
-    `subnets` are (kept layers, widths, effective params). Level k holds, per layer, the widest
-    width any of the k smallest subnets uses there, so each level serves every subnet of the
-    levels below it plus at least one more. The last level is the full widths."""
-    ordered = sorted(subnets, key=lambda s: s[2])
-    levels: list[tuple[int, ...]] = []
-    current = [0] * len(full)
-    for layers, widths, _ in ordered:
-        for layer, w in zip(layers, widths, strict=True):
-            current[layer] = max(current[layer], w)
-        # a layer no subnet at this level uses keeps a one-row placeholder (widths are > 0)
-        level = tuple(w if w else 1 for w in current)
-        if not levels or level != levels[-1]:
-            levels.append(level)
-    if not levels or levels[-1] != tuple(full):
-        levels.append(tuple(full))
-    return levels

@@ -20,40 +20,15 @@ import statistics
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from server.runtime.batch import SequenceInput, build_forward_batch
+from server.runtime.batch import build_forward_batch
 from server.runtime.gemma3n import FFN_MODES, Gemma3nModel
 from server.runtime.kv_cache import KVCache
-from server.runtime.sampler import Sampler, SampleResult, SamplerState, SamplingError
+from server.runtime.sampler import Sampler, SamplerState, SamplingError
 from server.vocabulary.sampling_params import SamplingParams
-from server.vocabulary.subnets import Subnet
-
-
-class DeviceOutOfMemory(RuntimeError):
-    """A step ran out of accelerator (or host) memory."""
-
-
-@dataclass(frozen=True)
-class StepSequence:
-    """One request's share of a step."""
-
-    request_id: str
-    subnet: Subnet
-    token_ids: Sequence[int]  # computed this step
-    start: int  # position of token_ids[0]
-    block_table: Sequence[Sequence[int]]  # per KV-owning layer
-    sample: bool  # sample the next token from the last row's logits
-
-
-@dataclass
-class StepResult:
-    samples: dict[str, SampleResult] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)  # request id -> message
-    seconds: float = 0.0
-    ffn_mode: str | None = None
+from server.vocabulary.step import DeviceOutOfMemory, SampleResult, StepResult, StepSequence
 
 
 class FfnModeChooser:
@@ -106,20 +81,28 @@ class ModelRunner:
         self.sampler = Sampler(text.vocab_size_per_layer_input)
         self.eos_token_ids = tuple(eos_token_ids)
         self.states: dict[str, SamplerState] = {}
+        self.keep_logits: set[str] = set()  # requests whose logits rows are returned
         self.ffn_mode = ffn_mode
         self.chooser = FfnModeChooser()
 
     def add_request(
-        self, request_id: str, params: SamplingParams, prompt_ids: Sequence[int]
+        self,
+        request_id: str,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        keep_logits: bool = False,
     ) -> None:
         """Register a request's sampling parameters and prompt once, before its first step."""
         self.states[request_id] = SamplerState(
             params, prompt_ids, self.text.vocab_size_per_layer_input, self.eos_token_ids, "cpu"
         )
+        if keep_logits:
+            self.keep_logits.add(request_id)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's sampling state."""
         self.states.pop(request_id, None)
+        self.keep_logits.discard(request_id)
 
     def execute(self, seqs: Sequence[StepSequence]) -> StepResult:
         t0 = time.perf_counter()
@@ -137,18 +120,13 @@ class ModelRunner:
                     one = self.execute([s])
                     result.samples.update(one.samples)
                     result.errors.update(one.errors)
+                    result.logits.update(one.logits)
         result.seconds = time.perf_counter() - t0
         return result
 
     def _run(self, seqs: Sequence[StepSequence]) -> StepResult:
         n_kv = self.text.first_kv_shared_layer
-        inputs = [
-            SequenceInput(
-                s.subnet, s.token_ids, s.start, s.block_table, "last" if s.sample else "none"
-            )
-            for s in seqs
-        ]
-        batch = build_forward_batch(inputs, n_kv, self.block_size, self.model.w.device)
+        batch = build_forward_batch(seqs, n_kv, self.block_size, self.model.w.device)
         key = self._step_kind(seqs)
         mode = self.ffn_mode
         if mode == "auto":
@@ -164,6 +142,9 @@ class ModelRunner:
         sampled = [seqs[i] for i in batch.order if seqs[i].sample]
         states = [self.states[s.request_id] for s in sampled]
         result = StepResult(ffn_mode=mode if key is not None else None)
+        for row, s in enumerate(sampled):
+            if s.request_id in self.keep_logits:
+                result.logits[s.request_id] = logits[row].detach().clone()
         # Sampling happens on the host: each request's generator lives there, so a seeded
         # request draws the same numbers on any device; [B, vocab] is a small copy.
         logits = logits.float().cpu()

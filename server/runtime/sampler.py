@@ -45,21 +45,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.step import SampleResult
 
 _NEG_INF = float("-inf")
 _F32_MAX = torch.finfo(torch.float32).max
-
-
-@dataclass(frozen=True)
-class SampleResult:
-    token_id: int
-    logprob: float | None  # the chosen token's log-probability; None unless logprobs requested
-    top_logprobs: tuple[tuple[int, float], ...]  # top-k (id, logprob), highest first
 
 
 class SamplingError(RuntimeError):

@@ -20,13 +20,6 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from server.tools.dev_model import make_dev_model
-
-    return make_dev_model("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", progress=False)
-
-
-@pytest.fixture(scope="session")
 def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live = start_server(tmp_path_factory.mktemp("server"), tiny_dir)
     try:

@@ -254,12 +254,12 @@ def reference(
     them: log_softmax of the raw logits over the text vocabulary."""
     import torch
 
-    from server.runtime.generation import GenerationRequest
+    from server.engine.offline import GenerationRequest
+    from server.vocabulary.sampling_params import SamplingParams
+    from tests.runtime.conftest import alone
 
-    req = GenerationRequest(
-        rt.subnets[subnet], list(prompt_ids), max_tokens, stop_ids=rt.tokenizer.stop_ids
-    )
-    (result,) = rt.generate([req], keep_logits=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    result = alone(rt, GenerationRequest(rt.subnets[subnet], list(prompt_ids), params), True)
     vocab = rt.store.text.vocab_size_per_layer_input
     lps, tops = [], []
     for token, logits in zip(result.token_ids, result.logits, strict=True):

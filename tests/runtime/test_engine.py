@@ -15,12 +15,13 @@ import time
 
 import pytest
 
+from server.engine.assembly import assemble_engine
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import Engine
+from server.engine.offline import GenerationRequest
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.generation import GenerationRequest
 from server.vocabulary.sampling_params import SamplingParams
-from tests.runtime.conftest import prompt_ids
+from tests.runtime.conftest import alone, prompt_ids
 
 SUBNETS = ["full", "e2b", "e2.98b-layer", "mix-0.75", "skip-3-7", "skip-30-33"]
 MB = 1024 * 1024
@@ -36,7 +37,7 @@ def engine(rt, kv_mb: float = 8, **cfg) -> Engine:
             **cfg,
         }
     )
-    return Engine.from_runtime(rt, int(kv_mb * MB), config, block_size=8)
+    return assemble_engine(rt, int(kv_mb * MB), config, block_size=8)
 
 
 def run(eng: Engine, arrivals: dict[int, list[tuple]], max_steps: int = 2000):
@@ -81,14 +82,9 @@ def test_24_concurrent_greedy_requests_equal_their_runs_alone(tiny):
     outputs, finished = run(eng, arrivals)
     assert len(finished) == 24
     for rid, prompt, subnet, max_tokens in specs:
-        [alone] = tiny.generate(
-            [
-                GenerationRequest(
-                    tiny.subnets[subnet], prompt, max_tokens, stop_ids=tiny.tokenizer.stop_ids
-                )
-            ]
-        )
-        assert outputs[rid] == alone.token_ids, f"{rid} ({subnet}) differs from its run alone"
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        by_itself = alone(tiny, GenerationRequest(tiny.subnets[subnet], prompt, params))
+        assert outputs[rid] == by_itself.token_ids, f"{rid} ({subnet}) differs from its run alone"
     assert eng.scheduler.blocks.num_free_blocks == eng.scheduler.blocks.num_blocks
 
 
@@ -173,7 +169,7 @@ def test_prefix_cache_hits_only_within_a_kv_layout_and_never_changes_outputs(tin
     other_layout, hit3 = serve(cached, "d", "full")
     assert hit0 == 0 and hit1 == 40 and hit2 == 40 and hit3 == 0
     assert cached.scheduler.blocks.prefix_hits == 80
-    uncached = Engine.from_runtime(
+    uncached = assemble_engine(
         tiny, 8 * MB, cached.scheduler.config, block_size=8, enable_prefix_cache=False
     )
     assert again == first == serve(uncached, "e", "e2b")[0]

@@ -16,10 +16,10 @@ import pytest
 import torch
 from transformers import AutoConfig, Gemma3nForCausalLM
 
+from server.engine.offline import GenerationRequest, greedy
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.generation import GenerationRequest
 from server.tools.export import export_subnet
-from tests.runtime.conftest import prompt_ids
+from tests.runtime.conftest import alone, prompt_ids
 
 ATOL = 1e-4
 STEPS = 32
@@ -33,8 +33,9 @@ def hf_model(folder) -> Gemma3nForCausalLM:
 
 def prefill_logits(rt: ElasticRuntime, subnet, ids: list[int]) -> torch.Tensor:
     """Our logits at every prompt position, from one prefill step."""
-    from server.runtime.batch import SequenceInput, build_forward_batch
+    from server.runtime.batch import build_forward_batch
     from server.runtime.kv_cache import KVCache
+    from server.vocabulary.step import StepSequence
 
     n_kv, bs = rt.store.text.first_kv_shared_layer, 16
     per_layer = -(-len(ids) // bs)
@@ -43,7 +44,8 @@ def prefill_logits(rt: ElasticRuntime, subnet, ids: list[int]) -> torch.Tensor:
         list(range(i * per_layer, (i + 1) * per_layer)) if subnet.keeps(i) else []
         for i in range(n_kv)
     ]
-    batch = build_forward_batch([SequenceInput(subnet, ids, 0, table, "all")], n_kv, bs)
+    seq = StepSequence("prefill", subnet, ids, 0, table, sample=True)
+    batch = build_forward_batch([seq], n_kv, bs, all_logits=True)
     return rt.model.forward(batch, kv)
 
 
@@ -74,7 +76,7 @@ def test_full_subnet_equals_transformers_on_the_checkpoint(tiny, tiny_dir):
     assert torch.allclose(ours, ref, atol=ATOL, rtol=0), (ours - ref).abs().max()
 
     hf_tokens, hf_logits = hf_greedy(model, ids, STEPS)
-    [result] = tiny.generate([GenerationRequest(tiny.subnets.full, ids, STEPS)], keep_logits=True)
+    result = alone(tiny, GenerationRequest(tiny.subnets.full, ids, greedy(STEPS)), keep_logits=True)
     assert result.token_ids == hf_tokens
     ours = torch.stack(result.logits)
     assert torch.allclose(ours, hf_logits, atol=ATOL, rtol=0), (ours - hf_logits).abs().max()
@@ -104,7 +106,7 @@ def test_subnet_view_equals_transformers_on_its_export(tiny, tmp_path, name):
     assert torch.allclose(ours, ref, atol=ATOL, rtol=0), (ours - ref).abs().max()
 
     hf_tokens, hf_logits = hf_greedy(model, ids, STEPS)
-    [result] = tiny.generate([GenerationRequest(subnet, ids, STEPS)], keep_logits=True)
+    result = alone(tiny, GenerationRequest(subnet, ids, greedy(STEPS)), keep_logits=True)
     assert result.token_ids == hf_tokens
     ours = torch.stack(result.logits)
     assert torch.allclose(ours, hf_logits, atol=ATOL, rtol=0), (ours - hf_logits).abs().max()

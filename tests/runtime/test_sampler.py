@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from server.runtime.sampler import Sampler, SampleResult, SamplerState, SamplingError
+from server.runtime.sampler import Sampler, SamplerState, SamplingError
 from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
+from server.vocabulary.step import SampleResult
 
 V = 32  # text vocabulary
 PLACEHOLDERS = 8  # ids V .. V+7: vision/audio, never sampled
