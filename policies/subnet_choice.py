@@ -185,11 +185,14 @@ class SlaPolicy:
         )
 
 
+SUBNET_POLICIES: dict[str, type] = {
+    "sla": SlaPolicy,
+    "largest-fits": LargestFitsPolicy,
+    "fixed": FixedPolicy,
+}
+
+
 def make_policy(name: str, **params) -> SubnetPolicy:
-    if name == "fixed":
-        return FixedPolicy(**params)
-    if name == "largest-fits":
-        return LargestFitsPolicy(**params)
-    if name == "sla":
-        return SlaPolicy(**params)
-    raise ValueError(f"unknown subnet policy {name!r}: choose fixed, largest-fits or sla")
+    if name not in SUBNET_POLICIES:
+        raise ValueError(f"unknown subnet policy {name!r}: choose {', '.join(SUBNET_POLICIES)}")
+    return SUBNET_POLICIES[name](**params)

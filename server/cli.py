@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from server.vocabulary.compute import COMPUTE_DTYPES
 from server.vocabulary.subnets import DEFAULT_CUSTOM_YAML
 
 # Errors a user can cause, reported as one line (their classes live in the runtime).
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--dtype",
                 default="auto",
-                choices=["auto", "float32", "bfloat16", "float16"],
+                choices=COMPUTE_DTYPES,
                 help="compute dtype (auto: as stored)",
             )
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -19,6 +19,7 @@ from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.weights import Weights
+from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
 from server.vocabulary.subnets import (
     DEFAULT_CUSTOM_YAML,
     DEFAULT_TABLE_CSV,
@@ -26,19 +27,11 @@ from server.vocabulary.subnets import (
     load_subnet_table,
 )
 
-DTYPES = {
-    "auto": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 def parse_dtype(name: str) -> torch.dtype | None:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
+    """A compute dtype by name (server/vocabulary/compute.py); None: as stored."""
+    check_choice("dtype", name, COMPUTE_DTYPES)
+    return None if name == "auto" else getattr(torch, name)
 
 
 @dataclass

@@ -32,16 +32,20 @@ from server.runtime.batch import ForwardBatch
 from server.runtime.kv_cache import KVCache
 from server.runtime.step_context import LayerRows, StepContext
 from server.runtime.weights import LayerWeights, Weights
-
-FFN_MODES = ("grouped", "masked")
-
+from server.vocabulary.compute import FFN_MODES, check_choice
 
 # ---- small pieces, as the model defines them ------------------------------------------------
 
 
+def widened(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32 (16-bit activations are widened; float64 reference runs are not
+    narrowed)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Gemma 3n RMSNorm: no `1 + w` offset; computed in float32 and cast back."""
-    if x.dtype != torch.float32:
+    """Gemma 3n RMSNorm: no `1 + w` offset; computed in (at least) float32 and cast back."""
+    if widened(x) is not x:
         w = None if weight is None else weight.float()
         return rms_norm(x.float(), w, eps).type_as(x)
     y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
@@ -76,8 +80,7 @@ class Gemma3nModel:
     """The elastic text decoder over one set of weights. Stateless between calls."""
 
     def __init__(self, weights: Weights, ffn_mode: str = "grouped"):
-        if ffn_mode not in FFN_MODES:
-            raise ValueError(f"ffn_mode must be one of {FFN_MODES}")
+        check_choice("ffn_mode", ffn_mode, FFN_MODES)
         self.w = weights
         self.text = weights.text
         self.ffn_mode = ffn_mode
@@ -192,7 +195,7 @@ class Gemma3nModel:
         routed = (
             rms_norm(x, lw.altup_router_norm, t.rms_norm_eps) * (1.0 / t.hidden_size)
         ) @ lw.altup_router.T
-        return torch.tanh(routed.float()).type_as(x)
+        return torch.tanh(widened(routed)).type_as(x)
 
     def altup_predict(self, lw: LayerWeights, streams: torch.Tensor) -> torch.Tensor:
         a = self.text.altup_num_inputs

@@ -24,9 +24,10 @@ from collections.abc import Sequence
 import torch
 
 from server.runtime.batch import build_forward_batch
-from server.runtime.gemma3n import FFN_MODES, Gemma3nModel
+from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.kv_cache import KVCache
 from server.runtime.sampler import Sampler, SamplerState, SamplingError
+from server.vocabulary.compute import FFN_MODE_CHOICES, FFN_MODES, check_choice
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.step import DeviceOutOfMemory, SampleResult, StepResult, StepSequence
 
@@ -71,8 +72,7 @@ class ModelRunner:
         eos_token_ids: Sequence[int],
         ffn_mode: str = "auto",
     ):
-        if ffn_mode not in (*FFN_MODES, "auto"):
-            raise ValueError(f"ffn_mode must be one of {(*FFN_MODES, 'auto')}")
+        check_choice("ffn_mode", ffn_mode, FFN_MODE_CHOICES)
         self.model = model
         text = model.text
         self.text = text

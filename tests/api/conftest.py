@@ -37,3 +37,11 @@ def rt(tiny_dir: Path) -> ElasticRuntime:
 
     torch.set_num_threads(1)
     return ElasticRuntime.open(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def rt64(tiny_dir: Path) -> ElasticRuntime:
+    """The same checkpoint in float64: what measures float32 rounding (tests/runtime/conftest)."""
+    from server.runtime.elastic import ElasticRuntime
+
+    return ElasticRuntime.open(tiny_dir, dtype="float64")

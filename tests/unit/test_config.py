@@ -204,3 +204,20 @@ def test_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     # A relative config path itself: its folder is taken relative to the working directory.
     monkeypatch.chdir(tmp_path)
     assert load_config(Path("etc/server.yaml"), env={}).checkpoint == str(folder / "ckpt/tiny")
+
+
+def test_every_serve_flag_says_what_it_does_and_its_default() -> None:
+    import argparse
+
+    from server.config import ServerConfig, add_flags, setting_docs
+
+    docs = setting_docs()
+    assert set(docs) == {f.name for f in fields(ServerConfig)}, "a setting has no docstring"
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        doc = docs[action.dest]
+        assert doc and doc in action.help, action.dest
+        assert "(default: " in action.help and "env CONCENTRIC_" in action.help, action.help
