@@ -76,7 +76,6 @@ class Load:
     waiting: int = 0  # requests queued ahead
     waiting_prompt_tokens: int = 0  # their prompt tokens still to compute
     kv_usage: float = 0.0  # fraction of KV blocks held
-    headroom_bytes: int | None = None  # accelerator memory free for us (None: not measured)
     token_budget: int = 256  # tokens per step (scheduler)
     prefill_chunk: int = 128
     recent_step_tokens: float = 0.0  # tokens per step lately (decodes plus others' prefill)
@@ -101,7 +100,5 @@ class Decision:
     subnet: str
     priority: int
     reason: str  # one line, for logs and debugging
-    predicted_ttft_s: float | None = None
-    predicted_tpot_s: float | None = None
     downgraded: bool = False  # below the best the tier could have had with no load
     admit: bool = True  # False: wait (admitting it now would slow a more important tier)

@@ -156,9 +156,8 @@ class SlaPolicy:
                 )
                 if protected and i > 0:
                     why += f", keeps {', '.join(sorted(protected))} within time-per-token target"
-                return Decision(
-                    c.name, tier.priority, f"sla: {c.name} {why}", ttft, tpot, downgraded=i > 0
-                )
+                why += f" (predicted p95 TTFT {ttft:.3f} s, TPOT {tpot:.3f} s)"
+                return Decision(c.name, tier.priority, f"sla: {c.name} {why}", downgraded=i > 0)
         cheapest = min(allowed, key=lambda s: (s.effective_params, s.name))
         above = [t for t in protected.values() if t.priority < tier.priority]
         if any(predict_tpot(ctx, cheapest) > t.target_tpot_s * self.safety for t in above):
@@ -169,8 +168,6 @@ class SlaPolicy:
                 tier.priority,
                 f"sla: deferred; admitting it would slow "
                 f"{', '.join(sorted(t.name for t in above))} past its target",
-                predict_ttft(ctx, req, cheapest),
-                predict_tpot(ctx, cheapest),
                 downgraded=True,
                 admit=False,
             )
@@ -179,8 +176,6 @@ class SlaPolicy:
             cheapest.name,
             tier.priority,
             f"sla: no allowed subnet meets the targets at this load; {cheapest.name}",
-            predict_ttft(ctx, req, cheapest),
-            predict_tpot(ctx, cheapest),
             downgraded=True,
         )
 

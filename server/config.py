@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import inspect
 import itertools
 import os
@@ -291,7 +290,3 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         for f in fields(ServerConfig)
         if getattr(args, f.name, None) is not None
     }
-
-
-def describe(config: ServerConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -116,7 +116,6 @@ class Service:
                 ffn_mode=self.config.ffn_mode,
                 subnet_policy=policy,
                 elasticity=self.elasticity,
-                headroom=self.sampler.free_bytes,
             )
             if self.config.calibrate:
                 await asyncio.to_thread(calibrate, engine, self.runtime.tokenizer.bos_id)

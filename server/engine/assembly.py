@@ -11,8 +11,6 @@ Deliberately does not know: HTTP, tenants, or how any of the parts works inside.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from policies.ordering import FirstComeFirstServed, OrderPolicy
 from policies.subnet_choice import SubnetPolicy
 from server.engine.chooser import SubnetChooser
@@ -46,7 +44,6 @@ def assemble_engine(
     enable_prefix_cache: bool = True,
     subnet_policy: SubnetPolicy | None = None,
     elasticity: Elasticity | None = None,
-    headroom: Callable[[], int | None] = lambda: None,
 ) -> Engine:
     """An engine over a loaded runtime. With `subnet_policy` None every request must name its
     subnet (offline use); otherwise unpinned requests are given one at admission."""
@@ -64,7 +61,7 @@ def assemble_engine(
     chooser = None
     if subnet_policy is not None:
         offered = elasticity.offered if elasticity is not None else (lambda subnet: True)
-        chooser = SubnetChooser(rt.subnets, subnet_policy, offered, headroom)
+        chooser = SubnetChooser(rt.subnets, subnet_policy, offered)
     assign = chooser.assign if chooser is not None else named_subnet
     scheduler = Scheduler(config, blocks, order or FirstComeFirstServed(), eos, assign)
     runner = ModelRunner(rt.model, num_blocks, block_size, eos, ffn_mode)

@@ -88,7 +88,6 @@ class AsyncEngine:
         self.dead: str | None = None  # why the loop stopped, if it did
         self.on_step: list[Callable[[Engine], None]] = []  # observers (metrics)
         self.on_finished: list[Callable[[RequestOutput], None]] = []
-        self.num_aborted = 0
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -145,7 +144,6 @@ class AsyncEngine:
     def _apply_abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)
         if out is not None:
-            self.num_aborted += 1
             self._deliver_soon([out])
 
     # ---- the loop ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Subnet choice at admission: the engine's side of the policy interface.
 
 Owns building the read-only snapshot a policy decides from (the subnets on offer and whether they
-are resident, the running batch and its tiers, the queue, KV usage, headroom, the fitted step-cost
+are resident, the running batch and its tiers, the queue, KV usage, the fitted step-cost
 model), asking the policy when a waiting request is about to be admitted, and feeding the
 step-cost model every step's duration against the widest subnet in it and its token count.
 
@@ -43,13 +43,11 @@ class SubnetChooser:
         table: SubnetTable,
         policy: SubnetPolicy | None = None,
         offered: Callable[[Subnet], bool] = lambda subnet: True,
-        headroom: Callable[[], int | None] = lambda: None,
     ):
         self.table = table
         self.policy = policy or LargestFitsPolicy()
         self.offered = offered  # resident now (elasticity), or always
         self.cost = StepCostModel()
-        self.headroom = headroom  # device memory free for us (the probe's latest), if measured
         self.choices: Counter[tuple[str, str, bool]] = Counter()  # (subnet, tier, pinned)
         self.downgrades: Counter[str] = Counter()  # tier
         self.deferrals: Counter[str] = Counter()  # tier: admissions put off to protect others
@@ -93,7 +91,6 @@ class SubnetChooser:
             len(sched.waiting),
             waiting_tokens,
             sched.blocks.usage,
-            self.headroom(),
             sched.config.max_num_batched_tokens,
             sched.config.max_prefill_chunk,
             self.recent_step_tokens,

@@ -14,7 +14,7 @@ Deliberately does not know: how tokens are chosen, which blocks are free, or the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +29,6 @@ class Segment:
     subnet: Subnet
     seqs: slice  # sequence indices, in batch order
     rows: slice  # token rows, in batch order
-    logit_rows: slice  # positions within `ForwardBatch.logits_rows`
 
 
 @dataclass
@@ -43,11 +42,6 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # [M] rows whose logits are returned, in batch order
     segments: list[Segment]
     order: list[int]  # batch index -> index in the caller's list
-    num_rows_per_seq: list[int] = field(default_factory=list)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.order)
 
 
 def build_forward_batch(
@@ -71,12 +65,11 @@ def build_forward_batch(
     row_seq: list[int] = []
     seq_end: list[int] = []
     logits_rows: list[int] = []
-    rows_per_seq: list[int] = []
     segments: list[Segment] = []
     max_blocks = max(1, max(len(bt) for s in seqs for bt in s.block_table))
     tables: list[list[list[int]]] = []  # one tensor is built at the end: far cheaper than many
 
-    seg_start = (0, 0, 0)
+    seg_start = (0, 0)
     for b, i in enumerate(order):
         s = seqs[i]
         n = len(s.token_ids)
@@ -89,7 +82,6 @@ def build_forward_batch(
         positions.extend(range(s.start, s.start + n))
         row_seq.extend([b] * n)
         seq_end.append(s.start + n)
-        rows_per_seq.append(n)
         if all_logits:
             logits_rows.extend(range(row0, row0 + n))
         elif s.sample:
@@ -102,10 +94,9 @@ def build_forward_batch(
                     subnet=s.subnet,
                     seqs=slice(seg_start[0], b + 1),
                     rows=slice(seg_start[1], len(ids)),
-                    logit_rows=slice(seg_start[2], len(logits_rows)),
                 )
             )
-            seg_start = (b + 1, len(ids), len(logits_rows))
+            seg_start = (b + 1, len(ids))
 
     def long(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
@@ -120,5 +111,4 @@ def build_forward_batch(
         logits_rows=long(logits_rows),
         segments=segments,
         order=order,
-        num_rows_per_seq=rows_per_seq,
     )

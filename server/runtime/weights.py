@@ -223,15 +223,3 @@ class Weights:
         staged = self._ple_staging[:n]
         torch.index_select(self.ple_table, 0, ids, out=staged)
         return staged.to(device=self.device, dtype=self.dtype, non_blocking=True)
-
-    def storages(self) -> set[int]:
-        """Data pointers of every distinct storage the weights use (for sharing proofs)."""
-        ptrs = {
-            self.embed.untyped_storage().data_ptr(),
-            self.ple_table.untyped_storage().data_ptr(),
-        }
-        for w in self.layers:
-            for t in vars(w).values():
-                if t is not None:
-                    ptrs.add(t.untyped_storage().data_ptr())
-        return ptrs

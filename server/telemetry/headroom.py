@@ -142,10 +142,6 @@ class ProbeSampler:
             self.on_sample(self.latest)
         return self.latest
 
-    def free_bytes(self) -> int:
-        """Free device memory in the newest reading."""
-        return self.latest.free_bytes
-
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -21,7 +21,6 @@ from server.config import (
     ConfigError,
     ServerConfig,
     add_flags,
-    describe,
     flag_overrides,
     load_config,
 )
@@ -51,7 +50,7 @@ def test_defaults(tmp_path: Path) -> None:
 def test_repository_config_loads() -> None:
     config = load_config(DEFAULT_CONFIG, env={})
     assert config == load_config(None, env={})  # the default file when none is given
-    assert describe(config)["kv_cache_bytes"] == 256 * 1024 * 1024
+    assert config.kv_cache_bytes == 256 * 1024 * 1024
 
 
 def test_yaml_values(tmp_path: Path) -> None:

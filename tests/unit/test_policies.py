@@ -85,7 +85,8 @@ def test_sla_picks_the_best_subnet_that_meets_the_targets():
     # a tight target leaves only small subnets: 0.01 + 0.025 + 0.001 = 0.036 for e2.49b
     d = SlaPolicy(safety=1.0).choose(req(tier(tpot=0.037)), ctx())
     assert d.subnet == "e2.49b" and d.downgraded
-    assert d.predicted_tpot_s == pytest.approx(0.036)
+    assert predict_tpot(ctx(), SMALL) == pytest.approx(0.036)
+    assert "TPOT 0.036 s" in d.reason
 
 
 def test_sla_never_picks_a_non_resident_subnet():
