@@ -12,7 +12,12 @@ top-k lists sorted and of the requested size; `/v1/models` lists the base model 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,6 +27,7 @@ from tests.api.live import MODEL, LiveServer, Reference, reference, text_of, tok
 if TYPE_CHECKING:
     from server.runtime.elastic import ElasticRuntime
 
+REPO = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "Tell me about nested models."}]
 PROMPT = "Matryoshka dolls nest inside each other"
 
@@ -262,3 +268,41 @@ def test_models_list_base_and_every_subnet(server: LiveServer, rt: ElasticRuntim
     by_id = {m.id: m.model_extra["concentric"] for m in models[1:]}
     assert by_id["e2b"]["quality"] is not None
     assert by_id["full"]["effective_params"] == max(e["effective_params"] for e in by_id.values())
+
+
+def test_the_cli_and_the_server_draw_the_same_tokens_for_a_seed(
+    server: LiveServer, rt: ElasticRuntime, tiny_dir: Path
+) -> None:
+    # One generation path: `concentric generate` drives the serving engine, so a seed and the
+    # same sampling parameters give the same tokens as the API (sampled, not greedy: the seeded
+    # random stream must agree, not only the argmax). Every sampling field is explicit on both
+    # sides, so defaults cannot differ.
+    prompt, seed = "The harbor town wakes", 4321
+    sampling = {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "presence_penalty": 0.3}
+    cli = subprocess.run(
+        [
+            sys.executable, "-m", "server", "generate", "--checkpoint", str(tiny_dir),
+            "--subnet", "e2.98b-layer", "--prompt", prompt, "--max-tokens", "16",
+            "--seed", str(seed), "--temperature", "0.9", "--top-p", "0.9", "--top-k", "40",
+            "--presence-penalty", "0.3", "--json",
+        ],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    ours = json.loads(cli.stdout.strip().splitlines()[-1])
+    client = server.openai()
+    resp = client.completions.create(
+        model="e2.98b-layer",
+        prompt=prompt,
+        max_tokens=16,
+        seed=seed,
+        logprobs=0,
+        extra_body={"top_k": sampling.pop("top_k")},
+        **sampling,
+    )
+    (choice,) = resp.choices
+    assert resp.usage.prompt_tokens == len(ours["prompt_token_ids"])
+    assert choice.text == ours["text"]
+    assert resp.usage.completion_tokens == len(ours["token_ids"])
+    # The ids themselves, through the logprob entries' token strings.
+    assert choice.logprobs.tokens == [token_text(rt, t) for t in ours["token_ids"]]
