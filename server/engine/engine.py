@@ -118,15 +118,11 @@ class Engine:
         prompt_ids: Sequence[int],
         subnet: Subnet | None,
         params: SamplingParams,
-        priority: int = 0,
-        tags: dict[str, str] | None = None,
-        tier: TierView | None = None,
-        keep_logits: bool = False,
+        **options,
     ) -> Request:
-        """Queue a request; raises ValueError (with the reason) if it can never run."""
-        req = self.make_request(
-            request_id, prompt_ids, subnet, params, priority, tags, tier, keep_logits
-        )
+        """Queue a request (`options`: make_request's priority, tags, tier, keep_logits);
+        raises ValueError (with the reason) if it can never run."""
+        req = self.make_request(request_id, prompt_ids, subnet, params, **options)
         self.add(req)
         return req
 
