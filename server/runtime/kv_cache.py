@@ -2,7 +2,7 @@
 
 Owns the storage. A block holds `block_size` consecutive positions of ONE layer's keys and values;
 which layer and which sequence a block serves is decided by whoever hands out block ids (the
-engine's block bookkeeping, or the offline generator). Sharing one pool across layers is what lets
+engine's block bookkeeping, server/engine/kv_blocks.py). Sharing one pool across layers is what lets
 a subnet that skips a KV-owning layer book fewer blocks, and lets blocks that a sliding-window layer
 releases serve a full-attention layer's long context.
 
