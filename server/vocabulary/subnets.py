@@ -3,7 +3,9 @@
 Owns: parsing Google's official table (`configs/subnets/gemma3n-e4b.csv`) without `eval`, parsing
 the custom subnets (`configs/subnets/custom.yaml`), scaling the table's E4B widths to the
 checkpoint at hand, every validity rule a subnet must meet, the effective parameter count as
-Google's table defines it, and the KV layout key (subnets with equal keys write identical KV).
+Google's table defines it, the KV layout key (subnets with equal keys write identical KV), and
+each subnet's quality score (the table's MMLU, or a stand-in interpolated by parameter count),
+which tiers' floors and ceilings and the policies compare.
 
 Deliberately does not know: tensors, devices, latency or memory. It works from the shapes in
 `TextConfig` alone, so it is plain Python (no torch) and the policies and tests can use it freely.
