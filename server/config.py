@@ -58,7 +58,8 @@ class ServerConfig:
     max_model_len: int | None = None
     """Prompt plus output tokens at most; none: the checkpoint's context length."""
     ffn_mode: str = "auto"
-    """Mixed FFN widths in a step: grouped, masked, or auto (measured)."""
+    """Mixed subnets in a step: grouped (a GEMM per FFN width, skipped layers by row index),
+    masked (every row at the widest width, masks), or auto (measured per kind of step)."""
     custom_subnets: str | None = "subnets/custom.yaml"
     """Custom subnets YAML (relative to this file); none: official subnets only."""
     host: str = "127.0.0.1"

@@ -49,7 +49,6 @@ class ElasticRuntime:
         dtype: str = "auto",
         device: str = "cpu",
         custom_subnets: Path | None = DEFAULT_CUSTOM_YAML,
-        ffn_mode: str = "grouped",
         table_csv: Path | None = DEFAULT_TABLE_CSV,
     ) -> ElasticRuntime:
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -57,6 +56,4 @@ class ElasticRuntime:
         store = CheckpointStore.open(checkpoint)
         weights = Weights(store, dtype=parse_dtype(dtype), device=device)
         subnets = load_subnet_table(store.text, table_csv, custom_subnets)
-        return cls(
-            store, weights, Gemma3nModel(weights, ffn_mode), subnets, TextTokenizer(store.folder)
-        )
+        return cls(store, weights, Gemma3nModel(weights), subnets, TextTokenizer(store.folder))

@@ -32,7 +32,10 @@ class KVCache:
         self.text = text
         self.num_blocks = num_blocks
         self.block_size = block_size
-        slots = num_blocks * block_size
+        # One block past the pool, never handed out: where rows of a subnet that skips a layer
+        # write that layer's K/V when a step runs every row (batch.py, masked layout).
+        self.scratch_block = num_blocks
+        slots = (num_blocks + 1) * block_size
         shape = (slots, text.num_key_value_heads, text.head_dim)
         # Zero-filled so that a padded gather can never read NaN/inf (masked keys multiply by 0).
         self.k = torch.zeros(shape, dtype=dtype, device=device)

@@ -64,6 +64,7 @@ class FfnResidency:
         self.full = tuple(g.shape[0] for g, _, _ in self.host)
         self.widths = tuple(self.full)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for layer, width in enumerate(widths or self.full):
             self.buffers.append(self._load(layer, 0, width, None))
         self.widths = tuple(widths or self.full)
@@ -76,8 +77,11 @@ class FfnResidency:
             raise ValueError(
                 f"layer {layer}: width {width} outside the resident (0, {self.widths[layer]}]"
             )
-        gate, up, down = self.buffers[layer]
-        return gate[:width], up[:width], down[:, :width]
+        views = self._views.get((layer, width))
+        if views is None:  # made once per (layer, width) until the buffers change
+            gate, up, down = self.buffers[layer]
+            views = self._views[(layer, width)] = (gate[:width], up[:width], down[:, :width])
+        return views
 
     def fits(self, layers: Sequence[int], widths: Sequence[int]) -> bool:
         return all(w <= self.widths[layer] for layer, w in zip(layers, widths, strict=True))
@@ -147,6 +151,7 @@ class FfnResidency:
                     t.record_stream(torch.cuda.current_stream(self.device))
         before = self.resident_bytes
         self.buffers, self.widths = pending.buffers, pending.widths
+        self._views.clear()
         after = self.resident_bytes
         return ResizeReport(max(0, after - before), max(0, before - after), pending.widths)
 

@@ -125,14 +125,16 @@ class ModelRunner:
         return result
 
     def _run(self, seqs: Sequence[StepSequence]) -> StepResult:
-        n_kv = self.text.first_kv_shared_layer
-        batch = build_forward_batch(seqs, n_kv, self.block_size, self.model.w.device)
         key = self._step_kind(seqs)
         mode = self.ffn_mode
         if mode == "auto":
             mode = self.chooser.choose(key) if key is not None else "grouped"
         t0 = time.perf_counter()
-        logits = self.model.forward(batch, self.kv, ffn_mode=mode)
+        w = self.model.w
+        batch = build_forward_batch(
+            self.text, seqs, self.block_size, self.kv.scratch_block, w.device, mode, dtype=w.dtype
+        )
+        logits = self.model.forward(batch, self.kv)
         if key is not None and self.ffn_mode == "auto":
             if logits.is_cuda:
                 torch.cuda.synchronize()

@@ -81,7 +81,10 @@ def prefill_logits(
         for i in range(n_kv)
     ]
     seq = StepSequence("prefill", rt.subnets[subnet.name], ids, 0, table, sample=True)
-    return rt.model.forward(build_forward_batch([seq], n_kv, bs, all_logits=all_positions), kv)
+    batch = build_forward_batch(
+        text, [seq], bs, kv.scratch_block, all_logits=all_positions, dtype=rt.weights.dtype
+    )
+    return rt.model.forward(batch, kv)
 
 
 def decode_reference(

@@ -176,11 +176,11 @@ def test_out_of_memory_in_a_step_shrinks_and_retries(tiny_dir, monkeypatch):
     forward = rt.model.forward
     calls = {"n": 0}
 
-    def flaky(batch, kv, ffn_mode=None):
+    def flaky(batch, kv):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(batch, kv, ffn_mode)
+        return forward(batch, kv)
 
     monkeypatch.setattr(rt.model, "forward", flaky)
     _, finished = _serve(eng, 6, 100, lambda step: None)

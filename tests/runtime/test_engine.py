@@ -210,13 +210,13 @@ def test_async_streams_abort_on_disconnect_and_isolate_a_failing_request(tiny, m
     forward = tiny.model.forward
     in_step = threading.Event()
 
-    def guarded(batch, kv, ffn_mode=None):
+    def guarded(batch, kv):
         in_step.set()
         time.sleep(0.02)  # a step long enough for the event loop to be seen running during it
         try:
             if any(seg.subnet.name == "skip-3-7" for seg in batch.segments):
                 raise RuntimeError("injected failure for skip-3-7")
-            return forward(batch, kv, ffn_mode)
+            return forward(batch, kv)
         finally:
             in_step.clear()
 
