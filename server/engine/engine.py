@@ -228,6 +228,9 @@ class Engine:
         if delta.stopped and not req.is_finished:
             req.stop_reason = delta.stop_reason
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif delta.stopped and req.status == RequestStatus.FINISHED_LENGTH:
+            # The same token reached max_tokens, but the text ends at the stop string.
+            req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, delta.stop_reason
         logprobs = None
         if req.params.logprobs is not None:
             logprobs = (TokenLogprob(sample.token_id, sample.logprob, sample.top_logprobs),)
@@ -261,7 +264,8 @@ class Engine:
             # Held-back text (an unfinished character, a possible stop-string start) is final
             # now; completing those held bytes can still reveal a stop string.
             text += detok.finish()
-            if detok.stopped and req.status != RequestStatus.FINISHED_ABORTED:
+            # (An abort or a failure stays what it was.)
+            if detok.stopped and req.status in _STOPPABLE:
                 req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, detok.stop_reason
         self.runner.release(req.request_id)
         return RequestOutput(
@@ -282,6 +286,10 @@ class Engine:
             tags=dict(req.tags),
             downgraded=req.downgraded,
         )
+
+
+# Finished statuses a stop string found in the final text overrides (the text ends at it).
+_STOPPABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
 
 
 def _latency(req: Request) -> RequestLatency:
