@@ -109,7 +109,10 @@ class Engine:
         self.scheduler.add(req)
         self.runner.add_request(req.request_id, req.params, req.prompt_token_ids, req.keep_logits)
         self._detok[req.request_id] = IncrementalDetokenizer(
-            self.decoder, req.params.stop, req.params.include_stop_str_in_output
+            self.decoder,
+            req.params.stop,
+            req.params.include_stop_str_in_output,
+            min_tokens=req.params.min_tokens,
         )
 
     def add_request(
