@@ -100,6 +100,7 @@ class Harness:
     sampler: ProbeSampler | None = None
     outputs: dict[str, list[RequestOutput]] = field(default_factory=dict)
     prompts: dict[str, list[int]] = field(default_factory=dict)
+    aborted: list[RequestOutput] = field(default_factory=list)  # seen by an async observer
 
     def add(
         self,
@@ -205,8 +206,7 @@ def build(
         el = Elasticity(ffn, table, sampler, ElasticityConfig(LOW_WATER, HIGH_WATER))
     if policy is not None or elastic:
         offered = el.offered if el is not None else (lambda subnet: True)
-        headroom = (lambda: sampler.latest.free_bytes) if sampler is not None else (lambda: None)
-        chooser = SubnetChooser(table, policy or LargestFitsPolicy(), offered, headroom)
+        chooser = SubnetChooser(table, policy or LargestFitsPolicy(), offered)
     assign = chooser.assign if chooser is not None else named_subnet
     scheduler = Scheduler(config, blocks, order or FirstComeFirstServed(), (EOS,), assign)
     runner = FakeRunner(num_blocks, block_size, lay, next_token, step_seconds, clock, ffn)
