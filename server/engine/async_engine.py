@@ -6,6 +6,10 @@ are never applied while a step is running: they are queued and applied by the st
 steps, so the engine core stays single-threaded. An abort is applied at the next step boundary
 (immediately when idle) and frees the request's KV blocks then.
 
+An idle engine still steps every `idle_tick_s` when it has elasticity: a step with no work is
+elasticity's tick alone, so the resident widths follow the headroom (give memory back, finish a
+shrink that waited for the last requests, swap a prepared growth in) without traffic.
+
 The loop survives failures: a failing request gets an error (the runner isolates it), and an
 unexpected error in a whole step fails the requests of that step, not the server. `dead` is set
 only if the loop itself stops unexpectedly (what /health reports).
@@ -77,8 +81,10 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, idle_tick_s: float = 0.5):
         self.engine = engine
+        # How often an idle engine ticks elasticity (None: it sleeps until a request comes).
+        self.idle_tick_s = idle_tick_s if engine.elasticity is not None else None
         self._streams: dict[str, RequestStream] = {}
         self._ops: deque[Callable[[], None]] = deque()  # applied by the step thread
         self._lock = threading.Lock()  # held while the engine core is in use
@@ -159,8 +165,11 @@ class AsyncEngine:
             while not self._stopping:
                 if not self.engine.has_work and not self._ops:
                     self._wake.clear()
-                    await self._wake.wait()
-                    continue
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.idle_tick_s)
+                        continue
+                    except TimeoutError:
+                        pass  # idle: the step below is only elasticity's tick
                 outputs = await asyncio.to_thread(self._step)
                 self._deliver(outputs)
                 await asyncio.sleep(0)  # let handlers run between steps

@@ -65,13 +65,18 @@ class SubnetChooser:
         decision = self.policy.choose(
             ChoiceRequest(tier, req.num_tokens, req.params.max_tokens), self.context(scheduler)
         )
-        req.subnet = self.table[decision.subnet]
         req.priority = decision.priority
         req.downgraded = decision.downgraded
         self.last_reason[req.request_id] = decision.reason
         if not decision.admit:
+            # A deferral's subnet is no choice (with nothing its tier allows resident, it is
+            # the smallest): keeping it would let a request with tokens continue on it at the
+            # next try (the shortcut above), outside its tier.
+            req.subnet = None
             self.deferrals[tier.name] += 1
-        return decision.admit
+            return False
+        req.subnet = self.table[decision.subnet]
+        return True
 
     def context(self, sched: Scheduler) -> PolicyContext:
         offered = tuple(

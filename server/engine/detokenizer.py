@@ -60,7 +60,9 @@ class TextDelta:
 
 
 class IncrementalDetokenizer:
-    """One request's output. push() each generated id; finish() once at eos/length/abort."""
+    """One request's output. push() each generated id; finish() once at eos/length/abort.
+    Stop strings are looked for once `min_tokens` ids were pushed (before, the text streams as
+    is), as the scheduler treats stop token ids and vLLM stop strings."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ):
         stops = tuple(stop)
         if any(not isinstance(s, str) or not s for s in stops):
@@ -76,6 +79,8 @@ class IncrementalDetokenizer:
         self._skip = skip_special_tokens
         self._stops = tuple(dict.fromkeys(stops))
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens
+        self._pushed = 0
         # Every proper prefix of a stop string: a pending suffix in this set may still grow into
         # a stop string, so it must not be streamed yet.
         self._stop_prefixes = {s[:i] for s in self._stops for i in range(1, len(s))}
@@ -114,6 +119,7 @@ class IncrementalDetokenizer:
             raise RuntimeError(f"push() after stop string {self._stop_reason!r} matched")
         if self._closed:
             raise RuntimeError("push() after finish()")
+        self._pushed += 1
         window = self._window
         window.append(token_id)
         text = self._decode(window)
@@ -192,6 +198,9 @@ class IncrementalDetokenizer:
         """Find the earliest-ending stop string in the pending text, else stream all of it but
         the longest suffix that could still become one (all of it when final)."""
         pending = self._pending + new
+        if self._pushed < self._min_tokens:
+            self._pending = ""
+            return self._emit(pending, None)  # no stop string may end the output yet
         best: tuple[int, int, str] | None = None
         for s in self._stops:
             at = pending.find(s)

@@ -109,7 +109,10 @@ class Engine:
         self.scheduler.add(req)
         self.runner.add_request(req.request_id, req.params, req.prompt_token_ids, req.keep_logits)
         self._detok[req.request_id] = IncrementalDetokenizer(
-            self.decoder, req.params.stop, req.params.include_stop_str_in_output
+            self.decoder,
+            req.params.stop,
+            req.params.include_stop_str_in_output,
+            min_tokens=req.params.min_tokens,
         )
 
     def add_request(
@@ -224,6 +227,9 @@ class Engine:
         if delta.stopped and not req.is_finished:
             req.stop_reason = delta.stop_reason
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif delta.stopped and req.status == RequestStatus.FINISHED_LENGTH:
+            # The same token reached max_tokens, but the text ends at the stop string.
+            req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, delta.stop_reason
         logprobs = None
         if req.params.logprobs is not None:
             logprobs = (TokenLogprob(sample.token_id, sample.logprob, sample.top_logprobs),)
@@ -257,7 +263,8 @@ class Engine:
             # Held-back text (an unfinished character, a possible stop-string start) is final
             # now; completing those held bytes can still reveal a stop string.
             text += detok.finish()
-            if detok.stopped and req.status != RequestStatus.FINISHED_ABORTED:
+            # (An abort or a failure stays what it was.)
+            if detok.stopped and req.status in _STOPPABLE:
                 req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, detok.stop_reason
         self.runner.release(req.request_id)
         return RequestOutput(
@@ -278,6 +285,10 @@ class Engine:
             tags=dict(req.tags),
             downgraded=req.downgraded,
         )
+
+
+# Finished statuses a stop string found in the final text overrides (the text ends at it).
+_STOPPABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
 
 
 def _latency(req: Request) -> RequestLatency:
