@@ -53,9 +53,8 @@ from typing import Any
 
 import torch
 
-from server.engine.assembly import assemble_engine
+from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.batch import build_forward_batch
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.kv_cache import KVCache
 from server.telemetry.headroom import default_probe
@@ -71,7 +70,6 @@ from server.tools.dev_tokenizer import MIN_TEXT_VOCAB_SIZE
 from server.tools.export import export_subnet
 from server.vocabulary.residency_levels import residency_levels
 from server.vocabulary.sampling_params import SamplingParams
-from server.vocabulary.step import StepSequence
 from server.vocabulary.subnets import Subnet, effective_params
 
 SCALES: dict[str, Preset] = {"e4b": E4B, "small": PRESETS["tiny"], "mini": PRESETS["mini"]}
@@ -359,30 +357,23 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 
 def decode_once(state: State, subnet: Subnet, prompt: list[int], tokens: int) -> dict[str, Any]:
-    """One prompt prefilled, then `tokens - 1` greedy decode steps at batch 1 (the offline loop of
-    benchmarks/bench_runtime.py, with the cache and batch on the device and every timed region
-    ended by a host sync: the argmax read back, or an explicit synchronize)."""
+    """One prompt prefilled, then `tokens - 1` greedy decode steps at batch 1, through the
+    engine (the one generation path); each step ends with its sampled token on the host."""
     rt = state.rt
     assert rt is not None
-    text, dev = rt.store.text, state.device
-    n_kv, bs = text.first_kv_shared_layer, 16
-    per_layer = -(-(len(prompt) + tokens) // bs)
-    kv = KVCache(text, n_kv * per_layer, bs, rt.weights.dtype, dev)
-    table = [list(range(i * per_layer, (i + 1) * per_layer)) for i in range(n_kv)]
-    vocab = text.vocab_size_per_layer_input
+    engine = assemble_engine(rt, kv_bytes_for(rt, len(prompt) + tokens + 16))
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     state.sync()
     t0 = time.perf_counter()
-    seq = StepSequence("bench", subnet, prompt, 0, table, sample=True)
-    batch = build_forward_batch([seq], n_kv, bs, dev)
-    out = [int(rt.model.forward(batch, kv)[0, :vocab].argmax())]
+    engine.add_request("bench", prompt, subnet, params)
+    out: list[int] = []
+    while not out:
+        out.extend(t for o in engine.step() for t in o.token_ids)
     prefill_s = time.perf_counter() - t0
     steps = []
-    for _ in range(tokens - 1):
+    while engine.has_work:
         t = time.perf_counter()
-        pos = len(prompt) + len(out) - 1
-        seq = StepSequence("bench", subnet, out[-1:], pos, table, sample=True)
-        batch = build_forward_batch([seq], n_kv, bs, dev)
-        out.append(int(rt.model.forward(batch, kv)[0, :vocab].argmax()))
+        out.extend(t for o in engine.step() for t in o.token_ids)
         steps.append(time.perf_counter() - t)
     return {"prefill_s": prefill_s, "steps": steps, "tokens": out}
 
