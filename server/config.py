@@ -60,6 +60,9 @@ class ServerConfig:
     ffn_mode: str = "auto"
     """Mixed subnets in a step: grouped (a GEMM per FFN width, skipped layers by row index),
     masked (every row at the widest width, masks), or auto (measured per kind of step)."""
+    compile: bool = False
+    """Compile decode steps (torch.compile, inductor; CUDA graphs on a GPU): one graph per batch
+    and context bucket, compiled on first use (minutes on a CPU), every subnet mix served."""
     custom_subnets: str | None = "subnets/custom.yaml"
     """Custom subnets YAML (relative to this file); none: official subnets only."""
     host: str = "127.0.0.1"

@@ -116,6 +116,7 @@ class Service:
                 ffn_mode=self.config.ffn_mode,
                 subnet_policy=policy,
                 elasticity=self.elasticity,
+                compile_backend="inductor" if self.config.compile else None,
             )
             if self.config.calibrate:
                 await asyncio.to_thread(calibrate, engine, self.runtime.tokenizer.bos_id)

@@ -44,9 +44,11 @@ def assemble_engine(
     enable_prefix_cache: bool = True,
     subnet_policy: SubnetPolicy | None = None,
     elasticity: Elasticity | None = None,
+    compile_backend: str | None = None,
 ) -> Engine:
     """An engine over a loaded runtime. With `subnet_policy` None every request must name its
-    subnet (offline use); otherwise unpinned requests are given one at admission."""
+    subnet (offline use); otherwise unpinned requests are given one at admission.
+    `compile_backend`: compile decode steps with it (runtime/decode_graph.py); None: eager."""
     text = rt.store.text
     config = config or SchedulerConfig(max_model_len=text.max_position_embeddings)
     num_blocks = kv_budget_bytes // KVCache.block_bytes(text, block_size, rt.weights.dtype)
@@ -64,7 +66,7 @@ def assemble_engine(
         chooser = SubnetChooser(rt.subnets, subnet_policy, offered)
     assign = chooser.assign if chooser is not None else named_subnet
     scheduler = Scheduler(config, blocks, order or FirstComeFirstServed(), eos, assign)
-    runner = ModelRunner(rt.model, num_blocks, block_size, eos, ffn_mode)
+    runner = ModelRunner(rt.model, num_blocks, block_size, eos, ffn_mode, compile_backend)
     return Engine(
         runner, scheduler, rt.tokenizer, text.vocab_size_per_layer_input, chooser, elasticity
     )

@@ -33,7 +33,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from server.runtime.batch import AttentionGroup, FfnPlan, ForwardBatch, LayerRows
+from server.runtime.batch import (
+    AttentionGroup,
+    FfnPlan,
+    ForwardBatch,
+    LayerRows,
+    PlannedStep,
+    materialize,
+    upload,
+)
 from server.runtime.kv_cache import KVCache
 from server.runtime.weights import LayerWeights, Weights
 
@@ -108,9 +116,17 @@ class Gemma3nModel:
         self.ple_streams = torch.ones(a, 1, dtype=dtype, device=device)
         self.ple_streams[t.altup_active_idx] = 0
 
-    @torch.inference_mode()
+    def batch(self, planned: PlannedStep) -> ForwardBatch:
+        """A planned step on the device, with its per-layer embedding rows (gathered from the
+        host mapping)."""
+        w = self.w
+        batch = materialize(planned.spec, upload(planned.values, w.device), self.text, w.dtype)
+        batch.ple_rows = w.ple_rows(planned.host_ids)
+        return batch
+
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """Logits [M, vocab] for the rows that want them, writing this step's K/V into `kv`."""
+        """Logits [M, vocab] for the rows that want them, writing this step's K/V into `kv`.
+        Callers run it without autograd (`torch.inference_mode`, or `no_grad` when compiled)."""
         t, w = self.text, self.w
 
         # Embeddings: the token embedding scaled by sqrt(hidden) in the weight dtype, and the
@@ -161,7 +177,7 @@ class Gemma3nModel:
     def per_layer_inputs(self, batch: ForwardBatch, h0: torch.Tensor) -> torch.Tensor:
         t, w = self.text, self.w
         n, d = t.num_hidden_layers, t.hidden_size_per_layer_input
-        table = w.ple_rows(batch.host_ids) * self.ple_scale
+        table = batch.ple_rows * self.ple_scale
         proj = F.linear(h0, w.ple_model_projection) * self.ple_projection_scale
         proj = rms_norm(proj.view(-1, n, 1, d), w.ple_projection_norm, t.rms_norm_eps)
         return (proj + table.view(-1, n, 1, d)) * self.ple_merge_scale  # [N, L, 1, d]
@@ -246,7 +262,7 @@ class Gemma3nModel:
         t = self.text
         heads, kv_heads, dim = t.num_attention_heads, t.num_key_value_heads, t.head_dim
         kind = t.layer_types[layer]
-        cos, sin = batch.rope[(lr.key, kind)]  # [R, 1, dim]
+        cos, sin = batch.rope[(lr.positions_key, kind)]  # [R, 1, dim]
 
         q = rms_norm(F.linear(x, lw.q_proj).view(-1, heads, dim), lw.q_norm, t.rms_norm_eps)
         q = torch.addcmul(q * cos, q @ self.rotate, sin)  # rotary: q*cos + rotate_half(q)*sin
@@ -278,7 +294,7 @@ class Gemma3nModel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values a group reads from `source`'s cache, [G, kv_heads, K, dim]. Every
         KV consumer of one producer reads the same ones: gathered once per step."""
-        key = (id(g), source)
+        key = (g.key, source)
         if key in batch.reads:
             return batch.reads[key]
         slots = g.slots[source]

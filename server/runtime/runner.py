@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from server.runtime.batch import build_forward_batch
+from server.runtime.batch import plan_step
+from server.runtime.decode_graph import DecodeGraphs
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.kv_cache import KVCache
 from server.runtime.sampler import Sampler, SamplerState, SamplingError
@@ -71,7 +72,11 @@ class ModelRunner:
         block_size: int,
         eos_token_ids: Sequence[int],
         ffn_mode: str = "auto",
+        compile_backend: str | None = None,
     ):
+        """`compile_backend`: compile decode steps (decode_graph.py) with this torch.compile
+        backend ("inductor"; "aot_eager" captures the same graphs without generating code);
+        None: every step runs the eager forward."""
         check_choice("ffn_mode", ffn_mode, FFN_MODE_CHOICES)
         self.model = model
         text = model.text
@@ -84,6 +89,9 @@ class ModelRunner:
         self.keep_logits: set[str] = set()  # requests whose logits rows are returned
         self.ffn_mode = ffn_mode
         self.chooser = FfnModeChooser()
+        self.graphs = None
+        if compile_backend is not None:
+            self.graphs = DecodeGraphs(model, self.kv, block_size, compile_backend)
 
     def add_request(
         self,
@@ -125,25 +133,27 @@ class ModelRunner:
         return result
 
     def _run(self, seqs: Sequence[StepSequence]) -> StepResult:
+        if self.graphs is not None and self.graphs.applies(seqs):
+            logits, planned = self.graphs.run(seqs)
+            return self._sample(seqs, planned, logits, StepResult(ffn_mode="compiled"))
         key = self._step_kind(seqs)
         mode = self.ffn_mode
         if mode == "auto":
             mode = self.chooser.choose(key) if key is not None else "grouped"
         t0 = time.perf_counter()
-        w = self.model.w
-        batch = build_forward_batch(
-            self.text, seqs, self.block_size, self.kv.scratch_block, w.device, mode, dtype=w.dtype
-        )
-        logits = self.model.forward(batch, self.kv)
+        planned = plan_step(self.text, seqs, self.block_size, self.kv.scratch_block, mode)
+        with torch.inference_mode():
+            logits = self.model.forward(self.model.batch(planned), self.kv)
         if key is not None and self.ffn_mode == "auto":
             if logits.is_cuda:
                 torch.cuda.synchronize()
             self.chooser.record(key, mode, time.perf_counter() - t0)
+        return self._sample(seqs, planned, logits, StepResult(ffn_mode=mode if key else None))
 
+    def _sample(self, seqs, planned, logits: torch.Tensor, result: StepResult) -> StepResult:
         # Logit rows follow the batch order (sequences grouped by subnet).
-        sampled = [seqs[i] for i in batch.order if seqs[i].sample]
+        sampled = [seqs[i] for i in planned.order if seqs[i].sample]
         states = [self.states[s.request_id] for s in sampled]
-        result = StepResult(ffn_mode=mode if key is not None else None)
         for row, s in enumerate(sampled):
             if s.request_id in self.keep_logits:
                 result.logits[s.request_id] = logits[row].detach().clone()

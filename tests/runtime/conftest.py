@@ -68,7 +68,7 @@ def prefill_logits(
 ) -> torch.Tensor:
     """Logits at every position of `ids` from one prefill step of the model alone (no engine):
     for a generated sequence, position p holds what decode step p - len(prompt) + 1 saw."""
-    from server.runtime.batch import build_forward_batch
+    from server.runtime.batch import plan_step
     from server.runtime.kv_cache import KVCache
     from server.vocabulary.step import StepSequence
 
@@ -81,10 +81,9 @@ def prefill_logits(
         for i in range(n_kv)
     ]
     seq = StepSequence("prefill", rt.subnets[subnet.name], ids, 0, table, sample=True)
-    batch = build_forward_batch(
-        text, [seq], bs, kv.scratch_block, all_logits=all_positions, dtype=rt.weights.dtype
-    )
-    return rt.model.forward(batch, kv)
+    planned = plan_step(text, [seq], bs, kv.scratch_block, all_logits=all_positions)
+    with torch.inference_mode():
+        return rt.model.forward(rt.model.batch(planned), kv)
 
 
 def decode_reference(

@@ -80,7 +80,7 @@ def test_a_batch_one_decode_step_stays_within_its_op_budget(tiny):
 def test_planning_and_the_forward_never_wait_on_the_device(tiny, monkeypatch, layout, subnets):
     engine = decode_engine(tiny, layout, subnets)
     model = engine.runner.model
-    forward, build = model.forward, runner_module.build_forward_batch
+    forward, plan, make = model.forward, runner_module.plan_step, model.batch
     seen: dict[str, Ops] = {}
 
     def watched(name, fn):
@@ -92,11 +92,12 @@ def test_planning_and_the_forward_never_wait_on_the_device(tiny, monkeypatch, la
         return call
 
     monkeypatch.setattr(model, "forward", watched("forward", forward))
-    monkeypatch.setattr(runner_module, "build_forward_batch", watched("plan", build))
+    monkeypatch.setattr(runner_module, "plan_step", watched("plan", plan))
+    monkeypatch.setattr(model, "batch", watched("batch", make))
     for _ in range(3):
         assert engine.step(), "no decode step ran"
-    for name in ("plan", "forward"):
+    for name in ("plan", "batch", "forward"):
         assert seen[name].syncing == [], f"{name}: {seen[name].syncing}"
     assert seen["forward"].from_data == 0
-    # Per step: the one integer buffer for the device, and the host-side ids.
-    assert seen["plan"].from_data == 3 * 2
+    # Per step: the host-side ids (the plan), then the one integer buffer for the device.
+    assert seen["plan"].from_data == 3 and seen["batch"].from_data == 3

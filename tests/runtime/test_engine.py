@@ -207,19 +207,27 @@ def test_stop_strings_are_applied_on_text(tiny):
 
 def test_async_streams_abort_on_disconnect_and_isolate_a_failing_request(tiny, monkeypatch):
     eng = engine(tiny)
-    forward = tiny.model.forward
+    forward, make_batch = tiny.model.forward, tiny.model.batch
     in_step = threading.Event()
+    failing: set[int] = set()  # ids of batches holding the failing subnet
+
+    def marked(planned):
+        batch = make_batch(planned)
+        if any(seg.subnet.name == "skip-3-7" for seg in planned.segments):
+            failing.add(id(batch))
+        return batch
 
     def guarded(batch, kv):
         in_step.set()
         time.sleep(0.02)  # a step long enough for the event loop to be seen running during it
         try:
-            if any(seg.subnet.name == "skip-3-7" for seg in batch.segments):
+            if id(batch) in failing:
                 raise RuntimeError("injected failure for skip-3-7")
             return forward(batch, kv)
         finally:
             in_step.clear()
 
+    monkeypatch.setattr(tiny.model, "batch", marked)
     monkeypatch.setattr(tiny.model, "forward", guarded)
 
     async def scenario():
