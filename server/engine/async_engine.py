@@ -81,8 +81,9 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, idle_tick_s: float = 0.5):
+    def __init__(self, engine: Engine, idle_tick_s: float = 0.5, blocked_retry_s: float = 0.02):
         self.engine = engine
+        self.blocked_retry_s = blocked_retry_s  # pause between steps that could run nothing
         # How often an idle engine ticks elasticity (None: it sleeps until a request comes).
         self.idle_tick_s = idle_tick_s if engine.elasticity is not None else None
         self._streams: dict[str, RequestStream] = {}
@@ -173,6 +174,13 @@ class AsyncEngine:
                 outputs = await asyncio.to_thread(self._step)
                 self._deliver(outputs)
                 await asyncio.sleep(0)  # let handlers run between steps
+                if self.engine.has_work and self.engine.last_step.num_seqs == 0:
+                    # Nothing could run (requests waiting for a resident subnet, or deferred by
+                    # the policy): retry admission after a pause, or at once on news (an add,
+                    # an abort), instead of spinning on empty steps.
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.blocked_retry_s)
         except Exception as e:  # a bug in the loop itself: report it, fail everyone
             log.exception("engine loop died")
             self.dead = f"{type(e).__name__}: {e}"

@@ -21,7 +21,18 @@ import pytest
 
 from server.engine.async_engine import AsyncEngine
 from server.engine.outputs import RequestOutput
-from tests.engine.harness import FULL, LITE, MID, MID_LITE, SMALL, TIGHT, build, greedy, prompt
+from tests.engine.harness import (
+    FULL,
+    LITE,
+    MID,
+    MID_LITE,
+    ROOMY,
+    SMALL,
+    TIGHT,
+    build,
+    greedy,
+    prompt,
+)
 
 SUBNETS = [FULL, LITE, MID, MID_LITE, SMALL]
 
@@ -308,3 +319,50 @@ def test_an_idle_engine_still_follows_the_headroom():
 
     asyncio.run(main())
     assert h.elasticity.current == 0 and h.ffn.resident_widths == h.elasticity.levels[0]
+
+
+def test_a_request_that_cannot_run_yet_does_not_spin_the_loop():
+    """A request waiting for a subnet that is not resident (widths shrunk for lack of memory)
+    makes steps that run nothing; the loop pauses between them (blocked_retry_s) instead of
+    spinning, and the request runs once the widths grow back."""
+    h = build(step_seconds=0.0, elastic=True)
+    aeng = AsyncEngine(h.engine, idle_tick_s=0.005, blocked_retry_s=0.02)
+    steps = {"n": 0}
+    step = h.engine.step
+
+    def counted():
+        steps["n"] += 1
+        return step()
+
+    h.engine.step = counted
+
+    async def main():
+        await aeng.start()
+        h.probe.set_free(TIGHT)
+        h.sampler.sample()
+        while h.elasticity.current > 0:
+            await asyncio.sleep(0.005)
+        stream = aeng.add_request(prompt(8), FULL, greedy(3), "pinned-full")
+        before = steps["n"]
+        await asyncio.sleep(0.3)
+        waited = steps["n"] - before
+        assert "pinned-full" in h.scheduler.requests and not h.scheduler.running
+        h.probe.set_free(ROOMY)
+        h.sampler.sample()
+
+        async def uploads():  # the background growths finish when their "upload" does
+            while True:
+                h.ffn.finish_resizes()
+                await asyncio.sleep(0.005)
+
+        uploading = asyncio.create_task(uploads())
+        outs = await asyncio.wait_for(drain(stream), 10)
+        uploading.cancel()
+        await aeng.stop()
+        return waited, outs
+
+    waited, outs = asyncio.run(main())
+    # 0.3 s at one retry per 20 ms is ~15 steps (plus the idle ticks before the add); a loop
+    # that spins makes thousands of empty steps in that time on any machine.
+    assert waited < 100, waited
+    assert outs[-1].finish_reason == "length" and len(tokens(outs)) == 3
