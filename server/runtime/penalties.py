@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.runtime.row_gather import gather_rows, scatter_rows_
+
 _F32_MAX = torch.finfo(torch.float32).max
 
 
@@ -123,7 +125,7 @@ class PenaltyTable:
         src = torch.where(cols < n[:, None], cols, 0)
         at = (slots[:, None], src)
         ids = self.ids[at]
-        v = x[rows[:, None], ids].float()
+        v = gather_rows(x, rows, ids).float()
         v = torch.where(self.blocked[at] & min_tokens_active[:, None], float("-inf"), v)
         v = v + self.bias[at]
         rep = repetition[:, None]
@@ -134,7 +136,7 @@ class PenaltyTable:
         v = v - (frequency[:, None] * count + presence[:, None] * (count > 0))
         # A tiny repetition penalty can overflow a positive logit to +inf, which would make the
         # weights NaN; the largest float keeps the token on top and the maths finite.
-        x[rows[:, None], ids] = v.clamp(max=_F32_MAX).to(x.dtype)
+        scatter_rows_(x, rows, ids, v.clamp(max=_F32_MAX))
 
     def record(
         self, slots: torch.Tensor, tokens: torch.Tensor, ok: torch.Tensor, width: int

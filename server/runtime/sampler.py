@@ -30,10 +30,11 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     desc, id asc) through int64 keys, so ties break to the lower id whatever the kernel does.
   - top_k rows (k <= vocabulary) work on their top-k candidates only: temperature, top_p over the
     top-k mass, min_p and the draw are [rows, k] operations.
-  - Rows without top_k need the whole distribution: one pass writes exp2((x - max) * log2(e) / T)
-    into a reused buffer and block sums of it. Temperature/min_p rows draw by a two-or-more-level
-    exponential race (a block in proportion to its mass, then a token within it), exact and with
-    random numbers for O(blocks/64 + 64 + block) items per row rather than the vocabulary.
+  - Rows without top_k need the whole distribution: three in-place passes write
+    exp2((x - max) * log2(e) / T) into a reused buffer, and one more its block sums (min_p adds
+    one threshold pass). They draw by an exponential race over levels (a group of blocks in
+    proportion to its mass, a block within it, a token within that): exact, with random numbers
+    for about 3 x 64 items per row rather than the vocabulary.
   - top_p without top_k: the top `nucleus_candidates` tokens settle the nucleus when their mass
     reaches top_p of the total (they hold it exactly); rows they do not settle draw by exact
     rejection with a moving pivot (FlashInfer's idea): draw from the remaining mass, accept when
@@ -71,6 +72,7 @@ import torch
 
 from server.runtime.counter_random import MAX_INDEX, race, row_key
 from server.runtime.penalties import Entry, PenaltyTable
+from server.runtime.row_gather import gather_rows
 from server.vocabulary.sampling_params import SamplingParams
 
 LOG2E = 1.0 / math.log(2.0)
@@ -215,23 +217,26 @@ class Sampler:
             fail = torch.where((fail == 0) & (bm.amax(dim=1) == NEG_INF), 3, fail)
         host = torch.tensor([row_key(s.seed, s.num_generated) for s in states], dtype=torch.long)
         keys = host.to(dev, non_blocking=True)
-        lo, hi = keys[:, 0], keys[:, 1]
         params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
         tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        step = _Step(x, bm, params, keys[:, 0], keys[:, 1], fail, B)
 
         if plan.greedy:
-            rows = _index(plan.greedy, dev)
-            tokens[rows] = _first_argmax(x, bm, rows, self.block)
+            rows = step.rows(plan.greedy)
+            tokens[rows.index] = _first_argmax(x, bm, rows, self.block)
         if plan.top_k:
-            rows = _index(plan.top_k, dev)
+            rows = step.rows(plan.top_k)
             k = max(states[r].params.top_k for r in plan.top_k)
-            tokens[rows] = self._sample_top_k(x, bm, rows, k, params, lo, hi)
+            tokens[rows.index] = self._sample_top_k(step, rows, k)
         if plan.full or plan.nucleus:
-            self._sample_whole(x, bm, plan, params, lo, hi, tokens, fail)
+            self._sample_whole(step, plan, tokens)
+        packed, width = self._pack(raw, raw_bm, raw_max, states, plan, tokens, fail)
+        values = packed.tolist()  # the step's one device->host copy
+        # State advances last: a step that raised before here (e.g. out of memory, which the
+        # engine retries) has changed nothing.
         if plan.tracked:
             self._record(states, plan.tracked, tokens, fail == 0)
-        packed, width = self._pack(raw, raw_bm, raw_max, states, plan, tokens, fail)
-        return _results(packed.tolist(), width, states)  # the step's one device->host copy
+        return _results(values, width, states)
 
     def record(self, states: Sequence[SamplerState], token_ids: Sequence[int]) -> None:
         """Count tokens as generated without sampling them (one per state; e.g. tokens a caller
@@ -277,24 +282,29 @@ class Sampler:
         bs = self.block
         return x.reshape(x.shape[0], self.text_vocab_size // bs, bs).amax(dim=2)
 
-    def _buffer(self, name: str, rows: int, device: torch.device) -> torch.Tensor:
-        """A reused float32 [rows, vocabulary] scratch tensor. Reuse matters on a CPU, where a
-        fresh vocabulary-sized allocation costs more in page faults than the arithmetic."""
+    def _buffer(
+        self, name: str, rows: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """A reused [rows, vocabulary] scratch tensor, grown to the largest batch seen. Reuse
+        matters on a CPU, where a fresh vocabulary-sized allocation costs more in page faults
+        than the arithmetic written to it; on an accelerator it keeps the step's memory flat."""
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < rows or buf.device != device:
             size = max(rows, buf.shape[0] if buf is not None else 0)
-            buf = torch.empty(size, self.text_vocab_size, dtype=torch.float32, device=device)
+            buf = torch.empty(size, self.text_vocab_size, dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:rows]
 
-    def _rows_into(self, buf: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, every: bool):
-        """buf <- x[rows] as float32, without an intermediate copy where torch allows."""
-        if every:
-            buf.copy_(x)
-        elif x.dtype == torch.float32:
-            torch.index_select(x, 0, rows, out=buf)
+    def _shifted(self, w: torch.Tensor, x: torch.Tensor, rows: _Rows, shift: torch.Tensor):
+        """w <- x[rows] - shift[:, None] as float32, in one pass where torch allows."""
+        if rows.every:
+            torch.sub(x, shift[:, None], out=w)
+            return
+        if x.dtype == torch.float32:
+            torch.index_select(x, 0, rows.index, out=w)
         else:
-            buf.copy_(x.index_select(0, rows))
+            w.copy_(x.index_select(0, rows.index))
+        w.sub_(shift[:, None])
 
     def _processed(self, raw, raw_bm, states, plan) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 3-5 on a float32 copy when any row has adjustments this step; else the raw
@@ -329,118 +339,133 @@ class Sampler:
         )
         return x, self._block_max(x)
 
-    def _sample_top_k(self, x, bm, rows, k, params, lo, hi) -> torch.Tensor:
+    def _sample_top_k(self, step: _Step, rows: _Rows, k: int) -> torch.Tensor:
         """Rows with top_k: temperature, top_p, min_p and the draw on their top-k candidates."""
-        ids, vals = _top_candidates(x, bm, rows, k, self.block)
-        p = params.index_select(0, rows)
+        ids, vals = _top_candidates(step.x, step.bm, rows, k, self.block)
+        p = rows.pick(step.params)
         z = _tempered(vals, vals[:, :1], p)
-        keep = torch.arange(ids.shape[1], device=x.device) < p[:, _TOP_K, None]
+        keep = torch.arange(ids.shape[1], device=ids.device) < p[:, _TOP_K, None]
         w = torch.where(keep, torch.exp2(z), 0.0)
         keep &= _nucleus_keep(w, w.sum(dim=1, keepdim=True), p)
         keep &= z >= p[:, _LOG2_MIN_P, None]
-        choice = race(torch.where(keep, w, 0.0), lo[rows], hi[rows], _CANDIDATES, ids)
-        return ids.gather(1, choice[:, None]).squeeze(1)
+        lo, hi = rows.pick(step.lo), rows.pick(step.hi)
+        choice = race(torch.where(keep, w, 0.0), lo, hi, _CANDIDATES, ids)
+        return ids.gather(1, choice[:, None])[:, 0]
 
-    def _sample_whole(self, x, bm, plan, params, lo, hi, tokens, fail) -> None:
-        """Rows without top_k: temperature, min_p and top_p over the whole vocabulary."""
-        dev, V, bs = x.device, self.text_vocab_size, self.block
-        order = sorted(plan.full + plan.nucleus)
-        R = len(order)
-        rows = _index(order, dev)
-        p = params.index_select(0, rows)
+    def _sample_whole(self, step: _Step, plan: _Plan, tokens: torch.Tensor) -> None:
+        """Rows without top_k: temperature, min_p and top_p over the whole vocabulary, weights in
+        one buffer whose rows are: full rows with min_p, full rows without, nucleus rows."""
+        x, dev, V, bs = step.x, step.x.device, self.text_vocab_size, self.block
+        with_min_p = [r for r in plan.full if r in plan.min_p]
+        order = with_min_p + [r for r in plan.full if r not in plan.min_p] + plan.nucleus
+        rows = step.rows(order)
+        R, n_min_p, n_full = len(order), len(with_min_p), len(plan.full)
+        p = rows.pick(step.params)
+        m = rows.pick(step.bm).amax(dim=1).float()
         w = self._buffer("weights", R, dev)
-        self._rows_into(w, x, rows, order == list(range(x.shape[0])))
-        m = bm.index_select(0, rows).amax(dim=1).float()
-        # z = (x - max) * log2(e) / T: exactly 0 at the top, so no temperature overflows it.
-        w.sub_(m[:, None]).mul_(p[:, _C].float()[:, None])
-        full = set(plan.full)
-        in_full = [i for i, r in enumerate(order) if r in full]
-        if plan.full_min_p:
-            # min_p where the whole distribution is drawn from: drop z < log2(min_p) before the
-            # weights. Nucleus rows apply it by acceptance: their total must stay unfiltered.
-            is_full = _index([r in full for r in order], dev).bool()
-            lmp = torch.where(is_full, p[:, _LOG2_MIN_P], NEG_INF).float()
-            w.masked_fill_(w < lmp[:, None], NEG_INF)
-        w.exp2_()
+        if n_min_p:
+            # min_p for rows drawn from the whole distribution, as a threshold on x: p_i >=
+            # min_p * p_max <=> x_i >= max + T ln(min_p). Shifting by that threshold instead of
+            # the max scales the row's weights by 1 / min_p, which no draw can tell apart.
+            shift = m + p[:, _MIN_P_SHIFT].float()
+            self._shifted(w, x, rows, shift)
+            _keep_non_negative_(w[:n_min_p])
+        else:
+            self._shifted(w, x, rows, m)
+        # z = (x - shift) * log2(e) / T: exactly 0 at the shift, so no temperature overflows it.
+        w.mul_(p[:, _C, None].float()).exp2_()
         sums = w.view(R, V // bs, bs).sum(dim=2)
-        if in_full:
-            sel = _index(in_full, dev)
-            r = rows.index_select(0, sel)
-            tokens[r] = _block_race(w, sel, sums.index_select(0, sel), lo[r], hi[r], _FULL, bs)
+        lo, hi = rows.pick(step.lo), rows.pick(step.hi)
+        if n_full:
+            full = slice(0, n_full)
+            tokens[rows.index[full]] = _block_race(
+                w[full], None, sums[full], lo[full], hi[full], _FULL, bs
+            )
         if plan.nucleus:
-            nuc = _index([i for i, r in enumerate(order) if r not in full], dev)
-            tokens[rows.index_select(0, nuc)] = self._sample_nucleus(
-                x, bm, w, sums, rows, nuc, p.index_select(0, nuc), lo, hi, fail
+            nuc = slice(n_full, R)
+            tokens[rows.index[nuc]] = self._sample_nucleus(
+                step, step.rows(plan.nucleus), w[nuc], sums[nuc], p[nuc], lo[nuc], hi[nuc]
             )
 
-    def _sample_nucleus(self, x, bm, w, sums, rows, nuc, p, lo, hi, fail) -> torch.Tensor:
-        """top_p rows without top_k (unfiltered weights in w[nuc]): candidates first, then exact
+    def _sample_nucleus(self, step, rows: _Rows, w, sums, p, lo, hi) -> torch.Tensor:
+        """top_p rows without top_k (their unfiltered weights in w): candidates first, then exact
         rejection for the rows whose nucleus the candidates do not hold."""
-        r = rows.index_select(0, nuc)
-        ids, vals = _top_candidates(x, bm, r, self.nucleus_candidates, self.block)
+        ids, vals = _top_candidates(step.x, step.bm, rows, self.nucleus_candidates, self.block)
         # The candidates' weights are read from w, so they are the very terms of the total.
-        wc = w[nuc[:, None], ids].double()
-        total = sums.index_select(0, nuc).double().sum(dim=1, keepdim=True)
+        wc = w.gather(1, ids).double()
+        total = sums.double().sum(dim=1)
         z = _tempered(vals, vals[:, :1], p)
-        keep = _nucleus_keep(wc, total, p) & (z >= p[:, _LOG2_MIN_P, None])
-        choice = race(torch.where(keep, wc, 0.0), lo[r], hi[r], _CANDIDATES, ids)
-        out = ids.gather(1, choice[:, None]).squeeze(1)
+        keep = _nucleus_keep(wc, total[:, None], p) & (z >= p[:, _LOG2_MIN_P, None])
+        choice = race(torch.where(keep, wc, 0.0), lo, hi, _CANDIDATES, ids)
+        out = ids.gather(1, choice[:, None])[:, 0]
         # Settled: the candidates' mass reaches top_p of the total, so the first token outside
-        # the nucleus is a candidate and everything after it is outside too.
-        unsettled = (wc.sum(dim=1) < p[:, _TOP_P] * total[:, 0]) & (fail.index_select(0, r) == 0)
-        todo = unsettled.nonzero().squeeze(1)
+        # the nucleus is a candidate, and everything after it is outside too.
+        unsettled = (wc.sum(dim=1) < p[:, _TOP_P] * total) & (rows.pick(step.fail) == 0)
+        todo = unsettled.nonzero()[:, 0]
         if todo.numel():  # the host read named in the module docstring
-            at = nuc.index_select(0, todo)
+            at = rows.index.index_select(0, todo)
             out[todo] = self._reject(
-                x.index_select(0, rows.index_select(0, at)).float(),
-                w.index_select(0, at),
+                step.x,
+                at,
+                w.index_select(0, todo),
                 ids.index_select(0, todo),
                 p.index_select(0, todo),
-                total.index_select(0, todo)[:, 0],
-                lo[r[todo]],
-                hi[r[todo]],
+                total.index_select(0, todo),
+                lo.index_select(0, todo),
+                hi.index_select(0, todo),
             )
         return out
 
-    def _reject(self, x, w, candidates, p, total, lo, hi) -> torch.Tensor:
-        """Exact top_p (and min_p) draws for rows whose nucleus holds all their candidates and
-        more: draw j from w; accept when the mass strictly before j (logit desc, id asc) is below
-        top_p * total and j passes min_p; else narrow w to the tokens before j, which contain the
-        accepted set, and draw again. Each round accepts with probability >= top_p, and the top
-        token is always accepted, so the loop ends. x and w are [U, V] copies."""
-        U, V, bs = x.shape[0], self.text_vocab_size, self.block
-        dev = x.device
-        m = x.amax(dim=1, keepdim=True)
+    def _reject(self, x, at, w0, candidates, p, total, lo, hi) -> torch.Tensor:
+        """Exact top_p (and min_p) draws for batch rows `at` whose nucleus holds all their
+        candidates and more: draw j in proportion to the weights; accept when j passes min_p and
+        the mass strictly before j (logit desc, id asc) is below top_p * total; else narrow the
+        weights to the tokens before j, which still hold the accepted set, and draw again. Each
+        round accepts with probability >= top_p, and the top token is always accepted, so the
+        loop ends. w0 holds the rows' unfiltered weights."""
+        U, V, bs, dev = at.numel(), self.text_vocab_size, self.block, x.device
+        xs = self._buffer("reject_x", U, dev)
+        if x.dtype == torch.float32:
+            torch.index_select(x, 0, at, out=xs)
+        else:
+            xs.copy_(x.index_select(0, at))
+        ws, spare = self._buffer("reject_w", U, dev), self._buffer("reject_spare", U, dev)
+        ws.copy_(w0)
+        before = self._buffer("reject_before", U, dev, torch.bool)
+        tie = self._buffer("reject_tie", U, dev, torch.bool)
         ids = torch.arange(V, device=dev)
+        m = xs.amax(dim=1, keepdim=True)
         out = torch.zeros(U, dtype=torch.long, device=dev)
-        live = torch.arange(U, device=dev)
+        live = torch.arange(U, device=dev)  # batch position of each buffer row still drawing
         for round_ in range(V + 1):
             n = live.numel()
-            sums = w.view(n, V // bs, bs).sum(dim=2)
-            # A stream per round (the key's low bits carry rounds past the streams available).
+            xl, wl, bl, tl = xs[:n], ws[:n], before[:n], tie[:n]
+            sums = wl.view(n, V // bs, bs).sum(dim=2)
+            # A stream per round; past the streams available, the key's low bits carry the round.
             stream = _REJECT + 8 * (round_ % _REJECT_STREAMS)
             salt = round_ // _REJECT_STREAMS
-            j = _block_race(w, torch.arange(n, device=dev), sums, lo ^ salt, hi, stream, bs)
-            xl = x.index_select(0, live)
+            j = _block_race(wl, None, sums, lo ^ salt, hi, stream, bs)
             xj = xl.gather(1, j[:, None])
-            before = (xl > xj) | ((xl == xj) & (ids < j[:, None]))
-            narrowed = w * before
+            # before = x > x_j, or x == x_j at a lower id: the tokens ahead of j.
+            torch.gt(xl, xj, out=bl)
+            torch.eq(xl, xj, out=tl)
+            tl &= ids < j[:, None]
+            bl |= tl
+            narrowed = torch.mul(wl, bl, out=spare[:n])
             mass = narrowed.view(n, V // bs, bs).sum(dim=2).double().sum(dim=1)
-            zj = _tempered(xj, m.index_select(0, live), p.index_select(0, live))[:, 0]
-            in_candidates = (candidates.index_select(0, live) == j[:, None]).any(dim=1)
-            accept = (in_candidates | (mass < p[live, _TOP_P] * total[live])) & (
-                zj >= p[live, _LOG2_MIN_P]
-            )
+            zj = _tempered(xj, m[:n], p)[:, 0]
+            in_candidates = (candidates == j[:, None]).any(dim=1)
+            accept = (in_candidates | (mass < p[:, _TOP_P] * total)) & (zj >= p[:, _LOG2_MIN_P])
             out[live] = torch.where(accept, j, out[live])
-            again = (~accept).nonzero().squeeze(1)
+            again = (~accept).nonzero()[:, 0]
             if not again.numel():
                 break
-            w, live, lo, hi = (
-                narrowed.index_select(0, again),
-                live.index_select(0, again),
-                lo.index_select(0, again),
-                hi.index_select(0, again),
-            )
+            # Rows drawing again move to the front of the buffers, with their narrowed weights.
+            xs[: again.numel()] = xl.index_select(0, again)
+            ws[: again.numel()] = narrowed.index_select(0, again)
+            m = m.index_select(0, again)
+            live, lo, hi = live[again], lo[again], hi[again]
+            candidates, p, total = candidates[again], p[again], total[again]
         return out
 
     def _record(self, states, tracked: list[int], tokens, ok) -> None:
@@ -462,34 +487,36 @@ class Sampler:
         out[:, 0] = tokens
         out[:, 1] = fail
         if plan.logprobs:
-            rows = _index(plan.logprobs, dev)
-            every = plan.logprobs == list(range(B))
-            lse = self._log_normalizer(raw, rows, raw_max.index_select(0, rows), every)
-            chosen = raw[rows, tokens.index_select(0, rows)].double()
-            out[rows, 2] = chosen - lse
+            rows = _Rows.of(plan.logprobs, B, dev)
+            lse = self._log_normalizer(raw, rows, rows.pick(raw_max))
+            chosen = gather_rows(raw, rows.index, rows.pick(tokens)[:, None])[:, 0].double()
+            out[rows.index, 2] = chosen - lse
             if k:
                 ids, vals = _top_candidates(raw, raw_bm, rows, k, self.block)
-                out[rows, 3 : 3 + k] = ids.double()
-                out[rows, 3 + k :] = vals.double() - lse[:, None]
+                out[rows.index, 3 : 3 + k] = ids.double()
+                out[rows.index, 3 + k :] = vals.double() - lse[:, None]
         return out, k
 
-    def _log_normalizer(self, raw, rows, m, every: bool) -> torch.Tensor:
+    def _log_normalizer(self, raw, rows: _Rows, m) -> torch.Tensor:
         """log sum exp of the raw logits of `rows`, float64 (step 2's normaliser)."""
         V, bs = self.text_vocab_size, self.block
-        w = self._buffer("weights", rows.numel(), raw.device)
-        self._rows_into(w, raw, rows, every)
-        w.sub_(m[:, None]).mul_(LOG2E).exp2_()
+        w = self._buffer("weights", rows.index.numel(), raw.device)
+        self._shifted(w, raw, rows, m)
+        w.mul_(LOG2E).exp2_()
         total = w.view(-1, V // bs, bs).sum(dim=2).double().sum(dim=1)
         return m.double() + torch.log(total)
 
 
 # ---- per-step plan and parameters ------------------------------------------------------------
 
-_C, _TOP_K, _TOP_P, _LOG2_MIN_P = range(4)  # columns of _row_params
+_C, _TOP_K, _TOP_P, _LOG2_MIN_P, _MIN_P_SHIFT = range(5)  # columns of _row_params
 # Random streams (counter_random), one per use so that no two uses share a number. A block race
 # uses stream + level (level < 8): rejection round r uses 2 + 8 (r % 24), whole-vocabulary draws
 # 200, candidate races 1.
 _CANDIDATES, _REJECT, _REJECT_STREAMS, _FULL = 1, 2, 24, 200
+# min_p below float32's smallest normal number is off: it could only drop tokens whose weights
+# float32 cannot hold apart from zero (and 1 / min_p would overflow the shifted weights).
+_MIN_P_FLOOR = 2.0**-126
 
 
 @dataclass
@@ -504,11 +531,11 @@ class _Plan:
     logprobs: list[int]
     adjusted: list[int]  # rows with logit adjustments this step
     tracked: list[int]  # rows whose penalties count generated tokens
-    full_min_p: bool  # some "full" row has min_p
+    min_p: set[int]  # rows with min_p
 
 
 def _plan(states: Sequence[SamplerState], vocab: int) -> _Plan:
-    plan = _Plan([], [], [], [], [], [], [], False)
+    plan = _Plan([], [], [], [], [], [], [], set())
     for r, s in enumerate(states):
         p = s.params
         if p.greedy:
@@ -519,8 +546,8 @@ def _plan(states: Sequence[SamplerState], vocab: int) -> _Plan:
             plan.nucleus.append(r)
         else:
             plan.full.append(r)
-            if p.min_p > 0:
-                plan.full_min_p = True
+        if p.min_p >= _MIN_P_FLOOR:
+            plan.min_p.add(r)
         if p.logprobs is not None:
             plan.logprobs.append(r)
         if s.slot is not None and s.static_entries + s.num_generated > 0:
@@ -531,17 +558,19 @@ def _plan(states: Sequence[SamplerState], vocab: int) -> _Plan:
 
 
 def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
-    """Per-row parameters as one host tensor [B, 4] (one copy to the device):
-    log2(e) / temperature, top_k (vocab when off), top_p, log2(min_p) (-inf when off). The
+    """Per-row parameters as one host tensor [B, 5] (one copy to the device): log2(e) / T,
+    top_k (vocab when off), top_p, log2(min_p) (-inf when off), T ln(min_p) (0 when off). The
     temperature factor and log2(min_p) are rounded to float32, the precision they are used in,
-    so every path compares against the same threshold."""
+    so every comparison of one row sees the same threshold."""
     rows = []
     for s in states:
         p = s.params
         c = min(LOG2E / p.temperature, _F32_MAX) if p.temperature > 0 else 0.0
         k = p.top_k if 0 < p.top_k < vocab else vocab
-        lmp = math.log2(p.min_p) if p.min_p > 0 else NEG_INF
-        rows.append([c, k, p.top_p, lmp])
+        on = p.min_p >= _MIN_P_FLOOR
+        lmp = math.log2(p.min_p) if on else NEG_INF
+        shift = p.temperature * math.log(p.min_p) if on else 0.0
+        rows.append([c, k, p.top_p, lmp, shift])
     out = torch.tensor(rows, dtype=torch.float64)
     out[:, _C] = out[:, _C].float().double()
     out[:, _LOG2_MIN_P] = out[:, _LOG2_MIN_P].float().double()
@@ -549,7 +578,44 @@ def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
 
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    return torch.tensor(list(values), dtype=torch.long).to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Some rows of the batch: the device index, and whether it is every row in order (then
+    per-row tensors are used as they are, with no index_select)."""
+
+    index: torch.Tensor
+    every: bool
+
+    @classmethod
+    def of(cls, positions: Sequence[int], batch: int, device: torch.device) -> _Rows:
+        return cls(_index(positions, device), list(positions) == list(range(batch)))
+
+    def pick(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.every else t.index_select(0, self.index)
+
+    @property
+    def gather_index(self) -> torch.Tensor | None:
+        return None if self.every else self.index
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What every path of one step reads: processed logits, their block maxima, per-row
+    parameters and random keys, failure codes."""
+
+    x: torch.Tensor
+    bm: torch.Tensor
+    params: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    fail: torch.Tensor
+    batch: int
+
+    def rows(self, positions: Sequence[int]) -> _Rows:
+        return _Rows.of(positions, self.batch, self.x.device)
 
 
 # ---- batched building blocks -------------------------------------------------------------------
@@ -568,40 +634,51 @@ def _nucleus_keep(w: torch.Tensor, total: torch.Tensor, p: torch.Tensor) -> torc
     return (before < p[:, _TOP_P, None] * total) | (p[:, _TOP_P, None] >= 1)
 
 
+def _keep_non_negative_(w: torch.Tensor) -> None:
+    """w[w < 0] = -inf, in place, in one pass (`threshold_` keeps values above its threshold; the
+    largest negative float32 is the last value below zero)."""
+    torch.nn.functional.threshold_(w, -(2.0**-149), NEG_INF)
+
+
 def _order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Tensor:
     """int64 keys ordered like (value desc, id asc) under a descending sort: the float32 bits
     made order-preserving, then the id reversed in the low bits. Exact, so ties never depend on
-    a kernel's choice."""
-    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip magnitude bits
-    return key * (1 << max_id.bit_length()) + (max_id - ids)
+    a kernel's choice. In place after the first copy (these are the step's largest small tensors).
+    """
+    key = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    magnitude = key >> 31  # -1 for negative floats, 0 otherwise
+    magnitude &= 0x7FFFFFFF
+    key ^= magnitude  # negative floats: flip the magnitude bits, so larger floats sort higher
+    key *= 1 << max_id.bit_length()
+    key -= ids
+    key += max_id
+    return key
 
 
-def _top_candidates(x, bm, rows, k, bs) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_candidates(x, bm, rows: _Rows, k: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k highest logits of each row in `rows`, ordered by (logit desc, id asc): ids [R, k]
     and float32 values. They lie in the row's k blocks with the highest maxima (ordered the same
     way): each such block holds an element at least as large as any element of a later block."""
-    R, nb = rows.numel(), bm.shape[1]
+    nb = bm.shape[1]
     V = nb * bs
     k = min(k, V)
     dev = x.device
-    block_ids = torch.arange(nb, device=dev)
-    top_blocks = _order_keys(bm.index_select(0, rows), block_ids, nb - 1)
-    blocks = top_blocks.topk(min(k, nb), dim=1).indices
-    ids = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(R, -1)
-    vals = x[rows[:, None], ids].float()
+    block_keys = _order_keys(rows.pick(bm), torch.arange(nb, device=dev), nb - 1)
+    blocks = block_keys.topk(min(k, nb), dim=1).indices
+    ids = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
+    vals = gather_rows(x, rows.gather_index, ids).float()
     pos = _order_keys(vals, ids, V - 1).topk(k, dim=1).indices
     return ids.gather(1, pos), vals.gather(1, pos)
 
 
-def _first_argmax(x, bm, rows, bs) -> torch.Tensor:
+def _first_argmax(x, bm, rows: _Rows, bs: int) -> torch.Tensor:
     """The lowest id holding each row's maximum: the first block whose maximum is the row's,
     then the first position in it that holds it."""
-    b = bm.index_select(0, rows)
+    b = rows.pick(bm)
     top = b.amax(dim=1, keepdim=True)
     block = (b == top).to(torch.uint8).argmax(dim=1)
     ids = block[:, None] * bs + torch.arange(bs, device=x.device)
-    first = (x[rows[:, None], ids] == top).to(torch.uint8).argmax(dim=1)
+    first = (gather_rows(x, rows.gather_index, ids) == top).to(torch.uint8).argmax(dim=1)
     return block * bs + first
 
 
@@ -610,11 +687,12 @@ _FAN_OUT = 64
 
 def _block_race(w, sel, sums, lo, hi, stream: int, bs: int) -> torch.Tensor:
     """One token per selected row of the weights w [*, V], drawn in proportion to w: a race over
-    the groups of blocks, then over the blocks of the winning group, ..., then over the tokens of
-    the winning block. Each level picks a child with probability child mass / sibling mass, so a
-    token wins with probability w_i / sum(w). `sums` [S, V / bs] are the rows' block sums; `sel`
-    [S] picks w's rows. Random numbers: stream + level, indexed by global block or token id."""
-    S, dev = sel.numel(), w.device
+    groups of blocks, then over the blocks of the winning group, ..., then over the tokens of the
+    winning block. Each level picks a child with probability child mass / sibling mass, so a token
+    wins with probability w_i / sum(w). `sums` [S, V / bs] are the rows' block sums; `sel` [S]
+    picks w's rows (None: all, in order). Random numbers: stream + level, indexed by global block
+    or token id."""
+    S, dev = sums.shape[0], sums.device
     levels = [sums.double()]
     while levels[-1].shape[1] > _FAN_OUT:
         s = levels[-1]
@@ -631,7 +709,7 @@ def _block_race(w, sel, sums, lo, hi, stream: int, bs: int) -> torch.Tensor:
         mass = torch.where(children < s.shape[1], s.gather(1, inside), 0.0)
         node = children.gather(1, race(mass, lo, hi, stream + level + 1, children)[:, None])[:, 0]
     tokens = node[:, None] * bs + torch.arange(bs, device=dev)
-    mass = w[sel[:, None], tokens].double()
+    mass = gather_rows(w, sel, tokens).double()
     return tokens.gather(1, race(mass, lo, hi, stream, tokens)[:, None])[:, 0]
 
 
