@@ -53,6 +53,9 @@ class ServerConfig:
     """Prompt plus output tokens at most; none: the checkpoint's context length."""
     ffn_mode: str = "auto"
     """Mixed FFN widths in a step: grouped, masked, or auto (measured)."""
+    sampling_defaults: str = "generation_config"
+    """What a request gets for sampling fields it leaves unset: generation_config (the
+    checkpoint's generation_config.json over OpenAI's defaults, as vLLM does) or openai."""
     custom_subnets: str | None = "subnets/custom.yaml"
     """Custom subnets YAML (relative to this file); none: official subnets only."""
     host: str = "127.0.0.1"
@@ -113,6 +116,11 @@ class ServerConfig:
             )
         if self.ffn_mode not in ("auto", "grouped", "masked"):
             raise ConfigError(f"ffn_mode must be auto, grouped or masked, not {self.ffn_mode!r}")
+        if self.sampling_defaults not in ("generation_config", "openai"):
+            raise ConfigError(
+                "sampling_defaults must be generation_config or openai, "
+                f"not {self.sampling_defaults!r}"
+            )
         if self.subnet_policy not in ("sla", "largest-fits", "fixed"):
             raise ConfigError(
                 f"subnet_policy must be sla, largest-fits or fixed, not {self.subnet_policy!r}"
