@@ -36,21 +36,38 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     proportion to its mass, a block within it, a token within that): exact, with random numbers
     for about 3 x 64 items per row rather than the vocabulary.
   - top_p without top_k: the top `nucleus_candidates` tokens settle the nucleus when their mass
-    reaches top_p of the total (they hold it exactly); rows they do not settle draw by exact
-    rejection with a moving pivot (FlashInfer's idea): draw from the remaining mass, accept when
-    the mass strictly before the drawn token is below top_p, else keep only tokens before it and
-    draw again. Each round accepts with probability >= top_p. Deciding which rows need it reads
-    one flag per such row back to the host.
+    reaches top_p of the total (they hold it exactly, and the draw is over them); rows they do not
+    settle draw by exact rejection with a moving pivot (FlashInfer's idea, here over the block
+    race): draw from the remaining mass, accept when the mass strictly before the drawn token is
+    below top_p of the total, else keep only the tokens before it and draw again. Each round
+    accepts with probability >= top_p.
   - Randomness is counter-based (counter_random.py): a pure function of (seed, tokens generated so
     far, stream, token or block index), so a seeded request draws the same tokens whatever else is
     in the batch and wherever its row is; unseeded requests get a random seed at registration.
   - One device->host copy per step: ids, failure codes and requested logprobs packed in one
-    float64 tensor (plus the flag above, only with vocabulary-wide top_p rows).
+    float64 tensor. Steps with top_p-without-top_k rows read one more flag vector (which rows the
+    candidates settle), and one per rejection round when some row needs them.
 
 Exactness: every path samples exactly the filtered distribution (up to float rounding of the
 weights). Bitwise batch invariance needs each row's arithmetic to be the same whatever the batch:
-elementwise ops and per-row reductions are; on the CPU this holds for 1 and 2 threads with a
-vocabulary that is a multiple of 64 (no kernel splits a row at an odd offset). Tests check it.
+elementwise ops, exact selections (block maxima, int64-keyed top-k, argmax) and the per-row sums
+over 64-id blocks. On the CPU the last hold for 1 and 2 threads with a vocabulary that is a
+multiple of 64 (no kernel splits a row at an odd offset), which the tests check. On CUDA they
+hold as long as torch reduces a [B, n, 64] tensor's last dim the same way for every B, which this
+build could not check; a difference would change a draw only when two blocks' races tie within
+rounding.
+
+Where this differs from vLLM and FlashInfer, and why:
+  - min_p comes after top_k/top_p (this sampler's order before issue 11, kept); vLLM applies it
+    first, so its top_p sees the min_p-filtered distribution.
+  - Greedy means temperature 0 exactly (vLLM: below 1e-5); a tiny temperature samples, and picks
+    the top token unless others lie within rounding of it.
+  - Ties in top_k/top_p and in the top logprobs go to the lower id; vLLM's sort and FlashInfer's
+    pivots leave their order to the kernel, which batch invariance cannot afford.
+  - Noise is keyed by tokens generated so far, not by position in the sequence (vLLM V2), so a
+    request's draws do not move with its prompt length.
+  - top_p without top_k is exact for any distribution (candidates, then rejection); vLLM's
+    PyTorch fallback sorts the vocabulary, and its FlashInfer path cannot take per-request seeds.
 
 Errors: non-finite model logits (NaN or +inf, or no finite logit at all) and min_tokens masking
 every token are per-row failures. They never stop the other rows: `sample` finishes every row,

@@ -213,8 +213,9 @@ def test_sampled_frequencies_match_the_filtered_distribution(name: str) -> None:
     probs = oracle(BASE, params)
     counts = draws(BASE, params, sampler=sampler)
     assert chi_square_pvalue(counts, probs) > ALPHA, (name, counts)
-    # Every id the distribution keeps with a real chance (>= 5 expected draws) is drawn.
-    assert {i for i in range(V) if probs[i] * 4000 >= 5} <= set(counts)
+    # Every id the distribution keeps with 20 expected draws or more is drawn (a correct sampler
+    # misses one with probability e^-20 per id).
+    assert {i for i in range(V) if probs[i] * 4000 >= 20} <= set(counts)
 
 
 def test_the_frequency_test_has_power() -> None:
@@ -508,7 +509,9 @@ def test_logprobs_come_from_the_raw_logits() -> None:
         assert [t for t, _ in r.top_logprobs] == want.topk(5).indices.tolist()
         lps = [lp for _, lp in r.top_logprobs]
         assert lps == sorted(lps, reverse=True)
-        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), want.topk(5).values)
+        torch.testing.assert_close(
+            torch.tensor(lps, dtype=torch.float64), want.topk(5).values, rtol=0, atol=1e-5
+        )
 
 
 def test_logprobs_zero_gives_only_the_chosen_token() -> None:
