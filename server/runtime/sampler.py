@@ -95,7 +95,7 @@ from server.vocabulary.sampling_params import SamplingParams
 LOG2E = 1.0 / math.log(2.0)
 NEG_INF = float("-inf")
 MAX_BLOCK = 64  # ids per block of the block maxima / block sums (and fan-out of the block race)
-NUCLEUS_CANDIDATES = 128  # top_p without top_k: candidates that usually settle the nucleus
+NUCLEUS_CANDIDATES = 64  # top_p without top_k: candidates that usually settle the nucleus
 _F32_MAX = torch.finfo(torch.float32).max
 _FAIL_MESSAGES = {
     1: "the model's logits contain NaN or +inf",
@@ -317,11 +317,15 @@ class Sampler:
         if rows.every:
             torch.sub(x, shift[:, None], out=w)
             return
+        self._copy_rows(w, x, rows)
+        w.sub_(shift[:, None])
+
+    @staticmethod
+    def _copy_rows(w: torch.Tensor, x: torch.Tensor, rows: _Rows) -> None:
         if x.dtype == torch.float32:
             torch.index_select(x, 0, rows.index, out=w)
         else:
             w.copy_(x.index_select(0, rows.index))
-        w.sub_(shift[:, None])
 
     def _processed(self, raw, raw_bm, states, plan) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 3-5 on a float32 copy when any row has adjustments this step; else the raw
@@ -384,12 +388,14 @@ class Sampler:
             # min_p for rows drawn from the whole distribution, as a threshold on x: p_i >=
             # min_p * p_max <=> x_i >= max + T ln(min_p). Shifting by that threshold instead of
             # the max scales the row's weights by 1 / min_p, which no draw can tell apart.
-            shift = m + p[:, _MIN_P_SHIFT].float()
-            self._shifted(w, x, rows, shift)
+            head = rows.split(0, n_min_p)
+            shift = m[:n_min_p] + p[:n_min_p, _MIN_P_SHIFT].float()
+            self._shifted(w[:n_min_p], x, head, shift)
             _keep_non_negative_(w[:n_min_p])
-        else:
-            self._shifted(w, x, rows, m)
-        # z = (x - shift) * log2(e) / T: exactly 0 at the shift, so no temperature overflows it.
+        # The rest: shift by the max (subtracting first keeps the product finite however large
+        # the logits or small the temperature: x * c - m * c could be inf - inf).
+        self._shifted(w[n_min_p:], x, rows.split(n_min_p, R), m[n_min_p:])
+        # exp2((x - shift) * log2(e) / T): at most 1 / min_p <= 2^126, so none overflows.
         w.mul_(p[:, _C, None].float()).exp2_()
         sums = w.view(R, V // bs, bs).sum(dim=2)
         lo, hi = rows.pick(step.lo), rows.pick(step.hi)
@@ -613,6 +619,11 @@ class _Rows:
     def pick(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.every else t.index_select(0, self.index)
 
+    def split(self, start: int, stop: int) -> _Rows:
+        """The rows at positions [start, stop) of this set (every row only if that is all)."""
+        whole = self.every and start == 0 and stop == self.index.numel()
+        return _Rows(self.index[start:stop], whole)
+
     @property
     def gather_index(self) -> torch.Tensor | None:
         return None if self.every else self.index
@@ -652,9 +663,12 @@ def _nucleus_keep(w: torch.Tensor, total: torch.Tensor, p: torch.Tensor) -> torc
 
 
 def _keep_non_negative_(w: torch.Tensor) -> None:
-    """w[w < 0] = -inf, in place, in one pass (`threshold_` keeps values above its threshold; the
-    largest negative float32 is the last value below zero)."""
-    torch.nn.functional.threshold_(w, -(2.0**-149), NEG_INF)
+    """w[w < 0] = -inf, in place, in one pass (`threshold_` keeps values above its threshold).
+    The threshold is minus the smallest normal float32 rather than minus the smallest subnormal,
+    which flush-to-zero modes would read as -0 (dropping exact zeros, the max itself when min_p
+    is 1); a difference of two floats lands strictly between the two only when both are below
+    ~1e-31."""
+    torch.nn.functional.threshold_(w, -torch.finfo(torch.float32).tiny, NEG_INF)
 
 
 def _order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Tensor:
