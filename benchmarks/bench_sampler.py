@@ -37,6 +37,7 @@ import importlib.util
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def baseline_module():
     spec = importlib.util.spec_from_file_location("baseline_sampler", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
