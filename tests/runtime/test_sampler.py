@@ -186,6 +186,17 @@ def test_bfloat16_logits_and_extra_width_accepted() -> None:
     assert r.token_id == int(logits[0, :V].float().argmax())
     r = SAMPLER.sample(logits, [state(top_k=4, top_p=0.9, seed=1, logprobs=2)])[0]
     assert r.token_id in logits[0, :V].float().topk(4).indices.tolist()
+    # Every path takes bf16 (the accelerator's logits) and draws what float32 logits would.
+    params = [
+        SamplingParams(seed=2),
+        SamplingParams(top_p=0.6, seed=3),
+        SamplingParams(min_p=0.3, seed=4, logprobs=3),
+        SamplingParams(top_p=0.6, seed=5, repetition_penalty=1.2),
+    ]
+    for sampler in (SAMPLER, REJECTING):
+        half = sampler.sample(logits.expand(4, -1), [sampler.add_request(p) for p in params])
+        full = logits.float().expand(4, -1)
+        assert half == sampler.sample(full, [sampler.add_request(p) for p in params])
 
 
 # ---- exactness: sampled frequencies against the reference distribution --------------------------
