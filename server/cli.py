@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
     p = sub.add_parser("make-dev-model", help="write a random-weight Gemma 3n dev checkpoint")
-    p.add_argument("--preset", required=True, choices=["tiny", "mini", "bench"])
+    p.add_argument("--preset", required=True, choices=["tiny", "mini", "bench", "bench-262k"])
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_dev_model)

@@ -24,6 +24,7 @@ import yaml
 
 from policies.subnet_choice import SUBNET_POLICIES
 from server.vocabulary.compute import COMPUTE_DTYPES, FFN_MODE_CHOICES, check_choice
+from server.vocabulary.sampling_defaults import SOURCES as SAMPLING_SOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "server.yaml"
@@ -63,6 +64,9 @@ class ServerConfig:
     compile: bool = False
     """Compile decode steps (torch.compile, inductor; CUDA graphs on a GPU): one graph per batch
     and context bucket, compiled on first use (minutes on a CPU), every subnet mix served."""
+    sampling_defaults: str = "generation_config"
+    """What a request gets for sampling fields it leaves unset: generation_config (the
+    checkpoint's generation_config.json over OpenAI's defaults, as vLLM does) or openai."""
     custom_subnets: str | None = "subnets/custom.yaml"
     """Custom subnets YAML (relative to this file); none: official subnets only."""
     host: str = "127.0.0.1"
@@ -127,6 +131,7 @@ class ServerConfig:
             ("dtype", COMPUTE_DTYPES),
             ("ffn_mode", FFN_MODE_CHOICES),
             ("subnet_policy", tuple(SUBNET_POLICIES)),
+            ("sampling_defaults", SAMPLING_SOURCES),
         ):
             try:
                 check_choice(setting, getattr(self, setting), choices)

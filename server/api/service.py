@@ -30,6 +30,7 @@ from server.runtime.elastic import ElasticRuntime
 from server.telemetry.headroom import ProbeSampler, default_probe
 from server.telemetry.metrics import Metrics
 from server.tenancy import Tenancy, Tenant, load_tenancy, open_tenancy
+from server.vocabulary.sampling_defaults import SamplingDefaults
 from server.vocabulary.subnets import Subnet
 
 log = logging.getLogger("concentric")
@@ -59,15 +60,18 @@ class Service:
         self._load_task: asyncio.Task | None = None
         self.sampler: ProbeSampler | None = None
         self.elasticity: Elasticity | None = None
+        self.sampling_defaults = SamplingDefaults()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def check_config(self) -> None:
         """Fail fast on configuration errors (tenants, tiers, subnets) before loading weights."""
+        from server.checkpoint.generation_config import sampling_defaults
         from server.checkpoint.store import CheckpointStore
         from server.vocabulary.subnets import load_subnet_table
 
         store = CheckpointStore.open(self.checkpoint)
+        self.sampling_defaults = sampling_defaults(self.checkpoint, self.config.sampling_defaults)
         table = load_subnet_table(store.text, self._table_csv(), self._custom())
         if self.config.subnet_policy == "fixed" and self.config.fixed_subnet not in table:
             raise ValueError(

@@ -1,9 +1,9 @@
 """The model runner: one engine step as tensors, a forward pass, and one sampled token per sequence.
 
-Owns the K/V tensors, the per-request sampling state (kept across steps, so seeded requests draw
-from their own generator whatever else is batched with them), the choice between the two ways of
-running mixed FFN widths, and isolating failures: if a step fails, its sequences are retried one
-by one so that only the culprit gets an error.
+Owns the K/V tensors, the per-request sampling state (registered once; sampling runs batched on
+the logits' device, and a seeded request draws the same tokens whatever else is batched with it),
+the choice between the two ways of running mixed FFN widths, and isolating failures: if a step
+fails, its sequences are retried one by one so that only the culprit gets an error.
 
 FFN mode by measurement: with several widths in a step, "grouped" runs one GEMM per width on its
 rows (saves FLOPs: wins when compute-bound, e.g. prefill chunks) and "masked" one GEMM at the
@@ -83,8 +83,10 @@ class ModelRunner:
         self.text = text
         self.block_size = block_size
         self.kv = KVCache(text, num_blocks, block_size, model.w.dtype, model.w.device)
-        self.sampler = Sampler(text.vocab_size_per_layer_input)
         self.eos_token_ids = tuple(eos_token_ids)
+        self.sampler = Sampler(
+            text.vocab_size_per_layer_input, self.eos_token_ids, device=model.w.device
+        )
         self.states: dict[str, SamplerState] = {}
         self.keep_logits: set[str] = set()  # requests whose logits rows are returned
         self.ffn_mode = ffn_mode
@@ -101,15 +103,15 @@ class ModelRunner:
         keep_logits: bool = False,
     ) -> None:
         """Register a request's sampling parameters and prompt once, before its first step."""
-        self.states[request_id] = SamplerState(
-            params, prompt_ids, self.text.vocab_size_per_layer_input, self.eos_token_ids, "cpu"
-        )
+        self.states[request_id] = self.sampler.add_request(params, prompt_ids)
         if keep_logits:
             self.keep_logits.add(request_id)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's sampling state."""
-        self.states.pop(request_id, None)
+        state = self.states.pop(request_id, None)
+        if state is not None:
+            self.sampler.release(state)
         self.keep_logits.discard(request_id)
 
     def execute(self, seqs: Sequence[StepSequence]) -> StepResult:
@@ -157,18 +159,16 @@ class ModelRunner:
         for row, s in enumerate(sampled):
             if s.request_id in self.keep_logits:
                 result.logits[s.request_id] = logits[row].detach().clone()
-        # Sampling happens on the host: each request's generator lives there, so a seeded
-        # request draws the same numbers on any device; [B, vocab] is a small copy.
-        logits = logits.float().cpu()
+        # Sampling runs where the logits are; only the chosen ids and requested logprobs come
+        # back, and each state records its token (on the device) as part of sampling.
         try:
             samples: list[SampleResult | None] = list(self.sampler.sample(logits, states))
         except SamplingError as e:  # only the failed rows lose; the others' draws stand
             samples = e.results or [None] * len(sampled)
             for row, message in e.failures.items():
                 result.errors[sampled[row].request_id] = f"sampling failed: {message}"
-        for s, state, sample in zip(sampled, states, samples, strict=True):
+        for s, sample in zip(sampled, samples, strict=True):
             if sample is not None:
-                state.record(sample.token_id)
                 result.samples[s.request_id] = sample
         return result
 

@@ -68,6 +68,9 @@ class Preset:
     max_positions: int
     shards: int
     seed: int
+    # The dev tokenizer's size when smaller than text_vocab (None: the same). At 262144 ids its
+    # file is 58 MB and loads in tens of seconds; ids it lacks decode to nothing.
+    tokenizer_vocab: int | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -77,6 +80,12 @@ PRESETS: dict[str, Preset] = {
     "mini": Preset(256, 4, 1, 64, 1024, 32, 16, 4096, 512, 8192, 2, 2),
     # Benchmarks: ~640 MB, large enough that matrix work, not dispatch, dominates a CPU step.
     "bench": Preset(512, 8, 2, 64, 2048, 64, 32, 8192, 512, 8192, 4, 3),
+    # `bench` with Gemma 3n's real text vocabulary (262144 ids, logits 262400 wide), so that the
+    # LM head and the sampler weigh what they weigh on the real model: ~1.7 GB. Per-layer
+    # embeddings are 16 wide rather than 64, or their table (262144 x 35 x width) alone would be
+    # 2.3 GB; they are a row lookup per token, so the step costs nearly the same. The tokenizer
+    # stays at bench's 8192 ids.
+    "bench-262k": Preset(512, 8, 2, 64, 2048, 16, 32, 262144, 512, 8192, 4, 5, 8192),
 }
 # The real E4B's sizes (google/gemma-3n-E4B-it's text config). Not a `make-dev-model` preset: it is
 # written only with `TorchDraws` on an accelerator (benchmarks/gpu_e4b.py).
@@ -396,7 +405,7 @@ def make_dev_model(preset: str, out: str | Path, progress: bool = True) -> Path:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     draws = NumpyDraws(np.random.Generator(np.random.PCG64(p.seed)))
-    return write_dev_checkpoint(out, preset, p, draws, progress=progress)
+    return write_dev_checkpoint(out, preset, p, draws, p.tokenizer_vocab, progress=progress)
 
 
 def write_dev_checkpoint(
@@ -425,12 +434,17 @@ def _write_config_files(
 ) -> None:
     write_json(tmp / "config.json", checkpoint_config_dict(name, p, _DTYPE_NAMES[draws.dtype]))
     ids = DEV_TOKEN_IDS
+    # As google/gemma-3n-E4B-it's: the eos ids, and the sampling defaults a server applies to
+    # requests that leave them unset (vLLM's rule; server/vocabulary/sampling_defaults.py).
     write_json(
         tmp / "generation_config.json",
         {
             "bos_token_id": ids.bos,
+            "do_sample": True,
             "eos_token_id": [ids.eos, ids.end_of_turn],
             "pad_token_id": ids.pad,
+            "top_k": 64,
+            "top_p": 0.95,
         },
     )
     write_dev_tokenizer(tmp, tokenizer_vocab or p.text_vocab)

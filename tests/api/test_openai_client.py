@@ -6,8 +6,9 @@ reason); a pinned subnet is the one that answers (`system_fingerprint`, `x-conce
 and its tokens); streamed chat equals the non-streamed answer and ends with the usage chunk;
 `n=2` with a seed gives two different choices that reproduce; a stop string ends the text right
 before its first occurrence; logprobs are the runtime's log-probabilities (up to float32 rounding,
-measured against float64: tests/runtime/conftest.py) with
-top-k lists sorted and of the requested size; `/v1/models` lists the base model and every subnet.
+measured against float64: tests/runtime/conftest.py) with top-k lists sorted and of the requested
+size; sampling fields a request leaves unset take the checkpoint's generation_config defaults;
+`/v1/models` lists the base model and every subnet, with the defaults in force.
 """
 
 from __future__ import annotations
@@ -214,6 +215,25 @@ def test_n2_with_seed_reproduces(server: LiveServer, rt: ElasticRuntime) -> None
     assert [c.message.content for c in other.choices] != texts
 
 
+def test_unset_sampling_fields_take_the_checkpoints_defaults(server: LiveServer) -> None:
+    # The dev checkpoint's generation_config.json sets top_k 64 and top_p 0.95, as Gemma 3n's
+    # does. A seeded request that leaves them unset draws exactly what one that sends them
+    # draws, and not what one that turns them off draws (16 tokens from a random-weight model:
+    # the filters change the draw).
+    client = server.openai()
+
+    def draw(**extra) -> tuple[str, list[float]]:
+        out = client.completions.create(
+            model="e2b", prompt=PROMPT, max_tokens=16, seed=7, logprobs=0, extra_body=extra
+        )
+        # The text and each chosen token's log-probability identify the tokens drawn.
+        return out.choices[0].text, out.choices[0].logprobs.token_logprobs
+
+    unset = draw()
+    assert unset == draw(top_k=64, top_p=0.95)
+    assert unset != draw(top_k=0, top_p=1.0)
+
+
 def test_stop_string_ends_the_text_before_it(server: LiveServer, rt: ElasticRuntime) -> None:
     client = server.openai()
     ids = rt.tokenizer.encode(PROMPT)
@@ -255,6 +275,10 @@ def test_models_list_base_and_every_subnet(server: LiveServer, rt: ElasticRuntim
     assert ids[1:] == list(rt.subnets.names())
     base = models[0]
     assert base.owned_by == "concentric"
+    defaults = base.model_extra["concentric"]["sampling_defaults"]
+    assert defaults["source"] == "generation_config.json"
+    assert (defaults["top_k"], defaults["top_p"], defaults["temperature"]) == (64, 0.95, 1.0)
+    assert all(m.model_extra["concentric"]["sampling_defaults"] == defaults for m in models)
     assert base.model_extra["max_model_len"] == 512
     assert base.model_extra["parent"] is None
     for m in models[1:]:
