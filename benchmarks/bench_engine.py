@@ -1,8 +1,10 @@
 """Offline throughput: the engine vs transformers on the same mixed-subnet load.
 
-One run, one checkpoint (default: the `bench` dev preset, float32), N requests with realistic
-prompt and output lengths spread over four subnets (fixed pseudo-random lengths; greedy; eos
-ignored so every request produces exactly its output length):
+One run, one checkpoint (default: the `bench-262k` dev preset, float32: `bench`'s sizes with
+Gemma 3n's 262144-id text vocabulary, so that the LM head and the sampler weigh what they weigh
+on the real model), N requests with realistic prompt and output lengths spread over four subnets
+(fixed pseudo-random lengths; greedy; eos ignored so every request produces exactly its output
+length):
 
 - engine: all N requests submitted at once, continuous batching, mixed subnets in each step;
 - HF sequential: transformers `generate()` on the export of each request's subnet, one request at
@@ -10,9 +12,11 @@ ignored so every request produces exactly its output length):
 - HF padded: one left-padded `generate()` batch per subnet (it runs until the group's longest
   output; only each request's own tokens count as useful).
 
-Then the engine alone: the cost of heterogeneity (the same load on one subnet vs spread over
-four), and what each way of running mixed FFN widths costs (forced "grouped", forced "masked",
-and "auto", which measures both per kind of step and keeps the faster).
+Then the engine alone: the same load sampled with Gemma 3n's generation_config defaults (top_k
+64, top_p 0.95, seeded) rather than greedily; the cost of heterogeneity (the same load on one
+subnet vs spread over four); and what each way of running mixed FFN widths costs (forced
+"grouped", forced "masked", and "auto", which measures both per kind of step and keeps the
+faster).
 
     python benchmarks/bench_engine.py [--checkpoint DIR] [--requests 16] [--skip-hf]
 """
@@ -20,6 +24,7 @@ and "auto", which measures both per kind of step and keeps the faster).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import tempfile
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine.engine import Engine
+from server.engine.assembly import assemble_engine
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.elastic import ElasticRuntime
 from server.tools.dev_model import dev_model_cache
@@ -47,20 +52,26 @@ def make_load(n: int, vocab: int, subnets: list[str], seed: int = 0):
     return load
 
 
-def run_engine(rt: ElasticRuntime, load, ffn_mode: str = "auto") -> dict:
+GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+GEMMA_DEFAULTS = SamplingParams(top_k=64, top_p=0.95, ignore_eos=True)
+
+
+def run_engine(
+    rt: ElasticRuntime, load, ffn_mode: str = "auto", sampling: SamplingParams = GREEDY
+) -> dict:
     config = SchedulerConfig(
         max_num_seqs=32,
         max_num_batched_tokens=256,
         max_prefill_chunk=128,
         max_model_len=rt.store.text.max_position_embeddings,
     )
-    eng = Engine.from_runtime(rt, 256 * 1024 * 1024, config, ffn_mode=ffn_mode)
-    for rid, subnet, prompt, out_len in load:
+    eng = assemble_engine(rt, 256 * 1024 * 1024, config, ffn_mode=ffn_mode)
+    for i, (rid, subnet, prompt, out_len) in enumerate(load):
         eng.add_request(
             rid,
             prompt,
             rt.subnets[subnet],
-            SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True),
+            dataclasses.replace(sampling, max_tokens=out_len, seed=i),
         )
     tokens = 0
     modes: dict[str, int] = {}
@@ -147,7 +158,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    checkpoint = Path(args.checkpoint) if args.checkpoint else dev_model_cache("bench")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else dev_model_cache("bench-262k")
     rt = ElasticRuntime.open(checkpoint, dtype="float32")
     vocab = rt.store.text.vocab_size_per_layer_input
     load = make_load(args.requests, vocab, SUBNETS)
@@ -172,6 +183,12 @@ def main() -> None:
     for name, r in rows.items():
         tps = r["tokens"] / r["seconds"]
         print(f"{name:<40}{r['tokens']:>8}{r['seconds']:>9.1f}{tps:>8.1f}{base_tps / tps:>10.2f}")
+
+    sampled = run_engine(rt, load, sampling=GEMMA_DEFAULTS)
+    print(
+        f"\nsampling (engine, the mixed load): greedy {base_tps:.1f} tok/s, top_k 64 + top_p 0.95 "
+        f"{sampled['tokens'] / sampled['seconds']:.1f} tok/s ({sampled['steps']} steps)"
+    )
 
     print("\nheterogeneity (engine, same prompts and lengths):")
     hetero = {"spread over 4 subnets": base}

@@ -3,8 +3,8 @@
 For each subnet (default: the full model and E2B), in one run and on one checkpoint (default: the
 `bench` dev preset, float32, made on first use):
 
-- ours: one prompt prefilled, then greedy decode steps through the elastic runtime, every subnet
-  a view of the same weights;
+- ours: one request through the serving engine (scheduler, runner, sampler: the one generation
+  path), its prompt prefilled, then greedy decode steps, every subnet a view of the same weights;
 - transformers: `Gemma3nForCausalLM.from_pretrained` of `concentric export` of that subnet (the
   physically sliced model every other tool serves), then `generate()` greedy with the same prompt
   and the same number of new tokens.
@@ -29,32 +29,25 @@ from pathlib import Path
 
 import torch
 
-from server.runtime.batch import SequenceInput, build_forward_batch
+from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.kv_cache import KVCache
 from server.tools.dev_model import dev_model_cache
 from server.tools.export import export_subnet
+from server.vocabulary.sampling_params import SamplingParams
 
 
 def ours_decode(rt: ElasticRuntime, subnet, prompt: list[int], tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for `tokens` greedy tokens)."""
-    text = rt.store.text
-    n_kv, bs = text.first_kv_shared_layer, 16
-    per_layer = -(-(len(prompt) + tokens) // bs)
-    kv = KVCache(text, n_kv * per_layer, bs)
-    table = [list(range(i * per_layer, (i + 1) * per_layer)) for i in range(n_kv)]
+    """(prefill seconds, decode seconds for `tokens` greedy tokens), through the engine: the
+    first step prefills and samples the first token, every later step decodes one."""
+    engine = assemble_engine(rt, kv_bytes_for(rt, len(prompt) + tokens + 16))
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
-    logits = rt.model.forward(
-        build_forward_batch([SequenceInput(subnet, prompt, 0, table)], n_kv, bs), kv
-    )
+    engine.add_request("bench", prompt, subnet, params)
+    while not engine.step():
+        pass
     t1 = time.perf_counter()
-    seq = list(prompt)
-    for _ in range(tokens - 1):
-        seq.append(int(logits[0, : text.vocab_size_per_layer_input].argmax()))
-        batch = build_forward_batch(
-            [SequenceInput(subnet, seq[-1:], len(seq) - 1, table)], n_kv, bs
-        )
-        logits = rt.model.forward(batch, kv)
+    while engine.has_work:
+        engine.step()
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

@@ -29,7 +29,7 @@ import torch
 
 from policies.snapshots import TierView
 from policies.subnet_choice import FixedPolicy, SlaPolicy
-from server.engine.engine import Engine
+from server.engine.assembly import assemble_engine, calibrate
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.elastic import ElasticRuntime
 from server.tools.dev_model import dev_model_cache
@@ -57,8 +57,8 @@ def run(rt: ElasticRuntime, policy, tiers: dict[str, TierView], arrivals) -> lis
         max_prefill_chunk=64,
         max_model_len=rt.store.text.max_position_embeddings,
     )
-    eng = Engine.from_runtime(rt, 256 * 1024 * 1024, config, subnet_policy=policy)
-    eng.calibrate()
+    eng = assemble_engine(rt, 256 * 1024 * 1024, config, subnet_policy=policy)
+    calibrate(eng, rt.tokenizer.bos_id)
     done: dict[str, dict] = {}
     meta = {}
     pending = list(enumerate(arrivals))
@@ -82,15 +82,14 @@ def run(rt: ElasticRuntime, policy, tiers: dict[str, TierView], arrivals) -> lis
             continue
         for out in eng.step():
             if out.finished:
-                t = out.timings
-                tpot = (t["finished"] - t["first_token"]) / max(1, out.num_output_tokens - 1)
+                lat = out.latency
                 done[out.request_id] = {
                     "phase": meta[out.request_id][0],
                     "tier": meta[out.request_id][1],
                     "subnet": out.subnet,
-                    "tpot": tpot,
-                    "ttft": t["first_token"] - t["arrived"],
-                    "quality": eng.chooser.quality[out.subnet],
+                    "tpot": lat.tpot_s or 0.0,
+                    "ttft": lat.ttft_s,
+                    "quality": rt.subnets.scores[out.subnet],
                 }
     return list(done.values())
 

@@ -53,12 +53,10 @@ from typing import Any
 
 import torch
 
-from server.engine.engine import Engine
+from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.batch import SequenceInput, build_forward_batch
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.kv_cache import KVCache
-from server.runtime.residency import residency_levels
 from server.telemetry.headroom import default_probe
 from server.tools.dev_model import (
     E4B,
@@ -70,6 +68,7 @@ from server.tools.dev_model import (
 )
 from server.tools.dev_tokenizer import MIN_TEXT_VOCAB_SIZE
 from server.tools.export import export_subnet
+from server.vocabulary.residency_levels import residency_levels
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.subnets import Subnet, effective_params
 
@@ -358,28 +357,23 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 
 def decode_once(state: State, subnet: Subnet, prompt: list[int], tokens: int) -> dict[str, Any]:
-    """One prompt prefilled, then `tokens - 1` greedy decode steps at batch 1 (the offline loop of
-    benchmarks/bench_runtime.py, with the cache and batch on the device and every timed region
-    ended by a host sync: the argmax read back, or an explicit synchronize)."""
+    """One prompt prefilled, then `tokens - 1` greedy decode steps at batch 1, through the
+    engine (the one generation path); each step ends with its sampled token on the host."""
     rt = state.rt
     assert rt is not None
-    text, dev = rt.store.text, state.device
-    n_kv, bs = text.first_kv_shared_layer, 16
-    per_layer = -(-(len(prompt) + tokens) // bs)
-    kv = KVCache(text, n_kv * per_layer, bs, rt.weights.dtype, dev)
-    table = [list(range(i * per_layer, (i + 1) * per_layer)) for i in range(n_kv)]
-    vocab = text.vocab_size_per_layer_input
+    engine = assemble_engine(rt, kv_bytes_for(rt, len(prompt) + tokens + 16))
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     state.sync()
     t0 = time.perf_counter()
-    batch = build_forward_batch([SequenceInput(subnet, prompt, 0, table)], n_kv, bs, dev)
-    out = [int(rt.model.forward(batch, kv)[0, :vocab].argmax())]
+    engine.add_request("bench", prompt, subnet, params)
+    out: list[int] = []
+    while not out:
+        out.extend(t for o in engine.step() for t in o.token_ids)
     prefill_s = time.perf_counter() - t0
     steps = []
-    for _ in range(tokens - 1):
+    while engine.has_work:
         t = time.perf_counter()
-        pos = len(prompt) + len(out) - 1
-        batch = build_forward_batch([SequenceInput(subnet, out[-1:], pos, table)], n_kv, bs, dev)
-        out.append(int(rt.model.forward(batch, kv)[0, :vocab].argmax()))
+        out.extend(t for o in engine.step() for t in o.token_ids)
         steps.append(time.perf_counter() - t)
     return {"prefill_s": prefill_s, "steps": steps, "tokens": out}
 
@@ -466,7 +460,7 @@ def run_engine(state: State, load: Sequence[tuple[str, str, list[int], int]]) ->
         max_prefill_chunk=a.engine_prefill_chunk,
         max_model_len=text.max_position_embeddings,
     )
-    eng = Engine.from_runtime(rt, kv_bytes, config, block_size=block_size)
+    eng = assemble_engine(rt, kv_bytes, config, block_size=block_size)
     for rid, subnet, prompt, out_len in load:
         params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
         eng.add_request(rid, prompt, rt.subnets[subnet], params)

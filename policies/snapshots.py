@@ -8,13 +8,13 @@ engine objects, tensors or blocks, so every policy is testable on hand-made snap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class SubnetView:
     name: str
-    quality: float  # MMLU % where the table gives one; else a stand-in from parameter count
+    quality: float  # the table's score (`SubnetTable.scores`: MMLU %, or a stand-in)
     effective_params: int
     resident: bool  # its widths fit in what the accelerator holds now (always true on a CPU)
     kv_key: str  # subnets with equal keys write identical KV
@@ -30,12 +30,15 @@ class TierView:
     quality_floor: float | None
     quality_ceiling: float | None
 
-    def allows(self, subnet: SubnetView) -> bool:
-        if "*" not in self.subnets and subnet.name not in self.subnets:
+    def allows(self, subnet: str, quality: float) -> bool:
+        """THE tier rule, used for pinning, choice, elasticity moves and the fixed policy alike:
+        the subnet is one the tier names (or it names "*"), and its quality score (the table's,
+        or the stand-in `SubnetTable.scores` gives) lies within the tier's floor and ceiling."""
+        if "*" not in self.subnets and subnet not in self.subnets:
             return False
-        if self.quality_floor is not None and subnet.quality < self.quality_floor:
+        if self.quality_floor is not None and quality < self.quality_floor:
             return False
-        return not (self.quality_ceiling is not None and subnet.quality > self.quality_ceiling)
+        return not (self.quality_ceiling is not None and quality > self.quality_ceiling)
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,6 @@ class Load:
     waiting: int = 0  # requests queued ahead
     waiting_prompt_tokens: int = 0  # their prompt tokens still to compute
     kv_usage: float = 0.0  # fraction of KV blocks held
-    headroom_bytes: int | None = None  # accelerator memory free for us (None: not measured)
     token_budget: int = 256  # tokens per step (scheduler)
     prefill_chunk: int = 128
     recent_step_tokens: float = 0.0  # tokens per step lately (decodes plus others' prefill)
@@ -91,8 +93,6 @@ class PolicyContext:
     offered: tuple[SubnetView, ...]
     load: Load
     cost: StepCost
-    observed_tpot_s: dict[str, float] = field(default_factory=dict)  # recent p95 per subnet
-    observed_ttft_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,5 @@ class Decision:
     subnet: str
     priority: int
     reason: str  # one line, for logs and debugging
-    predicted_ttft_s: float | None = None
-    predicted_tpot_s: float | None = None
     downgraded: bool = False  # below the best the tier could have had with no load
     admit: bool = True  # False: wait (admitting it now would slow a more important tier)

@@ -1,8 +1,12 @@
 """Choosing the subnet (and priority) of a request: the interface and its three policies.
 
 Owns the decision, over the snapshots in `snapshots.py`. Plain Python, no torch, no engine.
+Every policy serves only subnets the request's tier allows (`TierView.allows`, the one tier
+rule); when none of those is resident, the request waits (`admit=False`) rather than being given
+one its tier does not allow.
 
-- `fixed`: always one subnet (or, if it is not resident, the best resident one below it).
+- `fixed`: always one subnet (or, if it is not resident or the tier does not allow it, the best
+  allowed resident one below it).
 - `largest-fits`: the highest-quality resident subnet the tier allows. Headroom only.
 - `sla` (the product): the highest-quality resident subnet the tier allows whose predicted time to
   first token and time per output token at the current load meet the tier's targets.
@@ -20,7 +24,6 @@ with a margin (predictions at most `upgrade_margin` of the targets) so it does n
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Protocol
 
@@ -38,16 +41,17 @@ def _by_quality(subnets: list[SubnetView]) -> list[SubnetView]:
 
 
 def _allowed(req: ChoiceRequest, ctx: PolicyContext) -> list[SubnetView]:
-    return _by_quality([s for s in ctx.offered if s.resident and req.tier.allows(s)])
+    return _by_quality(
+        [s for s in ctx.offered if s.resident and req.tier.allows(s.name, s.quality)]
+    )
 
 
-def _fallback(req: ChoiceRequest, ctx: PolicyContext, reason: str) -> Decision:
-    """When nothing the tier allows is resident: the smallest resident subnet."""
-    resident = [s for s in ctx.offered if s.resident]
-    if not resident:
-        raise LookupError("no subnet is resident")
-    small = min(resident, key=lambda s: (s.effective_params, s.name))
-    return Decision(small.name, req.tier.priority, reason, downgraded=True)
+def _wait(req: ChoiceRequest, ctx: PolicyContext) -> Decision:
+    """Nothing the tier allows is resident: wait (admission is retried every step) until the
+    resident widths grow back, rather than serve a subnet the tier does not allow."""
+    smallest = min(ctx.offered, key=lambda s: (s.effective_params, s.name))
+    reason = f"tier {req.tier.name}: nothing it allows is resident; waits"
+    return Decision(smallest.name, req.tier.priority, reason, downgraded=True, admit=False)
 
 
 def predict_tpot(ctx: PolicyContext, candidate: SubnetView) -> float:
@@ -77,24 +81,24 @@ class FixedPolicy:
         self.subnet = subnet
 
     def choose(self, req: ChoiceRequest, ctx: PolicyContext) -> Decision:
-        by_name = {s.name: s for s in ctx.offered}
-        target = by_name.get(self.subnet)
-        if target is not None and target.resident:
+        allowed = _allowed(req, ctx)
+        target = next((s for s in ctx.offered if s.name == self.subnet), None)
+        if target is not None and target in allowed:
             return Decision(target.name, req.tier.priority, f"fixed: {target.name}")
         below = [
             s
-            for s in ctx.offered
-            if s.resident and target is not None and s.effective_params <= target.effective_params
+            for s in allowed
+            if target is not None and s.effective_params <= target.effective_params
         ]
-        if below:
-            best = _by_quality(below)[0]
-            return Decision(
-                best.name,
-                req.tier.priority,
-                f"fixed: {self.subnet} not resident; {best.name} instead",
-                downgraded=True,
-            )
-        return _fallback(req, ctx, f"fixed: {self.subnet} not offered")
+        if not below:
+            return _wait(req, ctx)
+        best = below[0]
+        return Decision(
+            best.name,
+            req.tier.priority,
+            f"fixed: {self.subnet} not resident or not allowed; {best.name} instead",
+            downgraded=True,
+        )
 
 
 class LargestFitsPolicy:
@@ -103,7 +107,7 @@ class LargestFitsPolicy:
     def choose(self, req: ChoiceRequest, ctx: PolicyContext) -> Decision:
         allowed = _allowed(req, ctx)
         if not allowed:
-            return _fallback(req, ctx, f"tier {req.tier.name}: nothing allowed is resident")
+            return _wait(req, ctx)
         best = allowed[0]
         return Decision(best.name, req.tier.priority, f"largest resident: {best.name}")
 
@@ -122,7 +126,7 @@ class SlaPolicy:
         tier = req.tier
         allowed = _allowed(req, ctx)
         if not allowed:
-            return _fallback(req, ctx, f"tier {tier.name}: nothing allowed is resident")
+            return _wait(req, ctx)
         # Running requests whose targets this choice must respect: same or more important tiers.
         protected = {
             r.tier.name: r.tier
@@ -152,9 +156,8 @@ class SlaPolicy:
                 )
                 if protected and i > 0:
                     why += f", keeps {', '.join(sorted(protected))} within time-per-token target"
-                return Decision(
-                    c.name, tier.priority, f"sla: {c.name} {why}", ttft, tpot, downgraded=i > 0
-                )
+                why += f" (predicted p95 TTFT {ttft:.3f} s, TPOT {tpot:.3f} s)"
+                return Decision(c.name, tier.priority, f"sla: {c.name} {why}", downgraded=i > 0)
         cheapest = min(allowed, key=lambda s: (s.effective_params, s.name))
         above = [t for t in protected.values() if t.priority < tier.priority]
         if any(predict_tpot(ctx, cheapest) > t.target_tpot_s * self.safety for t in above):
@@ -165,8 +168,6 @@ class SlaPolicy:
                 tier.priority,
                 f"sla: deferred; admitting it would slow "
                 f"{', '.join(sorted(t.name for t in above))} past its target",
-                predict_ttft(ctx, req, cheapest),
-                predict_tpot(ctx, cheapest),
                 downgraded=True,
                 admit=False,
             )
@@ -175,39 +176,18 @@ class SlaPolicy:
             cheapest.name,
             tier.priority,
             f"sla: no allowed subnet meets the targets at this load; {cheapest.name}",
-            predict_ttft(ctx, req, cheapest),
-            predict_tpot(ctx, cheapest),
             downgraded=True,
         )
 
 
+SUBNET_POLICIES: dict[str, type] = {
+    "sla": SlaPolicy,
+    "largest-fits": LargestFitsPolicy,
+    "fixed": FixedPolicy,
+}
+
+
 def make_policy(name: str, **params) -> SubnetPolicy:
-    if name == "fixed":
-        return FixedPolicy(**params)
-    if name == "largest-fits":
-        return LargestFitsPolicy(**params)
-    if name == "sla":
-        return SlaPolicy(**params)
-    raise ValueError(f"unknown subnet policy {name!r}: choose fixed, largest-fits or sla")
-
-
-def quality_scores(subnets: list[tuple[str, float | None, int]]) -> dict[str, float]:
-    """Quality per subnet: the table's score where it has one; otherwise a stand-in from the
-    effective parameter count, interpolated between the scored subnets (clamped at the ends)."""
-    scored = sorted((p, q) for _, q, p in subnets if q is not None)
-    out = {}
-    for name, q, p in subnets:
-        if q is not None:
-            out[name] = q
-        elif not scored:
-            out[name] = p / 1e9  # no scores at all: bigger is better
-        elif p <= scored[0][0]:
-            out[name] = scored[0][1]
-        elif p >= scored[-1][0]:
-            out[name] = scored[-1][1]
-        else:
-            for (p0, q0), (p1, q1) in itertools.pairwise(scored):
-                if p0 <= p <= p1:
-                    out[name] = q0 + (q1 - q0) * (p - p0) / max(1, p1 - p0)
-                    break
-    return out
+    if name not in SUBNET_POLICIES:
+        raise ValueError(f"unknown subnet policy {name!r}: choose {', '.join(SUBNET_POLICIES)}")
+    return SUBNET_POLICIES[name](**params)

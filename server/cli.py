@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from server.vocabulary.compute import COMPUTE_DTYPES
 from server.vocabulary.subnets import DEFAULT_CUSTOM_YAML
 
 # Errors a user can cause, reported as one line (their classes live in the runtime).
@@ -62,9 +63,19 @@ def cmd_subnets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline_engine(rt, requests):
+    from server.engine.assembly import assemble_engine, kv_bytes_for
+
+    # Each sequence may need one partly filled block per layer beyond its tokens.
+    tokens = sum(len(r.prompt_ids) + r.params.max_tokens + 16 for r in requests)
+    return assemble_engine(rt, kv_bytes_for(rt, tokens))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    """One prompt through the serving engine (the same sampler, seeds and stops as the server)."""
+    from server.engine.offline import GenerationRequest, generate
     from server.runtime.elastic import ElasticRuntime
-    from server.runtime.generation import GenerationRequest
+    from server.vocabulary.sampling_params import SamplingParams
 
     rt = ElasticRuntime.open(_checkpoint(args), args.dtype, args.device, _custom(args))
     subnet = rt.subnets.get(args.subnet)
@@ -72,37 +83,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = rt.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = rt.tokenizer.encode(args.prompt)
-    request = GenerationRequest(
-        subnet=subnet,
-        prompt_ids=prompt_ids,
+    params = SamplingParams(
         max_tokens=args.max_tokens,
-        greedy=args.greedy,
-        temperature=args.temperature,
+        temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
         seed=args.seed,
-        stop_ids=() if args.ignore_eos else rt.tokenizer.stop_ids,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
     )
+    request = GenerationRequest(subnet, prompt_ids, params)
     t0 = time.perf_counter()
-    result = rt.generate([request])[0]
+    [result] = generate(_offline_engine(rt, [request]), [request])
     elapsed = time.perf_counter() - t0
-    text = rt.tokenizer.decode(result.token_ids)
+    if result.error:
+        raise ValueError(f"generation failed: {result.error}")
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "subnet": subnet.name,
-                    "prompt_token_ids": prompt_ids,
-                    "token_ids": result.token_ids,
-                    "text": text,
-                    "finish_reason": result.finish_reason,
-                    "seconds": round(elapsed, 4),
-                },
-                ensure_ascii=False,
-            )
-        )
+        record = {
+            "subnet": subnet.name,
+            "prompt_token_ids": prompt_ids,
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "seconds": round(elapsed, 4),
+        }
+        if args.logprobs is not None:
+            record["logprobs"] = [
+                {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+                for lp in result.logprobs
+            ]
+        print(json.dumps(record, ensure_ascii=False))
     else:
-        print(text)
+        print(result.text)
         print(
             f"[{subnet.name}: {len(result.token_ids)} tokens in {elapsed:.2f} s, "
             f"{result.finish_reason}]",
@@ -131,19 +148,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Several subnets of one checkpoint answering one prompt, in one batch."""
+    from server.engine.offline import GenerationRequest, generate
     from server.runtime.elastic import ElasticRuntime
-    from server.runtime.generation import GenerationRequest
+    from server.vocabulary.sampling_params import SamplingParams
 
     rt = ElasticRuntime.open(_checkpoint(args), args.dtype, args.device, _custom(args))
     names = args.subnets.split(",") if args.subnets else [s.name for s in rt.subnets][:4]
     subnets = [rt.subnets.get(n) for n in names]
     prompt_ids = rt.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    requests = [
-        GenerationRequest(s, prompt_ids, args.max_tokens, stop_ids=rt.tokenizer.stop_ids)
-        for s in subnets
-    ]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    requests = [GenerationRequest(s, prompt_ids, params) for s in subnets]
     t0 = time.perf_counter()
-    results = rt.generate(requests)
+    results = generate(_offline_engine(rt, requests), requests)
     elapsed = time.perf_counter() - t0
     print(f"prompt: {args.prompt!r} ({len(prompt_ids)} tokens); checkpoint {rt.store.folder}")
     print(
@@ -153,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for s, r in zip(subnets, results, strict=True):
         print(
             f"\n[{s.name}] {s.effective_params / 1e6:.1f} M effective params, "
-            f"{len(s.layers)} layers:\n  {rt.tokenizer.decode(r.token_ids)!r}"
+            f"{len(s.layers)} layers:\n  {r.text!r}"
         )
     total = sum(len(r.token_ids) for r in results)
     print(f"\n{total} tokens for {len(subnets)} subnets in {elapsed:.2f} s")
@@ -205,13 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--dtype",
                 default="auto",
-                choices=["auto", "float32", "bfloat16", "float16"],
+                choices=COMPUTE_DTYPES,
                 help="compute dtype (auto: as stored)",
             )
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
     p = sub.add_parser("make-dev-model", help="write a random-weight Gemma 3n dev checkpoint")
-    p.add_argument("--preset", required=True, choices=["tiny", "mini", "bench"])
+    p.add_argument("--preset", required=True, choices=["tiny", "mini", "bench", "bench-262k"])
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_dev_model)
@@ -220,16 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, runtime=False)
     p.set_defaults(func=cmd_subnets)
 
-    p = sub.add_parser("generate", help="complete one prompt with one subnet")
+    p = sub.add_parser(
+        "generate",
+        help="complete one prompt with one subnet (the server's engine and sampler: the same "
+        "seed and parameters give the same tokens as the HTTP API)",
+    )
     model_args(p)
-    p.add_argument("--subnet", default="full")
+    p.add_argument("--subnet", default="full", help="subnet name (default: %(default)s)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (= --temperature 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="(default: %(default)s: no limit)")
+    p.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="(default: %(default)s: none)"
+    )
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--logprobs", type=int, help="top logprobs per token, printed with --json")
+    p.add_argument("--seed", type=int, help="seed for sampling (reproducible)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -11,7 +11,9 @@ Deliberately does not know: tenants and tiers themselves (tenancy.py), or how th
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import ast
+import inspect
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -19,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from policies.subnet_choice import SUBNET_POLICIES
+from server.vocabulary.compute import COMPUTE_DTYPES, FFN_MODE_CHOICES, check_choice
+from server.vocabulary.sampling_defaults import SOURCES as SAMPLING_SOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "server.yaml"
@@ -38,7 +44,8 @@ class ServerConfig:
     device: str = "cpu"
     """cpu, cuda, cuda:N."""
     dtype: str = "auto"
-    """Compute dtype: auto (as stored), float32, bfloat16, float16."""
+    """Compute dtype: auto (as stored), float32, bfloat16, float16 (or float64, for reference
+    runs); the list is server/vocabulary/compute.py's."""
     kv_cache_bytes: int = 256 * 1024 * 1024
     """Memory for the KV cache. On an accelerator the residency decision may leave less."""
     block_size: int = 16
@@ -52,13 +59,24 @@ class ServerConfig:
     max_model_len: int | None = None
     """Prompt plus output tokens at most; none: the checkpoint's context length."""
     ffn_mode: str = "auto"
-    """Mixed FFN widths in a step: grouped, masked, or auto (measured)."""
+    """Mixed subnets in a step: grouped (a GEMM per FFN width, skipped layers by row index),
+    masked (every row at the widest width, masks), or auto (measured per kind of step)."""
+    compile: bool = False
+    """Compile decode steps (torch.compile, inductor; CUDA graphs on a GPU): one graph per batch
+    and context bucket, compiled on first use (minutes on a CPU), every subnet mix served."""
+    sampling_defaults: str = "generation_config"
+    """What a request gets for sampling fields it leaves unset: generation_config (the
+    checkpoint's generation_config.json over OpenAI's defaults, as vLLM does) or openai."""
     custom_subnets: str | None = "subnets/custom.yaml"
     """Custom subnets YAML (relative to this file); none: official subnets only."""
     host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface)."""
     port: int = 8000
+    """TCP port to listen on."""
     tenants_file: str | None = "tenants.yaml"
+    """Tenants and their API keys (as SHA-256 hashes or environment variable names)."""
     tiers_file: str | None = "tiers.yaml"
+    """Service tiers: priority, subnets, rate limits, targets."""
     open: bool = False
     """Development mode: no API keys, one default tenant. Never in production."""
     metrics_open: bool = True
@@ -82,7 +100,8 @@ class ServerConfig:
     max_n: int = 8
     """The most choices (`n`) one request may ask for."""
     subnet_policy: str = "sla"
-    """How the server chooses a request's subnet: sla, largest-fits or fixed."""
+    """How the server chooses a request's subnet: sla, largest-fits or fixed
+    (policies/subnet_choice.py)."""
     fixed_subnet: str = "full"
     """The subnet of the `fixed` policy."""
     subnet_table: str | None = "subnets/gemma3n-e4b.csv"
@@ -99,6 +118,7 @@ class ServerConfig:
     calibrate: bool = True
     """Time a few steps of the smallest and largest subnet at start, to seed the cost model."""
     log_level: str = "info"
+    """Logging level: debug, info, warning, error."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -124,16 +144,16 @@ class ServerConfig:
         for name in ("keep_alive_timeout_s", "header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(
-                f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
-            )
-        if self.ffn_mode not in ("auto", "grouped", "masked"):
-            raise ConfigError(f"ffn_mode must be auto, grouped or masked, not {self.ffn_mode!r}")
-        if self.subnet_policy not in ("sla", "largest-fits", "fixed"):
-            raise ConfigError(
-                f"subnet_policy must be sla, largest-fits or fixed, not {self.subnet_policy!r}"
-            )
+        for setting, choices in (
+            ("dtype", COMPUTE_DTYPES),
+            ("ffn_mode", FFN_MODE_CHOICES),
+            ("subnet_policy", tuple(SUBNET_POLICIES)),
+            ("sampling_defaults", SAMPLING_SOURCES),
+        ):
+            try:
+                check_choice(setting, getattr(self, setting), choices)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.low_water_bytes < 0 or self.high_water_bytes < self.low_water_bytes:
             raise ConfigError("need 0 <= low_water_bytes <= high_water_bytes")
         if self.probe_interval_s <= 0:
@@ -248,16 +268,46 @@ def load_config(
     return ServerConfig(**values)
 
 
+def setting_docs() -> dict[str, str]:
+    """Each setting's docstring (the string under its field in `ServerConfig`), one line."""
+    tree = ast.parse(inspect.getsource(ServerConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for field_node, doc in itertools.pairwise(body):
+        if (
+            isinstance(field_node, ast.AnnAssign)
+            and isinstance(field_node.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
+            docs[field_node.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting, each defaulting to None (= not given)."""
+    """One flag per setting, each defaulting to None (= not given), its help the setting's
+    docstring, its default and its environment variable."""
+    docs = setting_docs()
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = "none" if f.default is None else f.default
+        help_text = (
+            f"{docs.get(f.name, '')} (default: {default}, unless the config file sets it; "
+            f"env {ENV_PREFIX}{f.name.upper()})"
+        ).replace("%", "%%")
         if str(f.type) == "bool":
             parser.add_argument(
-                flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction
+                flag,
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
             )
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper())
+            parser.add_argument(
+                flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text
+            )
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -266,7 +316,3 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         for f in fields(ServerConfig)
         if getattr(args, f.name, None) is not None
     }
-
-
-def describe(config: ServerConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)

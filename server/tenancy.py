@@ -37,7 +37,7 @@ class TenancyError(ValueError):
 class Tier:
     name: str
     priority: int = 0  # lower is served first
-    subnets: tuple[str, ...] = ("*",)  # subnets a request may pin; "*" = any
+    subnets: tuple[str, ...] = ("*",)  # subnets it may use (pinned or chosen); "*" = any
     max_concurrent: int = 16  # requests in flight at once per tenant
     requests_per_minute: int = 600
     tokens_per_minute: int = 1_000_000  # prompt + max output tokens, charged at admission
@@ -48,9 +48,6 @@ class Tier:
     target_tpot_s: float | None = None  # p95 time per output token
     quality_floor: float | None = None  # smallest subnet quality (MMLU %) this tier accepts
     quality_ceiling: float | None = None  # largest it is given
-
-    def may_pin(self, subnet: str) -> bool:
-        return "*" in self.subnets or subnet in self.subnets
 
     def view(self) -> TierView:
         """What the subnet policy sees of this tier."""

@@ -151,6 +151,8 @@ async def list_models(request: Request):
     svc.require_ready()
     rt = svc.runtime
     created = int(time.time())
+    # The values a request gets for sampling fields it leaves unset (every model shares them).
+    defaults = svc.sampling_defaults.as_dict()
     data = [
         {
             "id": svc.model_name,
@@ -160,7 +162,11 @@ async def list_models(request: Request):
             "root": svc.model_name,  # never the checkpoint's path on the server
             "parent": None,
             "max_model_len": svc.config.max_model_len or rt.store.text.max_position_embeddings,
-            "concentric": {"subnets": len(rt.subnets), "chosen_by": "server"},
+            "concentric": {
+                "subnets": len(rt.subnets),
+                "chosen_by": "server",
+                "sampling_defaults": defaults,
+            },
         }
     ]
     for s in rt.subnets:
@@ -180,6 +186,7 @@ async def list_models(request: Request):
                     "skipped_layers": list(s.skipped(len(rt.subnets.full.layers))),
                     "kv_layout": s.kv_key,
                     "official": s.official,
+                    "sampling_defaults": defaults,
                 },
             }
         )

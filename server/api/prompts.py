@@ -22,9 +22,10 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from server.checkpoint.tokenizer import TextTokenizer
+if TYPE_CHECKING:  # the tokenizer brings transformers; this module only calls it
+    from server.checkpoint.tokenizer import TextTokenizer
 
 T = TypeVar("T")
 NICE = 10  # of 19: the tokenizing threads still run whenever the engine leaves a core free

@@ -24,6 +24,7 @@ from server.api.errors import APIError
 from server.api.limits import Limiter, Reservation
 from server.api.prompts import PromptPool
 from server.config import ServerConfig
+from server.engine.assembly import assemble_engine, calibrate
 from server.engine.async_engine import AsyncEngine
 from server.engine.elasticity import Elasticity, ElasticityConfig
 from server.engine.engine import Engine
@@ -32,6 +33,7 @@ from server.runtime.elastic import ElasticRuntime
 from server.telemetry.headroom import ProbeSampler, default_probe
 from server.telemetry.metrics import Metrics
 from server.tenancy import Tenancy, Tenant, load_tenancy, open_tenancy
+from server.vocabulary.sampling_defaults import SamplingDefaults
 from server.vocabulary.subnets import Subnet
 
 log = logging.getLogger("concentric")
@@ -65,6 +67,7 @@ class Service:
         self._load_task: asyncio.Task | None = None
         self.sampler: ProbeSampler | None = None
         self.elasticity: Elasticity | None = None
+        self.sampling_defaults = SamplingDefaults()
         self.prompts: PromptPool | None = None
         # Engine request id -> the reservation and choice it gives back when it finishes.
         self.reservations: dict[str, tuple[Reservation, int]] = {}
@@ -75,10 +78,12 @@ class Service:
 
     def check_config(self) -> None:
         """Fail fast on configuration errors (tenants, tiers, subnets) before loading weights."""
+        from server.checkpoint.generation_config import sampling_defaults
         from server.checkpoint.store import CheckpointStore
         from server.vocabulary.subnets import load_subnet_table
 
         store = CheckpointStore.open(self.checkpoint)
+        self.sampling_defaults = sampling_defaults(self.checkpoint, self.config.sampling_defaults)
         table = load_subnet_table(store.text, self._table_csv(), self._custom())
         if self.config.subnet_policy == "fixed" and self.config.fixed_subnet not in table:
             raise ValueError(
@@ -122,18 +127,19 @@ class Service:
                     else {}
                 ),
             )
-            engine = Engine.from_runtime(
+            engine = assemble_engine(
                 self.runtime,
                 self.config.kv_cache_bytes,
                 self._scheduler_config(),
                 block_size=self.config.block_size,
-                policy=PriorityOrder(),
+                order=PriorityOrder(),
                 ffn_mode=self.config.ffn_mode,
                 subnet_policy=policy,
                 elasticity=self.elasticity,
+                compile_backend="inductor" if self.config.compile else None,
             )
             if self.config.calibrate:
-                await asyncio.to_thread(engine.calibrate)
+                await asyncio.to_thread(calibrate, engine, self.runtime.tokenizer.bos_id)
             self.engine = AsyncEngine(engine)
             self.engine.on_step.append(self._observe_step)
             self.engine.on_finished.append(self._finished)
@@ -157,12 +163,7 @@ class Service:
         budget = self.config.memory_budget_bytes or _host_memory_bytes()
         probe = default_probe(self.config.device, budget)
 
-        def on_sample(snap) -> None:
-            self.metrics.observe_memory(snap)
-            if self.engine is not None and self.engine.engine.chooser is not None:
-                self.engine.engine.chooser.headroom_bytes = snap.free_bytes
-
-        return ProbeSampler(probe, self.config.probe_interval_s, on_sample)
+        return ProbeSampler(probe, self.config.probe_interval_s, self.metrics.observe_memory)
 
     def _observe_step(self, engine: Engine) -> None:
         self.metrics.observe_step(engine.scheduler, engine.last_step)
@@ -172,7 +173,7 @@ class Service:
             if self.elasticity is not None:
                 self.metrics.observe_elasticity(self.elasticity, offered)
             else:
-                self.metrics.observe_residency(self.runtime.weights.residency.widths, offered)
+                self.metrics.observe_residency(self.runtime.weights.resident_widths, offered)
 
     def _finished(self, out) -> None:
         """Every finished request, aborted ones included: metrics, SLA misses, its limits
@@ -180,17 +181,12 @@ class Service:
         tier_name = out.tags.get("tier", "none")
         self.metrics.observe_finished(out, tier_name)
         tier = self.tenancy.tiers.get(tier_name) if self.tenancy else None
-        t = out.timings
-        if tier is not None and "first_token" in t and out.finish_reason in ("stop", "length"):
-            ttft = t["first_token"] - t["arrived"]
-            if tier.target_ttft_s is not None and ttft > tier.target_ttft_s:
+        lat = out.latency
+        if tier is not None and lat is not None and out.finish_reason in ("stop", "length"):
+            if tier.target_ttft_s is not None and (lat.ttft_s or 0.0) > tier.target_ttft_s:
                 self.metrics.sla_miss(tier_name, "ttft")
-            if tier.target_tpot_s is not None and out.num_output_tokens > 1:
-                tpot = (t["finished"] - t["first_token"]) / (out.num_output_tokens - 1)
-                if tpot > tier.target_tpot_s:
-                    self.metrics.sla_miss(tier_name, "tpot")
-        if self.engine is not None and self.engine.engine.chooser is not None:
-            self.engine.engine.chooser.record_finished(out)
+            if tier.target_tpot_s is not None and (lat.tpot_s or 0.0) > tier.target_tpot_s:
+                self.metrics.sla_miss(tier_name, "tpot")
         held = self.reservations.pop(out.request_id, None)
         if held is not None:
             reservation, choice = held
@@ -299,7 +295,7 @@ class Service:
         if model == self.model_name:
             return Choice(None, pinned=False)  # the subnet policy chooses, at admission
         if model in table:
-            if not tenant.tier.may_pin(model):
+            if not tenant.tier.view().allows(model, table.scores[model]):
                 raise APIError(
                     403,
                     f"tier {tenant.tier.name!r} may not use subnet {model!r}; "

@@ -41,8 +41,11 @@ from server.api.streaming import merge_streams, until_disconnect
 from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.outputs import RequestOutput
 from server.tenancy import Tenant, Tier
+from server.vocabulary.sampling_defaults import SamplingDefaults
 from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
 from server.vocabulary.subnets import Subnet
+
+OPENAI = SamplingDefaults()
 
 
 @dataclass(eq=False)
@@ -120,7 +123,10 @@ def sampling_params(
     logprobs: int | None,
     vocab: int,
     eos: Sequence[int],
+    defaults: SamplingDefaults = OPENAI,
 ) -> SamplingParams:
+    """The request's SamplingParams: its own values, and `defaults` for the sampling fields it
+    leaves unset (None), so an explicit value (even OpenAI's default) always wins."""
     bias: list[tuple[int, float]] = []
     for key, value in (body.logit_bias or {}).items():
         try:
@@ -129,17 +135,17 @@ def sampling_params(
             raise APIError(
                 400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
             ) from None
-    params = SamplingParams(
+    params = defaults.params(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens or 0,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
         seed=seed,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
         logit_bias=tuple(bias),
         stop=body.stop_strings(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
@@ -262,7 +268,9 @@ def submit(
         for k in range(body.n):
             # n choices with a seed: choice k uses seed + k, so they differ yet reproduce.
             seed = None if body.seed is None else (body.seed + k) % 2**64
-            params = sampling_params(body, max_tokens, seed, logprobs, vocab, eos)
+            params = sampling_params(
+                body, max_tokens, seed, logprobs, vocab, eos, svc.sampling_defaults
+            )
             if k == 0:
                 try:  # the engine's own checks (the KV pool), still before any charge
                     engine.check_request(ids, choice.subnet, params)

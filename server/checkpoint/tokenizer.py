@@ -119,6 +119,14 @@ class TextTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     @property
+    def bos_id(self) -> int:
+        """The id every prompt starts with (Gemma's <bos>)."""
+        bos = self.hf.bos_token_id
+        if bos is None:
+            raise TokenizerError("this checkpoint's tokenizer has no BOS token")
+        return int(bos)
+
+    @property
     def vocab_size(self) -> int:
         return len(self.hf)
 

@@ -6,6 +6,10 @@ are never applied while a step is running: they are queued and applied by the st
 steps, so the engine core stays single-threaded. An abort is applied at the next step boundary
 (immediately when idle) and frees the request's KV blocks then.
 
+An idle engine still steps every `idle_tick_s` when it has elasticity: a step with no work is
+elasticity's tick alone, so the resident widths follow the headroom (give memory back, finish a
+shrink that waited for the last requests, swap a prepared growth in) without traffic.
+
 The loop survives failures: a failing request gets an error (the runner isolates it), and an
 unexpected error in a whole step fails the requests of that step, not the server. `dead` is set
 only if the loop itself stops unexpectedly (what /health reports).
@@ -26,7 +30,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from policies.snapshots import TierView
 from server.engine.engine import Engine
 from server.engine.outputs import RequestOutput
-from server.engine.request import RequestStatus
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.subnets import Subnet
 
@@ -78,8 +81,11 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, idle_tick_s: float = 0.5, blocked_retry_s: float = 0.02):
         self.engine = engine
+        self.blocked_retry_s = blocked_retry_s  # pause between steps that could run nothing
+        # How often an idle engine ticks elasticity (None: it sleeps until a request comes).
+        self.idle_tick_s = idle_tick_s if engine.elasticity is not None else None
         self._streams: dict[str, RequestStream] = {}
         self._ops: deque[Callable[[], None]] = deque()  # applied by the step thread
         self._lock = threading.Lock()  # held while the engine core is in use
@@ -89,7 +95,6 @@ class AsyncEngine:
         self.dead: str | None = None  # why the loop stopped, if it did
         self.on_step: list[Callable[[Engine], None]] = []  # observers (metrics)
         self.on_finished: list[Callable[[RequestOutput], None]] = []
-        self.num_aborted = 0
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -153,7 +158,6 @@ class AsyncEngine:
     def _apply_abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)
         if out is not None:
-            self.num_aborted += 1
             self._deliver_soon([out])
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -169,11 +173,21 @@ class AsyncEngine:
             while not self._stopping:
                 if not self.engine.has_work and not self._ops:
                     self._wake.clear()
-                    await self._wake.wait()
-                    continue
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.idle_tick_s)
+                        continue
+                    except TimeoutError:
+                        pass  # idle: the step below is only elasticity's tick
                 outputs = await asyncio.to_thread(self._step)
                 self._deliver(outputs)
                 await asyncio.sleep(0)  # let handlers run between steps
+                if self.engine.has_work and self.engine.last_step.num_seqs == 0:
+                    # Nothing could run (requests waiting for a resident subnet, or deferred by
+                    # the policy): retry admission after a pause, or at once on news (an add,
+                    # an abort), instead of spinning on empty steps.
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.blocked_retry_s)
         except Exception as e:  # a bug in the loop itself: report it, fail everyone
             log.exception("engine loop died")
             self.dead = f"{type(e).__name__}: {e}"
@@ -189,18 +203,10 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as e:  # one step failed: fail its requests, go on
                 log.exception("engine step failed")
-                outputs = self._fail_all(f"{type(e).__name__}: {e}")
+                outputs = self.engine.fail_running(f"{type(e).__name__}: {e}")
             for observer in self.on_step:
                 observer(self.engine)
         return outputs
-
-    def _fail_all(self, message: str) -> list[RequestOutput]:
-        outs = []
-        for req in list(self.engine.scheduler.running):
-            req.error = message
-            self.engine.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
-            outs.append(self.engine._final(req, ""))
-        return outs
 
     def _deliver_soon(self, outputs: list[RequestOutput]) -> None:
         # Called on the step thread: hand the outputs to the event loop.

@@ -1,14 +1,16 @@
 """Subnet choice at admission: the engine's side of the policy interface.
 
 Owns building the read-only snapshot a policy decides from (the subnets on offer and whether they
-are resident, the running batch and its tiers, the queue, KV usage, headroom, the fitted step-cost
-model and recent latency quantiles), asking the policy when a waiting request is about to be
-admitted, and keeping the numbers the policy learns from: every step's duration against the
-widest subnet in it and its token count, and every finished request's TTFT and time per token.
+are resident, the running batch and its tiers, the queue, KV usage, the fitted step-cost
+model), asking the policy when a waiting request is about to be admitted, and feeding the
+step-cost model every step's duration against the widest subnet in it and its token count.
 
 A pinned request (the client named the subnet) is not chosen for: it runs on its subnet when that
-subnet is resident, and waits otherwise. A request that already generated tokens (preempted, to
-be recomputed) keeps its subnet while it is offered.
+subnet is resident, and waits otherwise (whether its tier may pin it was checked when it was
+submitted, by the same rule, `TierView.allows`). A request that already generated tokens
+(preempted, to be recomputed) keeps its subnet while it is offered.
+
+`assign` is the scheduler's `assign_subnet` hook (given to the scheduler at construction).
 
 Deliberately does not know: how the policy decides (policies/), or tensors.
 """
@@ -16,6 +18,7 @@ Deliberately does not know: how the policy decides (policies/), or tensors.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from policies.snapshots import (
     ChoiceRequest,
@@ -25,11 +28,10 @@ from policies.snapshots import (
     SubnetView,
     TierView,
 )
-from policies.subnet_choice import LargestFitsPolicy, SubnetPolicy, quality_scores
-from server.engine.latency import LatencyStats, StepCostModel
-from server.engine.outputs import RequestOutput
+from policies.subnet_choice import LargestFitsPolicy, SubnetPolicy
 from server.engine.request import Request
 from server.engine.scheduler import Scheduler
+from server.engine.step_cost import StepCostModel
 from server.vocabulary.subnets import Subnet, SubnetTable
 
 DEFAULT_TIER = TierView("default", 0, ("*",), None, None, None, None)
@@ -39,51 +41,48 @@ class SubnetChooser:
     def __init__(
         self,
         table: SubnetTable,
-        scheduler: Scheduler,
         policy: SubnetPolicy | None = None,
-        elasticity=None,
+        offered: Callable[[Subnet], bool] = lambda subnet: True,
     ):
         self.table = table
-        self.scheduler = scheduler
         self.policy = policy or LargestFitsPolicy()
-        self.elasticity = elasticity
+        self.offered = offered  # resident now (elasticity), or always
         self.cost = StepCostModel()
-        self.latency = LatencyStats()
-        self.quality = quality_scores([(s.name, s.quality, s.effective_params) for s in table])
-        self.headroom_bytes: int | None = None
         self.choices: Counter[tuple[str, str, bool]] = Counter()  # (subnet, tier, pinned)
         self.downgrades: Counter[str] = Counter()  # tier
         self.deferrals: Counter[str] = Counter()  # tier: admissions put off to protect others
         self.recent_step_tokens = 0.0  # moving average of tokens per step
         self.last_reason: dict[str, str] = {}  # request id -> why (until admitted)
-        scheduler.assign_subnet = self.assign
-
-    def offered(self, subnet: Subnet) -> bool:
-        return self.elasticity is None or self.elasticity.offered(subnet)
 
     # ---- the hook the scheduler calls -------------------------------------------------------
 
-    def assign(self, req: Request) -> bool:
+    def assign(self, req: Request, scheduler: Scheduler) -> bool:
         if req.pinned:
             return req.subnet is not None and self.offered(req.subnet)
         if req.subnet is not None and req.output_token_ids and self.offered(req.subnet):
             return True  # continues on the subnet that produced its tokens so far
         tier = req.tier or DEFAULT_TIER
         decision = self.policy.choose(
-            ChoiceRequest(tier, req.num_tokens, req.params.max_tokens), self.context()
+            ChoiceRequest(tier, req.num_tokens, req.params.max_tokens), self.context(scheduler)
         )
-        req.subnet = self.table[decision.subnet]
         req.priority = decision.priority
-        req.tags["downgraded"] = "1" if decision.downgraded else "0"
+        req.downgraded = decision.downgraded
         self.last_reason[req.request_id] = decision.reason
         if not decision.admit:
+            # A deferral's subnet is no choice (with nothing its tier allows resident, it is
+            # the smallest): keeping it would let a request with tokens continue on it at the
+            # next try (the shortcut above), outside its tier.
+            req.subnet = None
             self.deferrals[tier.name] += 1
-        return decision.admit
+            return False
+        req.subnet = self.table[decision.subnet]
+        return True
 
-    def context(self) -> PolicyContext:
-        sched = self.scheduler
+    def context(self, sched: Scheduler) -> PolicyContext:
         offered = tuple(
-            SubnetView(s.name, self.quality[s.name], s.effective_params, self.offered(s), s.kv_key)
+            SubnetView(
+                s.name, self.table.scores[s.name], s.effective_params, self.offered(s), s.kv_key
+            )
             for s in self.table
         )
         running = tuple(
@@ -97,18 +96,11 @@ class SubnetChooser:
             len(sched.waiting),
             waiting_tokens,
             sched.blocks.usage,
-            self.headroom_bytes,
             sched.config.max_num_batched_tokens,
             sched.config.max_prefill_chunk,
             self.recent_step_tokens,
         )
-        return PolicyContext(
-            offered,
-            load,
-            self.cost.snapshot(),
-            self.latency.quantile("tpot", 0.95),
-            self.latency.quantile("ttft", 0.95),
-        )
+        return PolicyContext(offered, load, self.cost.snapshot())
 
     # ---- learning ---------------------------------------------------------------------------
 
@@ -117,7 +109,7 @@ class SubnetChooser:
             tier = (req.tier or DEFAULT_TIER).name
             assert req.subnet is not None
             self.choices[(req.subnet.name, tier, req.pinned)] += 1
-            if req.tags.get("downgraded") == "1":
+            if req.downgraded:
                 self.downgrades[tier] += 1
             self.last_reason.pop(req.request_id, None)
 
@@ -125,13 +117,3 @@ class SubnetChooser:
         if seconds > 0 and subnets:
             self.cost.record(seconds, max(s.effective_params for s in subnets), tokens)
             self.recent_step_tokens = 0.8 * self.recent_step_tokens + 0.2 * tokens
-
-    def record_finished(self, out: RequestOutput) -> None:
-        t = out.timings
-        if "first_token" not in t or not out.subnet:
-            return
-        ttft = t["first_token"] - t["arrived"]
-        tpot = None
-        if out.num_output_tokens > 1:
-            tpot = (t["finished"] - t["first_token"]) / (out.num_output_tokens - 1)
-        self.latency.record(out.subnet, ttft, tpot)

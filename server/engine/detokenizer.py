@@ -62,7 +62,9 @@ class TextDelta:
 
 
 class IncrementalDetokenizer:
-    """One request's output. push() each generated id; finish() once at eos/length/abort."""
+    """One request's output. push() each generated id; finish() once at eos/length/abort.
+    Stop strings are looked for once `min_tokens` ids were pushed (before, the text streams as
+    is), as the scheduler treats stop token ids and vLLM stop strings."""
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ):
         self._decoder = decoder
         self._skip = skip_special_tokens
@@ -77,6 +80,8 @@ class IncrementalDetokenizer:
         # thread, so it must never cost more than reading them).
         self._matcher = StopMatcher(tuple(stop))
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens
+        self._pushed = 0
 
         self._window: list[int] = []
         self._passed = 0  # chars of decode(window) already handed to the stop-string stage
@@ -111,6 +116,7 @@ class IncrementalDetokenizer:
             raise RuntimeError(f"push() after stop string {self._stop_reason!r} matched")
         if self._closed:
             raise RuntimeError("push() after finish()")
+        self._pushed += 1
         window = self._window
         window.append(token_id)
         text = self._decode(window)
@@ -188,7 +194,11 @@ class IncrementalDetokenizer:
     def _stop_stage(self, new: str, final: bool) -> TextDelta:
         """Feed the new text to the stop matcher: cut at the first stop string to complete, else
         stream all of the pending text but the tail that could still become one (all of it
-        when final)."""
+        when final). Before `min_tokens` ids, nothing is matched (nor held): the matcher starts
+        on the text after them."""
+        if self._pushed < self._min_tokens:
+            pending, self._pending = self._pending + new, ""
+            return self._emit(pending, None)  # no stop string may end the output yet
         found = self._matcher.feed(new)
         if found is not None:
             read, s = found

@@ -1,8 +1,8 @@
 """Elasticity: the resident FFN widths follow the accelerator's headroom, between steps.
 
 Owns the residency decision and keeping requests whole across it. The subnet table defines
-nested residency levels (runtime/residency.py: level k serves the k smallest subnets and every
-subnet that fits in the same widths). Between engine steps:
+nested residency levels (vocabulary/residency_levels.py: level k serves the k smallest subnets
+and every subnet that fits in the same widths). Between engine steps:
 
 - headroom below the low-water mark: pick the next level down. Subnets that do not fit it stop
   being offered at once (new requests do not get them). Running requests on them are moved to the
@@ -17,23 +17,52 @@ subnet that fits in the same widths). Between engine steps:
 The gap between the two marks is the hysteresis: a shrink frees at least one level's bytes, which
 must not be enough to trigger the next grow at once.
 
-Deliberately does not know: how a subnet is chosen (policies/), or how memory is measured
-(telemetry/headroom.py).
+Moves respect the tier rule (`TierView.allows`): a request never lands on a subnet its tier
+does not allow.
+
+Deliberately does not know: how a subnet is chosen (policies/), how memory is measured
+(telemetry/headroom.py), or tensors: it drives the runtime's weights through `ResidentFfn`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from server.engine.request import Request
 from server.engine.scheduler import Scheduler
-from server.runtime.weights import Weights
 from server.telemetry.headroom import ProbeSampler
+from server.vocabulary.residency_levels import residency_levels
 from server.vocabulary.subnets import Subnet, SubnetTable
 
 log = logging.getLogger("concentric.elasticity")
+
+
+class PendingResize(Protocol):
+    def done(self) -> bool: ...
+
+
+class ResizeReport(Protocol):
+    uploaded_bytes: int
+    released_bytes: int
+
+
+class ResidentFfn(Protocol):
+    """What elasticity needs of the runtime's weights (server/runtime/weights.py `Weights`)."""
+
+    @property
+    def full_widths(self) -> tuple[int, ...]: ...
+    @property
+    def resident_widths(self) -> tuple[int, ...]: ...
+    @property
+    def resident_bytes(self) -> int: ...
+    def bytes_for(self, widths: Sequence[int]) -> int: ...
+    def prepare_ffn(self, widths: Sequence[int], background: bool = True) -> PendingResize: ...
+    def abandon_ffn(self, pending: PendingResize) -> None: ...
+    def commit_ffn(self, pending: PendingResize) -> ResizeReport: ...
 
 
 @dataclass(frozen=True)
@@ -55,27 +84,25 @@ class ElasticityCounters:
 class Elasticity:
     def __init__(
         self,
-        weights: Weights,
+        weights: ResidentFfn,
         table: SubnetTable,
         sampler: ProbeSampler | None,
         config: ElasticityConfig,
     ):
-        from server.runtime.residency import residency_levels
-
         self.weights = weights
         self.table = table
         self.sampler = sampler
         self.config = config
         self.levels = residency_levels(
-            weights.residency.full, [(s.layers, s.widths, s.effective_params) for s in table]
+            weights.full_widths, [(s.layers, s.widths, s.effective_params) for s in table]
         )
-        self.level_bytes = [weights.residency.bytes_for(level) for level in self.levels]
-        widths = weights.residency.widths
+        self.level_bytes = [weights.bytes_for(level) for level in self.levels]
+        widths = weights.resident_widths
         self.current = self.levels.index(widths) if widths in self.levels else len(self.levels) - 1
         self.target = self.current  # below current while a shrink waits for requests to leave
         self.counters = ElasticityCounters()
         self.moved: set[str] = set()  # ids of requests moved to another subnet (for tests/logs)
-        self._growing: tuple[int, object] | None = None  # (level, PendingResize) in flight
+        self._growing: tuple[int, PendingResize] | None = None  # (level, resize) in flight
         # A reading taken before an out-of-memory error can still look roomy: do not grow back
         # into the same error until the cool-down has passed.
         self._no_grow_until = 0.0
@@ -94,7 +121,11 @@ class Elasticity:
 
     @property
     def resident_widths(self) -> tuple[int, ...]:
-        return self.weights.residency.widths
+        return self.weights.resident_widths
+
+    @property
+    def can_shrink(self) -> bool:
+        return self.current > 0
 
     # ---- between steps ----------------------------------------------------------------------
 
@@ -133,9 +164,7 @@ class Elasticity:
     def on_out_of_memory(self, scheduler: Scheduler) -> bool:
         """Shrink now (one level). Returns False if already at the smallest level."""
         if self._growing is not None:  # abandon a growth in flight: it is what memory lacks
-            thread = self._growing[1].thread
-            if thread is not None:
-                thread.join()
+            self.weights.abandon_ffn(self._growing[1])
             self._growing = None
         if self.current == 0:
             return False
@@ -180,14 +209,14 @@ class Elasticity:
             for s in self.table
             if s.kv_key == req.subnet.kv_key
             and self.fits(s)
-            and (req.tier is None or _tier_allows(req, s))
+            and (req.tier is None or req.tier.allows(s.name, self.table.scores[s.name]))
         ]
         if not candidates:
             return None
-        return max(candidates, key=lambda s: (s.quality or 0.0, s.effective_params))
+        return max(candidates, key=lambda s: (self.table.scores[s.name], s.effective_params))
 
     def _apply(self, level: int) -> None:
-        self._commit(level, self.weights.residency.prepare(self.levels[level], background=False))
+        self._commit(level, self.weights.prepare_ffn(self.levels[level], background=False))
 
     def _commit(self, level: int, pending) -> None:
         report = self.weights.commit_ffn(pending)
@@ -195,16 +224,7 @@ class Elasticity:
         log.info(
             "resident FFN widths now level %d (%d B resident; +%d B uploaded, -%d B released)",
             level,
-            self.weights.residency.resident_bytes,
+            self.weights.resident_bytes,
             report.uploaded_bytes,
             report.released_bytes,
         )
-
-
-def _tier_allows(req: Request, subnet: Subnet) -> bool:
-    tier = req.tier
-    assert tier is not None
-    if "*" not in tier.subnets and subnet.name not in tier.subnets:
-        return False
-    floor, quality = tier.quality_floor, subnet.quality
-    return floor is None or quality is None or quality >= floor

@@ -1,14 +1,17 @@
 """The engine core: requests in, one step at a time, token and text deltas out.
 
-    step():  plan = scheduler.schedule()  ->  result = runner.execute(plan)  ->  scheduler.update()
+    step():  plan = scheduler.schedule() -> result = runner.execute(plan) -> update(plan, result)
 
-Owns the glue between the pure scheduler and the torch runner: turning a step plan into the
-runner's sequences, detokenizing each new token (stop strings are found here, on text), finishing
-requests that stop or fail, releasing the runner's per-request state, and producing
-`RequestOutput` deltas. Synchronous and single-threaded; `async_engine.py` runs it in the
-background for asyncio callers.
+Owns the glue between the pure scheduler and the runner: registering a request with the runner
+once, detokenizing each new token (stop strings are found here, on text), finishing requests that
+stop or fail, and producing `RequestOutput` deltas, the final one carrying the request's
+latencies (computed here, once, for metrics, the subnet policy and SLA accounting alike). Two
+named steps wrap a step: following the headroom (elasticity, between steps) and recovering from
+an out-of-memory step (shrink, then run the step once more). Synchronous and single-threaded;
+`async_engine.py` runs it in the background for asyncio callers.
 
-Deliberately does not know: HTTP, tenants, or the model's math.
+Deliberately does not know: HTTP, tenants, tensors or the model's math (it drives any object
+that meets `Runner`), or how the subnet policy decides (chooser.py asks it).
 """
 
 from __future__ import annotations
@@ -17,20 +20,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from policies.ordering import FirstComeFirstServed, OrderPolicy
 from policies.snapshots import TierView
-from policies.subnet_choice import SubnetPolicy
 from server.engine.chooser import SubnetChooser
 from server.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from server.engine.elasticity import Elasticity
-from server.engine.kv_blocks import BlockManager, KVLayout
-from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.outputs import RequestLatency, RequestOutput, TokenLogprob
 from server.engine.request import Request, RequestStatus
-from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from server.runtime.elastic import ElasticRuntime
-from server.runtime.kv_cache import KVCache
-from server.runtime.runner import DeviceOutOfMemory, ModelRunner, StepSequence
+from server.engine.runner_protocol import Runner
+from server.engine.scheduler import Scheduler, StepPlan
 from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.step import DeviceOutOfMemory, SampleResult, StepResult
 from server.vocabulary.subnets import Subnet
 
 
@@ -50,76 +49,28 @@ class StepStats:
 class Engine:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         scheduler: Scheduler,
         decoder: TokenDecoder,
         vocab_size: int,
         chooser: SubnetChooser | None = None,
+        elasticity: Elasticity | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
         self.decoder = decoder
         self.vocab_size = vocab_size
         self.chooser = chooser  # subnet choice at admission; None: every request names one
+        self.elasticity = elasticity  # resident widths that follow headroom; None: fixed
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.last_step = StepStats()
         self.num_steps = 0
 
-    @classmethod
-    def from_runtime(
-        cls,
-        rt: ElasticRuntime,
-        kv_budget_bytes: int,
-        config: SchedulerConfig | None = None,
-        block_size: int = 16,
-        policy: OrderPolicy | None = None,
-        ffn_mode: str = "auto",
-        enable_prefix_cache: bool = True,
-        subnet_policy: SubnetPolicy | None = None,
-        elasticity: Elasticity | None = None,
-    ) -> Engine:
-        """An engine over a loaded runtime, with as many KV blocks as the byte budget holds."""
-        text = rt.store.text
-        config = config or SchedulerConfig(max_model_len=text.max_position_embeddings)
-        num_blocks = kv_budget_bytes // KVCache.block_bytes(text, block_size, rt.weights.dtype)
-        if num_blocks < 1:
-            raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds no block")
-        n_kv = text.first_kv_shared_layer
-        layout = KVLayout(
-            n_kv, frozenset(i for i in range(n_kv) if text.is_sliding(i)), text.sliding_window
-        )
-        blocks = BlockManager(num_blocks, block_size, layout, enable_prefix_cache)
-        eos = rt.tokenizer.stop_ids
-        scheduler = Scheduler(config, blocks, policy or FirstComeFirstServed(), eos)
-        runner = ModelRunner(rt.model, num_blocks, block_size, eos, ffn_mode)
-        chooser = SubnetChooser(rt.subnets, scheduler, subnet_policy, elasticity)
-        return cls(runner, scheduler, rt.tokenizer, text.vocab_size_per_layer_input, chooser)
-
-    def calibrate(self, prompt_tokens: int = 32, max_tokens: int = 4) -> None:
-        """Seed the step-cost model before real traffic: a few steps on the smallest and the
-        largest subnet, alone and batched. Call only while the engine is idle."""
-        if self.chooser is None or self.has_work:
-            return
-        table = self.chooser.table
-        ends = sorted(table, key=lambda s: s.effective_params)
-        prompt = [self.decoder_bos()] + [(7 * i) % 97 + 200 for i in range(prompt_tokens - 1)]
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        for batch in (1, 4):
-            for subnet in (ends[0], ends[-1]):
-                for i in range(batch):
-                    self.add_request(f"calibrate-{subnet.name}-{batch}-{i}", prompt, subnet, params)
-                while self.has_work:
-                    self.step()
-        self.chooser.choices.clear()
-        self.chooser.latency = type(self.chooser.latency)()
-
-    def decoder_bos(self) -> int:
-        bos = getattr(getattr(self.decoder, "hf", None), "bos_token_id", None)
-        return 2 if bos is None else int(bos)
-
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    # ---- requests ---------------------------------------------------------------------------
 
     def make_request(
         self,
@@ -130,6 +81,7 @@ class Engine:
         priority: int = 0,
         tags: dict[str, str] | None = None,
         tier: TierView | None = None,
+        keep_logits: bool = False,
     ) -> Request:
         """Build and check a request without queueing it (safe from any thread: reads only
         configuration). `subnet` None: the subnet policy chooses at admission; a subnet: pinned.
@@ -148,14 +100,19 @@ class Engine:
             tier=tier,
             pinned=subnet is not None,
             tags=dict(tags or {}),
+            keep_logits=keep_logits,
         )
         self.scheduler.check(req)
         return req
 
     def add(self, req: Request) -> None:
         self.scheduler.add(req)
+        self.runner.add_request(req.request_id, req.params, req.prompt_token_ids, req.keep_logits)
         self._detok[req.request_id] = IncrementalDetokenizer(
-            self.decoder, req.params.stop, req.params.include_stop_str_in_output
+            self.decoder,
+            req.params.stop,
+            req.params.include_stop_str_in_output,
+            min_tokens=req.params.min_tokens,
         )
 
     def add_request(
@@ -164,12 +121,11 @@ class Engine:
         prompt_ids: Sequence[int],
         subnet: Subnet | None,
         params: SamplingParams,
-        priority: int = 0,
-        tags: dict[str, str] | None = None,
-        tier: TierView | None = None,
+        **options,
     ) -> Request:
-        """Queue a request; raises ValueError (with the reason) if it can never run."""
-        req = self.make_request(request_id, prompt_ids, subnet, params, priority, tags, tier)
+        """Queue a request (`options`: make_request's priority, tags, tier, keep_logits);
+        raises ValueError (with the reason) if it can never run."""
+        req = self.make_request(request_id, prompt_ids, subnet, params, **options)
         self.add(req)
         return req
 
@@ -178,40 +134,73 @@ class Engine:
         req = self.scheduler.abort(request_id)
         if req is None:
             return None
-        return self._final(req, "")
+        return self.final_output(req)
+
+    def fail_running(self, message: str) -> list[RequestOutput]:
+        """Fail every running request (a whole step failed unexpectedly); waiting ones stay."""
+        outs = []
+        for req in list(self.scheduler.running):
+            req.error = message
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+            outs.append(self.final_output(req))
+        return outs
+
+    # ---- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        elasticity = self.chooser.elasticity if self.chooser else None
-        if elasticity is not None:
-            elasticity.tick(self.scheduler)
+        self._follow_headroom()
         plan = self.scheduler.schedule()
+        result = self._execute(plan, may_run_out=True)
+        if result is None:
+            self._shrink_after_out_of_memory()
+            plan = self.scheduler.schedule()  # the shrink moved or preempted what no longer fits
+            result = self._execute(plan, may_run_out=False)
+        return self._update(plan, result)
+
+    def _follow_headroom(self) -> None:
+        """Between steps: resident widths follow the headroom (elasticity.py)."""
+        if self.elasticity is not None:
+            self.elasticity.tick(self.scheduler)
+
+    def _execute(self, plan: StepPlan, may_run_out: bool) -> StepResult | None:
+        """The runner's step. None: it ran out of device memory and a shrink can help.
+
+        Returns rather than recovering inside the `except`, so the failed step's frames and
+        activations are released before the shrink and the retry run."""
+        if not plan.sequences:
+            return StepResult()
+        try:
+            return self.runner.execute(plan.sequences)
+        except DeviceOutOfMemory:
+            if not may_run_out or self.elasticity is None or not self.elasticity.can_shrink:
+                raise
+        return None
+
+    def _shrink_after_out_of_memory(self) -> None:
+        """Not the requests' fault: shrink the resident widths now, moving or preempting what no
+        longer fits. Nothing of the failed step was committed, so nothing moves back: the next
+        schedule() finds the same requests with their blocks already booked (allocation is
+        idempotent)."""
+        assert self.elasticity is not None
+        self.elasticity.on_out_of_memory(self.scheduler)
+
+    def _update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         stats = StepStats(num_preempted=len(plan.preempted))
-        if not plan.chunks:
+        if not plan.sequences:
             self.last_step = stats
             return []
-        seqs = [self._sequence(c) for c in plan.chunks]
-        try:
-            result = self.runner.execute(seqs)
-        except DeviceOutOfMemory:
-            # Not the requests' fault: shrink the resident widths (moving or preempting what no
-            # longer fits) and run the step again, once.
-            # Nothing was computed, so nothing moves back: the next schedule() finds the same
-            # requests with their blocks already booked (allocation is idempotent).
-            if elasticity is None or not elasticity.on_out_of_memory(self.scheduler):
-                raise
-            return self.step()
         self.num_steps += 1
-        stats.num_seqs, stats.num_tokens = len(seqs), plan.num_tokens
+        stats.num_seqs, stats.num_tokens = len(plan.sequences), plan.num_tokens
         stats.num_decodes, stats.seconds = plan.num_decodes, result.seconds
         stats.ffn_mode = result.ffn_mode
-        for s in seqs:
+        for s in plan.sequences:
             stats.subnets[s.subnet.name] = stats.subnets.get(s.subnet.name, 0) + 1
         self.last_step = stats
         if self.chooser is not None:
-            self.chooser.record_step(result.seconds, [s.subnet for s in seqs], plan.num_tokens)
-            self.chooser.admitted(
-                [self.scheduler.requests[r] for r in plan.admitted if r in self.scheduler.requests]
+            self.chooser.record_step(
+                result.seconds, [s.subnet for s in plan.sequences], plan.num_tokens
             )
+            self.chooser.admitted(plan.admitted)
 
         outputs: list[RequestOutput] = []
         for request_id, message in result.errors.items():
@@ -219,84 +208,72 @@ class Engine:
             if req is not None:
                 req.error = message
                 self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
-                outputs.append(self._final(req, ""))
+                outputs.append(self.final_output(req))
+        if result.errors:
+            plan = StepPlan(
+                [s for s in plan.sequences if s.request_id not in result.errors], plan.preempted
+            )
         sampled = {rid: s.token_id for rid, s in result.samples.items()}
-        for req in self.scheduler.update(self._without(plan, result.errors), sampled):
-            outputs.append(self._delta(req, result.samples[req.request_id]))
+        for req in self.scheduler.update(plan, sampled):
+            rid = req.request_id
+            outputs.append(self._delta(req, result.samples[rid], result.logits.get(rid)))
         return outputs
 
-    # ---- internals --------------------------------------------------------------------------
+    # ---- outputs ----------------------------------------------------------------------------
 
-    def _sequence(self, chunk) -> StepSequence:
-        req = self.scheduler.requests[chunk.request_id]
-        tokens = req.all_token_ids[chunk.start : chunk.start + chunk.num_tokens]
-        return StepSequence(
-            request_id=req.request_id,
-            subnet=req.subnet,
-            token_ids=tokens,
-            start=chunk.start,
-            block_table=self.scheduler.blocks.block_table(req.request_id),
-            sample=chunk.sample,
-            params=req.params,
-            prompt_ids=req.prompt_token_ids,
-        )
-
-    @staticmethod
-    def _without(plan: StepPlan, failed: dict[str, str]) -> StepPlan:
-        if not failed:
-            return plan
-        return StepPlan([c for c in plan.chunks if c.request_id not in failed], plan.preempted)
-
-    def _delta(self, req: Request, sample) -> RequestOutput:
+    def _delta(self, req: Request, sample: SampleResult, logits: object | None) -> RequestOutput:
         detok = self._detok[req.request_id]
         delta = detok.push(sample.token_id)
-        text = delta.text
         if delta.stopped and not req.is_finished:
             req.stop_reason = delta.stop_reason
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif delta.stopped and req.status == RequestStatus.FINISHED_LENGTH:
+            # The same token reached max_tokens, but the text ends at the stop string.
+            req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, delta.stop_reason
         logprobs = None
         if req.params.logprobs is not None:
             logprobs = (TokenLogprob(sample.token_id, sample.logprob, sample.top_logprobs),)
+        kept = () if logits is None else (logits,)
         if req.is_finished:
-            return self._final(req, text, (sample.token_id,), logprobs)
+            return self.final_output(req, delta.text, (sample.token_id,), logprobs, kept)
         return RequestOutput(
             request_id=req.request_id,
             subnet=req.subnet.name if req.subnet else "",
             token_ids=(sample.token_id,),
-            text=text,
+            text=delta.text,
             logprobs=logprobs,
+            logits=kept,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
         )
 
-    def _final(
+    def final_output(
         self,
         req: Request,
-        text: str,
+        text: str = "",
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] | None = None,
+        logits: tuple[object, ...] = (),
     ) -> RequestOutput:
+        """The last output of a finished request: held-back text, how it ended, its latencies.
+        Releases the request's runner state."""
         detok = self._detok.pop(req.request_id, None)
         if detok is not None and not detok.stopped:
             # Held-back text (an unfinished character, a possible stop-string start) is final
             # now; completing those held bytes can still reveal a stop string.
             text += detok.finish()
-            if detok.stopped and req.status != RequestStatus.FINISHED_ABORTED:
+            # (An abort or a failure stays what it was.)
+            if detok.stopped and req.status in _STOPPABLE:
                 req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, detok.stop_reason
         self.runner.release(req.request_id)
-        ev = req.events
-        timings = {"arrived": ev.arrived, "finished": ev.finished or time.monotonic()}
-        if ev.first_scheduled is not None:
-            timings["first_scheduled"] = ev.first_scheduled
-        if ev.first_token is not None:
-            timings["first_token"] = ev.first_token
         return RequestOutput(
             request_id=req.request_id,
             subnet=req.subnet.name if req.subnet else "",
             token_ids=token_ids,
             text=text,
             logprobs=logprobs,
+            logits=logits,
             finished=True,
             finish_reason=req.status.finish_reason,
             stop_reason=req.stop_reason,
@@ -304,6 +281,25 @@ class Engine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
-            timings=timings,
+            latency=_latency(req),
             tags=dict(req.tags),
+            downgraded=req.downgraded,
         )
+
+
+# Finished statuses a stop string found in the final text overrides (the text ends at it).
+_STOPPABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+
+
+def _latency(req: Request) -> RequestLatency:
+    ev = req.events
+    finished = ev.finished if ev.finished is not None else time.monotonic()
+    tpot = None
+    if ev.first_token is not None and len(req.output_token_ids) > 1:
+        tpot = (finished - ev.first_token) / (len(req.output_token_ids) - 1)
+    return RequestLatency(
+        e2e_s=finished - ev.arrived,
+        queue_s=None if ev.first_scheduled is None else ev.first_scheduled - ev.arrived,
+        ttft_s=None if ev.first_token is None else ev.first_token - ev.arrived,
+        tpot_s=tpot,
+    )

@@ -17,12 +17,23 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class RequestLatency:
+    """A finished request's latencies, in seconds (computed once, by the engine)."""
+
+    e2e_s: float  # arrival to finish
+    queue_s: float | None  # arrival to first scheduled; None if it never ran
+    ttft_s: float | None  # arrival to first token; None if it produced none
+    tpot_s: float | None  # per output token after the first; None with fewer than two
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     request_id: str
     subnet: str  # the subnet that served the request
     token_ids: tuple[int, ...] = ()  # new since the previous output of this request
     text: str = ""  # new text; never ends inside a UTF-8 character or a stop string
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when asked for
+    logits: tuple[object, ...] = ()  # one logits row per new token, for keep_logits requests
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
@@ -30,5 +41,6 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # so far
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    timings: dict[str, float] = field(default_factory=dict)  # filled when finished
+    latency: RequestLatency | None = None  # when finished
     tags: dict[str, str] = field(default_factory=dict)  # the request's tags, when finished
+    downgraded: bool = False  # the policy chose below the best its tier could have had

@@ -73,6 +73,8 @@ class Request:
     stop_reason: str | int | None = None  # the stop string or token that ended it
     events: RequestEvents = field(default_factory=lambda: RequestEvents(time.monotonic()))
     tags: dict[str, str] = field(default_factory=dict)  # e.g. tenant/tier, for metrics
+    downgraded: bool = False  # the policy chose below the best its tier could have had
+    keep_logits: bool = False  # return each step's logits row (offline checks only)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,6 +87,14 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without concatenating the whole sequence
+        (a decode step reads one token of a long context)."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[: max(0, end - n)]
 
     @property
     def is_finished(self) -> bool:

@@ -25,6 +25,17 @@ from dataclasses import dataclass, field
 from policies.ordering import OrderPolicy, WaitingRequest
 from server.engine.kv_blocks import BlockManager
 from server.engine.request import Request, RequestStatus
+from server.vocabulary.step import StepSequence
+
+# Gives a waiting request its subnet just before admission (the subnet policy decides then, from
+# the load at that moment); returns False if it cannot run now. The scheduler passes itself, so
+# the decider can read the queues and KV usage it decides from.
+AssignSubnet = Callable[[Request, "Scheduler"], bool]
+
+
+def named_subnet(req: Request, scheduler: Scheduler) -> bool:
+    """The assignment when no policy chooses: every request must name its subnet."""
+    return req.subnet is not None
 
 
 @dataclass(frozen=True)
@@ -50,27 +61,19 @@ class SchedulerConfig:
             )
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
-    request_id: str
-    start: int  # position of the first token computed (= tokens already cached)
-    num_tokens: int
-    sample: bool  # reaches the last known token: the next token is sampled from its logits
-
-
 @dataclass
 class StepPlan:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
+    sequences: list[StepSequence] = field(default_factory=list)  # the runner's input
     preempted: list[str] = field(default_factory=list)
-    admitted: list[str] = field(default_factory=list)  # joined the running batch this step
+    admitted: list[Request] = field(default_factory=list)  # joined the running batch this step
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(s.num_tokens for s in self.sequences)
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for c in self.chunks if c.num_tokens == 1 and c.sample)
+        return sum(1 for s in self.sequences if s.num_tokens == 1 and s.sample)
 
 
 class Scheduler:
@@ -80,6 +83,7 @@ class Scheduler:
         blocks: BlockManager,
         policy: OrderPolicy,
         eos_token_ids: tuple[int, ...] = (),
+        assign_subnet: AssignSubnet = named_subnet,
     ):
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -89,9 +93,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # Set by the engine: give a waiting request its subnet just before admission (the policy
-        # decides then, from the load at that moment). Returns False if it cannot run now.
-        self.assign_subnet: Callable[[Request], bool] = lambda req: req.subnet is not None
+        self.assign_subnet = assign_subnet
 
     @property
     def has_work(self) -> bool:
@@ -166,7 +168,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                plan.chunks.append(self._chunk(req, num_new))
+                plan.sequences.append(self._sequence(req, num_new))
                 scheduled.add(req.request_id)
                 budget -= num_new
 
@@ -191,7 +193,7 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             req = by_id[request_id]
-            if not self.assign_subnet(req):
+            if not self.assign_subnet(req, self):
                 continue  # its pinned subnet is not resident now: others may still run
             self.blocks.admit(req)  # attaches the longest cached prefix
             num_new = self._num_new(req, budget)
@@ -204,8 +206,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.events.first_scheduled is None:
                 req.events.first_scheduled = time.monotonic()
-            plan.admitted.append(req.request_id)
-            plan.chunks.append(self._chunk(req, num_new))
+            plan.admitted.append(req)
+            plan.sequences.append(self._sequence(req, num_new))
             budget -= num_new
 
     def _num_new(self, req: Request, budget: int) -> int:
@@ -214,10 +216,17 @@ class Scheduler:
             behind = min(behind, self.config.max_prefill_chunk)
         return min(behind, budget)
 
-    @staticmethod
-    def _chunk(req: Request, num_new: int) -> ScheduledChunk:
+    def _sequence(self, req: Request, num_new: int) -> StepSequence:
+        assert req.subnet is not None
         start = req.num_computed_tokens
-        return ScheduledChunk(req.request_id, start, num_new, start + num_new == req.num_tokens)
+        return StepSequence(
+            request_id=req.request_id,
+            subnet=req.subnet,
+            token_ids=req.token_slice(start, start + num_new),
+            start=start,
+            block_table=self.blocks.block_table(req.request_id),
+            sample=start + num_new == req.num_tokens,
+        )
 
     def preempt(self, req: Request) -> None:
         """Drop a running request's KV; it waits (first in line) to be recomputed."""
@@ -239,15 +248,15 @@ class Scheduler:
         requests that got a token this step (finished ones included)."""
         touched = []
         now = time.monotonic()
-        for chunk in plan.chunks:
-            req = self.requests.get(chunk.request_id)
+        for seq in plan.sequences:
+            req = self.requests.get(seq.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += chunk.num_tokens
+            req.num_computed_tokens += seq.num_tokens
             self.blocks.commit(req)
-            if not chunk.sample or chunk.request_id not in sampled:
+            if not seq.sample or seq.request_id not in sampled:
                 continue
-            token = sampled[chunk.request_id]
+            token = sampled[seq.request_id]
             req.output_token_ids.append(token)
             req.events.token_times.append(now)
             if req.events.first_token is None:

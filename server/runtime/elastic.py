@@ -10,7 +10,6 @@ Deliberately does not know: requests, scheduling, HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import torch
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
 from server.runtime.gemma3n import Gemma3nModel
-from server.runtime.generation import GenerationRequest, GenerationResult, Generator
 from server.runtime.weights import Weights
+from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
 from server.vocabulary.subnets import (
     DEFAULT_CUSTOM_YAML,
     DEFAULT_TABLE_CSV,
@@ -28,19 +27,11 @@ from server.vocabulary.subnets import (
     load_subnet_table,
 )
 
-DTYPES = {
-    "auto": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 def parse_dtype(name: str) -> torch.dtype | None:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
+    """A compute dtype by name (server/vocabulary/compute.py); None: as stored."""
+    check_choice("dtype", name, COMPUTE_DTYPES)
+    return None if name == "auto" else getattr(torch, name)
 
 
 @dataclass
@@ -58,7 +49,6 @@ class ElasticRuntime:
         dtype: str = "auto",
         device: str = "cpu",
         custom_subnets: Path | None = DEFAULT_CUSTOM_YAML,
-        ffn_mode: str = "grouped",
         table_csv: Path | None = DEFAULT_TABLE_CSV,
     ) -> ElasticRuntime:
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -66,21 +56,4 @@ class ElasticRuntime:
         store = CheckpointStore.open(checkpoint)
         weights = Weights(store, dtype=parse_dtype(dtype), device=device)
         subnets = load_subnet_table(store.text, table_csv, custom_subnets)
-        return cls(
-            store, weights, Gemma3nModel(weights, ffn_mode), subnets, TextTokenizer(store.folder)
-        )
-
-    def generate(
-        self,
-        requests: Sequence[GenerationRequest],
-        num_blocks: int | None = None,
-        block_size: int = 16,
-        keep_logits: bool = False,
-    ) -> list[GenerationResult]:
-        """Run prompts to completion in one mixed-subnet batch (offline; see generation.py)."""
-        if num_blocks is None:
-            longest = max(len(r.prompt_ids) + r.max_tokens for r in requests)
-            per_seq = -(-longest // block_size) * self.store.text.first_kv_shared_layer
-            num_blocks = per_seq * len(requests)
-        gen = Generator(self.model, num_blocks=num_blocks, block_size=block_size)
-        return gen.generate(requests, keep_logits=keep_logits)
+        return cls(store, weights, Gemma3nModel(weights), subnets, TextTokenizer(store.folder))

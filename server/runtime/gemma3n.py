@@ -1,21 +1,26 @@
 """The Gemma 3n text decoder as plain PyTorch, with the subnet of every sequence an explicit input.
 
-Owns the forward math, top to bottom as transformers' `Gemma3nForCausalLM` computes it (its
-operation order is kept so that float32 results agree to rounding):
+Owns the forward math, top to bottom as transformers' `Gemma3nForCausalLM` computes it (the same
+operations, so float32 results agree to rounding):
 
     embed -> per-layer inputs (PLE) -> 4 AltUp streams -> for each layer:
         predict streams -> norm -> LAuReL + attention -> FFN -> correct streams -> PLE injection
     -> merge streams -> final norm -> tied LM head -> softcap
 
-One call runs many sequences of many subnets (`ForwardBatch`). Per layer, only the rows of
-subnets that keep the layer take part (the others pass through untouched: a skipped layer is the
-identity on all four streams); attention, norms, AltUp and LAuReL run over those rows together;
-the FFN runs per width on views of the one weight copy ("grouped"), or once at the widest width
-with each row masked to its own ("masked": exact, because masked hidden units add nothing
-through `down`, and the sparsity statistics of layers 0..9 exclude the masked columns).
+One call runs many sequences of many subnets (`ForwardBatch`, batch.py, which planned which rows
+run each layer and how). A subnet that skips a layer leaves its rows untouched there (a skipped
+layer is the identity on all four streams); attention, norms, AltUp and LAuReL run over the rows
+together; the FFN runs per width on views of the one weight copy, or once at the widest width
+with each row masked to its own (exact: masked hidden units add nothing through `down`, and the
+sparsity statistics of layers 0..9 exclude the masked columns, computed in float32).
 
 Layers from `first_kv_shared_layer` on (20..34 in E4B) write no KV, so they run only for the rows
 whose logits are wanted: a prefill's other positions stop after layer 19 (prefill early exit).
+
+The four AltUp streams are kept row-major, [rows, 4, hidden], so predicting and correcting them
+is one batched matrix product per layer. Everything constant (scales, the router's 1/hidden, the
+rotation that rotary embedding applies) is prepared once at load; nothing in the layer loop
+creates a tensor from Python data or reads a device value back.
 
 Deliberately does not know: sampling, block allocation, tokenizers, or where requests come from.
 Speed-ups (compile, CUDA graphs) wrap this from outside.
@@ -28,39 +33,31 @@ import math
 import torch
 import torch.nn.functional as F
 
-from server.runtime.batch import ForwardBatch
+from server.runtime.batch import (
+    AttentionGroup,
+    FfnPlan,
+    ForwardBatch,
+    LayerRows,
+    PlannedStep,
+    materialize,
+    upload,
+)
 from server.runtime.kv_cache import KVCache
-from server.runtime.step_context import LayerRows, StepContext
 from server.runtime.weights import LayerWeights, Weights
-
-FFN_MODES = ("grouped", "masked")
-
 
 # ---- small pieces, as the model defines them ------------------------------------------------
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Gemma 3n RMSNorm: no `1 + w` offset; computed in float32 and cast back."""
-    if x.dtype != torch.float32:
-        w = None if weight is None else weight.float()
-        return rms_norm(x.float(), w, eps).type_as(x)
-    y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    return y if weight is None else y * weight
+    """Gemma 3n RMSNorm: no `1 + w` offset; computed in (at least) float32 and cast back."""
+    if x.dtype in (torch.float32, torch.float64):
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    w = None if weight is None else weight.float()
+    return F.rms_norm(x.float(), x.shape[-1:], w, eps).type_as(x)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def sparsity_multiplier(p: float, dtype: torch.dtype) -> torch.Tensor:
-    """z = Phi^-1(p), computed as transformers does (in float32, then cast)."""
-    z = torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(p, dtype=torch.float32))
-    return z.type(dtype)
 
 
 def rescale_to(x: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
@@ -69,86 +66,121 @@ def rescale_to(x: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
     return x * target_rms / magnitude
 
 
-# ---- the model --------------------------------------------------------------------------------
+def sparsity_multiplier(p: float) -> float:
+    """z = Phi^-1(p), computed as transformers does (in float32)."""
+    z = torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(p, dtype=torch.float32))
+    return float(z)
+
+
+def half_rotation(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """R such that x @ R = cat(-x[half:], x[:half]) (neox-style `rotate_half`): each output is
+    one input times +-1, so the product is exact in any dtype."""
+    half = dim // 2
+    r = torch.zeros(dim, dim, dtype=dtype, device=device)
+    r[half:, :half] = -torch.eye(half, dtype=dtype, device=device)
+    r[:half, half:] = torch.eye(half, dtype=dtype, device=device)
+    return r
+
+
+# ---- the model ----------------------------------------------------------------------------------
 
 
 class Gemma3nModel:
     """The elastic text decoder over one set of weights. Stateless between calls."""
 
-    def __init__(self, weights: Weights, ffn_mode: str = "grouped"):
-        if ffn_mode not in FFN_MODES:
-            raise ValueError(f"ffn_mode must be one of {FFN_MODES}")
+    def __init__(self, weights: Weights):
         self.w = weights
-        self.text = weights.text
-        self.ffn_mode = ffn_mode
-        t = self.text
-        self.z = {
-            i: sparsity_multiplier(p, weights.dtype)
-            for i, p in enumerate(t.activation_sparsity_pattern)
-            if p > 0
-        }
+        self.text = t = weights.text
+        dtype, device = weights.dtype, weights.device
 
-    @torch.inference_mode()
-    def forward(
-        self, batch: ForwardBatch, kv: KVCache, ffn_mode: str | None = None
-    ) -> torch.Tensor:
-        """Logits [M, vocab] for `batch.logits_rows`, writing this step's K/V into `kv`."""
+        def scalar(v: float) -> torch.Tensor:  # a constant in the weights' dtype, as HF does
+            return torch.tensor(v, dtype=dtype, device=device)
+
+        self.embed_scale = scalar(t.hidden_size**0.5)
+        self.ple_scale = scalar(t.hidden_size_per_layer_input**0.5)
+        self.ple_projection_scale = scalar(t.hidden_size**-0.5)
+        self.ple_merge_scale = torch.rsqrt(torch.tensor(2.0)).to(dtype=dtype, device=device)
+        self.z = {
+            i: sparsity_multiplier(p) for i, p in enumerate(t.activation_sparsity_pattern) if p > 0
+        }
+        self.rotate = half_rotation(t.head_dim, dtype, device)
+        # Streams 1..3 expanded and unembedded by one batched product each.
+        self.altup_projections = torch.stack(weights.altup_projections)  # [A-1, H, H]
+        self.altup_unembed = torch.stack(weights.altup_unembed)
+        # The router reads router_norm(x) / hidden: the 1/hidden is folded into its weight, and
+        # the correction's "+ 1" into a bias of ones.
+        a = t.altup_num_inputs
+        self.router = [lw.altup_router / t.hidden_size for lw in weights.layers]
+        self.correction_bias = torch.ones(a, dtype=dtype, device=device)
+        # The per-layer input is added to streams 1..3 only: a 0/1 weight per stream.
+        self.ple_streams = torch.ones(a, 1, dtype=dtype, device=device)
+        self.ple_streams[t.altup_active_idx] = 0
+
+    def batch(self, planned: PlannedStep) -> ForwardBatch:
+        """A planned step on the device, with its per-layer embedding rows (gathered from the
+        host mapping)."""
+        w = self.w
+        batch = materialize(planned.spec, upload(planned.values, w.device), self.text, w.dtype)
+        batch.ple_rows = w.ple_rows(planned.host_ids)
+        return batch
+
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Logits [M, vocab] for the rows that want them, writing this step's K/V into `kv`.
+        Callers run it without autograd (`torch.inference_mode`, or `no_grad` when compiled)."""
         t, w = self.text, self.w
-        ctx = StepContext(t, batch, w.dtype)
-        mode = ffn_mode or self.ffn_mode
 
         # Embeddings: the token embedding scaled by sqrt(hidden) in the weight dtype, and the
         # per-layer inputs for every layer (chunk l of a row belongs to original layer l).
-        h0 = w.embed[batch.input_ids] * torch.tensor(t.hidden_size**0.5, dtype=w.dtype)
-        ple = self.per_layer_inputs(batch.input_ids, h0)  # [N, L, d]
+        h0 = w.embed[batch.input_ids] * self.embed_scale  # [N, H]
+        ple = self.per_layer_inputs(batch, h0).transpose(0, 1)  # [L, N, 1, d]
+        n_kv = t.first_kv_shared_layer
+        # Per layer, its [N, 1, d] slice; KV consumers see only the rows that go on (early exit).
+        consumers = ple[n_kv:] if batch.logits_rows is None else ple[n_kv:, batch.logits_rows]
+        ple_of = list(ple[:n_kv].unbind(0)) + list(consumers.unbind(0))
 
         # AltUp: stream 0 is the embedding, streams 1..3 projections of it at its magnitude.
         target = torch.mean(h0**2, dim=-1, keepdim=True) ** 0.5
-        streams = torch.stack(
-            [h0] + [rescale_to(h0 @ p.T, target) for p in w.altup_projections]
-        )  # [A, N, H]
+        projected = torch.einsum("nh,aoh->nao", h0, self.altup_projections)
+        expanded = rescale_to(projected, target[:, None])
+        streams = torch.cat([h0[:, None], expanded], dim=1)  # [N, A, H]
 
         for layer in range(t.num_hidden_layers):
-            phase = 0 if t.owns_kv(layer) else 1
-            if layer == t.first_kv_shared_layer:
+            if layer == n_kv and batch.logits_rows is not None:
                 # Prefill early exit: KV consumers write nothing, so only rows whose logits are
                 # wanted go on.
-                streams = streams[:, batch.logits_rows]
-            keep = tuple(seg.subnet.keeps(layer) for seg in batch.segments)
-            if not any(keep):
-                continue
-            lr = ctx.layer_rows(phase, keep)
+                streams = streams[batch.logits_rows]
+            lr = batch.rows[layer]
+            if lr is None:
+                continue  # every subnet in the batch skips it
             if lr.index is None:
-                streams = self.decoder_layer(layer, streams, lr, ple[lr.rows, layer], ctx, kv, mode)
+                out = self.decoder_layer(layer, streams, ple_of[layer], lr, batch, kv)
+                streams = out if lr.keep is None else torch.where(lr.keep, out, streams)
             else:
-                sub = self.decoder_layer(
-                    layer, streams[:, lr.index], lr, ple[lr.rows, layer], ctx, kv, mode
-                )
-                streams = streams.index_copy(1, lr.index, sub)
-        if t.first_kv_shared_layer >= t.num_hidden_layers:
-            streams = streams[:, batch.logits_rows]
+                sub = streams[lr.index]
+                out = self.decoder_layer(layer, sub, ple_of[layer][lr.index], lr, batch, kv)
+                streams = streams.index_copy(0, lr.index, out)
+        if t.first_kv_shared_layer >= t.num_hidden_layers and batch.logits_rows is not None:
+            streams = streams[batch.logits_rows]
 
         # Merge the streams back: 1..3 are unembedded and rescaled to stream 0's magnitude.
-        target = torch.mean(streams[0] ** 2, dim=-1, keepdim=True) ** 0.5
-        merged = [streams[0]] + [
-            rescale_to(streams[i + 1] @ p.T, target) for i, p in enumerate(w.altup_unembed)
-        ]
-        hidden = rms_norm(torch.stack(merged).mean(dim=0), w.final_norm, t.rms_norm_eps)
-        logits = hidden @ w.lm_head.T
+        target = torch.mean(streams[:, 0] ** 2, dim=-1, keepdim=True) ** 0.5
+        unembedded = torch.einsum("nah,aoh->nao", streams[:, 1:], self.altup_unembed)
+        rescaled = rescale_to(unembedded, target[:, None])
+        merged = torch.cat([streams[:, :1], rescaled], dim=1).mean(dim=1)
+        hidden = rms_norm(merged, w.final_norm, t.rms_norm_eps)
+        logits = F.linear(hidden, w.lm_head)
         if t.final_logit_softcapping is not None:
             cap = t.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def per_layer_inputs(self, ids: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    def per_layer_inputs(self, batch: ForwardBatch, h0: torch.Tensor) -> torch.Tensor:
         t, w = self.text, self.w
         n, d = t.num_hidden_layers, t.hidden_size_per_layer_input
-        table = w.ple_rows(ids) * torch.tensor(d**0.5, dtype=w.dtype)
-        table = table.reshape(-1, n, d)
-        proj = h0 @ w.ple_model_projection.T
-        proj = proj * torch.tensor(t.hidden_size**-0.5, dtype=w.dtype)
-        proj = rms_norm(proj.reshape(-1, n, d), w.ple_projection_norm, t.rms_norm_eps)
-        return (proj + table) * torch.rsqrt(torch.tensor(2.0)).to(w.dtype)
+        table = batch.ple_rows * self.ple_scale
+        proj = F.linear(h0, w.ple_model_projection) * self.ple_projection_scale
+        proj = rms_norm(proj.view(-1, n, 1, d), w.ple_projection_norm, t.rms_norm_eps)
+        return (proj + table.view(-1, n, 1, d)) * self.ple_merge_scale  # [N, L, 1, d]
 
     # ---- one decoder layer ------------------------------------------------------------------
 
@@ -156,58 +188,67 @@ class Gemma3nModel:
         self,
         layer: int,
         streams: torch.Tensor,
-        lr: LayerRows,
         ple_input: torch.Tensor,
-        ctx: StepContext,
+        lr: LayerRows,
+        batch: ForwardBatch,
         kv: KVCache,
-        mode: str,
     ) -> torch.Tensor:
-        """One layer over the rows `lr` whose four streams are `streams` [A, R, H]."""
+        """One layer over rows whose four streams are `streams` [R, A, H]. The active stream is
+        kept as [R, 1, H] (a slice, not a select) so that correcting every stream with it and
+        adding the per-layer input broadcast without reshaping."""
         t, lw = self.text, self.w.layers[layer]
         eps = t.rms_norm_eps
+        i = t.altup_active_idx
 
-        predictions = self.altup_predict(lw, streams)
-        active = predictions[t.altup_active_idx]
+        predictions = self.altup_predict(layer, lw, streams)
+        active = predictions[:, i : i + 1]
         x = rms_norm(active, lw.input_norm, eps)
-        laurel = x + rms_norm(x @ lw.laurel_left.T @ lw.laurel_right.T, lw.laurel_norm, eps)
-        attn = rms_norm(self.attention(layer, lw, x, lr, ctx, kv), lw.post_attention_norm, eps)
+        laurel = x + rms_norm(F.linear(F.linear(x, lw.laurel_left), lw.laurel_right),
+                              lw.laurel_norm, eps)  # fmt: skip
+        attn = rms_norm(self.attention(layer, lw, x, lr, batch, kv), lw.post_attention_norm, eps)
         h = (active + attn + laurel) / math.sqrt(2)
 
-        ffn = self.ffn(layer, rms_norm(h, lw.pre_ffn_norm, eps), lr, ctx, mode)
+        ffn = self.ffn(layer, rms_norm(h, lw.pre_ffn_norm, eps), batch.ffn[layer])
         h = h + rms_norm(ffn, lw.post_ffn_norm, eps)
-        corrected = self.altup_correct(lw, predictions, h)
+        corrected = self.altup_correct(layer, lw, predictions, active, h)
 
         # Per-layer input: gate stream 0 (scaled), multiply by this layer's PLE, project back,
         # and add to streams 1..3 only.
-        g = corrected[t.altup_active_idx]
+        g = corrected[:, i : i + 1]
         if t.altup_correct_scale:
             g = g * lw.altup_correct_scale
-        g = gelu(g @ lw.ple_gate.T) * ple_input
-        g = rms_norm(g @ lw.ple_projection.T, lw.ple_post_norm, eps)
-        corrected[1:] += g
-        return corrected
+        g = gelu(F.linear(g, lw.ple_gate)) * ple_input
+        g = rms_norm(F.linear(g, lw.ple_projection), lw.ple_post_norm, eps)
+        return torch.addcmul(corrected, self.ple_streams, g)
 
-    def altup_router(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        t = self.text
-        routed = (
-            rms_norm(x, lw.altup_router_norm, t.rms_norm_eps) * (1.0 / t.hidden_size)
-        ) @ lw.altup_router.T
-        return torch.tanh(routed.float()).type_as(x)
+    def altup_router(self, layer: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        routed = F.linear(rms_norm(x, lw.altup_router_norm, self.text.rms_norm_eps),
+                          self.router[layer])  # fmt: skip
+        if routed.dtype not in (torch.float32, torch.float64):
+            return torch.tanh(routed.float()).type_as(x)  # as transformers: tanh in float32
+        return torch.tanh(routed)
 
-    def altup_predict(self, lw: LayerWeights, streams: torch.Tensor) -> torch.Tensor:
-        a = self.text.altup_num_inputs
-        modalities = self.altup_router(lw, streams[self.text.altup_active_idx])
-        coefs = (modalities @ lw.altup_prediction_coefs.T).reshape(-1, a, a).transpose(1, 2)
-        predictions = torch.matmul(streams.permute(1, 2, 0), coefs).permute(2, 0, 1)  # [A, R, H]
-        return (predictions + streams).contiguous()
+    def altup_predict(self, layer: int, lw: LayerWeights, streams: torch.Tensor) -> torch.Tensor:
+        """Each stream predicted as a mix of all four: [R, A, A] coefficients @ [R, A, H]."""
+        a, i = self.text.altup_num_inputs, self.text.altup_active_idx
+        modalities = self.altup_router(layer, lw, streams[:, i : i + 1])  # [R, 1, A]
+        coefs = F.linear(modalities, lw.altup_prediction_coefs).view(-1, a, a)
+        return torch.baddbmm(streams, coefs, streams)
 
     def altup_correct(
-        self, lw: LayerWeights, predictions: torch.Tensor, activated: torch.Tensor
+        self,
+        layer: int,
+        lw: LayerWeights,
+        predictions: torch.Tensor,
+        active: torch.Tensor,
+        activated: torch.Tensor,
     ) -> torch.Tensor:
-        modalities = self.altup_router(lw, activated)
-        innovation = activated - predictions[self.text.altup_active_idx]
-        coefs = (modalities @ lw.altup_correction_coefs.T + 1.0).T[:, :, None]  # [A, R, 1]
-        return innovation[None] * coefs + predictions
+        """Every stream corrected by the active stream's innovation (what the layer computed
+        minus what was predicted for it), weighted per stream."""
+        modalities = self.altup_router(layer, lw, activated)
+        innovation = activated - active  # [R, 1, H]
+        coefs = F.linear(modalities, lw.altup_correction_coefs, self.correction_bias)  # [R, 1, A]
+        return torch.baddbmm(predictions, coefs.transpose(1, 2), innovation)
 
     def attention(
         self,
@@ -215,103 +256,113 @@ class Gemma3nModel:
         lw: LayerWeights,
         x: torch.Tensor,
         lr: LayerRows,
-        ctx: StepContext,
+        batch: ForwardBatch,
         kv: KVCache,
     ) -> torch.Tensor:
         t = self.text
         heads, kv_heads, dim = t.num_attention_heads, t.num_key_value_heads, t.head_dim
         kind = t.layer_types[layer]
-        rows = lr.rows
-        cos, sin = ctx.rope_rows(lr, kind)
+        cos, sin = batch.rope[(lr.positions_key, kind)]  # [R, 1, dim]
 
-        q = rms_norm((x @ lw.q_proj.T).view(-1, heads, dim), lw.q_norm, t.rms_norm_eps)
-        q = q * cos + rotate_half(q) * sin  # [R, heads, dim]
+        q = rms_norm(F.linear(x, lw.q_proj).view(-1, heads, dim), lw.q_norm, t.rms_norm_eps)
+        q = torch.addcmul(q * cos, q @ self.rotate, sin)  # rotary: q*cos + rotate_half(q)*sin
 
         source = t.kv_source(layer)  # itself, or the producer (18/19) for a consumer layer
         if source == layer:
-            k = rms_norm((x @ lw.k_proj.T).view(-1, kv_heads, dim), lw.k_norm, t.rms_norm_eps)
-            k = k * cos + rotate_half(k) * sin
-            v = rms_norm((x @ lw.v_proj.T).view(-1, kv_heads, dim), None, t.rms_norm_eps)
-            slots = self.slots(
-                ctx.batch, source, ctx.batch.row_seq[rows], ctx.batch.positions[rows]
-            )
+            k = rms_norm(F.linear(x, lw.k_proj).view(-1, kv_heads, dim), lw.k_norm, t.rms_norm_eps)
+            k = torch.addcmul(k * cos, k @ self.rotate, sin)
+            v = rms_norm(F.linear(x, lw.v_proj).view(-1, kv_heads, dim), None, t.rms_norm_eps)
+            slots = batch.write_slots[layer]
             kv.k[slots] = k
             kv.v[slots] = v
 
-        groups = ctx.attention_groups(lr, kind)
-        read_key = (source, lr.key, kind)
-        reads = ctx.consumer_reads.get(read_key) if source != layer else None
-        if reads is None:
-            reads = []
-            for g in groups:
-                slots = self.slots(ctx.batch, source, g.seqs[:, None], g.key_pos)  # [G, K]
-                reads.append((kv.k[slots].permute(0, 2, 1, 3), kv.v[slots].permute(0, 2, 1, 3)))
-            if source != layer:
-                ctx.consumer_reads[read_key] = reads
-
-        out = torch.empty(rows.numel(), heads * dim, dtype=x.dtype, device=x.device)
-        rep = heads // kv_heads
-        for g, (keys, values) in zip(groups, reads, strict=True):  # keys: [G, kv_heads, K, dim]
-            n_seq, q_len = g.q_index.shape
-            # Grouped-query attention without copying K/V: the `rep` query heads that share a
-            # KV head are folded into the query-length axis.
-            qg = q[g.q_index].view(n_seq, q_len, kv_heads, rep, dim).permute(0, 2, 3, 1, 4)
-            qg = qg.reshape(n_seq, kv_heads, rep * q_len, dim)
-            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, scale=1.0)
-            o = o.view(n_seq, kv_heads, rep, q_len, dim).permute(0, 3, 1, 2, 4)
-            o = o.reshape(n_seq, q_len, heads * dim)
-            out[g.q_index[g.q_valid]] = o[g.q_valid]
-        return out @ lw.o_proj.T
+        out = None
+        for g in batch.attention[layer]:
+            o = self.attend(g, q, self.read(g, source, layer, batch, kv))
+            if g.scatter is None:
+                out = o  # one group, one query per row, rows in order
+                break
+            if out is None:
+                out = q.new_empty(q.shape[0], 1, heads * dim)
+            dest, flat = g.scatter
+            out.index_copy_(0, dest, o.reshape(-1, 1, heads * dim)[flat])
+        return F.linear(out, lw.o_proj)  # [R, 1, H]
 
     @staticmethod
-    def slots(
-        batch: ForwardBatch, layer: int, seqs: torch.Tensor, positions: torch.Tensor
+    def read(
+        g: AttentionGroup, source: int, layer: int, batch: ForwardBatch, kv: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a group reads from `source`'s cache, [G, kv_heads, K, dim]. Every
+        KV consumer of one producer reads the same ones: gathered once per step."""
+        key = (g.key, source)
+        if key in batch.reads:
+            return batch.reads[key]
+        slots = g.slots[source]
+        reads = (kv.k[slots].transpose(1, 2), kv.v[slots].transpose(1, 2))
+        if source != layer:
+            batch.reads[key] = reads
+        return reads
+
+    def attend(
+        self, g: AttentionGroup, q: torch.Tensor, reads: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        """KV slot of (sequence, position) pairs in `layer`'s blocks."""
-        bs = batch.block_size
-        blocks = batch.block_tables[seqs, layer, positions // bs]
-        return blocks.clamp(min=0) * bs + positions % bs
+        """Grouped-query attention of one group without copying K/V per query head: the `rep`
+        query heads that share a KV head are folded into the query-length axis."""
+        t = self.text
+        heads, kv_heads, dim = t.num_attention_heads, t.num_key_value_heads, t.head_dim
+        rep, n, q_len = heads // kv_heads, g.num_seqs, g.q_len
+        keys, values = reads
+        if g.q_index is None:  # one query per sequence, in row order
+            qg = q.view(n, kv_heads, rep, dim)
+        else:
+            qg = q[g.q_index].view(n, q_len, kv_heads, rep, dim).permute(0, 2, 3, 1, 4)
+            qg = qg.reshape(n, kv_heads, rep * q_len, dim)
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, scale=1.0)
+        if g.q_index is None:
+            return o.view(n, 1, heads * dim)
+        return o.view(n, kv_heads, rep, q_len, dim).permute(0, 3, 1, 2, 4)  # [G, Q, kv, rep, d]
 
     # ---- the elastic FFN --------------------------------------------------------------------
 
-    def ffn(
-        self, layer: int, x: torch.Tensor, lr: LayerRows, ctx: StepContext, mode: str
-    ) -> torch.Tensor:
-        layer_widths = tuple(seg.subnet.width_of(layer) for seg in ctx.batch.segments)
-        widths = ctx.widths(lr, layer_widths)  # [(width, row indices or None)]
-        if len(widths) == 1:
-            return self.ffn_at_width(layer, x, widths[0][0])
-        if mode == "grouped":
+    def ffn(self, layer: int, x: torch.Tensor, plan: FfnPlan) -> torch.Tensor:
+        if plan.groups:  # one GEMM per width, on that width's rows
             out = torch.empty_like(x)
-            for width, idx in widths:
-                out[idx] = self.ffn_at_width(layer, x[idx], width)
+            for width, idx in plan.groups:
+                out.index_copy_(0, idx, self.ffn_at_width(layer, x[idx], width))
             return out
-        return self.ffn_masked(layer, x, widths)
+        gate_w, up_w, down_w = self.w.ffn(layer, plan.width)
+        gate = F.linear(x, gate_w)
+        z = self.z.get(layer, 0.0)
+        if plan.row_width is None:
+            if z:
+                gate = self.sparsify(gate, z)
+            return F.linear(gelu(gate) * F.linear(x, up_w), down_w)
+        keep = plan.keep  # [R, width] True inside each row's own width
+        if z:
+            gate = self.sparsify(gate, z, keep, plan.row_width)
+        return F.linear(gelu(gate) * F.linear(x, up_w) * keep, down_w)
 
     def ffn_at_width(self, layer: int, x: torch.Tensor, width: int) -> torch.Tensor:
         gate_w, up_w, down_w = self.w.ffn(layer, width)
-        gate = x @ gate_w.T
-        if layer in self.z:
-            # Gaussian top-k: keep what lies above mean + z*std of THIS width's gate outputs.
-            mean = torch.mean(gate, dim=-1, keepdim=True)
-            std = torch.std(gate, dim=-1, keepdim=True, unbiased=False)
-            gate = F.relu(gate - (mean + std * self.z[layer]))
-        return (gelu(gate) * (x @ up_w.T)) @ down_w.T
+        gate = F.linear(x, gate_w)
+        z = self.z.get(layer, 0.0)
+        if z:
+            gate = self.sparsify(gate, z)
+        return F.linear(gelu(gate) * F.linear(x, up_w), down_w)
 
-    def ffn_masked(
-        self, layer: int, x: torch.Tensor, widths: list[tuple[int, torch.Tensor | None]]
+    @staticmethod
+    def sparsify(
+        gate: torch.Tensor,
+        z: float,
+        keep: torch.Tensor | None = None,
+        row_width: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        top = max(wd for wd, _ in widths)
-        gate_w, up_w, down_w = self.w.ffn(layer, top)
-        row_width = torch.empty(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        for wd, idx in widths:
-            row_width[idx] = wd
-        keep = torch.arange(top, device=x.device)[None, :] < row_width  # [R, top]
-        gate = x @ gate_w.T
-        if layer in self.z:
-            kept = gate * keep
-            mean = kept.sum(-1, keepdim=True) / row_width
-            var = ((gate - mean) * keep).pow(2).sum(-1, keepdim=True) / row_width
-            gate = F.relu(gate - (mean + var.sqrt() * self.z[layer]))
-        hidden = gelu(gate) * (x @ up_w.T) * keep
-        return hidden @ down_w.T
+        """Gaussian top-k: keep what lies above mean + z*std of the gate outputs over the row's
+        own width (statistics in float32: a count like 4915 is not a bfloat16)."""
+        if keep is None:
+            std, mean = torch.std_mean(gate, dim=-1, keepdim=True, correction=0)
+            return F.relu(gate - torch.add(mean, std, alpha=z))
+        g32 = gate.float()
+        mean = (g32 * keep).sum(-1, keepdim=True) / row_width
+        std = (((g32 - mean) * keep) ** 2).sum(-1, keepdim=True).div(row_width).sqrt()
+        return F.relu(gate - torch.add(mean, std, alpha=z).type_as(gate))

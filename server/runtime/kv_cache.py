@@ -2,7 +2,7 @@
 
 Owns the storage. A block holds `block_size` consecutive positions of ONE layer's keys and values;
 which layer and which sequence a block serves is decided by whoever hands out block ids (the
-engine's block bookkeeping, or the offline generator). Sharing one pool across layers is what lets
+engine's block bookkeeping, server/engine/kv_blocks.py). Sharing one pool across layers is what lets
 a subnet that skips a KV-owning layer book fewer blocks, and lets blocks that a sliding-window layer
 releases serve a full-attention layer's long context.
 
@@ -32,7 +32,10 @@ class KVCache:
         self.text = text
         self.num_blocks = num_blocks
         self.block_size = block_size
-        slots = num_blocks * block_size
+        # One block past the pool, never handed out: where rows of a subnet that skips a layer
+        # write that layer's K/V when a step runs every row (batch.py, masked layout).
+        self.scratch_block = num_blocks
+        slots = (num_blocks + 1) * block_size
         shape = (slots, text.num_key_value_heads, text.head_dim)
         # Zero-filled so that a padded gather can never read NaN/inf (masked keys multiply by 0).
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -42,22 +45,6 @@ class KVCache:
     def block_bytes(text: TextConfig, block_size: int, dtype: torch.dtype) -> int:
         """Bytes of one block: K and V for `block_size` positions of one layer."""
         return 2 * block_size * text.num_key_value_heads * text.head_dim * dtype.itemsize
-
-    @classmethod
-    def from_budget(
-        cls,
-        text: TextConfig,
-        budget_bytes: int,
-        block_size: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> KVCache:
-        num_blocks = budget_bytes // cls.block_bytes(text, block_size, dtype)
-        if num_blocks < 1:
-            raise ValueError(
-                f"a KV budget of {budget_bytes} bytes holds no block of {block_size} positions"
-            )
-        return cls(text, int(num_blocks), block_size, dtype, device)
 
     @property
     def nbytes(self) -> int:

@@ -64,6 +64,7 @@ class FfnResidency:
         self.full = tuple(g.shape[0] for g, _, _ in self.host)
         self.widths = tuple(self.full)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for layer, width in enumerate(widths or self.full):
             self.buffers.append(self._load(layer, 0, width, None))
         self.widths = tuple(widths or self.full)
@@ -76,8 +77,11 @@ class FfnResidency:
             raise ValueError(
                 f"layer {layer}: width {width} outside the resident (0, {self.widths[layer]}]"
             )
-        gate, up, down = self.buffers[layer]
-        return gate[:width], up[:width], down[:, :width]
+        views = self._views.get((layer, width))
+        if views is None:  # made once per (layer, width) until the buffers change
+            gate, up, down = self.buffers[layer]
+            views = self._views[(layer, width)] = (gate[:width], up[:width], down[:, :width])
+        return views
 
     def fits(self, layers: Sequence[int], widths: Sequence[int]) -> bool:
         return all(w <= self.widths[layer] for layer, w in zip(layers, widths, strict=True))
@@ -96,10 +100,6 @@ class FfnResidency:
         return self.bytes_for(self.widths)
 
     # ---- resizing ---------------------------------------------------------------------------
-
-    def resize(self, widths: Sequence[int]) -> ResizeReport:
-        """Make `widths` resident now. Raises (and leaves every layer as it was) on failure."""
-        return self.commit(self.prepare(widths, background=False))
 
     def prepare(self, widths: Sequence[int], background: bool = True) -> PendingResize:
         """Build the buffers for `widths` without touching the ones in use. In the background
@@ -151,6 +151,7 @@ class FfnResidency:
                     t.record_stream(torch.cuda.current_stream(self.device))
         before = self.resident_bytes
         self.buffers, self.widths = pending.buffers, pending.widths
+        self._views.clear()
         after = self.resident_bytes
         return ResizeReport(max(0, after - before), max(0, before - after), pending.widths)
 
@@ -186,26 +187,3 @@ class FfnResidency:
         if self.device.type == "cuda":
             staged = staged.pin_memory()
         return staged.to(device=self.device, dtype=self.dtype, non_blocking=True)
-
-
-def residency_levels(
-    full: Sequence[int], subnets: Sequence[tuple[Sequence[int], Sequence[int], int]]
-) -> list[tuple[int, ...]]:
-    """Nested resident-width configurations, smallest first.
-
-    `subnets` are (kept layers, widths, effective params). Level k holds, per layer, the widest
-    width any of the k smallest subnets uses there, so each level serves every subnet of the
-    levels below it plus at least one more. The last level is the full widths."""
-    ordered = sorted(subnets, key=lambda s: s[2])
-    levels: list[tuple[int, ...]] = []
-    current = [0] * len(full)
-    for layers, widths, _ in ordered:
-        for layer, w in zip(layers, widths, strict=True):
-            current[layer] = max(current[layer], w)
-        # a layer no subnet at this level uses keeps a one-row placeholder (widths are > 0)
-        level = tuple(w if w else 1 for w in current)
-        if not levels or level != levels[-1]:
-            levels.append(level)
-    if not levels or levels[-1] != tuple(full):
-        levels.append(tuple(full))
-    return levels

@@ -1,9 +1,9 @@
 """The model runner: one engine step as tensors, a forward pass, and one sampled token per sequence.
 
-Owns the K/V tensors, the per-request sampling state (kept across steps, so seeded requests draw
-from their own generator whatever else is batched with them), the choice between the two ways of
-running mixed FFN widths, and isolating failures: if a step fails, its sequences are retried one
-by one so that only the culprit gets an error.
+Owns the K/V tensors, the per-request sampling state (registered once; sampling runs batched on
+the logits' device, and a seeded request draws the same tokens whatever else is batched with it),
+the choice between the two ways of running mixed FFN widths, and isolating failures: if a step
+fails, its sequences are retried one by one so that only the culprit gets an error.
 
 FFN mode by measurement: with several widths in a step, "grouped" runs one GEMM per width on its
 rows (saves FLOPs: wins when compute-bound, e.g. prefill chunks) and "masked" one GEMM at the
@@ -20,42 +20,17 @@ import statistics
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from server.runtime.batch import SequenceInput, build_forward_batch
-from server.runtime.gemma3n import FFN_MODES, Gemma3nModel
+from server.runtime.batch import plan_step
+from server.runtime.decode_graph import DecodeGraphs
+from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.kv_cache import KVCache
-from server.runtime.sampler import Sampler, SampleResult, SamplerState, SamplingError
+from server.runtime.sampler import Sampler, SamplerState, SamplingError
+from server.vocabulary.compute import FFN_MODE_CHOICES, FFN_MODES, check_choice
 from server.vocabulary.sampling_params import SamplingParams
-from server.vocabulary.subnets import Subnet
-
-
-class DeviceOutOfMemory(RuntimeError):
-    """A step ran out of accelerator (or host) memory."""
-
-
-@dataclass(frozen=True)
-class StepSequence:
-    """One request's share of a step."""
-
-    request_id: str
-    subnet: Subnet
-    token_ids: Sequence[int]  # computed this step
-    start: int  # position of token_ids[0]
-    block_table: Sequence[Sequence[int]]  # per KV-owning layer
-    sample: bool  # sample the next token from the last row's logits
-    params: SamplingParams  # used the first time the request is seen
-    prompt_ids: Sequence[int] = ()  # likewise (repetition penalty looks at the prompt)
-
-
-@dataclass
-class StepResult:
-    samples: dict[str, SampleResult] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)  # request id -> message
-    seconds: float = 0.0
-    ffn_mode: str | None = None
+from server.vocabulary.step import DeviceOutOfMemory, SampleResult, StepResult, StepSequence
 
 
 class FfnModeChooser:
@@ -97,23 +72,47 @@ class ModelRunner:
         block_size: int,
         eos_token_ids: Sequence[int],
         ffn_mode: str = "auto",
+        compile_backend: str | None = None,
     ):
-        if ffn_mode not in (*FFN_MODES, "auto"):
-            raise ValueError(f"ffn_mode must be one of {(*FFN_MODES, 'auto')}")
+        """`compile_backend`: compile decode steps (decode_graph.py) with this torch.compile
+        backend ("inductor"; "aot_eager" captures the same graphs without generating code);
+        None: every step runs the eager forward."""
+        check_choice("ffn_mode", ffn_mode, FFN_MODE_CHOICES)
         self.model = model
         text = model.text
         self.text = text
         self.block_size = block_size
         self.kv = KVCache(text, num_blocks, block_size, model.w.dtype, model.w.device)
-        self.sampler = Sampler(text.vocab_size_per_layer_input)
         self.eos_token_ids = tuple(eos_token_ids)
+        self.sampler = Sampler(
+            text.vocab_size_per_layer_input, self.eos_token_ids, device=model.w.device
+        )
         self.states: dict[str, SamplerState] = {}
+        self.keep_logits: set[str] = set()  # requests whose logits rows are returned
         self.ffn_mode = ffn_mode
         self.chooser = FfnModeChooser()
+        self.graphs = None
+        if compile_backend is not None:
+            self.graphs = DecodeGraphs(model, self.kv, block_size, compile_backend)
+
+    def add_request(
+        self,
+        request_id: str,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        keep_logits: bool = False,
+    ) -> None:
+        """Register a request's sampling parameters and prompt once, before its first step."""
+        self.states[request_id] = self.sampler.add_request(params, prompt_ids)
+        if keep_logits:
+            self.keep_logits.add(request_id)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's sampling state."""
-        self.states.pop(request_id, None)
+        state = self.states.pop(request_id, None)
+        if state is not None:
+            self.sampler.release(state)
+        self.keep_logits.discard(request_id)
 
     def execute(self, seqs: Sequence[StepSequence]) -> StepResult:
         t0 = time.perf_counter()
@@ -131,60 +130,47 @@ class ModelRunner:
                     one = self.execute([s])
                     result.samples.update(one.samples)
                     result.errors.update(one.errors)
+                    result.logits.update(one.logits)
         result.seconds = time.perf_counter() - t0
         return result
 
     def _run(self, seqs: Sequence[StepSequence]) -> StepResult:
-        n_kv = self.text.first_kv_shared_layer
-        inputs = [
-            SequenceInput(
-                s.subnet, s.token_ids, s.start, s.block_table, "last" if s.sample else "none"
-            )
-            for s in seqs
-        ]
-        batch = build_forward_batch(inputs, n_kv, self.block_size, self.model.w.device)
+        if self.graphs is not None and self.graphs.applies(seqs):
+            logits, planned = self.graphs.run(seqs)
+            return self._sample(seqs, planned, logits, StepResult(ffn_mode="compiled"))
         key = self._step_kind(seqs)
         mode = self.ffn_mode
         if mode == "auto":
             mode = self.chooser.choose(key) if key is not None else "grouped"
         t0 = time.perf_counter()
-        logits = self.model.forward(batch, self.kv, ffn_mode=mode)
+        planned = plan_step(self.text, seqs, self.block_size, self.kv.scratch_block, mode)
+        with torch.inference_mode():
+            logits = self.model.forward(self.model.batch(planned), self.kv)
         if key is not None and self.ffn_mode == "auto":
             if logits.is_cuda:
                 torch.cuda.synchronize()
             self.chooser.record(key, mode, time.perf_counter() - t0)
+        return self._sample(seqs, planned, logits, StepResult(ffn_mode=mode if key else None))
 
+    def _sample(self, seqs, planned, logits: torch.Tensor, result: StepResult) -> StepResult:
         # Logit rows follow the batch order (sequences grouped by subnet).
-        sampled = [seqs[i] for i in batch.order if seqs[i].sample]
-        states = [self._state(s) for s in sampled]
-        result = StepResult(ffn_mode=mode if key is not None else None)
-        # Sampling happens on the host: each request's generator lives there, so a seeded
-        # request draws the same numbers on any device; [B, vocab] is a small copy.
-        logits = logits.float().cpu()
+        sampled = [seqs[i] for i in planned.order if seqs[i].sample]
+        states = [self.states[s.request_id] for s in sampled]
+        for row, s in enumerate(sampled):
+            if s.request_id in self.keep_logits:
+                result.logits[s.request_id] = logits[row].detach().clone()
+        # Sampling runs where the logits are; only the chosen ids and requested logprobs come
+        # back, and each state records its token (on the device) as part of sampling.
         try:
             samples: list[SampleResult | None] = list(self.sampler.sample(logits, states))
         except SamplingError as e:  # only the failed rows lose; the others' draws stand
             samples = e.results or [None] * len(sampled)
             for row, message in e.failures.items():
                 result.errors[sampled[row].request_id] = f"sampling failed: {message}"
-        for s, state, sample in zip(sampled, states, samples, strict=True):
+        for s, sample in zip(sampled, samples, strict=True):
             if sample is not None:
-                state.record(sample.token_id)
                 result.samples[s.request_id] = sample
         return result
-
-    def _state(self, s: StepSequence) -> SamplerState:
-        state = self.states.get(s.request_id)
-        if state is None:
-            state = SamplerState(
-                s.params,
-                s.prompt_ids,
-                self.text.vocab_size_per_layer_input,
-                self.eos_token_ids,
-                "cpu",
-            )
-            self.states[s.request_id] = state
-        return state
 
     @staticmethod
     def _step_kind(seqs: Sequence[StepSequence]) -> tuple | None:

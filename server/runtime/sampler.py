@@ -1,40 +1,78 @@
-"""Per-request sampling for a batch of rows, each with its own parameters and random stream.
+"""Per-request sampling for a batch of rows: one batched pass per step, on the logits' device.
 
 Owns: turning one step's logits (one row per running request) into one token per row, with that
-request's `SamplingParams`: placeholder masking, logprobs, min_tokens, logit_bias, penalties,
-greedy or temperature / top-k / top-p / min-p sampling. Also owns the per-request state this
-needs across steps (`SamplerState`: token counts for the penalties, the random generator).
+request's `SamplingParams`: placeholder ids dropped, logprobs, min_tokens, logit_bias, penalties,
+greedy or temperature / top-k / top-p / min-p sampling; and the per-request state this needs
+across steps (`SamplerState` on the host; seeds, and penalty counts in a device table,
+penalties.py).
 
-Order of processing, per row (vLLM-like, and written in this order below):
+Order of processing, per row (vLLM-like):
   1. restrict to the text vocabulary: ids >= text_vocab_size (vision/audio placeholders) are
-     dropped and can never be sampled;
-  2. logprobs, when requested, from log_softmax of these raw logits (before any penalty or
-     temperature): the chosen token's and the top k;
-  3. min_tokens: while fewer than min_tokens tokens were generated, the eos ids and the
-     request's stop_token_ids are masked (whatever ignore_eos says);
+     sliced off and can never be sampled;
+  2. logprobs, when requested, of these raw logits (before any penalty or temperature): the chosen
+     token's and the top k;
+  3. min_tokens: while fewer than min_tokens tokens were generated, the eos ids and the request's
+     stop_token_ids are masked (whatever ignore_eos says);
   4. logit_bias is added;
   5. repetition_penalty over the ids seen in prompt or output (positive logits divided by it,
      negative ones multiplied, as in HF and vLLM); then frequency_penalty * count and
      presence_penalty * (count > 0) are subtracted, counting output tokens only (as OpenAI does);
-  6. greedy (temperature 0): argmax, ties to the lowest id. Otherwise divide by temperature, then
-     top_k (exactly k tokens, ties to the lower id), then top_p (the smallest prefix of the
-     sorted distribution whose mass reaches top_p), then min_p (drop p < min_p * max p); the top
-     token always survives. The draw is over the renormalised survivors.
+  6. greedy (temperature 0): argmax, ties to the lowest id. Otherwise temperature, then top_k
+     (exactly k tokens, ties to the lower id), then top_p (the smallest prefix of the distribution
+     left by top_k, ordered by logit then id, whose mass reaches top_p), then min_p (drop p <
+     min_p * max p); the top token always survives. The draw is over the renormalised survivors.
 
-Determinism: a seeded request gets the same tokens whatever else is in its batch and wherever its
-row is. Each request owns a `torch.Generator` (seeded from params.seed, or from fresh OS entropy),
-and every non-greedy step consumes exactly one `exponential_` call over the text vocabulary from
-it: the token is argmax(p_i / E_i) with E_i ~ Exp(1) ("exponential race"), which picks i with
-probability p_i / sum(p) with no normalisation, cumsum or search. Steps 1 and 3-5 are elementwise
-and vectorised over the batch (bitwise the same as one row alone); step 6 runs per row on a 1-D
-tensor of fixed length, so its reductions never see the other rows.
+How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
+  - Block maxima (blocks of `block` ids) are one cheap pass; from them, greedy is the first
+    maximum of the first block holding the row maximum, and the top-K candidates of a row lie in
+    its K blocks with the highest maxima (each of those holds an element at least as large), so
+    top-k never sorts or selects over the vocabulary. Candidates are ordered exactly by (logit
+    desc, id asc) through int64 keys, so ties break to the lower id whatever the kernel does.
+  - top_k rows (k <= vocabulary) work on their top-k candidates only: temperature, top_p over the
+    top-k mass, min_p and the draw are [rows, k] operations.
+  - Rows without top_k need the whole distribution: three in-place passes write
+    exp2((x - max) * log2(e) / T) into a reused buffer, and one more its block sums (min_p adds
+    one threshold pass). They draw by an exponential race over levels (a group of blocks in
+    proportion to its mass, a block within it, a token within that): exact, with random numbers
+    for about 3 x 64 items per row rather than the vocabulary.
+  - top_p without top_k: the top `nucleus_candidates` tokens settle the nucleus when their mass
+    reaches top_p of the total (they hold it exactly, and the draw is over them); rows they do not
+    settle draw by exact rejection with a moving pivot (FlashInfer's idea, here over the block
+    race): draw from the remaining mass, accept when the mass strictly before the drawn token is
+    below top_p of the total, else keep only the tokens before it and draw again. Each round
+    accepts with probability >= top_p.
+  - Randomness is counter-based (counter_random.py): a pure function of (seed, tokens generated so
+    far, stream, token or block index), so a seeded request draws the same tokens whatever else is
+    in the batch and wherever its row is; unseeded requests get a random seed at registration.
+  - One device->host copy per step: ids, failure codes and requested logprobs packed in one
+    float64 tensor. Steps with top_p-without-top_k rows read one more flag vector (which rows the
+    candidates settle), and one per rejection round when some row needs them.
 
-Errors: nothing a valid `SamplingParams` asks for empties a distribution except min_tokens when
-the eos and stop ids cover the whole vocabulary (logit_bias is bounded, so it cannot). That and
-non-finite model logits (NaN or +inf, or no finite logit at all) are the only per-row failures.
-They never stop the other rows: `sample` finishes every row, then raises `SamplingError` naming
-the failed rows and carrying the others' results, which the engine must use (their generators
-have already advanced).
+Exactness: every path samples exactly the filtered distribution (up to float rounding of the
+weights). Bitwise batch invariance needs each row's arithmetic to be the same whatever the batch:
+elementwise ops, exact selections (block maxima, int64-keyed top-k, argmax) and the per-row sums
+over 64-id blocks. On the CPU the last hold for 1 and 2 threads with a vocabulary that is a
+multiple of 64 (no kernel splits a row at an odd offset), which the tests check. On CUDA they
+hold as long as torch reduces a [B, n, 64] tensor's last dim the same way for every B, which this
+build could not check; a difference would change a draw only when two blocks' races tie within
+rounding.
+
+Where this differs from vLLM and FlashInfer, and why:
+  - min_p comes after top_k/top_p (this sampler's order before issue 11, kept); vLLM applies it
+    first, so its top_p sees the min_p-filtered distribution.
+  - Greedy means temperature 0 exactly (vLLM: below 1e-5); a tiny temperature samples, and picks
+    the top token unless others lie within rounding of it.
+  - Ties in top_k/top_p and in the top logprobs go to the lower id; vLLM's sort and FlashInfer's
+    pivots leave their order to the kernel, which batch invariance cannot afford.
+  - Noise is keyed by tokens generated so far, not by position in the sequence (vLLM V2), so a
+    request's draws do not move with its prompt length.
+  - top_p without top_k is exact for any distribution (candidates, then rejection); vLLM's
+    PyTorch fallback sorts the vocabulary, and its FlashInfer path cannot take per-request seeds.
+
+Errors: non-finite model logits (NaN or +inf, or no finite logit at all) and min_tokens masking
+every token are per-row failures. They never stop the other rows: `sample` finishes every row,
+then raises `SamplingError` naming the failed rows and carrying the others' results, which the
+engine must use (their state has already advanced).
 
 Deliberately does not know: stop strings, tokenizers, max_tokens or finishing (the engine's);
 the model; how requests are scheduled.
@@ -49,23 +87,28 @@ from dataclasses import dataclass
 
 import torch
 
+from server.runtime.counter_random import MAX_INDEX, race, row_key
+from server.runtime.penalties import Entry, PenaltyTable
+from server.runtime.row_gather import gather_rows
 from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.step import SampleResult
 
-_NEG_INF = float("-inf")
+LOG2E = 1.0 / math.log(2.0)
+NEG_INF = float("-inf")
+MAX_BLOCK = 64  # ids per block of the block maxima / block sums (and fan-out of the block race)
+NUCLEUS_CANDIDATES = 64  # top_p without top_k: candidates that usually settle the nucleus
 _F32_MAX = torch.finfo(torch.float32).max
-
-
-@dataclass(frozen=True)
-class SampleResult:
-    token_id: int
-    logprob: float | None  # the chosen token's log-probability; None unless logprobs requested
-    top_logprobs: tuple[tuple[int, float], ...]  # top-k (id, logprob), highest first
+_FAIL_MESSAGES = {
+    1: "the model's logits contain NaN or +inf",
+    2: "the model's logits have no finite value",
+    3: "min_tokens forbids every token: the eos and stop_token_ids cover the whole vocabulary",
+}
 
 
 class SamplingError(RuntimeError):
     """Rows that could not be sampled. `row_index`/`message` name the first; `failures` all.
 
-    `results` has one entry per row: the other rows' results (use them: their generators have
+    `results` has one entry per row: the other rows' results (use them: their state has
     advanced) and None for each failed row.
     """
 
@@ -83,119 +126,151 @@ class SamplingError(RuntimeError):
         self.results = results if results is not None else []
 
 
+@dataclass
 class SamplerState:
-    """Per-request sampling state kept across steps: the generator and the penalty counts.
+    """One request's sampling state on the host; its penalty entries live in the sampler's table.
 
-    `vocab_size` is the sampler's text vocabulary size; prompt and eos ids at or past it
-    (placeholders) are ignored. The params are validated here, so the sampler never sees
-    invalid ones.
+    Made by `Sampler.add_request`, advanced by `Sampler.sample`, ended by `Sampler.release`.
     """
 
-    def __init__(
-        self,
-        params: SamplingParams,
-        prompt_ids: Sequence[int],
-        vocab_size: int,
-        eos_ids: Sequence[int],
-        device: torch.device | str = "cpu",
-    ) -> None:
-        params.validate(vocab_size)
-        self.params = params
-        self.vocab_size = vocab_size
-        self.device = torch.device(device)
-        self.num_generated = 0
-        # Fresh entropy rather than torch.seed(): that would reseed the global default generator.
-        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8))
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(self.seed)
-
-        def ids(values: Sequence[int] | set[int]) -> torch.Tensor:
-            return torch.tensor(sorted(values), dtype=torch.long, device=self.device)
-
-        self._prompt = {t for t in prompt_ids if 0 <= t < vocab_size}
-        self._prompt_ids = ids(self._prompt) if params.repetition_penalty != 1 else None
-        self._min_tokens_ids = (
-            ids({t for t in eos_ids if 0 <= t < vocab_size} | set(params.stop_token_ids))
-            if params.min_tokens > 0
-            else None
-        )
-        # Bias ids and values in the same (id) order; validate() guarantees distinct ids.
-        bias = sorted(params.logit_bias)
-        self._bias_ids = ids([t for t, _ in bias]) if bias else None
-        self._bias = (
-            torch.tensor([b for _, b in bias], dtype=torch.float32, device=self.device)
-            if bias
-            else None
-        )
-        self._counts: dict[int, int] = {}  # output token -> count, in first-seen order
-        self._new: list[int] = []  # output tokens not in the prompt, in first-seen order
-
-    def record(self, token_id: int) -> None:
-        """Note one generated token (call once per step, after sampling, before the next)."""
-        self.num_generated += 1
-        if not 0 <= token_id < self.vocab_size:
-            return  # a placeholder the engine inserted itself: counts for min_tokens only
-        if token_id not in self._counts and token_id not in self._prompt:
-            self._new.append(token_id)
-        self._counts[token_id] = self._counts.get(token_id, 0) + 1
-
-    def _seen_ids(self) -> torch.Tensor | None:
-        """Distinct ids in prompt or output, for the repetition penalty (no duplicates)."""
-        if self._prompt_ids is None:
-            return None
-        new = torch.tensor(self._new, dtype=torch.long, device=self.device)
-        return torch.cat([self._prompt_ids, new])
+    params: SamplingParams
+    seed: int  # in [0, 2**64): params.seed mod 2**64, or fresh entropy
+    num_generated: int = 0
+    slot: int | None = None  # row of the penalty table, if the request adjusts any logit
+    tracks_output: bool = False  # penalties that depend on generated tokens
+    static_entries: int = 0  # entries at registration (the table may hold more)
+    released: bool = False
 
 
 class Sampler:
-    """Samples one token per row; see the module docstring for the order and determinism."""
+    """Samples one token per row; see the module docstring for the order and the method."""
 
-    def __init__(self, text_vocab_size: int) -> None:
+    def __init__(
+        self,
+        text_vocab_size: int,
+        eos_ids: Sequence[int] = (),
+        device: torch.device | str = "cpu",
+        nucleus_candidates: int = NUCLEUS_CANDIDATES,
+    ) -> None:
+        if not 1 <= text_vocab_size <= MAX_INDEX:
+            raise ValueError(f"text_vocab_size must be in [1, {MAX_INDEX}], got {text_vocab_size}")
         self.text_vocab_size = text_vocab_size
+        self.eos_ids = tuple(t for t in eos_ids if 0 <= t < text_vocab_size)
+        self.device = torch.device(device)
+        # The largest power of two up to MAX_BLOCK dividing the vocabulary (Gemma's 262144: 64).
+        self.block = math.gcd(text_vocab_size, MAX_BLOCK)
+        self.nucleus_candidates = nucleus_candidates
+        self.table = PenaltyTable(self.device)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int] = (),
+        eos_ids: Sequence[int] | None = None,
+    ) -> SamplerState:
+        """Validate `params` and register a request; `eos_ids` default to the sampler's. Prompt
+        and eos ids at or past the text vocabulary (placeholders) are ignored."""
+        vocab = self.text_vocab_size
+        params.validate(vocab)
+        # Fresh entropy rather than torch.seed(): that would reseed the global default generator.
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        state = SamplerState(params, seed % 2**64)
+        entries: dict[int, Entry] = {}
+        for token, bias in params.logit_bias:
+            entries[token] = Entry(token, bias=float(bias))
+        if params.min_tokens > 0:
+            eos = self.eos_ids if eos_ids is None else eos_ids
+            for token in {t for t in eos if 0 <= t < vocab} | set(params.stop_token_ids):
+                e = entries.get(token, Entry(token))
+                entries[token] = Entry(token, e.bias, e.seen, blocked=True)
+        if params.repetition_penalty != 1:
+            for token in {t for t in prompt_ids if 0 <= t < vocab}:
+                e = entries.get(token, Entry(token))
+                entries[token] = Entry(token, e.bias, True, e.blocked)
+        state.tracks_output = bool(
+            params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
+        )
+        if entries or state.tracks_output:
+            ordered = [entries[t] for t in sorted(entries)]
+            room = params.max_tokens if state.tracks_output else 0
+            state.slot = self.table.allocate(ordered, len(ordered) + room)
+            state.static_entries = len(ordered)
+        return state
+
+    def release(self, state: SamplerState) -> None:
+        """Forget a finished request (its table slot is reused)."""
+        if state.slot is not None and not state.released:
+            self.table.free(state.slot)
+        state.released = True
+
+    # ---- sampling --------------------------------------------------------------------------
 
     def sample(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> list[SampleResult]:
+        """One token per row of `logits` [B, >= text vocabulary]; advances each sampled state."""
         raw = self._text_logits(logits, states)
-        failures = self._check_raw(raw)
-        x = self._process(raw, states)
-        empty = torch.isneginf(x).all(dim=1).tolist()
-        for row, is_empty in enumerate(empty):
-            if is_empty and row not in failures:
-                failures[row] = (
-                    "min_tokens forbids every token: the eos and stop_token_ids cover the "
-                    "whole vocabulary"
-                )
-        logprobs = self._logprobs(raw, states)
-        results: list[SampleResult | None] = []
-        for row, state in enumerate(states):
-            if row in failures:
-                results.append(None)
-                continue
-            token = self._draw(x[row], state)
-            lp, top = logprobs[row] if logprobs[row] is not None else (None, ())
-            results.append(SampleResult(token, None if lp is None else float(lp[token]), top))
-        if failures:
-            first = min(failures)
-            raise SamplingError(first, failures[first], failures, results)
-        return [r for r in results if r is not None]
+        if not states:
+            return []
+        plan = _plan(states, self.text_vocab_size)
+        dev, B = raw.device, raw.shape[0]
+        raw_bm = self._block_max(raw)
+        raw_max = raw_bm.amax(dim=1).float()
+        # amax propagates NaN, so the row maximum tells NaN / +inf / no finite value apart.
+        fail = torch.where(
+            torch.isnan(raw_max) | (raw_max == math.inf),
+            1,
+            torch.where(raw_max == NEG_INF, 2, 0),
+        )
+        x, bm = self._processed(raw, raw_bm, states, plan)
+        if x is not raw:
+            fail = torch.where((fail == 0) & (bm.amax(dim=1) == NEG_INF), 3, fail)
+        host = torch.tensor([row_key(s.seed, s.num_generated) for s in states], dtype=torch.long)
+        keys = host.to(dev, non_blocking=True)
+        params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
+        tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        step = _Step(x, bm, params, keys[:, 0], keys[:, 1], fail, B)
+
+        if plan.greedy:
+            rows = step.rows(plan.greedy)
+            tokens[rows.index] = _first_argmax(x, bm, rows, self.block)
+        if plan.top_k:
+            rows = step.rows(plan.top_k)
+            k = max(states[r].params.top_k for r in plan.top_k)
+            tokens[rows.index] = self._sample_top_k(step, rows, k)
+        if plan.full or plan.nucleus:
+            self._sample_whole(step, plan, tokens)
+        packed, width = self._pack(raw, raw_bm, raw_max, states, plan, tokens, fail)
+        values = packed.tolist()  # the step's one device->host copy
+        # State advances last: a step that raised before here (e.g. out of memory, which the
+        # engine retries) has changed nothing.
+        if plan.tracked:
+            self._record(states, plan.tracked, tokens, fail == 0)
+        return _results(values, width, states)
+
+    def record(self, states: Sequence[SamplerState], token_ids: Sequence[int]) -> None:
+        """Count tokens as generated without sampling them (one per state; e.g. tokens a caller
+        forces). `sample` records its own draws."""
+        tracked = [r for r, s in enumerate(states) if s.tracks_output]
+        if tracked:
+            tokens = torch.tensor(list(token_ids), dtype=torch.long).to(self.device)
+            in_vocab = (tokens >= 0) & (tokens < self.text_vocab_size)
+            self._record(states, tracked, tokens.clamp(0, self.text_vocab_size - 1), in_vocab)
+        for s in states:
+            s.num_generated += 1
 
     def processed_logits(
         self, logits: torch.Tensor, states: Sequence[SamplerState]
     ) -> torch.Tensor:
         """Steps 1 and 3-5: [B, text_vocab_size] float32 logits before temperature and filters."""
-        return self._process(self._text_logits(logits, states), states)
+        raw = self._text_logits(logits, states)
+        x, _ = self._processed(
+            raw, self._block_max(raw), states, _plan(states, self.text_vocab_size)
+        )
+        return x.float().clone()
 
-    def probabilities(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-        """The distribution each row draws from (one-hot for greedy rows), [B, text_vocab_size]."""
-        x = self.processed_logits(logits, states)
-        out = torch.zeros_like(x)
-        for row, state in enumerate(states):
-            if state.params.greedy:
-                out[row, int(torch.argmax(x[row]))] = 1.0
-            else:
-                out[row] = torch.softmax(self._filtered(x[row], state.params), dim=0)
-        return out
-
-    # ---- steps ---------------------------------------------------------------------------------
+    # ---- steps -----------------------------------------------------------------------------
 
     def _text_logits(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[0] != len(states):
@@ -205,139 +280,483 @@ class Sampler:
                 f"logits have {logits.shape[1]} ids, fewer than the text vocabulary "
                 f"{self.text_vocab_size}"
             )
-        for state in states:
-            if state.vocab_size != self.text_vocab_size:
-                raise ValueError("a SamplerState was made for another vocabulary size")
-            if state.device.type != logits.device.type:
-                raise ValueError(
-                    f"a SamplerState lives on {state.device}, logits on {logits.device}"
-                )
+        if logits.device.type != self.device.type:
+            raise ValueError(f"the sampler lives on {self.device}, logits on {logits.device}")
+        if any(s.released for s in states):
+            raise ValueError("a released SamplerState cannot be sampled")
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
         # Step 1: slicing (not masking) makes placeholder ids unsampleable by construction.
-        return logits[:, : self.text_vocab_size].float()
+        return logits[:, : self.text_vocab_size]
+
+    def _block_max(self, x: torch.Tensor) -> torch.Tensor:
+        bs = self.block
+        return x.reshape(x.shape[0], self.text_vocab_size // bs, bs).amax(dim=2)
+
+    def _buffer(
+        self, name: str, rows: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """A reused [rows, vocabulary] scratch tensor, grown to the largest batch seen. Reuse
+        matters on a CPU, where a fresh vocabulary-sized allocation costs more in page faults
+        than the arithmetic written to it; on an accelerator it keeps the step's memory flat."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.device != device:
+            size = max(rows, buf.shape[0] if buf is not None else 0)
+            buf = torch.empty(size, self.text_vocab_size, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+    def _shifted(self, w: torch.Tensor, x: torch.Tensor, rows: _Rows, shift: torch.Tensor):
+        """w <- x[rows] - shift[:, None] as float32, in one pass where torch allows."""
+        if rows.every:
+            torch.sub(x, shift[:, None], out=w)
+            return
+        self._copy_rows(w, x, rows)
+        w.sub_(shift[:, None])
 
     @staticmethod
-    def _check_raw(raw: torch.Tensor) -> dict[int, str]:
-        bad = (torch.isnan(raw) | torch.isposinf(raw)).any(dim=1).tolist()
-        none = torch.isneginf(raw).all(dim=1).tolist()
-        failures = {}
-        for row in range(raw.shape[0]):
-            if bad[row]:
-                failures[row] = "the model's logits contain NaN or +inf"
-            elif none[row]:
-                failures[row] = "the model's logits have no finite value"
-        return failures
+    def _copy_rows(w: torch.Tensor, x: torch.Tensor, rows: _Rows) -> None:
+        if x.dtype == torch.float32:
+            torch.index_select(x, 0, rows.index, out=w)
+        else:
+            w.copy_(x.index_select(0, rows.index))
 
-    def _process(self, raw: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-        x = raw.clone()
-        # Each step gathers (row, id) pairs from every row that needs it and applies one indexed
-        # update; the ids within a row are distinct, so plain (non-accumulating) writes are exact.
-        rows, ids = _pairs(
-            [s._min_tokens_ids if s.num_generated < s.params.min_tokens else None for s in states]
-        )
-        if rows is not None:
-            x[rows, ids] = _NEG_INF  # step 3
-        rows, ids = _pairs([s._bias_ids for s in states])
-        if rows is not None:
-            bias = torch.cat([s._bias for s in states if s._bias is not None])
-            x[rows, ids] += bias  # step 4
-        rows, ids = _pairs([s._seen_ids() for s in states])
-        if rows is not None:  # step 5a: repetition penalty
-            penalty = _floats([s.params.repetition_penalty for s in states], x.device)
-            v, p = x[rows, ids], penalty[rows]
-            x[rows, ids] = torch.where(v > 0, v / p, v * p)
-        counted = [
-            bool(s._counts) and bool(s.params.frequency_penalty or s.params.presence_penalty)
-            for s in states
-        ]
-        if any(counted):  # step 5b: frequency and presence, output tokens only
-            rows, ids = _pairs(
+    def _processed(self, raw, raw_bm, states, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 3-5 on a float32 copy when any row has adjustments this step; else the raw
+        logits themselves (no copy)."""
+        if not plan.adjusted:
+            return raw, raw_bm
+        x = self._buffer("processed", raw.shape[0], raw.device)
+        x.copy_(raw)
+        adj = [states[r] for r in plan.adjusted]
+        per_row = torch.tensor(
+            [
                 [
-                    torch.tensor(list(s._counts), dtype=torch.long, device=x.device) if c else None
-                    for s, c in zip(states, counted, strict=True)
+                    s.slot,
+                    s.num_generated < s.params.min_tokens,
+                    s.params.repetition_penalty,
+                    s.params.frequency_penalty,
+                    s.params.presence_penalty,
                 ]
+                for s in adj
+            ],
+            dtype=torch.float64,
+        ).to(raw.device, non_blocking=True)
+        self.table.apply(
+            x,
+            _index(plan.adjusted, raw.device),
+            per_row[:, 0].long(),
+            max(s.static_entries + s.num_generated for s in adj),
+            per_row[:, 1].bool(),
+            per_row[:, 2].float(),
+            per_row[:, 3].float(),
+            per_row[:, 4].float(),
+        )
+        return x, self._block_max(x)
+
+    def _sample_top_k(self, step: _Step, rows: _Rows, k: int) -> torch.Tensor:
+        """Rows with top_k: temperature, top_p, min_p and the draw on their top-k candidates."""
+        ids, vals = _top_candidates(step.x, step.bm, rows, k, self.block)
+        p = rows.pick(step.params)
+        z = _tempered(vals, vals[:, :1], p)
+        keep = torch.arange(ids.shape[1], device=ids.device) < p[:, _TOP_K, None]
+        w = torch.where(keep, torch.exp2(z), 0.0)
+        keep &= _nucleus_keep(w, w.sum(dim=1, keepdim=True), p)
+        keep &= z >= p[:, _LOG2_MIN_P, None]
+        lo, hi = rows.pick(step.lo), rows.pick(step.hi)
+        choice = race(torch.where(keep, w, 0.0), lo, hi, _CANDIDATES, ids)
+        return ids.gather(1, choice[:, None])[:, 0]
+
+    def _sample_whole(self, step: _Step, plan: _Plan, tokens: torch.Tensor) -> None:
+        """Rows without top_k: temperature, min_p and top_p over the whole vocabulary, weights in
+        one buffer whose rows are: full rows with min_p, full rows without, nucleus rows."""
+        x, dev, V, bs = step.x, step.x.device, self.text_vocab_size, self.block
+        with_min_p = [r for r in plan.full if r in plan.min_p]
+        order = with_min_p + [r for r in plan.full if r not in plan.min_p] + plan.nucleus
+        rows = step.rows(order)
+        R, n_min_p, n_full = len(order), len(with_min_p), len(plan.full)
+        p = rows.pick(step.params)
+        m = rows.pick(step.bm).amax(dim=1).float()
+        w = self._buffer("weights", R, dev)
+        if n_min_p:
+            # min_p for rows drawn from the whole distribution, as a threshold on x: p_i >=
+            # min_p * p_max <=> x_i >= max + T ln(min_p). Shifting by that threshold instead of
+            # the max scales the row's weights by 1 / min_p, which no draw can tell apart.
+            head = rows.split(0, n_min_p)
+            shift = m[:n_min_p] + p[:n_min_p, _MIN_P_SHIFT].float()
+            self._shifted(w[:n_min_p], x, head, shift)
+            _keep_non_negative_(w[:n_min_p])
+        # The rest: shift by the max (subtracting first keeps the product finite however large
+        # the logits or small the temperature: x * c - m * c could be inf - inf).
+        self._shifted(w[n_min_p:], x, rows.split(n_min_p, R), m[n_min_p:])
+        # exp2((x - shift) * log2(e) / T): at most 1 / min_p <= 2^126, so none overflows.
+        w.mul_(p[:, _C, None].float()).exp2_()
+        sums = w.view(R, V // bs, bs).sum(dim=2)
+        lo, hi = rows.pick(step.lo), rows.pick(step.hi)
+        if n_full:
+            full = slice(0, n_full)
+            tokens[rows.index[full]] = _block_race(
+                w[full], None, sums[full], lo[full], hi[full], _FULL, bs
             )
-            assert rows is not None and ids is not None
-            count = _floats(
-                [n for s, c in zip(states, counted, strict=True) if c for n in s._counts.values()],
-                x.device,
+        if plan.nucleus:
+            nuc = slice(n_full, R)
+            tokens[rows.index[nuc]] = self._sample_nucleus(
+                step, step.rows(plan.nucleus), w[nuc], sums[nuc], p[nuc], lo[nuc], hi[nuc]
             )
-            freq = _floats([s.params.frequency_penalty for s in states], x.device)
-            pres = _floats([s.params.presence_penalty for s in states], x.device)
-            x[rows, ids] -= freq[rows] * count + pres[rows]
-        # A tiny repetition penalty can overflow a positive logit to +inf, which would turn the
-        # softmax into NaN; the largest float keeps the token on top and the maths finite.
-        return x.clamp_(max=_F32_MAX)
 
-    @staticmethod
-    def _filtered(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-        """Step 6 before the draw: one row's tempered logits with dropped ids at -inf."""
-        # Shift first: the top logit becomes 0, so no temperature can overflow it to +inf.
-        x = (x - x.max()) / params.temperature
-        if 0 < params.top_k < x.numel() or params.top_p < 1:
-            # A stable sort puts ties in id order, so top_k and top_p break them to the lower id.
-            sorted_x, order = torch.sort(x, descending=True, stable=True)
-            drop = torch.zeros_like(sorted_x, dtype=torch.bool)
-            if 0 < params.top_k < x.numel():
-                drop[params.top_k :] = True
-                sorted_x = sorted_x.masked_fill(drop, _NEG_INF)
-            if params.top_p < 1:
-                p = torch.softmax(sorted_x, dim=0)
-                # Keep a token when the mass strictly before it is still short of top_p: that is
-                # the smallest prefix reaching top_p, and the top token (mass 0 before it) stays.
-                drop |= (torch.cumsum(p, dim=0) - p) >= params.top_p
-                drop[0] = False
-            x = x.scatter(0, order, sorted_x.masked_fill(drop, _NEG_INF))
-        if params.min_p > 0:
-            # p_i < min_p * p_max  <=>  x_i - x_max < log(min_p), and x_max is 0 here (the top
-            # token survives top_k / top_p, so the maximum is unchanged).
-            x = x.masked_fill(x < math.log(params.min_p), _NEG_INF)
-        return x
-
-    def _draw(self, x: torch.Tensor, state: SamplerState) -> int:
-        if state.params.greedy:
-            return int(torch.argmax(x))  # the first maximum: ties go to the lowest id
-        x = self._filtered(x, state.params)
-        # Exponential race: argmax(log p_i - log E_i) = argmax(p_i / E_i), E_i ~ Exp(1). Exactly
-        # one exponential_ call of the full text-vocabulary length per step, dropped ids or not.
-        e = torch.empty_like(x).exponential_(generator=state.generator)
-        score = torch.where(torch.isneginf(x), _NEG_INF, x - torch.log(e))
-        return int(torch.argmax(score))
-
-    @staticmethod
-    def _logprobs(
-        raw: torch.Tensor, states: Sequence[SamplerState]
-    ) -> list[tuple[torch.Tensor, tuple[tuple[int, float], ...]] | None]:
-        """Step 2: per row, (log_softmax of the raw logits, top-k pairs) or None if not asked."""
-        out: list[tuple[torch.Tensor, tuple[tuple[int, float], ...]] | None] = []
-        for row, state in enumerate(states):
-            k = state.params.logprobs
-            if k is None:
-                out.append(None)
-                continue
-            lp = torch.log_softmax(raw[row], dim=0)
-            top: tuple[tuple[int, float], ...] = ()
-            if k > 0:
-                values, idx = torch.topk(lp, min(k, lp.numel()))
-                pairs = zip(idx.tolist(), values.tolist(), strict=True)
-                top = tuple(sorted(pairs, key=lambda p: (-p[1], p[0])))
-            out.append((lp, top))
+    def _sample_nucleus(self, step, rows: _Rows, w, sums, p, lo, hi) -> torch.Tensor:
+        """top_p rows without top_k (their unfiltered weights in w): candidates first, then exact
+        rejection for the rows whose nucleus the candidates do not hold."""
+        ids, vals = _top_candidates(step.x, step.bm, rows, self.nucleus_candidates, self.block)
+        # The candidates' weights are read from w, so they are the very terms of the total.
+        wc = w.gather(1, ids).double()
+        total = sums.double().sum(dim=1)
+        z = _tempered(vals, vals[:, :1], p)
+        keep = _nucleus_keep(wc, total[:, None], p) & (z >= p[:, _LOG2_MIN_P, None])
+        choice = race(torch.where(keep, wc, 0.0), lo, hi, _CANDIDATES, ids)
+        out = ids.gather(1, choice[:, None])[:, 0]
+        # Settled: the candidates' mass reaches top_p of the total, so the first token outside
+        # the nucleus is a candidate, and everything after it is outside too.
+        unsettled = (wc.sum(dim=1) < p[:, _TOP_P] * total) & (rows.pick(step.fail) == 0)
+        todo = unsettled.nonzero()[:, 0]
+        if todo.numel():  # the host read named in the module docstring
+            at = rows.index.index_select(0, todo)
+            out[todo] = self._reject(
+                step.x,
+                at,
+                w.index_select(0, todo),
+                ids.index_select(0, todo),
+                p.index_select(0, todo),
+                total.index_select(0, todo),
+                lo.index_select(0, todo),
+                hi.index_select(0, todo),
+            )
         return out
 
+    def _reject(self, x, at, w0, candidates, p, total, lo, hi) -> torch.Tensor:
+        """Exact top_p (and min_p) draws for batch rows `at` whose nucleus holds all their
+        candidates and more: draw j in proportion to the weights; accept when j passes min_p and
+        the mass strictly before j (logit desc, id asc) is below top_p * total; else narrow the
+        weights to the tokens before j, which still hold the accepted set, and draw again. Each
+        round accepts with probability >= top_p, and the top token is always accepted, so the
+        loop ends. w0 holds the rows' unfiltered weights."""
+        U, V, bs, dev = at.numel(), self.text_vocab_size, self.block, x.device
+        xs = self._buffer("reject_x", U, dev)
+        if x.dtype == torch.float32:
+            torch.index_select(x, 0, at, out=xs)
+        else:
+            xs.copy_(x.index_select(0, at))
+        ws, spare = self._buffer("reject_w", U, dev), self._buffer("reject_spare", U, dev)
+        ws.copy_(w0)
+        before = self._buffer("reject_before", U, dev, torch.bool)
+        tie = self._buffer("reject_tie", U, dev, torch.bool)
+        ids = torch.arange(V, device=dev)
+        m = xs.amax(dim=1, keepdim=True)
+        out = torch.zeros(U, dtype=torch.long, device=dev)
+        live = torch.arange(U, device=dev)  # batch position of each buffer row still drawing
+        for round_ in range(V + 1):
+            n = live.numel()
+            xl, wl, bl, tl = xs[:n], ws[:n], before[:n], tie[:n]
+            sums = wl.view(n, V // bs, bs).sum(dim=2)
+            # A stream per round; past the streams available, the key's low bits carry the round.
+            stream = _REJECT + 8 * (round_ % _REJECT_STREAMS)
+            salt = round_ // _REJECT_STREAMS
+            j = _block_race(wl, None, sums, lo ^ salt, hi, stream, bs)
+            xj = xl.gather(1, j[:, None])
+            # before = x > x_j, or x == x_j at a lower id: the tokens ahead of j.
+            torch.gt(xl, xj, out=bl)
+            torch.eq(xl, xj, out=tl)
+            tl &= ids < j[:, None]
+            bl |= tl
+            narrowed = torch.mul(wl, bl, out=spare[:n])
+            mass = narrowed.view(n, V // bs, bs).sum(dim=2).double().sum(dim=1)
+            zj = _tempered(xj, m[:n], p)[:, 0]
+            in_candidates = (candidates == j[:, None]).any(dim=1)
+            accept = (in_candidates | (mass < p[:, _TOP_P] * total)) & (zj >= p[:, _LOG2_MIN_P])
+            out[live] = torch.where(accept, j, out[live])
+            again = (~accept).nonzero()[:, 0]
+            if not again.numel():
+                break
+            # Rows drawing again move to the front of the buffers, with their narrowed weights.
+            xs[: again.numel()] = xl.index_select(0, again)
+            ws[: again.numel()] = narrowed.index_select(0, again)
+            m = m.index_select(0, again)
+            live, lo, hi = live[again], lo[again], hi[again]
+            candidates, p, total = candidates[again], p[again], total[again]
+        return out
 
-def _pairs(
-    per_row: Sequence[torch.Tensor | None],
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """Flatten per-row id tensors into (row index, id) tensors for one indexed update."""
-    rows, ids = [], []
-    for row, t in enumerate(per_row):
-        if t is not None and t.numel():
-            rows.append(torch.full_like(t, row))
-            ids.append(t)
-    if not ids:
-        return None, None
-    return torch.cat(rows), torch.cat(ids)
+    def _record(self, states, tracked: list[int], tokens, ok) -> None:
+        """Count this step's tokens in the penalty table (device, in place)."""
+        dev = tokens.device
+        width = max(states[r].static_entries + states[r].num_generated for r in tracked)
+        self.table.ensure_width(width + 1)
+        rows = _index(tracked, dev)
+        slots = _index([states[r].slot for r in tracked], dev)  # type: ignore[misc]
+        self.table.record(slots, tokens.index_select(0, rows), ok.index_select(0, rows), width)
+
+    def _pack(self, raw, raw_bm, raw_max, states, plan, tokens, fail):
+        """[B, 3 + 2k] float64: token, failure code, chosen logprob, top-k ids, top-k logprobs
+        (float64 holds every id exactly)."""
+        B, dev = raw.shape[0], raw.device
+        k = max([states[r].params.logprobs or 0 for r in plan.logprobs], default=0)
+        k = min(k, self.text_vocab_size)
+        out = torch.full((B, 3 + 2 * k), math.nan, dtype=torch.float64, device=dev)
+        out[:, 0] = tokens
+        out[:, 1] = fail
+        if plan.logprobs:
+            rows = _Rows.of(plan.logprobs, B, dev)
+            lse = self._log_normalizer(raw, rows, rows.pick(raw_max))
+            chosen = gather_rows(raw, rows.index, rows.pick(tokens)[:, None])[:, 0].double()
+            out[rows.index, 2] = chosen - lse
+            if k:
+                ids, vals = _top_candidates(raw, raw_bm, rows, k, self.block)
+                out[rows.index, 3 : 3 + k] = ids.double()
+                out[rows.index, 3 + k :] = vals.double() - lse[:, None]
+        return out, k
+
+    def _log_normalizer(self, raw, rows: _Rows, m) -> torch.Tensor:
+        """log sum exp of the raw logits of `rows`, float64 (step 2's normaliser)."""
+        V, bs = self.text_vocab_size, self.block
+        w = self._buffer("weights", rows.index.numel(), raw.device)
+        self._shifted(w, raw, rows, m)
+        w.mul_(LOG2E).exp2_()
+        total = w.view(-1, V // bs, bs).sum(dim=2).double().sum(dim=1)
+        return m.double() + torch.log(total)
 
 
-def _floats(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    # float32 explicitly: the logits are float32 whatever torch's default dtype is.
-    return torch.tensor(values, dtype=torch.float32, device=device)
+# ---- per-step plan and parameters ------------------------------------------------------------
+
+_C, _TOP_K, _TOP_P, _LOG2_MIN_P, _MIN_P_SHIFT = range(5)  # columns of _row_params
+# Random streams (counter_random), one per use so that no two uses share a number. A block race
+# uses stream + level (level < 8): rejection round r uses 2 + 8 (r % 24), whole-vocabulary draws
+# 200, candidate races 1.
+_CANDIDATES, _REJECT, _REJECT_STREAMS, _FULL = 1, 2, 24, 200
+# min_p below float32's smallest normal number is off: it could only drop tokens whose weights
+# float32 cannot hold apart from zero (and 1 / min_p would overflow the shifted weights).
+_MIN_P_FLOOR = 2.0**-126
+
+
+@dataclass
+class _Plan:
+    """Which rows go which way this step, from parameters alone (so a row's path, and hence its
+    token, never depends on the rest of its batch)."""
+
+    greedy: list[int]
+    top_k: list[int]  # 0 < top_k < vocabulary
+    nucleus: list[int]  # top_p < 1 without top_k
+    full: list[int]  # neither: temperature, maybe min_p
+    logprobs: list[int]
+    adjusted: list[int]  # rows with logit adjustments this step
+    tracked: list[int]  # rows whose penalties count generated tokens
+    min_p: set[int]  # rows with min_p
+
+
+def _plan(states: Sequence[SamplerState], vocab: int) -> _Plan:
+    plan = _Plan([], [], [], [], [], [], [], set())
+    for r, s in enumerate(states):
+        p = s.params
+        if p.greedy:
+            plan.greedy.append(r)
+        elif 0 < p.top_k < vocab:
+            plan.top_k.append(r)
+        elif p.top_p < 1:
+            plan.nucleus.append(r)
+        else:
+            plan.full.append(r)
+        if p.min_p >= _MIN_P_FLOOR:
+            plan.min_p.add(r)
+        if p.logprobs is not None:
+            plan.logprobs.append(r)
+        if s.slot is not None and s.static_entries + s.num_generated > 0:
+            plan.adjusted.append(r)
+        if s.tracks_output:
+            plan.tracked.append(r)
+    return plan
+
+
+def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
+    """Per-row parameters as one host tensor [B, 5] (one copy to the device): log2(e) / T,
+    top_k (vocab when off), top_p, log2(min_p) (-inf when off), T ln(min_p) (0 when off). The
+    temperature factor and log2(min_p) are rounded to float32, the precision they are used in,
+    so every comparison of one row sees the same threshold."""
+    rows = []
+    for s in states:
+        p = s.params
+        c = min(LOG2E / p.temperature, _F32_MAX) if p.temperature > 0 else 0.0
+        k = p.top_k if 0 < p.top_k < vocab else vocab
+        on = p.min_p >= _MIN_P_FLOOR
+        lmp = math.log2(p.min_p) if on else NEG_INF
+        shift = p.temperature * math.log(p.min_p) if on else 0.0
+        rows.append([c, k, p.top_p, lmp, shift])
+    out = torch.tensor(rows, dtype=torch.float64)
+    out[:, _C] = out[:, _C].float().double()
+    out[:, _LOG2_MIN_P] = out[:, _LOG2_MIN_P].float().double()
+    return out
+
+
+def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long).to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Some rows of the batch: the device index, and whether it is every row in order (then
+    per-row tensors are used as they are, with no index_select)."""
+
+    index: torch.Tensor
+    every: bool
+
+    @classmethod
+    def of(cls, positions: Sequence[int], batch: int, device: torch.device) -> _Rows:
+        return cls(_index(positions, device), list(positions) == list(range(batch)))
+
+    def pick(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.every else t.index_select(0, self.index)
+
+    def split(self, start: int, stop: int) -> _Rows:
+        """The rows at positions [start, stop) of this set (every row only if that is all)."""
+        whole = self.every and start == 0 and stop == self.index.numel()
+        return _Rows(self.index[start:stop], whole)
+
+    @property
+    def gather_index(self) -> torch.Tensor | None:
+        return None if self.every else self.index
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What every path of one step reads: processed logits, their block maxima, per-row
+    parameters and random keys, failure codes."""
+
+    x: torch.Tensor
+    bm: torch.Tensor
+    params: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    fail: torch.Tensor
+    batch: int
+
+    def rows(self, positions: Sequence[int]) -> _Rows:
+        return _Rows.of(positions, self.batch, self.x.device)
+
+
+# ---- batched building blocks -------------------------------------------------------------------
+
+
+def _tempered(vals: torch.Tensor, top: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(vals - top) * log2(e) / T in float32 (as the weight buffer computes it), then float64."""
+    return ((vals.float() - top.float()) * p[:, _C, None].float()).double()
+
+
+def _nucleus_keep(w: torch.Tensor, total: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """top_p over weights in (logit desc, id asc) order: keep a token while the mass strictly
+    before it is below top_p * total, which is the smallest prefix reaching top_p and always keeps
+    the first. Rows with top_p = 1 keep everything (no rounding may drop a tail token)."""
+    before = torch.cumsum(w, dim=1) - w
+    return (before < p[:, _TOP_P, None] * total) | (p[:, _TOP_P, None] >= 1)
+
+
+def _keep_non_negative_(w: torch.Tensor) -> None:
+    """w[w < 0] = -inf, in place, in one pass (`threshold_` keeps values above its threshold).
+    The threshold is minus the smallest normal float32 rather than minus the smallest subnormal,
+    which flush-to-zero modes would read as -0 (dropping exact zeros, the max itself when min_p
+    is 1); a difference of two floats lands strictly between the two only when both are below
+    ~1e-31."""
+    torch.nn.functional.threshold_(w, -torch.finfo(torch.float32).tiny, NEG_INF)
+
+
+def _order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Tensor:
+    """int64 keys ordered like (value desc, id asc) under a descending sort: the float32 bits
+    made order-preserving, then the id reversed in the low bits. Exact, so ties never depend on
+    a kernel's choice. In place after the first copy (these are the step's largest small tensors).
+    """
+    key = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    magnitude = key >> 31  # -1 for negative floats, 0 otherwise
+    magnitude &= 0x7FFFFFFF
+    key ^= magnitude  # negative floats: flip the magnitude bits, so larger floats sort higher
+    key *= 1 << max_id.bit_length()
+    key -= ids
+    key += max_id
+    return key
+
+
+def _top_candidates(x, bm, rows: _Rows, k: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k highest logits of each row in `rows`, ordered by (logit desc, id asc): ids [R, k]
+    and float32 values. They lie in the row's k blocks with the highest maxima (ordered the same
+    way): each such block holds an element at least as large as any element of a later block."""
+    nb = bm.shape[1]
+    V = nb * bs
+    k = min(k, V)
+    dev = x.device
+    block_keys = _order_keys(rows.pick(bm), torch.arange(nb, device=dev), nb - 1)
+    blocks = block_keys.topk(min(k, nb), dim=1).indices
+    ids = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
+    vals = gather_rows(x, rows.gather_index, ids).float()
+    pos = _order_keys(vals, ids, V - 1).topk(k, dim=1).indices
+    return ids.gather(1, pos), vals.gather(1, pos)
+
+
+def _first_argmax(x, bm, rows: _Rows, bs: int) -> torch.Tensor:
+    """The lowest id holding each row's maximum: the first block whose maximum is the row's,
+    then the first position in it that holds it."""
+    b = rows.pick(bm)
+    top = b.amax(dim=1, keepdim=True)
+    block = (b == top).to(torch.uint8).argmax(dim=1)
+    ids = block[:, None] * bs + torch.arange(bs, device=x.device)
+    first = (gather_rows(x, rows.gather_index, ids) == top).to(torch.uint8).argmax(dim=1)
+    return block * bs + first
+
+
+_FAN_OUT = 64
+
+
+def _block_race(w, sel, sums, lo, hi, stream: int, bs: int) -> torch.Tensor:
+    """One token per selected row of the weights w [*, V], drawn in proportion to w: a race over
+    groups of blocks, then over the blocks of the winning group, ..., then over the tokens of the
+    winning block. Each level picks a child with probability child mass / sibling mass, so a token
+    wins with probability w_i / sum(w). `sums` [S, V / bs] are the rows' block sums; `sel` [S]
+    picks w's rows (None: all, in order). Random numbers: stream + level, indexed by global block
+    or token id."""
+    S, dev = sums.shape[0], sums.device
+    levels = [sums.double()]
+    while levels[-1].shape[1] > _FAN_OUT:
+        s = levels[-1]
+        s = torch.nn.functional.pad(s, (0, -s.shape[1] % _FAN_OUT))
+        levels.append(s.view(S, -1, _FAN_OUT).sum(dim=2))
+    top = levels[-1]
+    index = torch.arange(top.shape[1], device=dev).expand(S, -1)
+    node = race(top, lo, hi, stream + len(levels), index)
+    fan = torch.arange(_FAN_OUT, device=dev)
+    for level in range(len(levels) - 2, -1, -1):
+        s = levels[level]
+        children = node[:, None] * _FAN_OUT + fan
+        inside = children.clamp(max=s.shape[1] - 1)
+        mass = torch.where(children < s.shape[1], s.gather(1, inside), 0.0)
+        node = children.gather(1, race(mass, lo, hi, stream + level + 1, children)[:, None])[:, 0]
+    tokens = node[:, None] * bs + torch.arange(bs, device=dev)
+    mass = gather_rows(w, sel, tokens).double()
+    return tokens.gather(1, race(mass, lo, hi, stream, tokens)[:, None])[:, 0]
+
+
+def _results(values: list[list[float]], k: int, states: Sequence[SamplerState]):
+    failures: dict[int, str] = {}
+    results: list[SampleResult | None] = []
+    for r, (row, s) in enumerate(zip(values, states, strict=True)):
+        code = int(row[1])
+        if code:
+            failures[r] = _FAIL_MESSAGES[code]
+            results.append(None)
+            continue
+        s.num_generated += 1
+        token = int(row[0])
+        n = s.params.logprobs
+        if n is None:
+            results.append(SampleResult(token, None, ()))
+            continue
+        n = min(n, k)
+        top = tuple((int(row[3 + i]), row[3 + k + i]) for i in range(n))
+        results.append(SampleResult(token, row[2], top))
+    if failures:
+        first = min(failures)
+        raise SamplingError(first, failures[first], failures, results)
+    return results

@@ -166,13 +166,35 @@ class Weights:
         """Gate, up and down of `layer` at FFN width `width`: views, never copies."""
         return self.residency.view(layer, width)
 
+    # ---- resident FFN widths (what elasticity drives: server/engine/elasticity.py) ------------
+
+    @property
+    def full_widths(self) -> tuple[int, ...]:
+        return self.residency.full
+
+    @property
+    def resident_widths(self) -> tuple[int, ...]:
+        return self.residency.widths
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.residency.resident_bytes
+
+    def bytes_for(self, widths) -> int:
+        return self.residency.bytes_for(widths)
+
     def resize_ffn(self, widths) -> ResizeReport:
         """Change the resident FFN widths now (between steps only)."""
         return self.commit_ffn(self.residency.prepare(widths, background=False))
 
-    def prepare_ffn(self, widths) -> PendingResize:
-        """Start building buffers for new widths in the background (see residency.py)."""
-        return self.residency.prepare(widths, background=True)
+    def prepare_ffn(self, widths, background: bool = True) -> PendingResize:
+        """Build buffers for new widths, in the background by default (see residency.py)."""
+        return self.residency.prepare(widths, background=background)
+
+    def abandon_ffn(self, pending: PendingResize) -> None:
+        """Drop a prepared resize (waits for its background build to end)."""
+        if pending.thread is not None:
+            pending.thread.join()
 
     def commit_ffn(self, pending: PendingResize) -> ResizeReport:
         """Swap prepared FFN buffers in (between steps only)."""
@@ -201,15 +223,3 @@ class Weights:
         staged = self._ple_staging[:n]
         torch.index_select(self.ple_table, 0, ids, out=staged)
         return staged.to(device=self.device, dtype=self.dtype, non_blocking=True)
-
-    def storages(self) -> set[int]:
-        """Data pointers of every distinct storage the weights use (for sharing proofs)."""
-        ptrs = {
-            self.embed.untyped_storage().data_ptr(),
-            self.ple_table.untyped_storage().data_ptr(),
-        }
-        for w in self.layers:
-            for t in vars(w).values():
-                if t is not None:
-                    ptrs.add(t.untyped_storage().data_ptr())
-        return ptrs

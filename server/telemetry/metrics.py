@@ -12,8 +12,6 @@ their own plain objects. Deliberately does not know: how those numbers are produ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TTFT_BUCKETS = (
@@ -258,22 +256,22 @@ class Metrics:
     def observe_finished(self, out, tier: str) -> None:
         """Per-request histograms and counters, from a finished `RequestOutput`."""
         labels = {"subnet": out.subnet or "none", "tier": tier}
-        t: Mapping[str, float] = out.timings
         self.finished.labels(finish_reason=out.finish_reason or "unknown", **labels).inc()
         if out.finish_reason == "abort":
             self.aborted.inc()
         self.prompt_tokens.labels(**labels).inc(out.num_prompt_tokens)
         self.cached_tokens.labels(**labels).inc(out.num_cached_tokens)
         self.generation_tokens.labels(**labels).inc(out.num_output_tokens)
-        if "arrived" in t and "finished" in t:
-            self.e2e.labels(**labels).observe(t["finished"] - t["arrived"])
-        if "first_scheduled" in t:
-            self.queue.labels(**labels).observe(t["first_scheduled"] - t["arrived"])
-        if "first_token" in t:
-            self.ttft.labels(**labels).observe(t["first_token"] - t["arrived"])
-            if out.num_output_tokens > 1:
-                per_token = (t["finished"] - t["first_token"]) / (out.num_output_tokens - 1)
-                self.tpot.labels(**labels).observe(per_token)
+        lat = out.latency
+        if lat is None:
+            return
+        self.e2e.labels(**labels).observe(lat.e2e_s)
+        if lat.queue_s is not None:
+            self.queue.labels(**labels).observe(lat.queue_s)
+        if lat.ttft_s is not None:
+            self.ttft.labels(**labels).observe(lat.ttft_s)
+        if lat.tpot_s is not None:
+            self.tpot.labels(**labels).observe(lat.tpot_s)
 
     def observe_memory(self, snap) -> None:
         """A headroom probe reading (telemetry/headroom.py's MemorySnapshot)."""
@@ -321,7 +319,7 @@ class Metrics:
             self.resident_width.labels(layers=f"{start}-{start + len(group) - 1}").set(
                 sum(group) / len(group)
             )
-        self.resident_bytes.set(el.weights.residency.resident_bytes)
+        self.resident_bytes.set(el.weights.resident_bytes)
         self.residency_level.set(el.current)
         self.subnet_offered.set(offered)
         c = el.counters

@@ -26,7 +26,6 @@ Deliberately does not know: how the model is run, or which subnets exist.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -36,10 +35,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from server.checkpoint.shard import PlannedTensor, write_shard
-from server.checkpoint.store import INDEX_FILE
+from server.checkpoint.shard import PlannedTensor
+from server.checkpoint.writer import new_checkpoint_folder, write_json, write_shards
 from server.tools.dev_tokenizer import DEV_TOKEN_IDS, write_dev_tokenizer
 
 NUM_LAYERS = 35
@@ -70,6 +68,9 @@ class Preset:
     max_positions: int
     shards: int
     seed: int
+    # The dev tokenizer's size when smaller than text_vocab (None: the same). At 262144 ids its
+    # file is 58 MB and loads in tens of seconds; ids it lacks decode to nothing.
+    tokenizer_vocab: int | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -79,6 +80,12 @@ PRESETS: dict[str, Preset] = {
     "mini": Preset(256, 4, 1, 64, 1024, 32, 16, 4096, 512, 8192, 2, 2),
     # Benchmarks: ~640 MB, large enough that matrix work, not dispatch, dominates a CPU step.
     "bench": Preset(512, 8, 2, 64, 2048, 64, 32, 8192, 512, 8192, 4, 3),
+    # `bench` with Gemma 3n's real text vocabulary (262144 ids, logits 262400 wide), so that the
+    # LM head and the sampler weigh what they weigh on the real model: ~1.7 GB. Per-layer
+    # embeddings are 16 wide rather than 64, or their table (262144 x 35 x width) alone would be
+    # 2.3 GB; they are a row lookup per token, so the step costs nearly the same. The tokenizer
+    # stays at bench's 8192 ids.
+    "bench-262k": Preset(512, 8, 2, 64, 2048, 16, 32, 262144, 512, 8192, 4, 5, 8192),
 }
 # The real E4B's sizes (google/gemma-3n-E4B-it's text config). Not a `make-dev-model` preset: it is
 # written only with `TorchDraws` on an accelerator (benchmarks/gpu_e4b.py).
@@ -398,7 +405,7 @@ def make_dev_model(preset: str, out: str | Path, progress: bool = True) -> Path:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     draws = NumpyDraws(np.random.Generator(np.random.PCG64(p.seed)))
-    return write_dev_checkpoint(out, preset, p, draws, progress=progress)
+    return write_dev_checkpoint(out, preset, p, draws, p.tokenizer_vocab, progress=progress)
 
 
 def write_dev_checkpoint(
@@ -415,41 +422,32 @@ def write_dev_checkpoint(
     E4B's 262144 its file is 58 MB and takes tens of seconds to load, while random weights need
     only that every id fits the model (a smaller tokenizer decodes the ids it lacks to nothing).
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with new_checkpoint_folder(out) as tmp:
+        plan = _tensor_plan(p, draws)
+        write_shards(tmp, _split(plan, p.shards), f"dev model {name}", progress)
+        _write_config_files(tmp, name, p, draws, tokenizer_vocab)
+    return Path(out)
 
-    plan = _tensor_plan(p, draws)
-    groups = _split(plan, p.shards)
-    total = sum(t.nbytes for t in plan)
-    weight_map: dict[str, str] = {}
-    with tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"dev model {name}", disable=not progress
-    ) as bar:
-        for i, group in enumerate(groups, start=1):
-            file_name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            write_shard(tmp / file_name, group, on_bytes=bar.update)
-            weight_map.update({t.name: file_name for t in group})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(tmp / INDEX_FILE, index)
-    _write_json(tmp / "config.json", checkpoint_config_dict(name, p, _DTYPE_NAMES[draws.dtype]))
+
+def _write_config_files(
+    tmp: Path, name: str, p: Preset, draws: Draws, tokenizer_vocab: int | None
+) -> None:
+    write_json(tmp / "config.json", checkpoint_config_dict(name, p, _DTYPE_NAMES[draws.dtype]))
     ids = DEV_TOKEN_IDS
-    _write_json(
+    # As google/gemma-3n-E4B-it's: the eos ids, and the sampling defaults a server applies to
+    # requests that leave them unset (vLLM's rule; server/vocabulary/sampling_defaults.py).
+    write_json(
         tmp / "generation_config.json",
         {
             "bos_token_id": ids.bos,
+            "do_sample": True,
             "eos_token_id": [ids.eos, ids.end_of_turn],
             "pad_token_id": ids.pad,
+            "top_k": 64,
+            "top_p": 0.95,
         },
     )
     write_dev_tokenizer(tmp, tokenizer_vocab or p.text_vocab)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
 
 
 def dev_model_cache(preset: str = "mini", cache_dir: str | Path | None = None) -> Path:
@@ -467,7 +465,3 @@ def dev_model_cache(preset: str = "mini", cache_dir: str | Path | None = None) -
         shutil.rmtree(folder, ignore_errors=True)
         make_dev_model(preset, folder)
     return folder
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

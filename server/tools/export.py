@@ -19,17 +19,16 @@ Deliberately does not know: how the exported model is served.
 from __future__ import annotations
 
 import copy
-import json
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from server.checkpoint.shard import PlannedTensor, write_shard
+from server.checkpoint.shard import PlannedTensor
 from server.checkpoint.store import INDEX_FILE, SINGLE_FILE, CheckpointStore
+from server.checkpoint.writer import new_checkpoint_folder, write_json, write_shards
 from server.vocabulary.subnets import Subnet
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
@@ -167,33 +166,13 @@ def export_subnet(
         raise ValueError("export target is the source checkpoint folder")
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    plan = _tensor_plan(store, subnet)
-    shards = _split(plan, max_shard_bytes)
-    total = sum(p.nbytes for p in plan)
-    weight_map: dict[str, str] = {}
-    with tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"export {subnet.name}", disable=not progress
-    ) as bar:
-        for i, group in enumerate(shards, start=1):
-            file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            write_shard(tmp / file_name, group, on_bytes=bar.update)
-            weight_map.update({p.name: file_name for p in group})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    config = exported_config(store, subnet)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    # Tokenizer, chat template, generation and processor configs travel unchanged.
-    for f in sorted(store.folder.iterdir()):
-        skip = f.suffix == ".safetensors" or f.name in (INDEX_FILE, SINGLE_FILE, "config.json")
-        if f.is_file() and not skip:
-            shutil.copy2(f, tmp / f.name)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    with new_checkpoint_folder(out) as tmp:
+        groups = _split(_tensor_plan(store, subnet), max_shard_bytes)
+        write_shards(tmp, groups, f"export {subnet.name}", progress)
+        write_json(tmp / "config.json", exported_config(store, subnet))
+        # Tokenizer, chat template, generation and processor configs travel unchanged.
+        for f in sorted(store.folder.iterdir()):
+            skip = f.suffix == ".safetensors" or f.name in (INDEX_FILE, SINGLE_FILE, "config.json")
+            if f.is_file() and not skip:
+                shutil.copy2(f, tmp / f.name)
     return out

@@ -3,7 +3,9 @@
 Owns: parsing Google's official table (`configs/subnets/gemma3n-e4b.csv`) without `eval`, parsing
 the custom subnets (`configs/subnets/custom.yaml`), scaling the table's E4B widths to the
 checkpoint at hand, every validity rule a subnet must meet, the effective parameter count as
-Google's table defines it, and the KV layout key (subnets with equal keys write identical KV).
+Google's table defines it, the KV layout key (subnets with equal keys write identical KV), and
+each subnet's quality score (the table's MMLU, or a stand-in interpolated by parameter count),
+which tiers' floors and ceilings and the policies compare.
 
 Deliberately does not know: tensors, devices, latency or memory. It works from the shapes in
 `TextConfig` alone, so it is plain Python (no torch) and the policies and tests can use it freely.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -114,6 +117,10 @@ class SubnetTable:
         if "full" not in self._by_name:
             raise SubnetError("subnet 'full': missing; every subnet table has one")
         self.notes: tuple[str, ...] = tuple(notes)
+        # Quality score per subnet (what tiers' floors and ceilings and the policies compare).
+        self.scores: dict[str, float] = quality_scores(
+            [(s.name, s.quality, s.effective_params) for s in subnets]
+        )
 
     @property
     def full(self) -> Subnet:
@@ -141,6 +148,28 @@ class SubnetTable:
 
 
 # ---- facts computed from shapes ---------------------------------------------------------------
+
+
+def quality_scores(subnets: list[tuple[str, float | None, int]]) -> dict[str, float]:
+    """Quality per subnet: the table's score where it has one; otherwise a stand-in from the
+    effective parameter count, interpolated between the scored subnets (clamped at the ends)."""
+    scored = sorted((p, q) for _, q, p in subnets if q is not None)
+    out = {}
+    for name, q, p in subnets:
+        if q is not None:
+            out[name] = q
+        elif not scored:
+            out[name] = p / 1e9  # no scores at all: bigger is better
+        elif p <= scored[0][0]:
+            out[name] = scored[0][1]
+        elif p >= scored[-1][0]:
+            out[name] = scored[-1][1]
+        else:
+            for (p0, q0), (p1, q1) in itertools.pairwise(scored):
+                if p0 <= p <= p1:
+                    out[name] = q0 + (q1 - q0) * (p - p0) / max(1, p1 - p0)
+                    break
+    return out
 
 
 def effective_params(text: TextConfig, layers: Sequence[int], widths: Sequence[int]) -> int:

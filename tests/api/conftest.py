@@ -20,13 +20,6 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from server.tools.dev_model import make_dev_model
-
-    return make_dev_model("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", progress=False)
-
-
-@pytest.fixture(scope="session")
 def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live = start_server(tmp_path_factory.mktemp("server"), tiny_dir)
     try:
@@ -44,3 +37,11 @@ def rt(tiny_dir: Path) -> ElasticRuntime:
 
     torch.set_num_threads(1)
     return ElasticRuntime.open(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def rt64(tiny_dir: Path) -> ElasticRuntime:
+    """The same checkpoint in float64: what measures float32 rounding (tests/runtime/conftest)."""
+    from server.runtime.elastic import ElasticRuntime
+
+    return ElasticRuntime.open(tiny_dir, dtype="float64")

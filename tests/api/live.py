@@ -263,21 +263,30 @@ class Reference:
     finish_reason: str
     logprobs: list[float]  # the chosen token's log-probability per step
     top: list[list[tuple[int, float]]]  # the top k (id, logprob) per step, highest first
+    # How far the server's float32 logprobs may lie from these: log_softmax moves by at most
+    # twice the largest logit change, and logits by the suite's float32 bound (measured against
+    # float64, tests/runtime/conftest.py). Only computed when a float64 runtime is given.
+    logprob_bound: float | None = None
 
 
 def reference(
-    rt: ElasticRuntime, subnet: str, prompt_ids: Sequence[int], max_tokens: int, k: int = 0
+    rt: ElasticRuntime,
+    subnet: str,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    k: int = 0,
+    rt64: ElasticRuntime | None = None,
 ) -> Reference:
     """Greedy generation alone in the in-process runtime, with logprobs as the server defines
     them: log_softmax of the raw logits over the text vocabulary."""
     import torch
 
-    from server.runtime.generation import GenerationRequest
+    from server.engine.offline import GenerationRequest
+    from server.vocabulary.sampling_params import SamplingParams
+    from tests.runtime.conftest import alone, decode_reference, float32_bound
 
-    req = GenerationRequest(
-        rt.subnets[subnet], list(prompt_ids), max_tokens, stop_ids=rt.tokenizer.stop_ids
-    )
-    (result,) = rt.generate([req], keep_logits=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    result = alone(rt, GenerationRequest(rt.subnets[subnet], list(prompt_ids), params), True)
     vocab = rt.store.text.vocab_size_per_layer_input
     lps, tops = [], []
     for token, logits in zip(result.token_ids, result.logits, strict=True):
@@ -285,7 +294,11 @@ def reference(
         lps.append(float(lp[token]))
         values, ids = torch.topk(lp, k) if k else (torch.empty(0), torch.empty(0))
         tops.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
-    return Reference(list(result.token_ids), result.finish_reason, lps, tops)
+    bound = None
+    if rt64 is not None:
+        exact = decode_reference(rt64, rt.subnets[subnet], list(prompt_ids), result.token_ids)
+        bound = 2 * float32_bound(torch.stack(result.logits)[:, :vocab], exact[:, :vocab])
+    return Reference(list(result.token_ids), result.finish_reason, lps, tops, bound)
 
 
 def token_text(rt: ElasticRuntime, token_id: int) -> str:

@@ -149,14 +149,13 @@ def test_requests_outliving_the_drain_are_ended_on_time(tiny_dir: Path, tmp_path
         server.stop()
     # Before: about 2 x drain_timeout_s + 5 s, and queued requests got a plain-text 500.
     assert exited < drain_s + 1.0, exited
-    for i in range(2):  # the running streams: tokens, then the error event, then [DONE]
-        text = replies[i].decode()
+    for i in range(2):  # the running streams (a 200: they had their first token) end with
+        text = replies[i].decode()  # the error event, then [DONE]
         assert text.startswith("HTTP/1.1 200")
         events = [line for line in text.splitlines() if line.startswith("data:")]
         assert events[-1] == "data: [DONE]", events[-3:]
         error = json.loads(events[-2][len("data:") :])
         assert error["error"]["code"] == "draining", error
-        assert len(events) > 3  # it had streamed tokens before
     for i in range(2, 5):  # the queued ones: a real 503 in the envelope
         head, _, body = replies[i].partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503"), replies[i][:200]

@@ -5,13 +5,20 @@ chat and completions give the runtime's tokens (text, per-token strings, usage c
 reason); a pinned subnet is the one that answers (`system_fingerprint`, `x-concentric-subnet`,
 and its tokens); streamed chat equals the non-streamed answer and ends with the usage chunk;
 `n=2` with a seed gives two different choices that reproduce; a stop string ends the text right
-before its first occurrence; logprobs are the runtime's log-probabilities (within 1e-4) with
-top-k lists sorted and of the requested size; `/v1/models` lists the base model and every subnet.
+before its first occurrence; logprobs are the runtime's log-probabilities (up to float32 rounding,
+measured against float64: tests/runtime/conftest.py) with top-k lists sorted and of the requested
+size; sampling fields a request leaves unset take the checkpoint's generation_config defaults;
+`/v1/models` lists the base model and every subnet, with the defaults in force.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,6 +28,7 @@ from tests.api.live import MODEL, LiveServer, Reference, reference, text_of, tok
 if TYPE_CHECKING:
     from server.runtime.elastic import ElasticRuntime
 
+REPO = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "Tell me about nested models."}]
 PROMPT = "Matryoshka dolls nest inside each other"
 
@@ -31,7 +39,7 @@ def _finish(ref: Reference, rt: ElasticRuntime) -> str:
 
 @pytest.mark.parametrize("subnet", ["e2b", "e2.98b-layer", "skip-3-7"])
 def test_pinned_greedy_chat_is_the_runtimes_answer(
-    server: LiveServer, rt: ElasticRuntime, subnet: str
+    server: LiveServer, rt: ElasticRuntime, rt64: ElasticRuntime, subnet: str
 ) -> None:
     client = server.openai()
     raw = client.chat.completions.with_raw_response.create(
@@ -48,7 +56,7 @@ def test_pinned_greedy_chat_is_the_runtimes_answer(
     assert resp.model == subnet
 
     prompt_ids = rt.tokenizer.encode_chat(MESSAGES)
-    ref = reference(rt, subnet, prompt_ids, 12, k=3)
+    ref = reference(rt, subnet, prompt_ids, 12, k=3, rt64=rt64)
     (choice,) = resp.choices
     assert choice.message.role == "assistant"
     assert choice.message.content == text_of(rt, ref.tokens)
@@ -62,7 +70,7 @@ def test_pinned_greedy_chat_is_the_runtimes_answer(
     assert [e.token for e in entries] == [token_text(rt, t) for t in ref.tokens]
     for step, entry in enumerate(entries):
         assert entry.logprob <= 0
-        assert entry.logprob == pytest.approx(ref.logprobs[step], abs=1e-4)
+        assert entry.logprob == pytest.approx(ref.logprobs[step], abs=ref.logprob_bound)
         # A byte-fallback token (<0xE4>) reports its one raw byte; others their text's UTF-8.
         piece = rt.tokenizer.hf.convert_ids_to_tokens(ref.tokens[step])
         raw = [int(piece[3:5], 16)] if re.fullmatch(r"<0x[0-9A-F]{2}>", piece) else None
@@ -72,8 +80,8 @@ def test_pinned_greedy_chat_is_the_runtimes_answer(
         values = [t.logprob for t in top]
         assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
         assert [t.token for t in top] == [token_text(rt, i) for i, _ in ref.top[step]]
-        assert values == pytest.approx([v for _, v in ref.top[step]], abs=1e-4)
-        assert entry.logprob == pytest.approx(values[0], abs=1e-6)  # greedy: the top token
+        assert values == pytest.approx([v for _, v in ref.top[step]], abs=ref.logprob_bound)
+        assert entry.logprob == values[0]  # greedy: the top token, the same number twice
 
 
 def test_base_model_is_served_by_the_policys_choice(server: LiveServer, rt: ElasticRuntime) -> None:
@@ -119,10 +127,12 @@ def test_streamed_chat_with_usage(server: LiveServer, rt: ElasticRuntime) -> Non
     assert finishes[-1] == _finish(ref, rt) and set(finishes[:-1]) == {None}
 
 
-def test_greedy_completions_text_and_token_prompt(server: LiveServer, rt: ElasticRuntime) -> None:
+def test_greedy_completions_text_and_token_prompt(
+    server: LiveServer, rt: ElasticRuntime, rt64: ElasticRuntime
+) -> None:
     client = server.openai()
     ids = rt.tokenizer.encode(PROMPT)
-    ref = reference(rt, "e2.49b-block", ids, 10, k=4)
+    ref = reference(rt, "e2.49b-block", ids, 10, k=4, rt64=rt64)
     for prompt in (PROMPT, ids):  # the text, and the same prompt as token ids
         raw = client.completions.with_raw_response.create(
             model="e2.49b-block", prompt=prompt, max_tokens=10, temperature=0, logprobs=4
@@ -138,7 +148,7 @@ def test_greedy_completions_text_and_token_prompt(server: LiveServer, rt: Elasti
 
         lp = choice.logprobs
         assert lp.tokens == [token_text(rt, t) for t in ref.tokens]
-        assert lp.token_logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+        assert lp.token_logprobs == pytest.approx(ref.logprobs, abs=ref.logprob_bound)
         assert all(v <= 0 for v in lp.token_logprobs)
         offsets = [0]
         for t in lp.tokens[:-1]:
@@ -151,9 +161,10 @@ def test_greedy_completions_text_and_token_prompt(server: LiveServer, rt: Elasti
             for i, v in ref.top[step]:
                 expected.setdefault(token_text(rt, i), v)
             assert list(top) == list(expected)
-            assert list(top.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+            bound = ref.logprob_bound
+            assert list(top.values()) == pytest.approx(list(expected.values()), abs=bound)
             assert list(top.values()) == sorted(top.values(), reverse=True)
-            assert lp.token_logprobs[step] == pytest.approx(max(top.values()), abs=1e-6)
+            assert lp.token_logprobs[step] == max(top.values())  # the same number twice
 
 
 def test_streamed_completion_logprobs_equal_the_whole(server: LiveServer) -> None:
@@ -204,6 +215,25 @@ def test_n2_with_seed_reproduces(server: LiveServer, rt: ElasticRuntime) -> None
     assert [c.message.content for c in other.choices] != texts
 
 
+def test_unset_sampling_fields_take_the_checkpoints_defaults(server: LiveServer) -> None:
+    # The dev checkpoint's generation_config.json sets top_k 64 and top_p 0.95, as Gemma 3n's
+    # does. A seeded request that leaves them unset draws exactly what one that sends them
+    # draws, and not what one that turns them off draws (16 tokens from a random-weight model:
+    # the filters change the draw).
+    client = server.openai()
+
+    def draw(**extra) -> tuple[str, list[float]]:
+        out = client.completions.create(
+            model="e2b", prompt=PROMPT, max_tokens=16, seed=7, logprobs=0, extra_body=extra
+        )
+        # The text and each chosen token's log-probability identify the tokens drawn.
+        return out.choices[0].text, out.choices[0].logprobs.token_logprobs
+
+    unset = draw()
+    assert unset == draw(top_k=64, top_p=0.95)
+    assert unset != draw(top_k=0, top_p=1.0)
+
+
 def test_stop_string_ends_the_text_before_it(server: LiveServer, rt: ElasticRuntime) -> None:
     client = server.openai()
     ids = rt.tokenizer.encode(PROMPT)
@@ -245,6 +275,10 @@ def test_models_list_base_and_every_subnet(server: LiveServer, rt: ElasticRuntim
     assert ids[1:] == list(rt.subnets.names())
     base = models[0]
     assert base.owned_by == "concentric"
+    defaults = base.model_extra["concentric"]["sampling_defaults"]
+    assert defaults["source"] == "generation_config.json"
+    assert (defaults["top_k"], defaults["top_p"], defaults["temperature"]) == (64, 0.95, 1.0)
+    assert all(m.model_extra["concentric"]["sampling_defaults"] == defaults for m in models)
     assert base.model_extra["max_model_len"] == 512
     assert base.model_extra["parent"] is None
     for m in models[1:]:
@@ -258,3 +292,41 @@ def test_models_list_base_and_every_subnet(server: LiveServer, rt: ElasticRuntim
     by_id = {m.id: m.model_extra["concentric"] for m in models[1:]}
     assert by_id["e2b"]["quality"] is not None
     assert by_id["full"]["effective_params"] == max(e["effective_params"] for e in by_id.values())
+
+
+def test_the_cli_and_the_server_draw_the_same_tokens_for_a_seed(
+    server: LiveServer, rt: ElasticRuntime, tiny_dir: Path
+) -> None:
+    # One generation path: `concentric generate` drives the serving engine, so a seed and the
+    # same sampling parameters give the same tokens as the API (sampled, not greedy: the seeded
+    # random stream must agree, not only the argmax). Every sampling field is explicit on both
+    # sides, so defaults cannot differ.
+    prompt, seed = "The harbor town wakes", 4321
+    sampling = {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "presence_penalty": 0.3}
+    cli = subprocess.run(
+        [
+            sys.executable, "-m", "server", "generate", "--checkpoint", str(tiny_dir),
+            "--subnet", "e2.98b-layer", "--prompt", prompt, "--max-tokens", "16",
+            "--seed", str(seed), "--temperature", "0.9", "--top-p", "0.9", "--top-k", "40",
+            "--presence-penalty", "0.3", "--json",
+        ],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    ours = json.loads(cli.stdout.strip().splitlines()[-1])
+    client = server.openai()
+    resp = client.completions.create(
+        model="e2.98b-layer",
+        prompt=prompt,
+        max_tokens=16,
+        seed=seed,
+        logprobs=0,
+        extra_body={"top_k": sampling.pop("top_k")},
+        **sampling,
+    )
+    (choice,) = resp.choices
+    assert resp.usage.prompt_tokens == len(ours["prompt_token_ids"])
+    assert choice.text == ours["text"]
+    assert resp.usage.completion_tokens == len(ours["token_ids"])
+    # The ids themselves, through the logprob entries' token strings.
+    assert choice.logprobs.tokens == [token_text(rt, t) for t in ours["token_ids"]]

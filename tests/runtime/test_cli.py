@@ -24,9 +24,10 @@ import pytest
 
 from server.checkpoint.store import CheckpointStore
 from server.cli import main
+from server.engine.offline import GenerationRequest, greedy
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.generation import GenerationRequest
 from server.vocabulary.subnets import load_subnet_table
+from tests.runtime.conftest import alone
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The harbor town wakes"
@@ -156,9 +157,8 @@ def test_generate_json_equals_the_in_process_runtime(cli: Cli, tiny: ElasticRunt
     assert out["subnet"] == "e2b"
     assert out["prompt_token_ids"] == tiny.tokenizer.encode(PROMPT)
     assert len(out["token_ids"]) == 8
-    [result] = tiny.generate(
-        [GenerationRequest(tiny.subnets["e2b"], out["prompt_token_ids"], 8, greedy=True)]
-    )
+    request = GenerationRequest(tiny.subnets["e2b"], out["prompt_token_ids"], greedy(8))
+    result = alone(tiny, request)
     assert out["token_ids"] == result.token_ids
     assert out["text"] == tiny.tokenizer.decode(result.token_ids)
 

@@ -126,6 +126,8 @@ def test_tokenizer_and_generation_config(tiny_dir: Path) -> None:
     gen = json.loads((tiny_dir / "generation_config.json").read_text())
     assert end_of_turn in gen["eos_token_id"]
     assert tok.eos_token_id in gen["eos_token_id"]
+    # Gemma 3n's sampling defaults, which the server applies to fields a request leaves unset.
+    assert (gen["do_sample"], gen["top_k"], gen["top_p"]) == (True, 64, 0.95)
 
 
 def test_weights_are_not_degenerate(tiny_dir: Path) -> None:
@@ -166,6 +168,10 @@ def test_sizes_fit_their_purpose(tiny_dir: Path) -> None:
     assert planned["tiny"] == index["metadata"]["total_size"]
     assert 100 * MB < planned["mini"] < 300 * MB
     assert 400 * MB < planned["bench"] < 1000 * MB
+    # bench at the real text vocabulary: the embedding table grows 32x (0.54 GB), the
+    # per-layer-embedding table 8x (32x the ids at a quarter of the width: 0.59 GB).
+    assert 1500 * MB < planned["bench-262k"] < 2000 * MB
+    assert PRESETS["bench-262k"].text_vocab == 262144
 
 
 def test_refuses_a_non_empty_out_folder(tmp_path: Path) -> None:

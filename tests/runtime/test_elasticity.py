@@ -17,18 +17,18 @@ import torch
 from policies.subnet_choice import LargestFitsPolicy
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
+from server.engine.assembly import assemble_engine
 from server.engine.elasticity import Elasticity, ElasticityConfig
-from server.engine.engine import Engine
+from server.engine.offline import GenerationRequest
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.gemma3n import Gemma3nModel
-from server.runtime.generation import GenerationRequest
-from server.runtime.residency import residency_levels
 from server.runtime.weights import Weights
 from server.telemetry.headroom import ProbeSampler, ScriptedProbe
+from server.vocabulary.residency_levels import residency_levels
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.subnets import load_subnet_table
-from tests.runtime.conftest import prompt_ids
+from tests.runtime.conftest import alone, prompt_ids
 
 MB = 1024 * 1024
 
@@ -49,7 +49,7 @@ def elastic_engine(tiny_dir, free_mb: float):
     config = SchedulerConfig(
         max_num_seqs=16, max_num_batched_tokens=64, max_prefill_chunk=32, max_model_len=1024
     )
-    eng = Engine.from_runtime(
+    eng = assemble_engine(
         rt, 8 * MB, config, block_size=8, subnet_policy=LargestFitsPolicy(), elasticity=el
     )
     return eng, el, probe, sampler, rt
@@ -162,17 +162,10 @@ def test_scripted_headroom_shrinks_then_grows_and_no_request_fails(tiny_dir, tin
     assert unmoved
     for rid in unmoved[::4]:
         i, out = int(rid[1:]), finished[rid]
-        [alone] = tiny.generate(
-            [
-                GenerationRequest(
-                    tiny.subnets[out.subnet],
-                    prompt_ids(12 + i % 9, seed=i),
-                    10,
-                    stop_ids=tiny.tokenizer.stop_ids,
-                )
-            ]
-        )
-        assert outputs[rid] == alone.token_ids, rid
+        params = SamplingParams(max_tokens=10, temperature=0.0)
+        prompt = prompt_ids(12 + i % 9, seed=i)
+        request = GenerationRequest(tiny.subnets[out.subnet], prompt, params)
+        assert outputs[rid] == alone(tiny, request).token_ids, rid
     blocks = eng.scheduler.blocks
     assert blocks.num_free_blocks == blocks.num_blocks
 
@@ -183,11 +176,11 @@ def test_out_of_memory_in_a_step_shrinks_and_retries(tiny_dir, monkeypatch):
     forward = rt.model.forward
     calls = {"n": 0}
 
-    def flaky(batch, kv, ffn_mode=None):
+    def flaky(batch, kv):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(batch, kv, ffn_mode)
+        return forward(batch, kv)
 
     monkeypatch.setattr(rt.model, "forward", flaky)
     _, finished = _serve(eng, 6, 100, lambda step: None)

@@ -15,12 +15,13 @@ import time
 
 import pytest
 
+from server.engine.assembly import assemble_engine
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import Engine
+from server.engine.offline import GenerationRequest
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.generation import GenerationRequest
 from server.vocabulary.sampling_params import SamplingParams
-from tests.runtime.conftest import prompt_ids
+from tests.runtime.conftest import alone, prompt_ids
 
 SUBNETS = ["full", "e2b", "e2.98b-layer", "mix-0.75", "skip-3-7", "skip-30-33"]
 MB = 1024 * 1024
@@ -36,7 +37,7 @@ def engine(rt, kv_mb: float = 8, **cfg) -> Engine:
             **cfg,
         }
     )
-    return Engine.from_runtime(rt, int(kv_mb * MB), config, block_size=8)
+    return assemble_engine(rt, int(kv_mb * MB), config, block_size=8)
 
 
 def run(eng: Engine, arrivals: dict[int, list[tuple]], max_steps: int = 2000):
@@ -81,14 +82,9 @@ def test_24_concurrent_greedy_requests_equal_their_runs_alone(tiny):
     outputs, finished = run(eng, arrivals)
     assert len(finished) == 24
     for rid, prompt, subnet, max_tokens in specs:
-        [alone] = tiny.generate(
-            [
-                GenerationRequest(
-                    tiny.subnets[subnet], prompt, max_tokens, stop_ids=tiny.tokenizer.stop_ids
-                )
-            ]
-        )
-        assert outputs[rid] == alone.token_ids, f"{rid} ({subnet}) differs from its run alone"
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        by_itself = alone(tiny, GenerationRequest(tiny.subnets[subnet], prompt, params))
+        assert outputs[rid] == by_itself.token_ids, f"{rid} ({subnet}) differs from its run alone"
     assert eng.scheduler.blocks.num_free_blocks == eng.scheduler.blocks.num_blocks
 
 
@@ -173,7 +169,7 @@ def test_prefix_cache_hits_only_within_a_kv_layout_and_never_changes_outputs(tin
     other_layout, hit3 = serve(cached, "d", "full")
     assert hit0 == 0 and hit1 == 40 and hit2 == 40 and hit3 == 0
     assert cached.scheduler.blocks.prefix_hits == 80
-    uncached = Engine.from_runtime(
+    uncached = assemble_engine(
         tiny, 8 * MB, cached.scheduler.config, block_size=8, enable_prefix_cache=False
     )
     assert again == first == serve(uncached, "e", "e2b")[0]
@@ -211,19 +207,27 @@ def test_stop_strings_are_applied_on_text(tiny):
 
 def test_async_streams_abort_on_disconnect_and_isolate_a_failing_request(tiny, monkeypatch):
     eng = engine(tiny)
-    forward = tiny.model.forward
+    forward, make_batch = tiny.model.forward, tiny.model.batch
     in_step = threading.Event()
+    failing: set[int] = set()  # ids of batches holding the failing subnet
 
-    def guarded(batch, kv, ffn_mode=None):
+    def marked(planned):
+        batch = make_batch(planned)
+        if any(seg.subnet.name == "skip-3-7" for seg in planned.segments):
+            failing.add(id(batch))
+        return batch
+
+    def guarded(batch, kv):
         in_step.set()
         time.sleep(0.02)  # a step long enough for the event loop to be seen running during it
         try:
-            if any(seg.subnet.name == "skip-3-7" for seg in batch.segments):
+            if id(batch) in failing:
                 raise RuntimeError("injected failure for skip-3-7")
-            return forward(batch, kv, ffn_mode)
+            return forward(batch, kv)
         finally:
             in_step.clear()
 
+    monkeypatch.setattr(tiny.model, "batch", marked)
     monkeypatch.setattr(tiny.model, "forward", guarded)
 
     async def scenario():
@@ -272,7 +276,7 @@ def test_async_streams_abort_on_disconnect_and_isolate_a_failing_request(tiny, m
     assert sum(len(o.token_ids) for o in good_outs) == 10
     assert bad_outs[-1].finish_reason == "error" and "injected" in bad_outs[-1].error
     assert len(leaving_outs) == 3 and not leaving_outs[-1].finished
-    assert aeng.num_aborted == 1
+    assert not eng.scheduler.requests  # the leaving request was aborted and is gone
     blocks = eng.scheduler.blocks
     assert blocks.num_free_blocks == blocks.num_blocks and eng.runner.states == {}
     assert ticks > 0, "the event loop did not run while a step was computing"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from server.runtime.generation import GenerationRequest
-from tests.runtime.conftest import prompt_ids
+from server.engine.offline import GenerationRequest, greedy
+from tests.runtime.conftest import generate, prompt_ids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,8 @@ def test_serving_every_subnet_adds_no_weight_memory(tiny_dir):
 import torch
 torch.set_num_threads(2)
 from server.runtime.elastic import ElasticRuntime
-from server.runtime.generation import GenerationRequest
+from server.engine.offline import GenerationRequest, greedy
+from tests.runtime.conftest import generate
 def rss():
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS'):
@@ -48,10 +49,10 @@ def rss():
 rt = ElasticRuntime.open({str(tiny_dir)!r})
 p = list(range(110, 150))
 for _ in range(2):
-    rt.generate([GenerationRequest(rt.subnets.full, p, 4)])
+    generate(rt, [GenerationRequest(rt.subnets.full, p, greedy(4))])
 before = rss()
 for s in rt.subnets:
-    rt.generate([GenerationRequest(s, p, 4)])
+    generate(rt, [GenerationRequest(s, p, greedy(4))])
 ffn = sum(layer.gate.nbytes * 3 for layer in rt.weights.layers)
 print(rss() - before, ffn, len(rt.subnets))
 """
@@ -72,8 +73,10 @@ def test_weights_are_mapped_read_only_and_never_written(tiny, tiny_dir):
     mapped = [line for line in maps if any(line.endswith(str(f)) for f in shard_files)]
     assert mapped, "the shards are not memory-mapped"
     assert all("w" not in line.split()[1] for line in mapped), mapped
-    reqs = [GenerationRequest(s, prompt_ids(30, seed=i), 4) for i, s in enumerate(tiny.subnets)]
-    tiny.generate(reqs)
+    reqs = [
+        GenerationRequest(s, prompt_ids(30, seed=i), greedy(4)) for i, s in enumerate(tiny.subnets)
+    ]
+    generate(tiny, reqs)
     after = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in shard_files}
     assert after == before
 
@@ -92,6 +95,6 @@ def test_ple_table_stays_in_the_host_mapping_and_only_batch_rows_are_gathered(ti
 
     monkeypatch.setattr(torch.Tensor, "index_select", spy)
     ids = prompt_ids(23, seed=5)
-    tiny.generate([GenerationRequest(tiny.subnets["e2b"], ids, 3)])
+    generate(tiny, [GenerationRequest(tiny.subnets["e2b"], ids, greedy(3))])
     # prefill gathers the 23 prompt rows, then one row per decode step
     assert gathered == [23, 1, 1]

@@ -6,9 +6,6 @@ the widest subnet + 0.001 s per token.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from policies.snapshots import (
@@ -27,7 +24,6 @@ from policies.subnet_choice import (
     make_policy,
     predict_tpot,
     predict_ttft,
-    quality_scores,
 )
 
 COST = StepCost(base=0.01, per_param=0.01e-9, per_token=0.001)
@@ -89,7 +85,8 @@ def test_sla_picks_the_best_subnet_that_meets_the_targets():
     # a tight target leaves only small subnets: 0.01 + 0.025 + 0.001 = 0.036 for e2.49b
     d = SlaPolicy(safety=1.0).choose(req(tier(tpot=0.037)), ctx())
     assert d.subnet == "e2.49b" and d.downgraded
-    assert d.predicted_tpot_s == pytest.approx(0.036)
+    assert predict_tpot(ctx(), SMALL) == pytest.approx(0.036)
+    assert "TPOT 0.036 s" in d.reason
 
 
 def test_sla_never_picks_a_non_resident_subnet():
@@ -154,27 +151,40 @@ def test_quality_floor_and_tier_subnets_restrict_choices():
     assert SlaPolicy(safety=1.0).choose(req(t2), ctx()).subnet == "e2.49b"
 
 
-def test_quality_scores_fill_in_missing_scores_from_parameter_counts():
-    q = quality_scores(
-        [
-            ("a", 50.0, 2_000),
-            ("b", 60.0, 4_000),
-            ("custom", None, 3_000),
-            ("big", None, 9_000),
-            ("small", None, 1_000),
-        ]
-    )
-    assert q["custom"] == pytest.approx(55.0)
-    assert q["big"] == 60.0 and q["small"] == 50.0
-
-
-def test_make_policy_and_no_torch():
+def test_make_policy():
     assert make_policy("sla").name == "sla"
     with pytest.raises(ValueError, match="unknown subnet policy"):
         make_policy("best")
-    code = "import policies.subnet_choice, policies.ordering, sys; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("policy", [FixedPolicy("full"), LargestFitsPolicy(), SlaPolicy()])
+def test_every_policy_serves_only_what_the_tier_allows(policy):
+    # One tier rule for every policy: a tier that may not use "full" never gets it, not even
+    # from the fixed policy; it gets the best subnet it does allow.
+    t = tier(subnets=("e2b", "e2.49b"))
+    d = policy.choose(req(t), ctx())
+    assert d.admit and d.subnet == "e2.49b"
+    # Above the ceiling is refused like a name the tier does not list.
+    capped = tier(ceiling=55.0)
+    assert policy.choose(req(capped), ctx()).subnet == "e2.49b"
+
+
+@pytest.mark.parametrize("policy", [FixedPolicy("full"), LargestFitsPolicy(), SlaPolicy()])
+def test_when_nothing_the_tier_allows_is_resident_the_request_waits(policy):
+    t = tier(floor=60.0)  # allows only full and e3.39b
+    only_small = tuple(
+        SubnetView(s.name, s.quality, s.effective_params, s in (SMALL, TINY), s.kv_key) for s in ALL
+    )
+    d = policy.choose(req(t), ctx(offered=only_small))
+    assert not d.admit and "waits" in d.reason
+
+
+def test_the_tier_rule_checks_names_floor_and_ceiling():
+    t = TierView("t", 0, ("a", "b"), None, None, 50.0, 60.0)
+    assert t.allows("a", 55.0) and t.allows("b", 50.0) and t.allows("b", 60.0)
+    assert not t.allows("c", 55.0)  # not named
+    assert not t.allows("a", 49.9) and not t.allows("a", 60.1)  # outside the bounds
+    assert TierView("any", 0, ("*",), None, None, None, None).allows("zzz", 0.0)
 
 
 def test_sla_defers_a_less_important_request_that_would_break_a_running_targets():

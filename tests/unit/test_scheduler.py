@@ -28,7 +28,7 @@ def make(num_blocks=2000, **cfg) -> Scheduler:
 
 def run_step(s: Scheduler, token: int = 50):
     plan = s.schedule()
-    sampled = {c.request_id: token for c in plan.chunks if c.sample}
+    sampled = {c.request_id: token for c in plan.sequences if c.sample}
     return plan, s.update(plan, sampled)
 
 
@@ -37,9 +37,9 @@ def test_prefill_then_decode():
     r = request(FULL, list(range(10, 30)), max_tokens=3)
     s.add(r)
     plan, _ = run_step(s)
-    assert [(c.start, c.num_tokens, c.sample) for c in plan.chunks] == [(0, 20, True)]
+    assert [(c.start, c.num_tokens, c.sample) for c in plan.sequences] == [(0, 20, True)]
     plan, _ = run_step(s)
-    assert [(c.start, c.num_tokens) for c in plan.chunks] == [(20, 1)]
+    assert [(c.start, c.num_tokens) for c in plan.sequences] == [(20, 1)]
     run_step(s)
     assert r.status == RequestStatus.FINISHED_LENGTH and r.output_token_ids == [50, 50, 50]
     assert not s.has_work and s.blocks.num_free_blocks == 2000
@@ -56,7 +56,7 @@ def test_long_prompt_is_chunked_and_never_delays_running_decodes_more_than_one_c
     chunks_of_long = []
     for _ in range(5):
         plan, _ = run_step(s)
-        by_id = {c.request_id: c for c in plan.chunks}
+        by_id = {c.request_id: c for c in plan.sequences}
         # every running decode is in every step, with its one token
         assert all(by_id[r.request_id].num_tokens == 1 for r in decoders)
         if long.request_id in by_id:
@@ -73,7 +73,7 @@ def test_token_budget_caps_admission():
     s.add(a)
     s.add(b)
     plan = s.schedule()
-    assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [
+    assert [(c.request_id, c.num_tokens) for c in plan.sequences] == [
         (a.request_id, 30),
         (b.request_id, 10),
     ]
@@ -85,7 +85,7 @@ def test_max_num_seqs():
     for r in reqs:
         s.add(r)
     plan = s.schedule()
-    assert len(plan.chunks) == 2 and reqs[2] in s.waiting
+    assert len(plan.sequences) == 2 and reqs[2] in s.waiting
 
 
 def test_admission_limited_by_free_blocks_without_overtaking():
@@ -96,7 +96,7 @@ def test_admission_limited_by_free_blocks_without_overtaking():
     for r in (first, second, small):
         s.add(r)
     plan = s.schedule()
-    assert [c.request_id for c in plan.chunks] == [first.request_id]
+    assert [c.request_id for c in plan.sequences] == [first.request_id]
     assert second in s.waiting and small in s.waiting  # small does not overtake second
 
 

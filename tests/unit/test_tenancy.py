@@ -95,10 +95,10 @@ def test_open_tenancy() -> None:
     assert tenancy.authenticate("anything").tier is OPEN_TIER
 
 
-def test_may_pin() -> None:
-    assert Tier("any").may_pin("e2b")
-    tin = Tier("tin", subnets=("e2b",))
-    assert tin.may_pin("e2b") and not tin.may_pin("full")
+def test_the_tier_view_carries_the_tier_rule() -> None:
+    assert Tier("any").view().allows("e2b", 50.9)
+    tin = Tier("tin", subnets=("e2b",), quality_ceiling=55.0)
+    assert tin.view().allows("e2b", 50.9) and not tin.view().allows("full", 62.3)
 
 
 # ---- configuration errors ------------------------------------------------------------------

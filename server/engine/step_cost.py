@@ -1,11 +1,11 @@
-"""Latency statistics, online: a fitted step-cost model and recent per-subnet quantiles.
+"""The step-cost model: how long an engine step takes, fitted online from the engine's own steps.
 
 Owns what the subnet-choice policy knows about speed. Every engine step reports its duration,
 the effective parameter count of the widest subnet in it, and the tokens it computed; a linear
 model `seconds = base + per_param * widest + per_token * tokens` is fitted to them by recursive
 least squares with exponential forgetting (recent steps weigh more, so the model follows changes
-in load, machine or resident widths). Per subnet, the time to first token and time per output
-token of finished requests are kept in sliding windows, for quantiles (p50/p95) and dashboards.
+in load, machine or resident widths). The recent ratio of measured to predicted steps turns the
+fitted mean into a p95 estimate (tiers' targets are p95s).
 
 Plain Python. Deliberately does not know: the engine, the policies, or Prometheus.
 """
@@ -13,7 +13,7 @@ Plain Python. Deliberately does not know: the engine, the policies, or Prometheu
 from __future__ import annotations
 
 import threading
-from collections import defaultdict, deque
+from collections import deque
 
 from policies.snapshots import StepCost
 
@@ -65,34 +65,3 @@ class StepCostModel:
                 samples=self.samples,
                 p95_factor=max(1.0, p95),
             )
-
-
-class LatencyStats:
-    """Sliding windows of per-request TTFT and TPOT per subnet."""
-
-    def __init__(self, window: int = 200):
-        self.ttft: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
-        self.tpot: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
-        self._lock = threading.Lock()
-
-    def record(self, subnet: str, ttft: float | None, tpot: float | None) -> None:
-        with self._lock:
-            if ttft is not None:
-                self.ttft[subnet].append(ttft)
-            if tpot is not None:
-                self.tpot[subnet].append(tpot)
-
-    def quantile(self, which: str, q: float) -> dict[str, float]:
-        with self._lock:
-            series = self.ttft if which == "ttft" else self.tpot
-            return {name: _quantile(list(values), q) for name, values in series.items() if values}
-
-
-def _quantile(values: list[float], q: float) -> float:
-    values.sort()
-    if len(values) == 1:
-        return values[0]
-    pos = q * (len(values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)

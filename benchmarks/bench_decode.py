@@ -1,0 +1,232 @@
+"""Decode-step benchmark: ops per step, and decode speed eager vs compiled vs transformers.
+
+For each dev preset given (default: tiny, mini, bench; float32; made on first use), in one run:
+
+- aten ops dispatched per batch-1 decode step (a TorchDispatchMode around one step): our engine
+  step eager, our engine step compiled, and transformers' `generate()` (ops of 9 new tokens minus
+  ops of 1, over 8);
+- batch-1 greedy decode tok/s through our engine, eager and compiled (torch.compile, inductor;
+  compiled once per bucket before timing), and transformers `generate()` on the same checkpoint
+  (the full subnet);
+- the read floor: bytes a batch-1 decode step must read (every weight the full subnet uses once,
+  the LM head included, the per-layer-embedding table excepted: only its rows are gathered) over
+  the measured bandwidth of a plain read, and our tok/s as a share of it;
+- 16 and 32 concurrent requests spread over several subnets, through our engine (eager and
+  compiled) and through transformers one request at a time (tok/s of generated tokens).
+
+Timings are medians over --repeats runs on whatever machine runs this; ratios are measured side
+by side in the same run. Compiling takes minutes per graph on a CPU; it is excluded from timings
+(and reported).
+
+    python benchmarks/bench_decode.py [--presets tiny,mini,bench] [--tokens 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning OpenMP threads
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from server.engine import offline
+from server.engine.assembly import assemble_engine, kv_bytes_for
+from server.engine.offline import GenerationRequest
+from server.engine.scheduler import SchedulerConfig
+from server.runtime.elastic import ElasticRuntime
+from server.tools.dev_model import dev_model_cache
+from server.vocabulary.sampling_params import SamplingParams
+
+MIX = ["full", "e2b", "e2.98b-layer", "mix-0.75", "skip-3-7", "e3.79b-layer"]
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def prompt_of(n: int, seed: int = 0) -> list[int]:
+    return [2] + [107 + (seed * 7919 + i * 37) % 300 for i in range(n - 1)]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def engine(rt: ElasticRuntime, compiled: bool, seqs: int = 1):
+    config = SchedulerConfig(
+        max_num_seqs=max(seqs, 1), max_num_batched_tokens=max(256, seqs),
+        max_model_len=rt.store.text.max_position_embeddings,
+    )  # fmt: skip
+    budget = kv_bytes_for(rt, seqs * 256)
+    return assemble_engine(
+        rt, budget, config, ffn_mode="auto", compile_backend="inductor" if compiled else None
+    )
+
+
+def count_outside_graphs(eng) -> None:
+    """Compiled graphs run with the op counter switched off: what is counted is what the step
+    dispatches around them (each graph is one call; inductor runs its kernels directly)."""
+    graphs = eng.runner.graphs
+    for shape, (spec, fn) in list(graphs.graphs.items()):
+
+        def outside(*args, fn=fn):
+            with _disable_current_modes():
+                return fn(*args)
+
+        graphs.graphs[shape] = (spec, outside)
+
+
+def decode_tps(eng, rt, prompt: list[int], tokens: int) -> tuple[float, int]:
+    """(batch-1 decode tok/s after the first token, ops of one decode step)."""
+    eng.add_request("bench", prompt, rt.subnets.full, greedy(tokens))
+    while not any(o.token_ids for o in eng.step()):
+        pass
+    count = OpCount()
+    with count:
+        eng.step()
+    t0, n = time.perf_counter(), 1
+    while eng.has_work:
+        eng.step()
+        n += 1
+    return (n - 1) / (time.perf_counter() - t0), count.n
+
+
+def many(eng, rt, n: int, tokens: int) -> float:
+    requests = [
+        GenerationRequest(rt.subnets[MIX[i % len(MIX)]], prompt_of(24 + i % 9, i), greedy(tokens))
+        for i in range(n)
+    ]
+    t0 = time.perf_counter()
+    out = offline.generate(eng, requests)
+    return sum(len(g.token_ids) for g in out) / (time.perf_counter() - t0)
+
+
+def hf_model(folder):
+    from transformers import AutoConfig, Gemma3nForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder)
+    return Gemma3nForCausalLM.from_pretrained(folder, config=cfg.text_config, dtype=torch.float32)
+
+
+def hf_generate(model, prompt: list[int], tokens: int) -> float:
+    ids = torch.tensor([prompt])
+    kwargs = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+        return time.perf_counter() - t0
+
+
+def hf_decode_tps(model, prompt: list[int], tokens: int) -> float:
+    first = hf_generate(model, prompt, 1)
+    return (tokens - 1) / (hf_generate(model, prompt, tokens) - first)
+
+
+def hf_ops_per_step(model, prompt: list[int]) -> float:
+    counts = []
+    for tokens in (1, 9):
+        c = OpCount()
+        with c:
+            hf_generate(model, prompt, tokens)
+        counts.append(c.n)
+    return (counts[1] - counts[0]) / 8
+
+
+def read_floor(rt: ElasticRuntime) -> tuple[float, float]:
+    """(bytes one batch-1 step reads, plain-read GB/s)."""
+    w = rt.weights
+    skip = {w.ple_table.data_ptr()}
+    total = w.lm_head.nbytes + sum(p.nbytes for p in w.altup_projections + w.altup_unembed)
+    total += w.ple_model_projection.nbytes
+    for layer in w.layers:
+        for t in vars(layer).values():
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in skip:
+                total += t.nbytes
+    a = torch.ones(64 * 1024 * 1024)
+    a.sum()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a.sum()
+    return total, 5 * a.nbytes / 1e9 / (time.perf_counter() - t0)
+
+
+def bench_preset(name: str, args) -> None:
+    rt = ElasticRuntime.open(dev_model_cache(name), dtype="float32")
+    med = statistics.median
+    prompt = prompt_of(args.prompt_tokens)
+    print(f"\n== preset {name}: {rt.store.folder}")
+    eager, compiled = engine(rt, False), engine(rt, True)
+    t0 = time.perf_counter()
+    decode_tps(compiled, rt, prompt, 4)  # compiles the batch-1 graph
+    print(f"compile (batch 1): {time.perf_counter() - t0:.0f} s")
+    count_outside_graphs(compiled)
+    decode_tps(eager, rt, prompt, 4)
+    e = [decode_tps(eager, rt, prompt, args.tokens) for _ in range(args.repeats)]
+    c = [decode_tps(compiled, rt, prompt, args.tokens) for _ in range(args.repeats)]
+    model = hf_model(rt.store.folder)
+    hf_decode_tps(model, prompt, 4)
+    h = [hf_decode_tps(model, prompt, args.tokens) for _ in range(args.repeats)]
+    hf_ops = hf_ops_per_step(model, prompt)
+    nbytes, gbs = read_floor(rt)
+    floor = gbs * 1e9 / nbytes
+    et, ct, ht = med(x for x, _ in e), med(x for x, _ in c), med(h)
+    print(f"ops per batch-1 decode step: ours eager {e[0][1]}, ours compiled 1 graph call + "
+          f"{c[0][1]} around it, transformers {hf_ops:.0f}")  # fmt: skip
+    print(f"batch-1 decode tok/s: eager {et:.1f}, compiled {ct:.1f}, transformers {ht:.1f}; "
+          f"compiled/eager {ct / et:.2f}x, compiled/transformers {ct / ht:.2f}x, "
+          f"eager/transformers {et / ht:.2f}x")  # fmt: skip
+    print(f"read floor: {nbytes / 1e6:.1f} MB per token at {gbs:.1f} GB/s = {floor:.0f} tok/s; "
+          f"eager {100 * et / floor:.0f}%, compiled {100 * ct / floor:.0f}% of it")  # fmt: skip
+    if args.mixed:
+        for n in (16, 32):
+            eg, cg = engine(rt, False, n), engine(rt, True, n)
+            t0 = time.perf_counter()
+            many(cg, rt, n, args.tokens)  # compiles the buckets the runs meet
+            compile_s = time.perf_counter() - t0
+            et_n = med(many(eg, rt, n, args.tokens) for _ in range(args.repeats))
+            ct_n = med(many(cg, rt, n, args.tokens) for _ in range(args.repeats))
+            t0 = time.perf_counter()
+            for i in range(n):
+                hf_generate(model, prompt_of(24 + i % 9, i), args.tokens)
+            ht_n = n * args.tokens / (time.perf_counter() - t0)  # full subnet: HF's best case
+            print(f"{n} mixed requests, tok/s: eager {et_n:.1f}, compiled {ct_n:.1f} "
+                  f"(compiling {compile_s:.0f} s), transformers one at a time {ht_n:.1f}; "
+                  f"compiled/transformers {ct_n / ht_n:.1f}x, eager/transformers "
+                  f"{et_n / ht_n:.1f}x")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--presets", default="tiny,mini,bench")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-mixed", dest="mixed", action="store_false")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{args.threads} threads, float32, {args.tokens} greedy tokens, "
+          f"median of {args.repeats}")  # fmt: skip
+    for name in args.presets.split(","):
+        bench_preset(name, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Sampling cost per step at Gemma 3n's vocabulary: the batched sampler vs the one it replaced.
+
+One run, the same logits for both: [B, 262400] float32 (262144 text ids + 256 vision/audio
+placeholders), for B in {1, 8, 32, 128} and each combination of parameters below, every row of a
+batch with the same parameters and its own seed. A step is one `sample` call plus, for the old
+sampler, the `record` its runner made after it (the new one records inside `sample`). Reported:
+the median of `--repeats` steps in ms (after one warm-up step), and old / new.
+
+Logits are LM-like: per row, a head of 32 ids at 20 - 2 ln(rank) over a body of N(0, 2^2), at
+random ids (the top token holds ~60% of the mass, the 0.95 nucleus ~12 ids). `top_p alone, flat`
+repeats top_p on N(0, 4^2) logits, where the nucleus holds thousands of ids (random-weight dev
+models look like this): the 128 candidates do not settle it and rows take the rejection path.
+
+Combinations (what a request carries):
+  greedy            temperature 0
+  temperature       temperature 0.8
+  top_k + top_p     top_k 64, top_p 0.95 (Gemma 3n's generation_config)
+  top_p alone       top_p 0.95
+  min_p             min_p 0.05
+  penalties + bias  repetition 1.1, frequency 0.5, presence 0.5, 16 logit_bias ids, a 512-token
+                    prompt and 64 generated tokens, with top_k 64 + top_p 0.95 (the defaults such
+                    a request gets from the generation_config)
+  logprobs 5        logprobs 5, with top_k 64 + top_p 0.95 (likewise)
+
+References in the same run: `torch.argmax` over [B, 262144] and one exp2 pass over it into a
+reused buffer -- what any exact full-vocabulary normaliser (temperature alone, top_p alone,
+logprobs) costs at least.
+
+    PYTHONPATH=. python benchmarks/bench_sampler.py [--threads 1] [--repeats 7] [--old-repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from server.runtime.sampler import Sampler
+from server.vocabulary.sampling_params import SamplingParams
+
+TEXT_VOCAB = 262144
+WIDTH = TEXT_VOCAB + 256
+EOS = (1, 106)
+BATCHES = (1, 8, 32, 128)
+GEMMA = {"top_k": 64, "top_p": 0.95}
+COMBINATIONS = {
+    "greedy": SamplingParams(temperature=0.0),
+    "temperature": SamplingParams(temperature=0.8),
+    "top_k + top_p": SamplingParams(**GEMMA),
+    "top_p alone": SamplingParams(top_p=0.95),
+    "min_p": SamplingParams(min_p=0.05),
+    "penalties + bias": SamplingParams(
+        repetition_penalty=1.1,
+        frequency_penalty=0.5,
+        presence_penalty=0.5,
+        logit_bias={1000 + 37 * i: (-1.0) ** i * 2.0 for i in range(16)},
+        max_tokens=4096,
+        **GEMMA,
+    ),
+    "logprobs 5": SamplingParams(logprobs=5, **GEMMA),
+    "top_p alone, flat": SamplingParams(top_p=0.95),
+}
+HISTORY = 64  # tokens generated before the timed steps, for the penalties
+
+
+def baseline_module():
+    """The pre-issue-11 sampler (benchmarks/baseline_sampler.py), loaded by path."""
+    path = Path(__file__).with_name("baseline_sampler.py")
+    spec = importlib.util.spec_from_file_location("baseline_sampler", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_logits(batch: int, flat: bool, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if flat:
+        logits = torch.randn(batch, WIDTH, generator=g) * 4
+    else:
+        logits = torch.randn(batch, WIDTH, generator=g) * 2
+        head = 20 - 2 * torch.log(torch.arange(1, 33, dtype=torch.float32))
+        ids = torch.stack([torch.randperm(TEXT_VOCAB, generator=g)[:32] for _ in range(batch)])
+        logits.scatter_(1, ids, head.expand(batch, -1))
+    logits[:, TEXT_VOCAB:] = logits[:, :TEXT_VOCAB].amax(dim=1, keepdim=True)  # never sampled
+    return logits
+
+
+def prompt(seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(107, TEXT_VOCAB, (512,), generator=g).tolist()
+
+
+def time_new(logits: torch.Tensor, params: SamplingParams, repeats: int) -> float:
+    sampler = Sampler(TEXT_VOCAB, EOS)
+    states = [
+        sampler.add_request(dataclasses.replace(params, seed=i), prompt(i))
+        for i in range(logits.shape[0])
+    ]
+    if states[0].tracks_output:
+        for t in range(HISTORY):
+            sampler.record(states, [(t * 7919 + 13 * i) % TEXT_VOCAB for i in range(len(states))])
+    sampler.sample(logits, states)  # warm-up: buffers, table
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sampler.sample(logits, states)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_old(old, logits: torch.Tensor, params: SamplingParams, repeats: int) -> float:
+    sampler = old.Sampler(TEXT_VOCAB)
+    states = [
+        old.SamplerState(dataclasses.replace(params, seed=i), prompt(i), TEXT_VOCAB, EOS)
+        for i in range(logits.shape[0])
+    ]
+    if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1:
+        for t in range(HISTORY):
+            for i, s in enumerate(states):
+                s.record((t * 7919 + 13 * i) % TEXT_VOCAB)
+
+    def step() -> None:
+        for s, r in zip(states, sampler.sample(logits, states), strict=True):
+            s.record(r.token_id)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_reference(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps of the new sampler")
+    ap.add_argument("--old-repeats", type=int, default=3, help="timed steps of the old one")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--skip-old", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    old = None if args.skip_old else baseline_module()
+    print(
+        f"torch {torch.__version__}  {platform.machine()}  threads {args.threads}  float32 "
+        f"logits [B, {WIDTH}] ({TEXT_VOCAB} text ids)  median of {args.repeats} steps "
+        f"(old: {args.old_repeats})\n"
+    )
+    header = f"{'combination':<20}" + "".join(
+        f"{'B=' + str(b) + ' new':>12}{'old':>10}{'x':>7}" for b in batches
+    )
+    print("ms per step" + " " * (len(header) - 11))
+    print(header)
+    new_ms: dict[tuple[str, int], float] = {}
+    for name, params in COMBINATIONS.items():
+        cells = []
+        for b in batches:
+            logits = make_logits(b, flat=name.endswith("flat"))
+            new = time_new(logits, params, args.repeats) * 1e3
+            new_ms[name, b] = new
+            if old is None:
+                cells.append(f"{new:>12.2f}{'':>10}{'':>7}")
+            else:
+                was = time_old(old, logits, params, args.old_repeats) * 1e3
+                cells.append(f"{new:>12.2f}{was:>10.1f}{was / new:>7.0f}")
+            del logits
+        print(f"{name:<20}" + "".join(cells), flush=True)
+
+    print("\nreferences (ms):")
+    for b in batches:
+        x = make_logits(b, flat=False)[:, :TEXT_VOCAB]
+        buf = torch.empty(b, TEXT_VOCAB)
+        argmax = time_reference(lambda x=x: x.argmax(dim=1), args.repeats) * 1e3
+        exp2 = time_reference(lambda x=x, buf=buf: torch.exp2(x, out=buf), args.repeats) * 1e3
+        print(f"  B={b:<4} torch.argmax {argmax:7.2f}   one exp2 pass {exp2:7.2f}")
+
+    print("\nnew, relative to greedy at the same B:")
+    for name in COMBINATIONS:
+        ratios = "".join(f"{new_ms[name, b] / new_ms['greedy', b]:>8.1f}" for b in batches)
+        print(f"  {name:<20}{ratios}")
+    if 32 in batches:
+        gk = new_ms["top_k + top_p", 32]
+        print(
+            f"\ntargets at B=32: top_k + top_p {gk:.1f} ms (<= 40), greedy "
+            f"{new_ms['greedy', 32]:.1f} ms (<= 10); combinations over 3x greedy at any B: "
+            + (
+                ", ".join(
+                    sorted(
+                        {
+                            n
+                            for (n, b), v in new_ms.items()
+                            if v > 3 * new_ms["greedy", b] and not math.isnan(v)
+                        }
+                    )
+                )
+                or "none"
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Reading and writing a few columns of some rows of a [B, V] tensor without touching the rest.
+
+Owns two helpers for the sampler's vocabulary-sized tensors. `x[rows[:, None], ids]` (aten::index
+and index_put) is the obvious way, but on a CPU it costs milliseconds at a 262144-id vocabulary
+even for a few thousand elements (and it copies a non-contiguous `x`, such as logits sliced to the
+text vocabulary, whole). `gather`/`scatter_` along dim 1 index within each row and cost what they
+touch, but need an index for every row: rows not asked for get column 0, which they read (and
+write back unchanged).
+
+Deliberately does not know: what the tensors hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _full_index(x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    full = torch.zeros(x.shape[0], ids.shape[1], dtype=torch.long, device=x.device)
+    return full.index_copy_(0, rows, ids)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """x[rows[i], ids[i, j]] as [R, n]; `rows` are distinct row numbers of x (None: every row,
+    in order)."""
+    if rows is None:
+        return x.gather(1, ids)
+    return x.gather(1, _full_index(x, rows, ids)).index_select(0, rows)
+
+
+def scatter_rows_(
+    x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor
+) -> None:
+    """x[rows[i], ids[i, j]] = values[i, j], in place. Repeated ids within a row must carry the
+    same value (scatter_ leaves the order of colliding writes unspecified)."""
+    full = _full_index(x, rows, ids)
+    current = x.gather(1, full)  # rows not asked for write their column 0 back as it is
+    x.scatter_(1, full, current.index_copy_(0, rows, values.to(x.dtype)))

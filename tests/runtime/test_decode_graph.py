@@ -1,0 +1,90 @@
+"""The compiled decode step (server/runtime/decode_graph.py) against the eager forward.
+
+Compiled with torch.compile's "aot_eager" backend: the same graph capture (dynamo, fullgraph)
+and functionalisation (the KV cache written in place) that inductor compiles, without generating
+code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py measures inductor).
+
+- every subnet, and a batch mixing subnets (skipped layers, other widths, another KV layout),
+  gives the same greedy tokens compiled as eager, and logits equal up to float32 rounding (the
+  suite's rule: tests/runtime/conftest.py);
+- after one step per bucket (the warm-up), every subnet in any mix runs with no new compilation:
+  the mix is data (keep and width masks), never a guard.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+from server.engine import offline
+from server.engine.assembly import assemble_engine, kv_bytes_for
+from server.engine.offline import GenerationRequest, greedy
+from tests.runtime.conftest import assert_float32_close, decode_reference, prompt_ids
+
+BACKEND = "aot_eager"
+MIX = ["full", "e2b", "skip-3-7", "mix-0.75", "e2.98b-layer", "skip-30-33", "e2b"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny):
+    """An eager and a compiled engine, each reused by every test here (a graph is compiled once
+    per bucket and runner)."""
+    budget = kv_bytes_for(tiny, 16 * 64)
+    eager = assemble_engine(tiny, budget, ffn_mode="grouped")
+    return eager, assemble_engine(tiny, budget, compile_backend=BACKEND)
+
+
+def generate(engine, requests, keep_logits=False):
+    return offline.generate(engine, requests, keep_logits=keep_logits)
+
+
+def test_every_subnet_alone_decodes_the_same_compiled(tiny, tiny64, engines):
+    eager_engine, compiled_engine = engines
+    for i, subnet in enumerate(tiny.subnets):
+        request = GenerationRequest(subnet, prompt_ids(12 + i % 5, seed=i), greedy(6))
+        [eager] = generate(eager_engine, [request], keep_logits=True)
+        [compiled] = generate(compiled_engine, [request], keep_logits=True)
+        assert compiled.token_ids == eager.token_ids, subnet.name
+        exact = decode_reference(tiny64, subnet, list(request.prompt_ids), eager.token_ids)
+        # The first logits come from the (eager) prefill step; the rest from compiled decodes.
+        assert_float32_close(
+            torch.stack(compiled.logits), torch.stack(eager.logits), exact, subnet.name
+        )
+
+
+def test_a_mixed_batch_decodes_the_same_compiled(tiny, engines):
+    requests = [
+        GenerationRequest(tiny.subnets[name], prompt_ids(9 + 4 * i, seed=50 + i), greedy(8))
+        for i, name in enumerate(MIX)
+    ]
+    eager = generate(engines[0], requests)
+    compiled = generate(engines[1], requests)
+    assert engines[1].last_step.ffn_mode == "compiled"
+    for name, a, b in zip(MIX, eager, compiled, strict=True):
+        assert b.token_ids == a.token_ids, name
+
+
+def test_no_subnet_mix_recompiles_after_warm_up(tiny, engines):
+    def run(names: list[str], seed: int) -> None:
+        requests = [
+            GenerationRequest(tiny.subnets[n], prompt_ids(10 + i, seed=seed + i), greedy(4))
+            for i, n in enumerate(names)
+        ]
+        generate(engines[1], requests)
+
+    names = list(tiny.subnets.names())
+    run(names[:1], 0)  # warm-up: rows bucket 1
+    run(names[:8], 0)  # rows bucket 8
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for k, name in enumerate(names):
+        run([name], 100 + k)
+    for k in range(0, len(names), 7):
+        run((names[k:] + names)[:8], 200 + k)  # eight at a time, every subnet once at least
+        run((names[k:] + names)[5:13], 300 + k)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+    assert set(engines[1].runner.graphs.graphs) == {
+        shape for shape in engines[1].runner.graphs.graphs if shape.num_rows in (1, 8)
+    }
