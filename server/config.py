@@ -82,9 +82,21 @@ class ServerConfig:
     metrics_open: bool = True
     """Serve /metrics without a key (for Prometheus scrapes inside the deployment)."""
     max_body_bytes: int = 1024 * 1024
-    """Larger request bodies get 413."""
+    """Larger request bodies get 413, counted as the bytes arrive, whatever the headers say."""
+    max_prompt_chars: int = 256 * 1024
+    """Longer prompt text (a request's messages or prompts together) gets 400 before it is
+    tokenized. 256 Ki characters: 32768 tokens (the default tier's max_prompt_tokens) at 8
+    characters per token, twice what English or code averages."""
+    tokenizer_threads: int = 2
+    """Threads that tokenize prompts, shared by all tenants; one tenant uses at most half."""
+    keep_alive_timeout_s: float = 5.0
+    """An idle connection (no request in progress) is closed after this long."""
+    header_timeout_s: float = 10.0
+    """A request's headers must arrive within this long of its first byte (else 408, closed)."""
+    body_timeout_s: float = 30.0
+    """A request's body must arrive within this long of its headers (else 408, closed)."""
     drain_timeout_s: float = 30.0
-    """On SIGTERM, how long in-flight requests may take to finish."""
+    """On SIGTERM, how long in-flight requests may take to finish; then they are cut short."""
     max_n: int = 8
     """The most choices (`n`) one request may ask for."""
     subnet_policy: str = "sla"
@@ -117,6 +129,8 @@ class ServerConfig:
             "max_prefill_chunk",
             "max_body_bytes",
             "max_n",
+            "max_prompt_chars",
+            "tokenizer_threads",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -127,6 +141,9 @@ class ServerConfig:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         if self.drain_timeout_s < 0:
             raise ConfigError("drain_timeout_s must be >= 0")
+        for name in ("keep_alive_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for setting, choices in (
             ("dtype", COMPUTE_DTYPES),
             ("ffn_mode", FFN_MODE_CHOICES),

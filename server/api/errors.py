@@ -2,7 +2,9 @@
 
 Owns the shape `{"error": {"message", "type", "param", "code"}}` and the mapping from our failures
 to it: request validation is 400 (never FastAPI's 422), and the field that failed is `param`;
-an unknown parameter is named as unsupported; malformed JSON says so. Every other layer raises
+an unknown parameter is named as unsupported; malformed JSON, an empty body or a body sent with
+another Content-Type say so. The envelope is ASCII JSON: a message may quote client text, and
+client text may hold lone surrogates that UTF-8 cannot carry. Every other layer raises
 `APIError` (or lets a library error reach the handlers here) and never builds a response itself.
 
 Deliberately does not know: routes, tenants or the engine.
@@ -10,6 +12,7 @@ Deliberately does not know: routes, tenants or the engine.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +26,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -60,6 +64,11 @@ def error_body(
     }
 
 
+class ErrorJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(
     status: int,
     message: str,
@@ -67,9 +76,7 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        error_body(status, message, param, code), status_code=status, headers=headers
-    )
+    return ErrorJSON(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -84,6 +91,8 @@ def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
             f"unsupported parameter: {'.'.join(loc)!r} is not supported by this server",
             ".".join(loc),
         )
+    if kind == "missing" and not loc:
+        return "the request body is empty: send a JSON object", None
     if kind == "missing":
         return f"missing required parameter: {'.'.join(loc)!r}", ".".join(loc)
     param = ".".join(loc) or None
@@ -150,13 +159,29 @@ def document(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return error_response(e.status, e.message, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type")
+        if kind is not None and not _is_json(kind):
+            # FastAPI parses a body as JSON only when it is labelled so (or not at all).
+            return error_response(
+                400,
+                f"the request body must be JSON sent with 'Content-Type: application/json', "
+                f"not {kind!r}",
+                code="invalid_content_type",
+            )
         message, param = _describe(list(e.errors()))
         return error_response(400, message, param, "invalid_value" if param else None)
 

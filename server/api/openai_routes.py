@@ -1,7 +1,8 @@
 """`POST /v1/chat/completions`, `POST /v1/completions` and `GET /v1/models`.
 
-Owns the routes: parsing each endpoint's prompt into token ids, handing the request to
-submission.py (every check that can refuse it, before the response starts), then either
+Owns the routes: each endpoint's prompt, first as text for the checks that need no tokens
+(submission.gate), then as token ids from the tokenizing pool (prompts.py), handing the request
+to submission.py (every check that can refuse it, before the response starts), then either
 streaming server-sent events or collecting every choice into one body (responses.py). A client
 that goes away aborts its engine requests at once, streaming or not.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -27,9 +28,10 @@ from server.api.responses import (
     usage,
 )
 from server.api.service import Service
-from server.api.streaming import until_disconnect
-from server.api.submission import Submission, collect, error_of, start, submit
+from server.api.streaming import ClosingStream, until_disconnect
+from server.api.submission import Submission, collect, gate, start, submit
 from server.checkpoint.tokenizer import TokenizerError
+from server.tenancy import Tenant
 
 router = APIRouter()
 SUBNET_HEADER = "x-concentric-subnet"
@@ -50,7 +52,7 @@ def _unicode(text: str, param: str) -> str:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     svc: Service = request.app.state.service
-    svc.require_ready()
+    tenant: Tenant = request.state.tenant
     messages = [
         {
             "role": "system" if m.role == "developer" else m.role,
@@ -58,61 +60,88 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         }
         for i, m in enumerate(body.messages)
     ]
-    try:
-        prompt_ids = svc.runtime.tokenizer.encode_chat(messages)  # type: ignore[union-attr]
-    except TokenizerError as e:
-        raise APIError(400, str(e), param="messages") from None
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    sub = submit(request, body, [prompt_ids], logprobs, "messages")
+    chars = sum(len(m["content"]) for m in messages)
+    with gate(request, body, 1, chars, "messages") as choice:
+        # Every turn costs the template's markup too, so the message count is bounded before
+        # templating (pure Python) runs.
+        if len(messages) > tenant.tier.max_prompt_tokens // 2 + 1:
+            raise APIError(
+                400,
+                f"{len(messages)} messages; tier {tenant.tier.name!r} allows prompts of "
+                f"{tenant.tier.max_prompt_tokens} tokens, and each message adds some",
+                param="messages",
+            )
+        try:
+            prompt_ids = await svc.prompts.encode_chat(tenant.name, messages)  # type: ignore[union-attr]
+        except TokenizerError as e:
+            raise APIError(400, str(e), param="messages") from None
+        _text_ids(svc, [prompt_ids], "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        sub = submit(request, body, choice, [prompt_ids], logprobs, "messages")
     return await _respond(request, sub, body, chat_chunks, chat_body)
+
+
+def _text_ids(svc: Service, prompts: list[list[int]], param: str) -> None:
+    """Text prompts only: ids past the text vocabulary are image/audio placeholders."""
+    vocab = svc.runtime.store.text.vocab_size_per_layer_input  # type: ignore[union-attr]
+    if any(t < 0 or t >= vocab for ids in prompts for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=param)
 
 
 async def _respond(request: Request, sub: Submission, body, streamer, assemble):
     """What both endpoints do once the request is submitted: learn the subnet, then stream
-    server-sent events or collect every choice into one JSON body."""
-    await start(request, sub)
-    headers = {SUBNET_HEADER: sub.subnet_name}
-    tokens = TokenText(request.app.state.service)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            streamer(sub, body.model, tokens, include_usage),
-            media_type="text/event-stream",
-            headers=headers,
+    server-sent events or collect every choice into one JSON body. The submission is closed
+    when the response is over, however it ends (a stream closes it when it is done sending)."""
+    streaming = False
+    try:
+        await start(request, sub)
+        headers = {SUBNET_HEADER: sub.subnet_name}
+        tokens = TokenText(request.app.state.service)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            response = ClosingStream(
+                streamer(sub, body.model, tokens, include_usage),
+                on_close=sub.close,
+                media_type="text/event-stream",
+                headers=headers,
+            )
+            streaming = True
+            return response
+        finals, pieces = await until_disconnect(request, collect(sub), sub.streams)
+        for i in range(len(sub.streams)):
+            if finals[i].finish_reason in ("error", "abort"):
+                raise sub.error_of(finals[i])
+        response = assemble(sub, body, finals, pieces, tokens)
+        response.update(
+            created=sub.created,
+            model=body.model,
+            system_fingerprint=fingerprint(sub),
+            usage=usage(sub, finals),
         )
-    finals, pieces = await until_disconnect(request, collect(sub), sub.streams)
-    for i in range(len(sub.streams)):
-        if finals[i].finish_reason == "error":
-            raise error_of(finals[i])
-    response = assemble(sub, body, finals, pieces, tokens)
-    response.update(
-        created=sub.created,
-        model=body.model,
-        system_fingerprint=fingerprint(sub),
-        usage=usage(sub, finals),
-    )
-    return JSONResponse(response, headers=headers)
+        return JSONResponse(response, headers=headers)
+    finally:
+        if not streaming:
+            sub.close()
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     svc: Service = request.app.state.service
-    svc.require_ready()
-    tok = svc.runtime.tokenizer  # type: ignore[union-attr]
+    tenant: Tenant = request.state.tenant
     p = body.prompt
+    texts: list[str] = []
     if isinstance(p, str):
-        prompts = [tok.encode(_unicode(p, "prompt"))]
-    elif all(isinstance(x, int) for x in p):
-        prompts = [list(p)]  # type: ignore[arg-type]
+        texts = [_unicode(p, "prompt")]
     elif all(isinstance(x, str) for x in p):
-        prompts = [tok.encode(_unicode(x, "prompt")) for x in p]  # type: ignore[arg-type]
-    else:
-        prompts = [list(x) for x in p]  # type: ignore[arg-type]
-    # Text prompts only: ids past the text vocabulary are image/audio placeholders.
-    vocab = svc.runtime.store.text.vocab_size_per_layer_input  # type: ignore[union-attr]
-    if any(t < 0 or t >= vocab for ids in prompts for t in ids):
-        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-    sub = submit(request, body, prompts, body.logprobs, "prompt")
+        texts = [_unicode(x, "prompt") for x in p]  # type: ignore[arg-type]
+    given: list[list[int]] = []
+    if not texts:
+        given = [list(p)] if all(isinstance(x, int) for x in p) else [list(x) for x in p]  # type: ignore[arg-type,misc]
+    chars = sum(len(t) for t in texts)
+    with gate(request, body, len(texts) or len(given), chars, "prompt") as choice:
+        prompts = await svc.prompts.encode(tenant.name, texts) if texts else given  # type: ignore[union-attr]
+        _text_ids(svc, prompts, "prompt")
+        sub = submit(request, body, choice, prompts, body.logprobs, "prompt")
     return await _respond(request, sub, body, completion_chunks, completion_body)
 
 
@@ -130,7 +159,7 @@ async def list_models(request: Request):
             "object": "model",
             "created": created,
             "owned_by": "concentric",
-            "root": str(svc.checkpoint),
+            "root": svc.model_name,  # never the checkpoint's path on the server
             "parent": None,
             "max_model_len": svc.config.max_model_len or rt.store.text.max_position_embeddings,
             "concentric": {

@@ -11,9 +11,9 @@ Deliberately does not know: tokenizers, tenants, or the engine.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -29,6 +29,28 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        # One plain message for every wrong shape (null, an image part, a number), rather than
+        # pydantic's per-branch paths (messages.0.content.str, ...list[TextPart].0.type).
+        def is_text_part(p: Any) -> bool:
+            return (
+                isinstance(p, dict)
+                and p.get("type") == "text"
+                and isinstance(p.get("text"), str)
+                and set(p) == {"type", "text"}
+            )
+
+        if isinstance(value, str) or (
+            isinstance(value, list) and all(is_text_part(p) for p in value)
+        ):
+            return value
+        raise ValueError(
+            'must be a string or a list of text parts ({"type": "text", "text": "..."}); '
+            "this server accepts text only"
+        )
 
     def text(self) -> str:
         if isinstance(self.content, str):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from server.api.errors import error_body
-from server.api.service import Service
+from server.api.service import DRAINING, Service
 from server.api.streaming import merge_streams, sse
 from server.api.submission import Submission
 from server.engine.outputs import RequestOutput
@@ -31,6 +31,16 @@ def usage(sub: Submission, finals: dict[int, RequestOutput]) -> dict:
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+
+
+def in_band_error(sub: Submission, out: RequestOutput) -> str | None:
+    """The error event a stream ends with (then [DONE]) if this output ends it abnormally:
+    the request failed, or a drain cut it short."""
+    if out.finish_reason == "error":
+        return sse(error_body(500, f"generation failed: {out.error}"))
+    if out.finish_reason == "abort" and sub.cut_short:
+        return sse(error_body(503, DRAINING, code="draining"))
+    return None
 
 
 def fingerprint(sub: Submission) -> str:
@@ -123,8 +133,8 @@ async def chat_chunks(
         )
     finals: dict[int, RequestOutput] = {}
     async for i, out in merge_streams(sub.streams):
-        if out.finish_reason == "error":
-            yield sse(error_body(500, f"generation failed: {out.error}"))
+        if (error := in_band_error(sub, out)) is not None:
+            yield error
             break
         if not out.text and not out.finished and not out.logprobs:
             continue  # held-back text (an unfinished character or stop-string prefix)
@@ -198,8 +208,8 @@ async def completion_chunks(
     finals: dict[int, RequestOutput] = {}
     offsets = [0] * len(sub.streams)  # per choice: text_offset counts from the choice's start
     async for i, out in merge_streams(sub.streams):
-        if out.finish_reason == "error":
-            yield sse(error_body(500, f"generation failed: {out.error}"))
+        if (error := in_band_error(sub, out)) is not None:
+            yield error
             break
         if not out.text and not out.finished and not out.logprobs:
             continue

@@ -1,9 +1,11 @@
 """`concentric serve`: run the API with uvicorn, draining on SIGTERM.
 
 Owns the process: build the service from the configuration (failing fast on configuration
-errors, before any weight is read), then serve. The first SIGTERM starts a drain: /ready turns
-503, new requests get 503, in-flight requests may finish for up to `drain_timeout_s`; then the
-server exits. A second signal (or Ctrl-C twice) exits at once.
+errors, before any weight is read), then serve, with the connection deadlines of
+connections.py. The first SIGTERM starts a drain: /ready turns 503, new requests get 503,
+in-flight requests may finish for up to `drain_timeout_s`, then the rest are cut short
+(service.py) and the server exits within about a second more. A second signal (or Ctrl-C twice)
+exits at once.
 
 Deliberately does not know: routes or the engine.
 """
@@ -11,6 +13,7 @@ Deliberately does not know: routes or the engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from pathlib import Path
@@ -19,7 +22,8 @@ from types import FrameType
 import uvicorn
 
 from server.api.app import create_app
-from server.api.service import Service, warn_open
+from server.api.connections import DeadlineProtocol
+from server.api.service import CUT_GRACE_S, Service, warn_open
 from server.config import ServerConfig
 
 
@@ -66,7 +70,11 @@ def serve(config: ServerConfig) -> None:
         host=config.host,
         port=config.port,
         log_level=config.log_level,
-        timeout_graceful_shutdown=int(config.drain_timeout_s) + 5,
+        http=functools.partial(DeadlineProtocol, header_timeout_s=config.header_timeout_s),
+        timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]
+        # The drain has already ended every request when uvicorn shuts down; this only bounds
+        # what a client that stopped reading keeps blocked.
+        timeout_graceful_shutdown=CUT_GRACE_S,  # type: ignore[arg-type]
         access_log=config.log_level == "debug",
     )
     DrainingServer(uv, service).run()

@@ -2,8 +2,10 @@
 
 Owns what the routes share: loading the checkpoint in the background (the server answers /health
 at once and /ready once the model is loaded), the async engine, the tenancy and the limiter, the
-metrics, resolving a request's `model` field to a subnet (and the tier's right to pin it), and
-draining (on SIGTERM: not ready, no new requests, in-flight ones finish).
+tokenizing pool, the metrics, resolving a request's `model` field to a subnet (and the tier's
+right to pin it), giving a choice's limits back when its engine request finishes, and draining
+(on SIGTERM: not ready, no new requests, in-flight ones may finish until `drain_timeout_s`; then
+the rest are cut short, so the process exits on time).
 
 Deliberately does not know: HTTP request or response shapes (openai_routes.py), or model math.
 """
@@ -19,7 +21,8 @@ from pathlib import Path
 from policies.ordering import PriorityOrder
 from policies.subnet_choice import make_policy
 from server.api.errors import APIError
-from server.api.limits import Limiter
+from server.api.limits import Limiter, Reservation
+from server.api.prompts import PromptPool
 from server.config import ServerConfig
 from server.engine.assembly import assemble_engine, calibrate
 from server.engine.async_engine import AsyncEngine
@@ -34,6 +37,10 @@ from server.vocabulary.sampling_defaults import SamplingDefaults
 from server.vocabulary.subnets import Subnet
 
 log = logging.getLogger("concentric")
+DRAINING = "the server is shutting down; retry on another instance"
+# How long a drain that ran out of time waits for the requests it cut short to answer (503 or an
+# error event): an abort takes effect at the engine's next step boundary.
+CUT_GRACE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,11 @@ class Service:
         self.sampler: ProbeSampler | None = None
         self.elasticity: Elasticity | None = None
         self.sampling_defaults = SamplingDefaults()
+        self.prompts: PromptPool | None = None
+        # Engine request id -> the reservation and choice it gives back when it finishes.
+        self.reservations: dict[str, tuple[Reservation, int]] = {}
+        self.live: set = set()  # submissions whose responses are not over (submission.py)
+        self.closing: asyncio.Event | None = None  # set when a drain gives up waiting
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -90,11 +102,15 @@ class Service:
     async def start(self) -> None:
         if self.tenancy is None:
             self.check_config()
+        self.closing = asyncio.Event()
         self._load_task = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
         try:
             self.runtime = await asyncio.to_thread(self._open_runtime)
+            self.prompts = PromptPool(
+                self.runtime.tokenizer, self.config.tokenizer_threads, self.config.max_prompt_chars
+            )
             self.sampler = self._probe()
             if self.config.device.startswith("cuda") or self.config.memory_budget_bytes:
                 self.elasticity = Elasticity(
@@ -139,7 +155,7 @@ class Service:
                 len(self.runtime.subnets),
                 self.config.subnet_policy,
             )
-        except Exception as e:  # reported by /ready and /health; the process keeps serving them
+        except Exception as e:  # /ready and /health say it failed; the log says why
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", self.load_error)
 
@@ -171,15 +187,10 @@ class Service:
                 self.metrics.sla_miss(tier_name, "ttft")
             if tier.target_tpot_s is not None and (lat.tpot_s or 0.0) > tier.target_tpot_s:
                 self.metrics.sla_miss(tier_name, "tpot")
-        tenant = self._tenant(out.tags.get("tenant"))
-        if tenant is not None:
-            unused = int(out.tags.get("max_tokens", "0")) - out.num_output_tokens
-            self.limiter.release(tenant, max(0, unused))
-
-    def _tenant(self, name: str | None) -> Tenant | None:
-        if self.tenancy is None or name is None:
-            return None
-        return next((t for t in self.tenancy.tenants if t.name == name), None)
+        held = self.reservations.pop(out.request_id, None)
+        if held is not None:
+            reservation, choice = held
+            reservation.release(choice, out.num_output_tokens)
 
     def _table_csv(self) -> Path | None:
         return Path(self.config.subnet_table) if self.config.subnet_table else None
@@ -214,21 +225,35 @@ class Service:
             self.sampler.stop()
         if self.engine is not None:
             await self.engine.stop()
+        if self.prompts is not None:
+            self.prompts.close()
         self.metrics.up.set(0)
 
     async def drain(self, timeout_s: float) -> None:
-        """Stop taking requests and wait (up to timeout_s) for in-flight ones to finish."""
+        """Stop taking requests; let in-flight ones finish for up to timeout_s; then cut the
+        rest short (a response not yet started gets 503 with Retry-After, a stream an error
+        event and [DONE]) and stop reading request bodies, so the server can exit at once."""
         self.draining = True
         log.warning(
             "draining: /ready is 503, new requests get 503; waiting up to %.0f s for "
             "%d in-flight request(s)",
             timeout_s,
-            self.in_flight,
+            len(self.live),
         )
+        await self._until_idle(timeout_s)
+        if self.closing is not None:
+            self.closing.set()
+        if self.live:
+            log.warning("drain timeout: ending %d request(s) early", len(self.live))
+            for sub in list(self.live):
+                sub.cut()
+            await self._until_idle(CUT_GRACE_S)
+
+    async def _until_idle(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        while self.live and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     @property
     def in_flight(self) -> int:
@@ -241,12 +266,16 @@ class Service:
     # ---- per request ------------------------------------------------------------------------
 
     def require_ready(self) -> AsyncEngine:
+        """The engine, for a new request; else 503 (loading, draining, failed)."""
         if self.draining:
-            raise APIError(
-                503, "the server is shutting down; retry on another instance", code="draining"
-            )
+            raise APIError(503, DRAINING, code="draining", headers={"Retry-After": "1"})
+        return self.require_engine()
+
+    def require_engine(self) -> AsyncEngine:
+        """The engine, for work of a request already admitted (even while draining)."""
         if self.load_error is not None:
-            raise APIError(503, f"the model failed to load: {self.load_error}", code="unavailable")
+            # The reason is in the log; tenants are not told the server's internals.
+            raise APIError(503, "the model failed to load", code="unavailable")
         if not self.ready or self.engine is None:
             raise APIError(
                 503,
@@ -255,7 +284,7 @@ class Service:
                 headers={"Retry-After": "2"},
             )
         if self.engine.dead:
-            raise APIError(503, f"the engine has stopped: {self.engine.dead}", code="unavailable")
+            raise APIError(503, "the engine has stopped", code="unavailable")
         return self.engine
 
     def resolve(self, model: str, tenant: Tenant) -> Choice:

@@ -5,6 +5,8 @@ end), interleaving the outputs of `n` engine requests as they come, and aborting
 request of an API request the moment its client disconnects. For a streaming response the server
 framework cancels the generator on disconnect, which closes the engine streams (each aborts
 itself when closed early); a non-streaming request is watched for disconnects while it runs.
+`ClosingStream` runs a callback when a streamed response is over, however it ended: also when
+the client left before the body began, when the generator never runs at all.
 
 Deliberately does not know: OpenAI's chunk shapes (openai_routes.py) or the engine's internals.
 """
@@ -14,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.api.errors import APIError
 from server.engine.async_engine import RequestStream
@@ -88,3 +92,17 @@ async def until_disconnect(
             task.cancel()
             for s in streams:
                 s.close()
+
+
+class ClosingStream(StreamingResponse):
+    """A streaming response that calls `on_close` once it is over, whatever happened."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()

@@ -1,53 +1,119 @@
 """Submitting an OpenAI request to the engine: every check that can refuse it, then its streams.
 
 Owns what happens before a response starts, so that a refusal is a real status code and never an
-in-band error: the tier's right to the subnet, size caps, sampling parameters, the tenant's rate
-limits, and the engine's own checks (context length, KV pool). An unpinned request's first choice
-is admitted by the subnet policy; its other choices (n > 1, several prompts) follow the subnet it
-got, so one response is served by one subnet, named before the first byte.
+in-band error, in an order that puts cheap checks before expensive work and charges the tenant's
+limits only for requests that pass every check:
+1. `gate`, before tokenizing: the model and the tier's right to it, `n`, max_tokens against the
+   tier, the prompt's length in characters, and what the tenant's limits would say now (nothing
+   is charged). While its prompt is tokenized the request counts against the tenant's
+   concurrency (limits.py), so a tenant cannot pile up unadmitted work.
+2. `submit`, after: the prompt's tokens against the tier and the context, the sampling parameters
+   of every choice, the engine's own checks (the KV pool); then admission charges the limits (a
+   `Reservation`), and the engine requests are queued.
+An unpinned request's first choice is admitted by the subnet policy; its other choices (n > 1,
+several prompts) follow the subnet it got, so one response is served by one subnet, named before
+the first byte.
+
+A submission is closed exactly once, whatever happened (`close`, from the response's end): its
+unfinished engine requests are aborted, and choices that never ran are given back to the limiter.
+Choices that ran are given back by the service when their engine requests finish. A drain may
+`cut` a submission short; its response then ends with 503 (not started) or an error event.
 
 Deliberately does not know: response shapes (responses.py) or HTTP routing (openai_routes.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from policies.snapshots import TierView
 from server.api.errors import APIError
+from server.api.limits import Refusal, Reservation
 from server.api.protocol import SamplingFields
-from server.api.service import Choice, Service
+from server.api.service import DRAINING, Choice, Service
 from server.api.streaming import merge_streams, until_disconnect
-from server.engine.async_engine import RequestStream
+from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.outputs import RequestOutput
-from server.tenancy import Tenant
+from server.tenancy import Tenant, Tier
 from server.vocabulary.sampling_defaults import SamplingDefaults
 from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
+from server.vocabulary.subnets import Subnet
 
 OPENAI = SamplingDefaults()
 
 
-@dataclass
+@dataclass(eq=False)
 class Submission:
     """One API request as engine requests: choice index -> stream."""
 
-    streams: list[RequestStream]  # choice i answers prompt i // n
+    service: Service
+    reservation: Reservation
     choice: Choice
     prompt_lengths: list[int]  # per prompt
     n: int
-    created: int
-    response_id: str
-    # Choices submitted once the first one's subnet is known (they follow it): (ids, params)
-    deferred: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
-    tags: dict[str, str] = field(default_factory=dict)
-    tier: TierView | None = None
-    priority: int = 0
+    tenant: Tenant
+    created: int = field(default_factory=lambda: int(time.time()))
+    response_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    streams: list[RequestStream] = field(default_factory=list)  # choice i answers prompt i // n
+    # Choices submitted once the first one's subnet is known (they follow it): (i, ids, params)
+    deferred: list[tuple[int, list[int], SamplingParams]] = field(default_factory=list)
     subnet_name: str = ""  # the subnet that serves the request, once known
+    cut_short: bool = False  # ended by a drain
+    closed: bool = False
+
+    @property
+    def tier(self) -> TierView:
+        return self.tenant.tier.view()
+
+    def add_choice(
+        self, engine: AsyncEngine, i: int, ids: list[int], subnet: Subnet | None, params
+    ):
+        request_id = uuid.uuid4().hex
+        # Registered first: the service gives the choice back when the engine request finishes.
+        self.service.reservations[request_id] = (self.reservation, i)
+        try:
+            stream = engine.add_request(
+                ids,
+                subnet,
+                params,
+                request_id=request_id,
+                priority=self.tenant.tier.priority,
+                tags={"tenant": self.tenant.name, "tier": self.tenant.tier.name},
+                tier=self.tier,
+            )
+        except BaseException:
+            del self.service.reservations[request_id]
+            raise
+        self.streams.append(stream)
+
+    def cut(self) -> None:
+        """End the request now (a drain ran out of time): abort its engine requests."""
+        self.cut_short = True
+        for st in self.streams:
+            st.close()
+
+    def close(self) -> None:
+        """The response is over, however it ended. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for st in self.streams:
+            st.close()  # aborts the request unless it finished
+        for i, _, _ in self.deferred:
+            self.reservation.release(i, None)  # never ran
+        self.deferred.clear()
+        self.service.live.discard(self)
+
+    def error_of(self, out: RequestOutput) -> APIError:
+        if self.cut_short:
+            return APIError(503, DRAINING, code="draining", headers={"Retry-After": "1"})
+        return APIError(500, f"generation failed: {out.error or out.finish_reason}")
 
 
 def sampling_params(
@@ -56,6 +122,7 @@ def sampling_params(
     seed: int | None,
     logprobs: int | None,
     vocab: int,
+    eos: Sequence[int],
     defaults: SamplingDefaults = OPENAI,
 ) -> SamplingParams:
     """The request's SamplingParams: its own values, and `defaults` for the sampling fields it
@@ -85,15 +152,79 @@ def sampling_params(
         logprobs=logprobs,
     )
     try:
-        params.validate(vocab)
+        params.validate(vocab, eos_token_ids=eos)
     except SamplingParamsError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None
     return params
 
 
+def _refuse(svc: Service, tier: Tier, refusal: Refusal | None) -> None:
+    if refusal is None:
+        return
+    svc.metrics.reject(tier.name, refusal.limit)
+    if refusal.never:
+        raise APIError(
+            400,
+            f"request too large for the tier ({refusal.limit}): {refusal.message}",
+            param="n" if refusal.limit != "tokens_per_minute" else "max_tokens",
+            code="request_too_large",
+        )
+    raise APIError(
+        429,
+        f"rate limit ({refusal.limit}): {refusal.message}",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(refusal.retry_after)},
+    )
+
+
+@contextlib.contextmanager
+def gate(
+    request: Request, body: SamplingFields, prompts: int, chars: int, prompt_param: str
+) -> Iterator[Choice]:
+    """The checks that need no tokens (see the module docstring); the block runs while the
+    request counts as being prepared. Yields the subnet choice."""
+    svc: Service = request.app.state.service
+    tenant: Tenant = request.state.tenant
+    svc.require_ready()
+    choice = svc.resolve(body.model, tenant)
+    tier = tenant.tier
+    if body.n > svc.config.max_n:
+        raise APIError(400, f"n may be at most {svc.config.max_n}", param="n")
+    requested = body.output_limit  # type: ignore[attr-defined]
+    if requested is not None and requested > tier.max_output_tokens:
+        param = "max_completion_tokens" if _uses_completion_tokens(body) else "max_tokens"
+        raise APIError(
+            400,
+            f"{param} {requested} exceeds the limit of tier {tier.name!r} "
+            f"({tier.max_output_tokens})",
+            param=param,
+        )
+    assert svc.prompts is not None
+    cap = svc.prompts.char_cap(tier.max_prompt_tokens)
+    if chars > cap:
+        raise APIError(
+            400,
+            f"the prompt has {chars} characters; at most {cap} are accepted for tier "
+            f"{tier.name!r} (whose prompts may have {tier.max_prompt_tokens} tokens)",
+            param=prompt_param,
+            code="request_too_large",
+        )
+    requests = prompts * body.n
+    # Every choice reserves at least one prompt token and one output token.
+    at_least = requests * (1 + (requested or 1))
+    _refuse(svc, tier, svc.limiter.peek(tenant, at_least, requests=requests))
+    with svc.limiter.preparing(tenant, requests):
+        yield choice
+
+
+def _uses_completion_tokens(body: SamplingFields) -> bool:
+    return getattr(body, "max_completion_tokens", None) is not None
+
+
 def submit(
     request: Request,
     body: SamplingFields,
+    choice: Choice,
     prompts: Sequence[list[int]],
     logprobs: int | None,
     prompt_param: str,
@@ -101,22 +232,14 @@ def submit(
     svc: Service = request.app.state.service
     tenant: Tenant = request.state.tenant
     engine = svc.require_ready()
-    choice = svc.resolve(body.model, tenant)
     tier = tenant.tier
     assert svc.runtime is not None
     text = svc.runtime.store.text
+    vocab = text.vocab_size_per_layer_input
+    eos = svc.runtime.tokenizer.stop_ids
     max_len = svc.config.max_model_len or text.max_position_embeddings
-    if body.n > svc.config.max_n:
-        raise APIError(400, f"n may be at most {svc.config.max_n}", param="n")
     requested = body.output_limit  # type: ignore[attr-defined]
-    if requested is not None and requested > tier.max_output_tokens:
-        raise APIError(
-            400,
-            f"max_tokens {requested} exceeds tier {tier.name!r}'s limit of "
-            f"{tier.max_output_tokens}",
-            param="max_tokens",
-        )
-    plan: list[tuple[list[int], int]] = []
+    plan: list[tuple[list[int], int, SamplingParams]] = []
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param=prompt_param)
@@ -142,91 +265,54 @@ def submit(
                 f"exceeds the context length {max_len}",
                 param="max_tokens",
             )
-        for _ in range(body.n):
-            plan.append((ids, max_tokens))
-    reserved = sum(len(ids) + m for ids, m in plan)
-    refusal = svc.limiter.admit(tenant, reserved, requests=len(plan))
-    if refusal is not None and refusal.never:
-        svc.metrics.reject(tier.name, refusal.limit)
-        raise APIError(
-            400,
-            f"request too large for the tier ({refusal.limit}): {refusal.message}",
-            param="n" if refusal.limit != "tokens_per_minute" else "max_tokens",
-            code="request_too_large",
-        )
-    if refusal is not None:
-        svc.metrics.reject(tier.name, refusal.limit)
-        raise APIError(
-            429,
-            f"rate limit ({refusal.limit}): {refusal.message}",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(refusal.retry_after)},
-        )
-    sub = Submission(
-        [],
-        choice,
-        [len(ids) for ids in prompts],
-        body.n,
-        int(time.time()),
-        uuid.uuid4().hex[:24],
-        tier=tier.view(),
-        priority=tier.priority,
-        tags={"tenant": tenant.name, "tier": tier.name},
-    )
-    try:
-        for i, (ids, max_tokens) in enumerate(plan):
-            # n choices with a seed: choice i uses seed + i, so they differ yet reproduce.
-            seed = None if body.seed is None else (body.seed + i % body.n) % 2**64
+        for k in range(body.n):
+            # n choices with a seed: choice k uses seed + k, so they differ yet reproduce.
+            seed = None if body.seed is None else (body.seed + k) % 2**64
             params = sampling_params(
-                body,
-                max_tokens,
-                seed,
-                logprobs,
-                text.vocab_size_per_layer_input,
-                svc.sampling_defaults,
+                body, max_tokens, seed, logprobs, vocab, eos, svc.sampling_defaults
             )
+            if k == 0:
+                try:  # the engine's own checks (the KV pool), still before any charge
+                    engine.check_request(ids, choice.subnet, params)
+                except ValueError as e:
+                    raise APIError(400, str(e), param=prompt_param) from None
+            plan.append((ids, max_tokens, params))
+
+    tokens = [len(ids) + m for ids, m, _ in plan]
+    _refuse(svc, tier, svc.limiter.admit(tenant, sum(tokens), requests=len(plan)))
+    reservation = Reservation(svc.limiter, tenant, tokens, [m for _, m, _ in plan])
+    sub = Submission(svc, reservation, choice, [len(ids) for ids in prompts], body.n, tenant)
+    svc.live.add(sub)
+    try:
+        for i, (ids, _, params) in enumerate(plan):
             if choice.pinned or i == 0:
-                sub.streams.append(add_choice(engine, sub, ids, choice.subnet, params))
+                sub.add_choice(engine, i, ids, choice.subnet, params)
             else:
                 # Unpinned: the policy chooses the first choice's subnet at admission; the
                 # others follow it, so one response is served by one subnet.
-                sub.deferred.append((ids, params))
-    except (ValueError, APIError) as e:
-        for st in sub.streams:
-            engine.abort(st.request_id)  # their release happens when their aborts finish
-        for _ in range(len(plan) - len(sub.streams)):
-            svc.limiter.release(tenant, 0)
-        if isinstance(e, APIError):
-            raise
-        raise APIError(400, str(e), param=prompt_param) from None
+                sub.deferred.append((i, ids, params))
+    except BaseException:
+        sub.close()
+        raise
     return sub
-
-
-def add_choice(engine, sub: Submission, ids: list[int], subnet, params: SamplingParams):
-    tags = {**sub.tags, "max_tokens": str(params.max_tokens)}
-    return engine.add_request(ids, subnet, params, priority=sub.priority, tags=tags, tier=sub.tier)
 
 
 async def start(request: Request, sub: Submission) -> RequestOutput:
     """Wait for the first output (it names the subnet the request got), then submit the
     choices that follow that subnet. Before any response byte is sent, so the subnet goes into
-    the response header, and a request that failed at once gets a real error status."""
-    svc: Service = request.app.state.service
+    the response header, and a request that failed at once gets a real error status. The caller
+    closes the submission whatever happens here."""
     first = await until_disconnect(request, sub.streams[0].first(), sub.streams)
     sub.subnet_name = first.subnet or "none"
-    if first.finish_reason in ("error", "abort") and not first.subnet:
-        for _ in sub.deferred:  # never submitted
-            svc.limiter.release(request.state.tenant, 0)
-        sub.deferred.clear()
-        for st in sub.streams:
-            st.close()
-        raise error_of(first)
+    if first.finished and first.finish_reason in ("error", "abort") and not first.subnet:
+        raise sub.error_of(first)
     if sub.deferred:
-        engine = svc.require_ready()
-        subnet = svc.runtime.subnets[first.subnet]  # type: ignore[union-attr]
-        for ids, params in sub.deferred:
-            sub.streams.append(add_choice(engine, sub, ids, subnet, params))
-        sub.deferred.clear()
+        engine = sub.service.require_engine()  # admitted already: even while draining
+        subnet = sub.service.runtime.subnets[first.subnet]  # type: ignore[union-attr]
+        while sub.deferred:
+            i, ids, params = sub.deferred[0]
+            sub.add_choice(engine, i, ids, subnet, params)
+            del sub.deferred[0]
     return first
 
 
@@ -240,7 +326,3 @@ async def collect(sub: Submission):
         if out.finished:
             finals[i] = out
     return finals, pieces
-
-
-def error_of(out: RequestOutput) -> APIError:
-    return APIError(500, f"generation failed: {out.error or out.finish_reason}")

@@ -4,12 +4,20 @@ Owns loading the tokenizer files of a checkpoint folder (transformers' AutoToken
 `tokenizer.json` and `chat_template.jinja`), turning raw text or chat messages into prompt ids, and
 ids back into text. Everything past this point sees token ids only.
 
+Chat message content is text, never control: special-token text a message contains
+("<start_of_turn>", "<bos>", a modality placeholder) is tokenized as the characters it is, so a
+message cannot forge turns or smuggle placeholders; only the template's own markup becomes special
+tokens. Raw completions prompts (`encode`) keep special-token text, as other servers do (the
+prompt is the caller's own markup), but never get a second BOS.
+
 Deliberately does not know: models, subnets, sampling, or incremental (streaming) detokenization.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,24 +37,83 @@ class TextTokenizer:
         except (OSError, ValueError) as e:
             raise TokenizerError(f"checkpoint {folder}: cannot load its tokenizer ({e})") from None
         self.stop_ids = _stop_ids(folder, self.hf)
+        self._special = {i for i, t in self.hf.added_tokens_decoder.items() if t.special}
+        # A quick test before looking for special-token text in a message (a C-level scan).
+        self._special_starts = {
+            t.content[0] for t in self.hf.added_tokens_decoder.values() if t.content
+        }
+        self.max_token_chars = _max_token_chars(self.hf)
 
     def encode(self, text: str) -> list[int]:
-        """Raw text, with the BOS the tokenizer adds (no chat template)."""
-        return list(self.hf(text)["input_ids"])
+        """Raw text, with the BOS the tokenizer adds (no chat template), but one BOS only: a
+        prompt that already starts with the BOS's text does not get a second."""
+        ids = list(self.hf(text)["input_ids"])
+        bos = self.hf.bos_token_id
+        if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+            del ids[0]
+        return ids
 
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
     ) -> list[int]:
-        """Chat messages through the checkpoint's template (which writes the BOS itself)."""
+        """Chat messages through the checkpoint's template (which writes the BOS itself).
+
+        Special-token text in a message's content is swapped for a sentinel (private-use
+        characters around a per-call nonce, which no message can guess) before the template
+        runs; the rendered prompt is then tokenized piece by piece: the template's text with
+        its special tokens, each sentinel as the literal text it stands for. Content without
+        special-token text renders and tokenizes exactly as it would have without this."""
         if not self.hf.chat_template:
             raise TokenizerError("this checkpoint's tokenizer has no chat template")
+        nonce = secrets.token_hex(8)
+        literals: list[str] = []
+        safe = [
+            {**m, "content": self._shield(m["content"], nonce, literals)}
+            if isinstance(m.get("content"), str)
+            else m
+            for m in messages
+        ]
         try:
             prompt = self.hf.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                safe, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as e:  # jinja's raise_exception and template errors
             raise TokenizerError(f"chat template rejected the messages: {e}") from None
-        return list(self.hf(prompt, add_special_tokens=False)["input_ids"])
+        if not literals:
+            return list(self.hf(prompt, add_special_tokens=False)["input_ids"])
+        pieces = re.split(f"\ue000{nonce}(\\d+)\ue001", prompt)
+        found = [int(k) for k in pieces[1::2]]
+        if sorted(found) != list(range(len(literals))):
+            raise TokenizerError(
+                "a message contains special-token text, and this checkpoint's chat template "
+                "does not carry message text through unchanged, so it cannot be kept as text"
+            )
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                ids += self.hf(piece, add_special_tokens=False)["input_ids"] if piece else []
+            else:
+                text = literals[int(piece)]
+                ids += self.hf(text, add_special_tokens=False, split_special_tokens=True)[
+                    "input_ids"
+                ]
+        return ids
+
+    def _shield(self, text: str, nonce: str, literals: list[str]) -> str:
+        """`text` with every span the tokenizer would read as a special token replaced by a
+        sentinel; the spans are appended to `literals`."""
+        if not any(c in text for c in self._special_starts):
+            return text
+        enc = self.hf.backend_tokenizer.encode(text, add_special_tokens=False)
+        out, last = [], 0
+        for token_id, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+            if token_id in self._special:
+                out.append(text[last:start])
+                out.append(f"\ue000{nonce}{len(literals)}\ue001")
+                literals.append(text[start:end])
+                last = end
+        out.append(text[last:])
+        return "".join(out)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -75,3 +142,21 @@ def _stop_ids(folder: Path, hf: Any) -> tuple[int, ...]:
     if not ids and hf.eos_token_id is not None:
         ids = [hf.eos_token_id]
     return tuple(ids)
+
+
+def _max_token_chars(hf: Any) -> int | None:
+    """The most characters of input one token can stand for, when the tokenizer makes that
+    knowable: a BPE with byte fallback (unknown text becomes one token per byte, never a fused
+    <unk>) whose normalizer at most swaps spaces for "▁" one for one, as Gemma's does. Then a
+    text of c characters has at least c / this many tokens, so a prompt can be refused for
+    length before it is tokenized. None otherwise (no such bound is used)."""
+    backend = hf.backend_tokenizer
+    config = json.loads(backend.to_str())
+    normalizer, model = config.get("normalizer"), config.get("model") or {}
+    one_for_one = normalizer is None or (
+        normalizer.get("type") == "Replace" and len(normalizer.get("content", "")) == 1
+    )
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not one_for_one:
+        return None
+    pieces = hf.convert_ids_to_tokens(list(range(len(hf))))
+    return max((len(p) for p in pieces if p), default=1)

@@ -142,6 +142,13 @@ class AsyncEngine:
         self._kick()
         return stream
 
+    def check_request(
+        self, prompt_ids: Sequence[int], subnet: Subnet | None, params: SamplingParams
+    ) -> None:
+        """Raise ValueError if such a request could never run, as add_request would; queues
+        nothing. Lets a caller refuse a request before it charges anything for it."""
+        self.engine.make_request("check", prompt_ids, subnet, params)
+
     def abort(self, request_id: str) -> None:
         """Abort a request (idempotent). Its KV is freed at the next step boundary."""
         if request_id in self._streams:

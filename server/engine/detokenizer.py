@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from server.engine.stop_strings import StopMatcher
+
 _REPLACEMENT = "\ufffd"
 # Bounds the window (so the cost per token) when a stream is nothing but byte tokens, e.g. text
 # in a script the vocabulary lacks. Past it, text is released as soon as it is whole characters;
@@ -72,19 +74,14 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         min_tokens: int = 0,
     ):
-        stops = tuple(stop)
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
         self._decoder = decoder
         self._skip = skip_special_tokens
-        self._stops = tuple(dict.fromkeys(stops))
+        # Linear in the stop strings' total length (building it runs on the engine's step
+        # thread, so it must never cost more than reading them).
+        self._matcher = StopMatcher(tuple(stop))
         self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
         self._pushed = 0
-        # Every proper prefix of a stop string: a pending suffix in this set may still grow into
-        # a stop string, so it must not be streamed yet.
-        self._stop_prefixes = {s[:i] for s in self._stops for i in range(1, len(s))}
-        self._longest_prefix = max((len(s) - 1 for s in self._stops), default=0)
 
         self._window: list[int] = []
         self._passed = 0  # chars of decode(window) already handed to the stop-string stage
@@ -195,31 +192,23 @@ class IncrementalDetokenizer:
         return bool(alone) and _REPLACEMENT not in alone
 
     def _stop_stage(self, new: str, final: bool) -> TextDelta:
-        """Find the earliest-ending stop string in the pending text, else stream all of it but
-        the longest suffix that could still become one (all of it when final)."""
-        pending = self._pending + new
+        """Feed the new text to the stop matcher: cut at the first stop string to complete, else
+        stream all of the pending text but the tail that could still become one (all of it
+        when final). Before `min_tokens` ids, nothing is matched (nor held): the matcher starts
+        on the text after them."""
         if self._pushed < self._min_tokens:
-            self._pending = ""
+            pending, self._pending = self._pending + new, ""
             return self._emit(pending, None)  # no stop string may end the output yet
-        best: tuple[int, int, str] | None = None
-        for s in self._stops:
-            at = pending.find(s)
-            # Earliest end is what a char-by-char stream would see first; on a tie the earlier
-            # start (the longer string) cuts more.
-            if at >= 0 and (best is None or (at + len(s), at) < best[:2]):
-                best = (at + len(s), at, s)
-        if best is not None:
-            end, start, s = best
+        found = self._matcher.feed(new)
+        if found is not None:
+            read, s = found
+            pending = self._pending + new[:read]  # the stop string ends it
             self._pending = ""
             self._stop_reason = s
-            return self._emit(pending[: end if self._include_stop else start], s)
-
-        hold = 0
-        if not final:
-            for k in range(min(len(pending), self._longest_prefix), 0, -1):
-                if pending[-k:] in self._stop_prefixes:
-                    hold = k
-                    break
+            end = len(pending)
+            return self._emit(pending[: end if self._include_stop else end - len(s)], s)
+        pending = self._pending + new
+        hold = 0 if final else min(self._matcher.held, len(pending))
         cut = len(pending) - hold
         self._pending = pending[cut:]
         return self._emit(pending[:cut], None)

@@ -12,10 +12,19 @@ The meaning of each field (order of processing, penalties, determinism) is docum
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 MAX_STOP_STRINGS = 16
+# The stop strings' total length. Matching is linear in it (server/engine/stop_strings.py), and a
+# request holds back up to its longest stop string's length of text; stop strings are delimiters,
+# and 4096 characters is 16 of 256 each.
+MAX_STOP_CHARS = 4096
+# stop_token_ids and logit_bias entries: the sampler applies both to every row at every step and
+# the stop check looks ids up every token, so their size is per-step work. 1024 ids are far more
+# than any ban list or set of end markers needs, and a small fraction of a real vocabulary.
+MAX_TOKEN_ID_LIST = 1024
 MAX_LOGPROBS = 20
 MAX_ABS_LOGIT_BIAS = 100.0
 MAX_ABS_PENALTY = 2.0
@@ -69,12 +78,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def validate(self, vocab_size: int, max_model_len: int | None = None) -> None:
+    def validate(
+        self,
+        vocab_size: int,
+        max_model_len: int | None = None,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
         """Raise `SamplingParamsError` for the first field that breaks its rule.
 
         `vocab_size` is the number of sampleable (text) token ids: token ids in `logit_bias` and
         `stop_token_ids` must lie in [0, vocab_size). `max_model_len`, when given, bounds
         `max_tokens` (the engine checks prompt plus max_tokens itself, knowing the prompt).
+        `eos_token_ids`, the model's end-of-generation ids, take part in the one rule that
+        involves several fields: while min_tokens is unmet, eos and stop_token_ids are masked,
+        and they must leave at least one token to sample (else every step would fail).
         """
         if not _is_int(vocab_size) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
@@ -128,8 +145,23 @@ class SamplingParams:
                 "stop_token_ids",
                 f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}",
             )
+        if len(self.stop_token_ids) > MAX_TOKEN_ID_LIST:
+            raise SamplingParamsError(
+                "stop_token_ids",
+                f"stop_token_ids may hold at most {MAX_TOKEN_ID_LIST} ids, "
+                f"got {len(self.stop_token_ids)}",
+            )
         for token in self.stop_token_ids:
             _token_id("stop_token_ids", token, vocab_size)
+        if self.min_tokens > 0:
+            masked = set(self.stop_token_ids) | {t for t in eos_token_ids if 0 <= t < vocab_size}
+            if len(masked) >= vocab_size:
+                raise SamplingParamsError(
+                    "min_tokens",
+                    "min_tokens > 0 masks the end-of-generation ids and stop_token_ids until it "
+                    "is met, and together they cover the whole vocabulary: no token could be "
+                    "generated",
+                )
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(
@@ -146,6 +178,12 @@ class SamplingParams:
             raise SamplingParamsError(
                 "logit_bias",
                 f"logit_bias must map token ids to biases, got {self.logit_bias!r}",
+            )
+        if len(self.logit_bias) > MAX_TOKEN_ID_LIST:
+            raise SamplingParamsError(
+                "logit_bias",
+                f"logit_bias may hold at most {MAX_TOKEN_ID_LIST} entries, "
+                f"got {len(self.logit_bias)}",
             )
         seen: set[int] = set()
         for pair in self.logit_bias:
@@ -179,11 +217,30 @@ class SamplingParams:
                 raise SamplingParamsError(
                     "stop", f"stop strings must be non-empty strings, got {s!r}"
                 )
+            if not _is_unicode(s):
+                # Generated text is always valid Unicode, so it could never match.
+                raise SamplingParamsError(
+                    "stop", f"stop strings must be valid Unicode (no lone surrogates), got {s!r}"
+                )
+        total = sum(len(s) for s in self.stop)
+        if total > MAX_STOP_CHARS:
+            raise SamplingParamsError(
+                "stop",
+                f"stop strings may total at most {MAX_STOP_CHARS} characters, got {total}",
+            )
 
 
 def _is_int(value: Any) -> bool:
     # bool is an int subclass, but `max_tokens: true` is a client bug, not the number 1.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_real(value: Any) -> bool:

@@ -46,6 +46,9 @@ MAX_BODY_BYTES = 65536
 # - strict: targets no request can meet (1 ms), so every request it finishes is an SLA miss and
 #   a downgrade; one request at a time, so a second is a 429. Least important (priority 9), so
 #   the sla policy never holds other tiers' requests back for it.
+# - hostile: the attacker of test_hostile.py: generous rates (so its attacks are refused for
+#   what they are, not for their rate), 4 choices in flight, prompts of up to 16384 tokens (so
+#   long prompts pass the character cap and really get tokenized), 16 output tokens.
 TIERS: dict[str, dict[str, Any]] = {
     "premium": {
         "priority": 0,
@@ -74,6 +77,14 @@ TIERS: dict[str, dict[str, Any]] = {
         "target_ttft_s": 0.001,
         "target_tpot_s": 0.001,
     },
+    "hostile": {
+        "priority": 5,
+        "max_concurrent": 4,
+        "requests_per_minute": 100_000,
+        "tokens_per_minute": 100_000_000,
+        "max_prompt_tokens": 16384,
+        "max_output_tokens": 16,
+    },
 }
 TENANTS = {
     "alice": "premium",
@@ -85,6 +96,8 @@ TENANTS = {
     "solo": "solo",
     "fuzz": "fuzz",
     "strict": "strict",
+    "mallory": "hostile",
+    "trudy": "hostile",
 }
 
 
@@ -172,6 +185,15 @@ def start_server(
     folder: Path, checkpoint: Path, timeout: float = 60, **settings: Any
 ) -> LiveServer:
     """Start `python -m server serve` on a free port and wait until /ready is 200."""
+    server = launch_server(folder, checkpoint, **settings)
+    wait_ready(
+        "the server", server.proc, f"{server.base_url}/ready", server.stop, server.log_text, timeout
+    )
+    return server
+
+
+def launch_server(folder: Path, checkpoint: Path, **settings: Any) -> LiveServer:
+    """Start `python -m server serve` on a free port, without waiting for anything."""
     config = write_config(folder, checkpoint, **settings)
     keys = {name: f"sk-{name}-{secrets.token_hex(8)}" for name in TENANTS}
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONCENTRIC_")}
@@ -188,11 +210,7 @@ def start_server(
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )
-    server = LiveServer(f"http://127.0.0.1:{port}", keys, proc, log, _log_file=log_file)
-    wait_ready(
-        "the server", proc, f"{server.base_url}/ready", server.stop, server.log_text, timeout
-    )
-    return server
+    return LiveServer(f"http://127.0.0.1:{port}", keys, proc, log, _log_file=log_file)
 
 
 def wait_ready(what: str, proc: subprocess.Popen, url: str, stop, log_text, timeout: float) -> None:

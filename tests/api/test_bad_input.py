@@ -53,6 +53,7 @@ class Bad:
     param: str | None = None  # expected `param`, when one parameter is at fault
     path: str = CHAT
     method: str = "POST"
+    content_type: str = "application/json"  # for a bytes body
 
 
 LONG_TEXT = "word " * MAX_MODEL_LEN  # more tokens than the context holds
@@ -63,6 +64,21 @@ CASES = [
     Bad("body is a list", b"[1, 2]", 400, "must be a JSON object"),
     Bad("body is a string", b'"hi"', 400, "must be a JSON object"),
     Bad("body is null", b"null", 400, "must be a JSON object"),
+    Bad("empty body", b"", 400, "the request body is empty: send a JSON object"),
+    Bad(
+        "JSON labelled text/plain",
+        json.dumps(chat()).encode(),
+        400,
+        "must be JSON sent with 'Content-Type: application/json', not 'text/plain'",
+        content_type="text/plain",
+    ),
+    Bad(
+        "lone surrogate in an unknown parameter's name",
+        b'{"model": "gemma-3n-tiny", "messages": [{"role": "user", "content": "hi"}], '
+        b'"\\ud800": 1}',
+        400,
+        "",
+    ),
     # -- wrong JSON types (strict: no coercion)
     Bad("temperature as string", chat(temperature="0.5"), 400, "valid number", "temperature"),
     Bad("n as string", chat(n="2"), 400, "valid integer", "n"),
@@ -106,8 +122,15 @@ CASES = [
             ]
         ),
         400,
+        "must be a string or a list of text parts",
         "messages.0.content",
-        "messages.0.content.str",
+    ),
+    Bad(
+        "null content",
+        chat(messages=[{"role": "user", "content": None}]),
+        400,
+        "this server accepts text only",
+        "messages.0.content",
     ),
     Bad(
         "unknown field in a message",
@@ -163,7 +186,7 @@ CASES = [
         "max_tokens past the tier limit",
         chat(max_tokens=257),
         400,
-        "exceeds tier 'premium''s limit of 256",
+        "max_tokens 257 exceeds the limit of tier 'premium' (256)",
         "max_tokens",
     ),
     Bad(
@@ -218,6 +241,29 @@ CASES = [
     Bad("seed too large", chat(seed=2**64), 400, "less than 18446744073709551616", "seed"),
     Bad("seed too small", chat(seed=-(2**63) - 1), 400, "greater than or equal", "seed"),
     Bad("empty stop string", chat(stop=[""]), 400, "non-empty strings", "stop"),
+    Bad("stop strings too long", chat(stop=["x" * 4097]), 400, "at most 4096 characters", "stop"),
+    Bad(
+        "stop string with a lone surrogate",
+        b'{"model": "gemma-3n-tiny", "messages": [{"role": "user", "content": "hi"}], '
+        b'"stop": ["a\\udc00"]}',
+        400,
+        "valid Unicode",
+        "stop",
+    ),
+    Bad(
+        "too many logit_bias entries",
+        chat(logit_bias={str(i): 1 for i in range(1025)}),
+        400,
+        "at most 1024 entries",
+        "logit_bias",
+    ),
+    Bad(
+        "min_tokens while stop_token_ids cover the vocabulary",
+        chat(min_tokens=1, stop_token_ids=list(range(512))),
+        400,
+        "cover the whole vocabulary",
+        "min_tokens",
+    ),
     Bad(
         "stop_token_ids out of range",
         chat(stop_token_ids=[99999]),
@@ -287,7 +333,7 @@ def _send(client: httpx.Client, case: Bad) -> httpx.Response:
     if isinstance(case.body, dict):
         return client.request(case.method, case.path, json=case.body)
     content = case.body() if callable(case.body) else case.body
-    headers = {"content-type": "application/json"} if content is not None else {}
+    headers = {"content-type": case.content_type} if content is not None else {}
     return client.request(case.method, case.path, content=content, headers=headers)
 
 

@@ -118,6 +118,10 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"stop": (3,)}, "stop", "stop strings must be non-empty strings, got 3"),
     ({"stop": "abc"}, "stop", "stop must be a list of strings, got 'abc'"),
     ({"stop": tuple("abcdefghijklmnopq")}, "stop", "stop may hold at most 16 strings, got 17"),
+    ({"stop": ("x" * 4000, "y" * 97)}, "stop", "may total at most 4096 characters, got 4097"),
+    ({"stop": ("a\ud800",)}, "stop", "stop strings must be valid Unicode"),
+    ({"stop_token_ids": (1,) * 1025}, "stop_token_ids", "at most 1024 ids, got 1025"),
+    ({"logit_bias": tuple((i, 1.0) for i in range(1025))}, "logit_bias", "at most 1024 entries"),
     ({"stop_token_ids": (1, VOCAB)}, "stop_token_ids", "must be ints in [0, 1000), got 1000"),
     ({"stop_token_ids": (-2,)}, "stop_token_ids", "must be ints in [0, 1000), got -2"),
     ({"stop_token_ids": (1.0,)}, "stop_token_ids", "must be ints in [0, 1000), got 1.0"),
@@ -161,6 +165,23 @@ def test_min_tokens_checked_against_max_tokens() -> None:
     SamplingParams(max_tokens=5, min_tokens=5).validate(VOCAB)
     with pytest.raises(SamplingParamsError, match="at most max_tokens \\(5\\), got 6"):
         SamplingParams(max_tokens=5, min_tokens=6).validate(VOCAB)
+
+
+def test_min_tokens_must_leave_a_token_to_sample() -> None:
+    # While min_tokens is unmet the sampler masks eos and stop_token_ids; if they cover the whole
+    # vocabulary, every step of the request would fail inside the engine.
+    almost = SamplingParams(max_tokens=3, min_tokens=1, stop_token_ids=tuple(range(VOCAB - 1)))
+    almost.validate(VOCAB)  # one id left
+    almost.validate(VOCAB, eos_token_ids=(0, 5, VOCAB + 3))  # eos already masked, or outside
+    with pytest.raises(SamplingParamsError) as info:
+        almost.validate(VOCAB, eos_token_ids=(VOCAB - 1,))
+    assert info.value.param == "min_tokens" and "whole vocabulary" in str(info.value)
+    everything = SamplingParams(max_tokens=3, stop_token_ids=tuple(range(VOCAB)))
+    with pytest.raises(SamplingParamsError, match="min_tokens"):
+        SamplingParams(**{**everything.__dict__, "min_tokens": 1}).validate(VOCAB)
+    with pytest.raises(SamplingParamsError, match="at most 1024"):  # the real vocabularies
+        SamplingParams(stop_token_ids=tuple(range(2000))).validate(2000)
+    everything.validate(VOCAB)  # without min_tokens nothing is masked
 
 
 def test_token_ids_checked_against_the_given_vocabulary() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.api.limits import Limiter, TokenBucket
+from server.api.limits import Limiter, Reservation, TokenBucket
 from server.tenancy import (
     OPEN_TIER,
     Tenancy,
@@ -306,3 +306,44 @@ def test_tenants_are_limited_separately() -> None:
     assert limiter.admit(acme, 1) is not None
     assert limiter.admit(bolt, 1) is None
     assert limiter.in_flight(bolt) == 1 and limiter.in_flight(_tenant("new")) == 0
+
+
+def test_peek_charges_nothing_and_counts_requests_being_prepared() -> None:
+    clock = FakeClock()
+    limiter = Limiter(clock)
+    acme = _tenant(requests_per_minute=5, tokens_per_minute=100, max_concurrent=3)
+    state = limiter._state(acme, clock())
+    assert limiter.peek(acme, 10, requests=2) is None
+    assert state.requests.level == 5 and state.tokens.level == 100 and state.in_flight == 0
+    with limiter.preparing(acme, 2):
+        refusal = limiter.peek(acme, 10, requests=2)  # 2 being prepared + 2 > 3
+        assert refusal is not None and refusal.limit == "concurrency"
+        assert limiter.admit(acme, 10, requests=2) is None  # admission counts only admitted
+    assert state.preparing == 0 and limiter.peek(acme, 10, requests=1) is None
+    assert limiter.peek(acme, 101).never  # more than a minute's tokens: never admissible
+    assert limiter.refusals == {"concurrency": 1, "tokens_per_minute": 1}
+
+
+def test_preparing_is_undone_when_the_block_fails() -> None:
+    limiter = Limiter(FakeClock())
+    acme = _tenant(max_concurrent=1)
+    with pytest.raises(RuntimeError), limiter.preparing(acme):
+        raise RuntimeError("tokenizer failed")
+    assert limiter.peek(acme, 2) is None
+
+
+def test_reservation_gives_each_choice_back_exactly_once() -> None:
+    clock = FakeClock()
+    limiter = Limiter(clock)
+    acme = _tenant(tokens_per_minute=100, max_concurrent=3)
+    assert limiter.admit(acme, 60, requests=3) is None
+    res = Reservation(limiter, acme, tokens=[20, 20, 20], max_tokens=[15, 15, 15])
+    state = limiter._states["acme"]
+    assert res.held == 3 and state.in_flight == 3 and state.tokens.level == 40
+    res.release(0, generated=5)  # ran: 10 of its 15 output tokens back
+    res.release(0, generated=0)  # again: ignored
+    assert state.in_flight == 2 and state.tokens.level == pytest.approx(50)
+    res.release(2, None)  # never ran: all 20 back
+    assert state.in_flight == 1 and state.tokens.level == pytest.approx(70)
+    res.release(1, generated=99)  # generated more than reserved: nothing back, slot freed
+    assert res.held == 0 and state.in_flight == 0 and state.tokens.level == pytest.approx(70)
