@@ -56,4 +56,9 @@ class StepResult:
 
 class DeviceOutOfMemory(RuntimeError):
     """A step ran out of accelerator (or host) memory: not any request's fault. The engine
-    shrinks the resident widths and runs the step again."""
+    shrinks the resident widths and runs the step again. `kind` names the allocator that
+    failed (the runtime's classification: "torch", "cublas", "cudnn", "cuda", "host", ...)."""
+
+    def __init__(self, message: str, kind: str = "unknown"):
+        super().__init__(message)
+        self.kind = kind

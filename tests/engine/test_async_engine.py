@@ -292,19 +292,24 @@ def test_observers_see_every_step_and_each_finished_request_once():
 
 def test_an_idle_engine_still_follows_the_headroom():
     """With no request at all, headroom falling under the low-water mark still shrinks the
-    resident widths, a level per idle tick: the memory goes back to whoever needs it."""
+    resident widths, a level per idle tick that has a reading taken after the last resize (the
+    sampler, running on its thread, is asked for one after each): the memory goes back to
+    whoever needs it."""
     h = build(step_seconds=0.0, elastic=True)
+    h.probe.set_free(TIGHT)
+    h.sampler.interval_s = 60.0  # readings come only when elasticity asks for one
     aeng = AsyncEngine(h.engine, idle_tick_s=0.005)
 
     async def main():
         await aeng.start()
-        await asyncio.sleep(0.01)
-        h.probe.set_free(TIGHT)
-        h.sampler.sample()
+        h.sampler.start()
+        h.sampler.request()
         deadline = time.monotonic() + 5
         while h.elasticity.current > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await aeng.stop()
+        h.sampler.stop()
 
     asyncio.run(main())
     assert h.elasticity.current == 0 and h.ffn.resident_widths == h.elasticity.levels[0]
+    assert h.ffn.releases == 4  # each shrink gave its cached blocks back
