@@ -55,9 +55,10 @@ import torch
 
 from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.scheduler import SchedulerConfig
+from server.runtime.device import allocator_bytes, device_uuid
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.kv_cache import KVCache
-from server.telemetry.headroom import default_probe
+from server.telemetry.headroom import make_probe
 from server.tools.dev_model import (
     E4B,
     PRESETS,
@@ -712,7 +713,14 @@ def measure_residency(state: State) -> None:
         r.skip("residency", reason)
         return
     try:
-        probe = default_probe(str(state.device), host_budget_bytes=128 * GIB)
+        dev = str(state.device)
+        probe = make_probe(
+            "auto",
+            dev,
+            128 * GIB,
+            device_uuid=lambda: device_uuid(dev),
+            allocator=lambda: allocator_bytes(dev),
+        )
         probe_source = probe.source
     except Exception as e:  # a probe that fails to start is reported, the timing still runs
         probe, probe_source = None, f"none ({type(e).__name__})"
