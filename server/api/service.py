@@ -166,6 +166,7 @@ class Service:
 
     def _observe_step(self, engine: Engine) -> None:
         self.metrics.observe_step(engine.scheduler, engine.last_step)
+        self.metrics.observe_out_of_memory(engine.out_of_memory)
         if engine.chooser is not None:
             self.metrics.observe_choices(engine.chooser)
             offered = sum(1 for s in engine.chooser.table if engine.chooser.offered(s))
