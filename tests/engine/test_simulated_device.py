@@ -28,7 +28,7 @@ from server.engine.elasticity import Elasticity, ElasticityConfig
 from server.engine.engine import Engine
 from server.engine.kv_blocks import BlockManager
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.telemetry.headroom import ProbeSampler
+from server.telemetry.headroom import HeadroomProbe, ProbeSampler
 from server.vocabulary.subnets import SubnetTable
 from tests.engine.fake_runner import EOS, ByteDecoder
 from tests.engine.harness import TABLE, TEXT, VOCAB, Harness, greedy, prompt, tier
@@ -46,12 +46,14 @@ def build_sim(
     table: SubnetTable = TABLE,
     clock=None,
     config: ElasticityConfig | None = None,
+    probe: HeadroomProbe | None = None,
 ) -> tuple[Harness, SimDevice]:
-    """An engine whose weights and steps live on `device` (full widths resident at first)."""
+    """An engine whose weights and steps live on `device` (full widths resident at first),
+    read through `probe` (default: the device's NVML view directly)."""
     lay = layout(TEXT)
     blocks = BlockManager(4_000, 4, lay, True)
     ffn = SimFfn(device, TEXT.intermediate_size, ROW)
-    probe = SimProbe(device)
+    probe = probe or SimProbe(device)
     sampler = ProbeSampler(probe)
     el = Elasticity(ffn, table, sampler, config or ElasticityConfig(LOW, HIGH))
     chooser = SubnetChooser(table, LargestFitsPolicy(), el.offered)
