@@ -102,7 +102,8 @@ class ServerConfig:
     low_water_bytes: int = 1024**3
     """Shrink the resident FFN widths when free accelerator memory falls under this."""
     high_water_bytes: int = 2 * 1024**3
-    """Grow them back when free memory exceeds this plus what the next level needs."""
+    """Grow them back when free memory exceeds this plus what growing one level holds at its
+    peak (the grown layers' new rows beside the old, until the swap)."""
     probe_interval_s: float = 0.5
     """How often free memory is read (and at once after every resize)."""
     headroom_source: str = "auto"

@@ -163,8 +163,14 @@ class ModelRunner:
         if mode == "auto":
             mode = self.chooser.choose(key) if key is not None else "grouped"
         t0 = time.perf_counter()
-        planned = plan_step(self.text, seqs, self.block_size, self.kv.scratch_block, mode,
-                            per_query_attention=self.batch_invariant)  # fmt: skip
+        planned = plan_step(
+            self.text,
+            seqs,
+            self.block_size,
+            self.kv.scratch_block,
+            mode,
+            per_query_attention=self.batch_invariant,
+        )
         ops = BatchInvariantOps() if self.batch_invariant else contextlib.nullcontext()
         with torch.inference_mode(), ops:
             logits = self.model.forward(self.model.batch(planned), self.kv)
