@@ -64,7 +64,7 @@ import torch
 from benchmarks.gpu_smoke import decode_step_kernels, run_smoke
 from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.scheduler import SchedulerConfig
-from server.runtime.device import allocator_bytes, device_uuid
+from server.runtime.device import allocator_bytes, device_uuid, release_cached
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.kv_cache import KVCache
 from server.telemetry.headroom import make_probe
@@ -353,8 +353,7 @@ def device_bytes(state: State) -> int:
 
 def free_device_memory(state: State) -> None:
     gc.collect()
-    if state.device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_cached(state.device)
 
 
 # ---- 3. batch-1 decode vs the floor ----------------------------------------------------------

@@ -18,7 +18,10 @@ is unchanged and does not know):
 
 Row-local reductions (RMSNorm, means and standard deviations over a row's own last axis,
 softmax) reduce each row on its own in ATen whatever the number of rows (one output per row,
-below the parallel grain), so they need nothing here; attention is made invariant by the plan
+below the parallel grain), so they need nothing here. Fused element-wise ops that round twice in
+their scalar form (`add(alpha=)`, `addcmul`) are invariant only where their inner loop's length
+does not depend on the row count (a hidden or head axis); on per-row values ([rows, 1, 1]) the
+forward uses plain single-rounding ops instead (gemma3n.py's sparsity cutoff). attention is made invariant by the plan
 instead (batch.py: every query is its own attention group reading exactly its own keys, so no
 padding to the batch's longest context enters its reduction), and mixed FFN widths run grouped,
 each row at its own width (the runner's choice).
