@@ -10,8 +10,11 @@ side by side, in one process:
 - how many of the N requests produced, in the concurrent run, exactly the tokens they produce
   alone in that mode (batch-invariant mode: all of them, by construction).
 
+Timings are taken in rounds that alternate the modes (each number the median over the rounds),
+so that a load that drifts on a shared machine weighs on every mode alike.
+
     python benchmarks/bench_batch_invariant.py [--checkpoint DIR] [--dtype bfloat16]
-        [--requests 16] [--threads 2]
+        [--requests 16] [--rounds 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -75,16 +78,15 @@ def concurrent(rt, load, options) -> tuple[float, list[list[int]]]:
     return sum(len(g.token_ids) for g in out) / seconds, [g.token_ids for g in out]
 
 
-def batch1_tpot(rt, request, options, repeats: int = 3) -> float:
+def batch1_tpot(rt, request, options) -> float:
+    eng = engine(rt, [request], options)
+    eng.add_request("one", request.prompt_ids, request.subnet, request.params)
+    eng.step()  # prefill
     steps = []
-    for _ in range(repeats):
-        eng = engine(rt, [request], options)
-        eng.add_request("one", request.prompt_ids, request.subnet, request.params)
-        eng.step()  # prefill
-        while eng.has_work:
-            t = time.perf_counter()
-            eng.step()
-            steps.append(time.perf_counter() - t)
+    while eng.has_work:
+        t = time.perf_counter()
+        eng.step()
+        steps.append(time.perf_counter() - t)
     return statistics.median(steps)
 
 
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="a checkpoint folder (default: the mini dev model)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -105,13 +108,21 @@ def main() -> None:
         f"over {len(SUBNETS)} subnets; prompts 9-49 tokens, outputs 8-24 tokens"
     )
     print()
-    rows = {}
+    equal = {}
     for name, options in MODES.items():
         engine(rt, load[:2], options)  # warm-up: allocator and kernels for these shapes
-        tps, together = concurrent(rt, load, options)
+        _, together = concurrent(rt, load, options)
         alone = [generate(engine(rt, [r], options), [r])[0].token_ids for r in load]
-        equal = sum(a == b for a, b in zip(alone, together, strict=True))
-        rows[name] = (tps, batch1_tpot(rt, one, options), equal)
+        equal[name] = sum(a == b for a, b in zip(alone, together, strict=True))
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in MODES}
+    for _ in range(a.rounds):  # the modes alternate within each round
+        for name, options in MODES.items():
+            times[name][0].append(concurrent(rt, load, options)[0])
+            times[name][1].append(batch1_tpot(rt, one, options))
+    rows = {
+        name: (statistics.median(tps), statistics.median(tpot), equal[name])
+        for name, (tps, tpot) in times.items()
+    }
     base_tps, base_tpot, _ = rows["grouped"]
     print(
         f"{'mode':<17}{'tok/s (N at once)':>18}{'x grouped':>11}{'batch-1 TPOT ms':>17}"
