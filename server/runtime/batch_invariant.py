@@ -21,10 +21,10 @@ softmax) reduce each row on its own in ATen whatever the number of rows (one out
 below the parallel grain), so they need nothing here. Fused element-wise ops that round twice in
 their scalar form (`add(alpha=)`, `addcmul`) are invariant only where their inner loop's length
 does not depend on the row count (a hidden or head axis); on per-row values ([rows, 1, 1]) the
-forward uses plain single-rounding ops instead (gemma3n.py's sparsity cutoff). attention is made invariant by the plan
-instead (batch.py: every query is its own attention group reading exactly its own keys, so no
-padding to the batch's longest context enters its reduction), and mixed FFN widths run grouped,
-each row at its own width (the runner's choice).
+forward uses plain single-rounding ops instead (gemma3n.py's sparsity cutoff). Attention is made
+invariant by the plan instead (batch.py: every query is its own attention group reading exactly
+its own keys, so no padding to the batch's longest context enters its reduction), and mixed FFN
+widths run grouped, each row at its own width (the runner's choice).
 
 The price is one product per row instead of one per step (and per-query attention): measured
 against the default mode in benchmarks/bench_batch_invariant.py.

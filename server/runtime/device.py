@@ -28,7 +28,8 @@ from collections.abc import Iterator
 
 import torch
 
-# Substrings of RuntimeError messages that mean an allocation failed, and who failed it.
+# Substrings of RuntimeError messages that mean an allocation failed, and who failed it (the
+# names are server/vocabulary/step.py's ALLOCATION_FAILURE_KINDS).
 _ALLOCATION_MESSAGES = (
     ("cublas", "CUBLAS_STATUS_ALLOC_FAILED"),
     ("cublas", "CUBLAS_STATUS_NOT_INITIALIZED"),  # cuBLAS's handle could not allocate

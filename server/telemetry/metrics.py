@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from server.vocabulary.step import ALLOCATION_FAILURE_KINDS
+
 TTFT_BUCKETS = (
     0.001,
     0.005,
@@ -372,7 +374,8 @@ class Metrics:
 
     def prepare(self, tiers: list[str]) -> None:
         """Create the bounded label sets at zero, so rates read 0 (not "no data") before the
-        first event: every tier's misses, downgrades and refusals, both resize directions."""
+        first event: every tier's misses, downgrades and refusals, both resize directions, every
+        allocator that can run out of memory."""
         for tier in tiers:
             self.downgrades.labels(tier=tier)
             for target in ("ttft", "tpot"):
@@ -381,6 +384,8 @@ class Metrics:
                 self.rejections.labels(tier=tier, reason=reason)
         for direction in ("grow", "shrink"):
             self.residency_changes.labels(direction=direction)
+        for kind in ALLOCATION_FAILURE_KINDS:
+            self.out_of_memory.labels(kind=kind)
 
     def reject(self, tier: str, reason: str) -> None:
         self.rejections.labels(tier=tier, reason=reason).inc()

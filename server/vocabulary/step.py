@@ -54,6 +54,20 @@ class StepResult:
     logits: dict[str, object] = field(default_factory=dict)
 
 
+# Who can report an allocation failure (server/runtime/device.py classifies them by these names).
+ALLOCATION_FAILURE_KINDS = (
+    "torch",
+    "host",
+    "cublas",
+    "cudnn",
+    "cusolver",
+    "cusparse",
+    "cufft",
+    "cuda",
+    "other",
+)
+
+
 class DeviceOutOfMemory(RuntimeError):
     """A step ran out of accelerator (or host) memory: not any request's fault. The engine
     shrinks the resident widths and runs the step again. `kind` names the allocator that

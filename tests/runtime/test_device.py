@@ -21,6 +21,7 @@ import torch
 from server.runtime import device as dev
 from server.runtime.device import allocation_failure, device_uuid
 from server.telemetry.headroom import HeadroomError, HostProbe, NvmlProbe, make_probe
+from server.vocabulary.step import ALLOCATION_FAILURE_KINDS
 from tests.engine.harness import greedy, prompt, tier
 from tests.engine.sim_device import SimDevice, SimNvml
 from tests.engine.test_simulated_device import HIGH, LOW, assert_whole, build_sim, full_bytes
@@ -53,6 +54,7 @@ def _raised_from(error: BaseException) -> RuntimeError:
 )
 def test_every_allocation_failure_kind_is_recognised(error, kind):
     assert allocation_failure(error) == kind
+    assert kind in ALLOCATION_FAILURE_KINDS  # the names metrics create at zero
 
 
 @pytest.mark.parametrize(
