@@ -1,34 +1,42 @@
 """The one measurement to run when an accelerator is lent: the elastic runtime at E4B's real sizes.
 
-One run, in a fixed time budget, most important first; every result is appended to
+One run, in a fixed time budget (well under the device tool's per-call limit, so that a second
+call still fits the lease), riskiest and most important first; every result is appended to
 `gpu_e4b.jsonl` the moment it exists and `gpu_e4b.md` (the table) is rewritten after every
 section, so a run cut short still leaves what it measured:
 
+0. smoke (benchmarks/gpu_smoke.py, ~20 s, the tiny scale, bfloat16, on the device): every risky
+   path once: background grow driven by the real `Elasticity` and probe (NVML by UUID), a real
+   allocation failure shrunk and retried, seeded sampled decoding, mixed-subnet batches against
+   solo runs in each FFN layout and in batch-invariant mode, and the eager decode step's kernels;
 1. copy bandwidth: a large device-to-device copy (bytes read + written over time), and pinned
    host-to-device on an accelerator;
-2. batch-1 greedy decode of the full and E2B subnets through the runtime, against the
+2. resident FFN widths at E4B's sizes: shrinking to the level that still serves E2B (the device's
+   free memory before and after the cached rows are released) and growing back as elasticity
+   does (built in the background, then committed), with the grow's measured peak against the
+   peak elasticity budgets for;
+3. batch-1 greedy decode of the full and E2B subnets through the runtime, against the
    memory-bandwidth floor: bytes of weights one token reads (effective params + the vocab x hidden
    LM head, in the compute dtype) over the measured copy bandwidth;
-3. throughput of 16 and 64 concurrent requests spread over four subnets (full, e3.39b-layer,
+4. throughput of 16 and 64 concurrent requests spread over four subnets (full, e3.39b-layer,
    e2.98b-block, e2b) through the real `Engine` (continuous batching, greedy, eos ignored), with
    each pure decode step against the floor of the widest weights it reads;
-4. transformers `generate()` on the same weights: the full checkpoint, and `concentric export`
-   of E2B, loaded with `Gemma3nForCausalLM.from_pretrained`;
-5. resident FFN widths: shrinking to the level that still serves E2B and growing back, timed,
-   with NVML's free memory (or the host probe's) before and after.
+5. the kernels the profiler sees in one batch-1 decode step, eager and compiled (CUDA graphs);
+6. transformers `generate()` on the same weights, full subnet (our tokens against its tokens).
 
-The checkpoint is generated first, in the real layout, with random weights drawn on the device
-(`server.tools.dev_model.TorchDraws`; 13.75 GB in bf16, no vision/audio towers) and written to
-`--work` (not under `--out`: only the small result files travel back). A checkpoint or export
-already in `--work` is reused, so an immediate rerun on a warm machine skips straight to measuring.
-`--scale small` (the `tiny` dev preset's shapes) runs every section on a CPU in seconds; that is
-how the script is tested (tests/runtime/test_gpu_script.py).
+The E4B checkpoint is generated after the smoke, in the real layout, with random weights drawn on
+the device (`server.tools.dev_model.TorchDraws`; 13.75 GB in bf16, no vision/audio towers) and
+written to `--work` (not under `--out`: only the small result files travel back). A checkpoint
+already in `--work` is reused, so an immediate rerun on a warm machine skips straight to
+measuring. `--scale small` (the `tiny` dev preset's shapes) runs every section on a CPU in
+seconds (the compiled kernel count excepted); that is how the script is tested
+(tests/runtime/test_gpu_script.py).
 
     python benchmarks/gpu_e4b.py --scale e4b --device cuda --dtype bfloat16 --out $OUT
     python benchmarks/gpu_e4b.py --scale small --device cpu --dtype float32 --time-budget-s 120
 
-Deliberately does not know: how a machine is lent or reached (benchmarks/run_on_h200.sh), CUDA
-graphs or compilation (it measures the runtime as it is, eager), or what the numbers should be.
+Deliberately does not know: how a machine is lent or reached (benchmarks/run_on_h200.sh), or what
+the numbers should be.
 """
 
 from __future__ import annotations
@@ -53,11 +61,13 @@ from typing import Any
 
 import torch
 
+from benchmarks.gpu_smoke import decode_step_kernels, run_smoke
 from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.scheduler import SchedulerConfig
+from server.runtime.device import allocator_bytes, device_uuid, release_cached
 from server.runtime.elastic import ElasticRuntime
 from server.runtime.kv_cache import KVCache
-from server.telemetry.headroom import default_probe
+from server.telemetry.headroom import make_probe
 from server.tools.dev_model import (
     E4B,
     PRESETS,
@@ -74,14 +84,18 @@ from server.vocabulary.subnets import Subnet, effective_params
 
 SCALES: dict[str, Preset] = {"e4b": E4B, "small": PRESETS["tiny"], "mini": PRESETS["mini"]}
 ENGINE_SUBNETS = ("full", "e3.39b-layer", "e2.98b-block", "e2b")
-SECTIONS = ("bandwidth", "decode", "engine", "transformers", "residency")
+SECTIONS = ("smoke", "bandwidth", "residency", "decode", "engine", "kernels", "transformers")
 TITLES = {
+    "smoke": "0. Smoke: every risky path once, tiny scale, bfloat16, on the device",
     "bandwidth": "1. Copy bandwidth",
-    "decode": "2. Batch-1 decode vs the memory-bandwidth floor",
-    "engine": "3. Concurrent mixed-subnet requests through the engine",
-    "transformers": "4. transformers generate() on the same weights",
-    "residency": "5. Resident FFN widths: shrink to E2B's level and grow back",
+    "residency": "2. Resident FFN widths: shrink to E2B's level and grow back",
+    "decode": "3. Batch-1 decode vs the memory-bandwidth floor",
+    "engine": "4. Concurrent mixed-subnet requests through the engine",
+    "kernels": "5. Kernels in one batch-1 decode step, eager and compiled",
+    "transformers": "6. transformers generate() on the same weights",
 }
+SMOKE_S = 40.0  # what the smoke needs at most (about 20 s on an H200)
+COMPILE_S = 180.0  # compiling one decode bucket (35 layers) and capturing its CUDA graph
 JSONL, TABLE = "gpu_e4b.jsonl", "gpu_e4b.md"
 GB, GIB = 1e9, 1024**3
 # The dev tokenizer is sized apart from the model: random weights need only that ids fit, and a
@@ -180,6 +194,17 @@ def guarded(state: State, section: str, run: Callable[[], None]) -> None:
         free_device_memory(state)  # e.g. after an out-of-memory error, for the next section
     finally:
         state.results.write_table()
+
+
+# ---- 0. smoke ---------------------------------------------------------------------------------
+
+
+def measure_smoke(state: State) -> None:
+    r = state.results
+    if reason := state.budget.shortfall(SMOKE_S):
+        r.skip("smoke", reason)
+        return
+    run_smoke(state.device, Path(state.args.work), lambda **rec: r.add("smoke", **rec))
 
 
 # ---- 1. copy bandwidth ---------------------------------------------------------------------
@@ -328,11 +353,10 @@ def device_bytes(state: State) -> int:
 
 def free_device_memory(state: State) -> None:
     gc.collect()
-    if state.device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_cached(state.device)
 
 
-# ---- 2. batch-1 decode vs the floor ----------------------------------------------------------
+# ---- 3. batch-1 decode vs the floor ----------------------------------------------------------
 
 
 def bytes_per_token(state: State, subnet: Subnet) -> int:
@@ -420,7 +444,7 @@ def measure_decode(state: State) -> None:
         )
 
 
-# ---- 3. concurrent mixed-subnet requests ---------------------------------------------------
+# ---- 4. concurrent mixed-subnet requests ---------------------------------------------------
 
 
 def make_load(state: State, n: int) -> list[tuple[str, str, list[int], int]]:
@@ -542,7 +566,32 @@ def measure_engine(state: State) -> None:
         )
 
 
-# ---- 4. transformers generate() ------------------------------------------------------------
+# ---- 5. kernels in one decode step -----------------------------------------------------------
+
+
+def measure_kernels(state: State) -> None:
+    r, rt = state.results, state.rt
+    assert rt is not None
+    if reason := state.budget.shortfall(4 / state.pace_tps * 3 + 5):
+        r.skip("kernels", reason, mode="eager")
+        return
+    r.add("kernels", mode="eager", **decode_step_kernels(rt))
+    if state.device.type != "cuda":
+        r.skip(
+            "kernels",
+            "no accelerator: compiled steps take minutes to build on a CPU",
+            mode="compiled",
+        )
+        return
+    if reason := state.budget.shortfall(COMPILE_S):
+        r.skip("kernels", reason, mode="compiled")
+        return
+    t0 = time.perf_counter()
+    counts = decode_step_kernels(rt, compile_backend="inductor")
+    r.add("kernels", mode="compiled", compile_s=time.perf_counter() - t0, **counts)
+
+
+# ---- 6. transformers generate() ------------------------------------------------------------
 
 
 def hf_load(state: State, folder: Path):
@@ -690,34 +739,40 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-# ---- 5. resident widths --------------------------------------------------------------------
+# ---- 2. resident widths --------------------------------------------------------------------
 
 
 def measure_residency(state: State) -> None:
     a, r, rt = state.args, state.results, state.rt
     assert rt is not None
+    w = rt.weights
     e2b = rt.subnets["e2b"]
-    full_widths = rt.weights.residency.full
+    full_widths = w.residency.full
     levels = residency_levels(
         full_widths, [(s.layers, s.widths, s.effective_params) for s in rt.subnets]
     )
     target = next(
         lv for lv in levels if all(w <= lv[i] for i, w in zip(e2b.layers, e2b.widths, strict=True))
     )
-    grow_bytes = rt.weights.residency.bytes_for(full_widths) - rt.weights.residency.bytes_for(
-        target
-    )
+    grow_bytes = w.residency.bytes_for(full_widths) - w.residency.bytes_for(target)
     need = grow_bytes / (5 * GB) + 2 * 4 / state.pace_tps + 5
     if reason := state.budget.shortfall(need):
         r.skip("residency", reason)
         return
+    dev = str(state.device)
     try:
-        probe = default_probe(str(state.device), host_budget_bytes=128 * GIB)
+        probe = make_probe(
+            "auto",
+            dev,
+            128 * GIB,
+            device_uuid=lambda: device_uuid(dev),
+            allocator=lambda: allocator_bytes(dev),
+        )
         probe_source = probe.source
     except Exception as e:  # a probe that fails to start is reported, the timing still runs
-        probe, probe_source = None, f"none ({type(e).__name__})"
+        probe, probe_source = None, f"none ({type(e).__name__}: {e})"
 
-    def snapshot(label: str, seconds: float | None = None, report=None, check=None) -> None:
+    def snapshot(label: str, seconds=None, report=None, check=None, **extra) -> None:
         snap = probe.read() if probe is not None else None
         r.add(
             "residency",
@@ -727,31 +782,65 @@ def measure_residency(state: State) -> None:
             gbps=(report.uploaded_bytes / seconds / GB)
             if report and seconds and report.uploaded_bytes
             else None,
-            resident_bytes=rt.weights.residency.resident_bytes,
+            resident_bytes=w.residency.resident_bytes,
             device_allocated=device_bytes(state),
             probe=probe_source,
             probe_free_bytes=snap.free_bytes if snap else None,
             probe_used_bytes=snap.used_bytes if snap else None,
+            process_bytes=snap.process_bytes if snap else None,
             decode_check=check,
+            **extra,
         )
 
     prompt = prompt_ids(a.prompt_tokens, rt.store.text.vocab_size_per_layer_input)
+    for subnet in (e2b, rt.subnets["full"]):  # what each decodes at full widths, to compare
+        if subnet.name not in state.ours_tokens:
+            state.ours_tokens[subnet.name] = decode_once(state, subnet, prompt, 4)["tokens"]
+    free_device_memory(state)
     snapshot("before (full widths resident)")
     t0 = time.perf_counter()
-    report = rt.weights.resize_ffn(target)
+    report = w.resize_ffn(target)  # layer by layer, on the main stream
     state.sync()
     shrink_s = time.perf_counter() - t0
-    snapshot("shrink to E2B's level", shrink_s, report, check=decode_check(state, e2b, prompt))
+    snapshot("shrink to E2B's level (freed rows still cached)", shrink_s, report)
     t0 = time.perf_counter()
-    free_device_memory(state)
-    snapshot("after empty_cache (memory back to the device)", time.perf_counter() - t0)
+    w.release_cached()
+    snapshot("after release_cached (the rows back to the device)", time.perf_counter() - t0)
+    check = decode_check(state, e2b, prompt)
+    # Grow as elasticity does: built whole in the background (side stream), then committed.
+    predicted = w.transient_bytes(full_widths)
+    if state.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(state.device)
+    base = device_bytes(state)
     t0 = time.perf_counter()
-    report = rt.weights.resize_ffn(full_widths)
+    pending = w.prepare_ffn(full_widths, background=True)
+    during = decode_once(state, e2b, prompt, 4)["tokens"]  # steps go on meanwhile
+    if pending.thread is not None:
+        pending.thread.join()
+    build_s = time.perf_counter() - t0
+    if pending.error is not None:
+        raise pending.error
+    report = w.commit_ffn(pending)
     state.sync()
     grow_s = time.perf_counter() - t0
-    snapshot(
-        "grow back to full", grow_s, report, check=decode_check(state, rt.subnets["full"], prompt)
+    peak = (
+        torch.cuda.max_memory_allocated(state.device) - base
+        if state.device.type == "cuda"
+        else None
     )
+    snapshot(
+        "grow back to full (background build + commit)",
+        grow_s,
+        report,
+        check=decode_check(state, rt.subnets["full"], prompt),
+        build_s=build_s,
+        peak_extra_bytes=peak,
+        predicted_peak_bytes=predicted,
+        decode_during_build=during == state.ours_tokens.get("e2b", during)[: len(during)],
+        shrink_check=check,
+    )
+    w.release_cached()
+    snapshot("after release_cached")
 
 
 def decode_check(state: State, subnet: Subnet, prompt: list[int]) -> str:
@@ -772,7 +861,37 @@ def _num(x: Any, fmt: str = ".1f", scale: float = 1.0) -> str:
 
 
 # Per section: the table's columns, and how one record fills them.
+def _detail(r: dict[str, Any]) -> str:
+    hidden = ("section", "t_s", "check", "ok", "seconds", "trace")
+    return "; ".join(f"{k} {v}" for k, v in r.items() if k not in hidden).replace("|", "/")
+
+
 COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, ...]]]] = {
+    "smoke": (
+        ("check", "ok", "seconds", "what it saw"),
+        lambda r: (
+            r["check"],
+            "yes" if r.get("ok") else "NO",
+            _num(r["seconds"], ".2f"),
+            _detail(r),
+        ),
+    ),
+    "kernels": (
+        (
+            "decode step (batch 1, full)",
+            "CUDA kernels / CPU operators",
+            "launches",
+            "graph launches",
+            "compile s",
+        ),
+        lambda r: (
+            r["mode"],
+            str(r.get("kernels", r.get("operators", "-"))),
+            str(r.get("launches", "-")),
+            str(r.get("graph_launches", "-")),
+            _num(r.get("compile_s")),
+        ),
+    ),
     "bandwidth": (
         ("copy", "MiB", "median s", "GB/s (median)", "GB/s (best)"),
         lambda r: (
@@ -864,6 +983,7 @@ COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, 
             "resident FFN GiB",
             "allocated GiB",
             "free GiB (probe)",
+            "peak extra GiB (budgeted)",
             "decode after",
         ),
         lambda r: (
@@ -874,6 +994,8 @@ COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, 
             _num(r["resident_bytes"], ".2f", GIB),
             _num(r["device_allocated"], ".2f", GIB),
             f"{_num(r['probe_free_bytes'], '.2f', GIB)} ({r['probe']})",
+            f"{_num(r.get('peak_extra_bytes'), '.2f', GIB)} "
+            f"({_num(r.get('predicted_peak_bytes'), '.2f', GIB)})",
             r["decode_check"] or "-",
         ),
     ),
@@ -895,7 +1017,8 @@ def render_table(records: list[dict[str, Any]]) -> str:
         f"Scale `{env.get('scale')}`, {env.get('dtype')} on {env.get('device_name')}; torch "
         f"{env.get('torch')} (CUDA {env.get('cuda')}), transformers {env.get('transformers')}, "
         f"python {env.get('python')}; time budget {env.get('time_budget_s')} s. Random weights "
-        "in the real layout (benchmarks/gpu_e4b.py); eager PyTorch, no CUDA graphs.",
+        "in the real layout (benchmarks/gpu_e4b.py); eager PyTorch except section 5's "
+        "compiled step.",
         "",
     ]
     if "skipped" in env:
@@ -929,7 +1052,9 @@ def render_table(records: list[dict[str, Any]]) -> str:
             f"- {f'{what}: ' if what else ''}skipped: {r['skipped']}"
             for r in of(section)
             if "skipped" in r
-            for what in [r.get("subnet") or r.get("requests") or r.get("kind") or ""]
+            for what in [
+                r.get("subnet") or r.get("requests") or r.get("kind") or r.get("mode") or ""
+            ]
         ]
         if not of(section):
             skipped.append("- skipped: not reached (the run ended before this section)")
@@ -964,7 +1089,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"])
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-out")
     ap.add_argument("--work", help="checkpoint and export folder (default /tmp/concentric-gpu)")
-    ap.add_argument("--time-budget-s", type=float, default=480.0)
+    ap.add_argument("--time-budget-s", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--copy-mb", type=int, help="bytes per copy (default 4096 on cuda, else 256)")
     ap.add_argument("--copy-repeats", type=int, default=20)
@@ -977,10 +1102,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engine-output", help="output lengths, min:max (default 32:128 at e4b)")
     ap.add_argument("--engine-batched-tokens", type=int, help="token budget per step")
     ap.add_argument("--engine-prefill-chunk", type=int, help="prompt tokens per request per step")
-    ap.add_argument("--hf-subnets", default="full,e2b")
+    ap.add_argument("--hf-subnets", default="full")
     ap.add_argument("--hf-tokens", type=int, help="default: --decode-tokens")
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    ap.add_argument("--skip", default="", help=f"comma list of sections to skip: {SECTIONS[1:]}")
+    ap.add_argument("--skip", default="", help=f"comma list of sections to skip: {SECTIONS}")
     a = ap.parse_args(argv)
     big = a.scale == "e4b"
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -991,12 +1116,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.hf_tokens = a.hf_tokens or a.decode_tokens
     a.engine_requests = [int(n) for n in a.engine_requests.split(",") if n]
     a.engine_prompt = _span(a.engine_prompt)
-    a.engine_output = _span(a.engine_output or ("32:128" if big else "4:12"))
+    a.engine_output = _span(a.engine_output or ("16:64" if big else "4:12"))
     on_gpu = a.device == "cuda"
     a.engine_batched_tokens = a.engine_batched_tokens or (2048 if on_gpu else 256)
     a.engine_prefill_chunk = a.engine_prefill_chunk or (512 if on_gpu else 128)
     a.skip = {s for s in a.skip.split(",") if s}
-    if unknown := a.skip - set(SECTIONS[1:]):
+    if unknown := a.skip - (set(SECTIONS) - {"bandwidth"}):
         ap.error(f"--skip: unknown sections {sorted(unknown)}")
     if a.decode_tokens < 2 or a.hf_tokens < 2:
         ap.error("--decode-tokens and --hf-tokens must be at least 2")
@@ -1045,15 +1170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv=sys.argv[1:] if argv is None else list(argv),
     )
 
+    if "smoke" in a.skip:
+        results.skip("smoke", "--skip")
+    else:
+        guarded(state, "smoke", lambda: measure_smoke(state))
     guarded(state, "bandwidth", lambda: measure_bandwidth(state))
     guarded(state, "checkpoint", lambda: make_checkpoint(state))
     if state.checkpoint is not None:
         guarded(state, "load", lambda: open_runtime(state))
     sections: list[tuple[str, Callable[[State], None]]] = [
+        ("residency", measure_residency),
         ("decode", measure_decode),
         ("engine", measure_engine),
+        ("kernels", measure_kernels),
         ("transformers", measure_transformers),
-        ("residency", measure_residency),
     ]
     for name, run in sections:
         if state.rt is None:

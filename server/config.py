@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from policies.subnet_choice import SUBNET_POLICIES
+from server.telemetry.headroom import HEADROOM_SOURCES
 from server.vocabulary.compute import COMPUTE_DTYPES, FFN_MODE_CHOICES, check_choice
 from server.vocabulary.sampling_defaults import SOURCES as SAMPLING_SOURCES
 
@@ -67,6 +68,11 @@ class ServerConfig:
     sampling_defaults: str = "generation_config"
     """What a request gets for sampling fields it leaves unset: generation_config (the
     checkpoint's generation_config.json over OpenAI's defaults, as vLLM does) or openai."""
+    batch_invariant: bool = False
+    """Every request's logits are exactly what it gets alone, whatever it is batched with (a
+    greedy request gives the same tokens under any load): products row by row, attention per
+    query, mixed widths grouped. Costs throughput (benchmarks/bench_batch_invariant.py); not
+    with compile."""
     custom_subnets: str | None = "subnets/custom.yaml"
     """Custom subnets YAML (relative to this file); none: official subnets only."""
     host: str = "127.0.0.1"
@@ -112,9 +118,18 @@ class ServerConfig:
     low_water_bytes: int = 1024**3
     """Shrink the resident FFN widths when free accelerator memory falls under this."""
     high_water_bytes: int = 2 * 1024**3
-    """Grow them back when free memory exceeds this plus what the next level needs."""
+    """Grow them back when free memory exceeds this plus what growing one level holds at its
+    peak (the grown layers' new rows beside the old, until the swap)."""
     probe_interval_s: float = 0.5
-    """How often free memory is read."""
+    """How often free memory is read (and at once after every resize)."""
+    headroom_source: str = "auto"
+    """Where free memory is read: nvml (the accelerator, by its UUID), host (memory_budget_bytes
+    against this process's memory), none (no readings: only out-of-memory errors shrink), or
+    auto (nvml on CUDA, failing at start if NVML does not answer; host elsewhere)."""
+    oom_cooldown_s: float = 30.0
+    """After an out-of-memory error shrank the resident widths, no growing for this long."""
+    grow_backoff_s: float = 30.0
+    """After a background grow failed, no growing for this long (doubling, up to 10 minutes)."""
     calibrate: bool = True
     """Time a few steps of the smallest and largest subnet at start, to seed the cost model."""
     log_level: str = "info"
@@ -158,6 +173,12 @@ class ServerConfig:
             raise ConfigError("need 0 <= low_water_bytes <= high_water_bytes")
         if self.probe_interval_s <= 0:
             raise ConfigError("probe_interval_s must be positive")
+        if self.headroom_source not in HEADROOM_SOURCES:
+            raise ConfigError(f"headroom_source must be one of {', '.join(HEADROOM_SOURCES)}")
+        if self.oom_cooldown_s < 0 or self.grow_backoff_s < 0:
+            raise ConfigError("oom_cooldown_s and grow_backoff_s must be >= 0")
+        if self.batch_invariant and self.compile:
+            raise ConfigError("batch_invariant and compile exclude each other (compiled steps pad)")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
             raise ConfigError("memory_budget_bytes must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -29,8 +29,9 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.elasticity import Elasticity, ElasticityConfig
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
+from server.runtime.device import allocator_bytes, device_uuid
 from server.runtime.elastic import ElasticRuntime
-from server.telemetry.headroom import ProbeSampler, default_probe
+from server.telemetry.headroom import ProbeSampler, make_probe
 from server.telemetry.metrics import Metrics
 from server.tenancy import Tenancy, Tenant, load_tenancy, open_tenancy
 from server.vocabulary.sampling_defaults import SamplingDefaults
@@ -112,12 +113,18 @@ class Service:
                 self.runtime.tokenizer, self.config.tokenizer_threads, self.config.max_prompt_chars
             )
             self.sampler = self._probe()
-            if self.config.device.startswith("cuda") or self.config.memory_budget_bytes:
+            c = self.config
+            if c.device.startswith("cuda") or c.memory_budget_bytes:
                 self.elasticity = Elasticity(
                     self.runtime.weights,
                     self.runtime.subnets,
                     self.sampler,
-                    ElasticityConfig(self.config.low_water_bytes, self.config.high_water_bytes),
+                    ElasticityConfig(
+                        c.low_water_bytes,
+                        c.high_water_bytes,
+                        oom_cooldown_s=c.oom_cooldown_s,
+                        grow_backoff_s=c.grow_backoff_s,
+                    ),
                 )
             policy = make_policy(
                 self.config.subnet_policy,
@@ -137,6 +144,7 @@ class Service:
                 subnet_policy=policy,
                 elasticity=self.elasticity,
                 compile_backend="inductor" if self.config.compile else None,
+                batch_invariant=self.config.batch_invariant,
             )
             if self.config.calibrate:
                 await asyncio.to_thread(calibrate, engine, self.runtime.tokenizer.bos_id)
@@ -144,7 +152,8 @@ class Service:
             self.engine.on_step.append(self._observe_step)
             self.engine.on_finished.append(self._finished)
             await self.engine.start()
-            self.sampler.start()
+            if self.sampler is not None:
+                self.sampler.start()
             self.metrics.up.set(1)
             self._observe_step(engine)
             self.ready = True
@@ -159,14 +168,25 @@ class Service:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", self.load_error)
 
-    def _probe(self) -> ProbeSampler:
-        budget = self.config.memory_budget_bytes or _host_memory_bytes()
-        probe = default_probe(self.config.device, budget)
-
-        return ProbeSampler(probe, self.config.probe_interval_s, self.metrics.observe_memory)
+    def _probe(self) -> ProbeSampler | None:
+        """The headroom readings `headroom_source` names (None: none); on CUDA, NVML finds the
+        device by its UUID and counts this process by its allocator when PIDs do not match."""
+        c = self.config
+        budget = c.memory_budget_bytes or _host_memory_bytes()
+        probe = make_probe(
+            c.headroom_source,
+            c.device,
+            budget,
+            device_uuid=lambda: device_uuid(c.device),
+            allocator=lambda: allocator_bytes(c.device),
+        )
+        if probe is None:
+            return None
+        return ProbeSampler(probe, c.probe_interval_s, self.metrics.observe_memory)
 
     def _observe_step(self, engine: Engine) -> None:
         self.metrics.observe_step(engine.scheduler, engine.last_step)
+        self.metrics.observe_out_of_memory(engine.out_of_memory)
         if engine.chooser is not None:
             self.metrics.observe_choices(engine.chooser)
             offered = sum(1 for s in engine.chooser.table if engine.chooser.offered(s))

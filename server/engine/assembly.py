@@ -45,10 +45,12 @@ def assemble_engine(
     subnet_policy: SubnetPolicy | None = None,
     elasticity: Elasticity | None = None,
     compile_backend: str | None = None,
+    batch_invariant: bool = False,
 ) -> Engine:
     """An engine over a loaded runtime. With `subnet_policy` None every request must name its
     subnet (offline use); otherwise unpinned requests are given one at admission.
-    `compile_backend`: compile decode steps with it (runtime/decode_graph.py); None: eager."""
+    `compile_backend`: compile decode steps with it (runtime/decode_graph.py); None: eager.
+    `batch_invariant`: each row's result independent of the step it shares (runner.py)."""
     text = rt.store.text
     config = config or SchedulerConfig(max_model_len=text.max_position_embeddings)
     num_blocks = kv_budget_bytes // KVCache.block_bytes(text, block_size, rt.weights.dtype)
@@ -66,7 +68,9 @@ def assemble_engine(
         chooser = SubnetChooser(rt.subnets, subnet_policy, offered)
     assign = chooser.assign if chooser is not None else named_subnet
     scheduler = Scheduler(config, blocks, order or FirstComeFirstServed(), eos, assign)
-    runner = ModelRunner(rt.model, num_blocks, block_size, eos, ffn_mode, compile_backend)
+    runner = ModelRunner(
+        rt.model, num_blocks, block_size, eos, ffn_mode, compile_backend, batch_invariant
+    )
     return Engine(
         runner, scheduler, rt.tokenizer, text.vocab_size_per_layer_input, chooser, elasticity
     )

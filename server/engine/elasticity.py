@@ -9,10 +9,20 @@ and every subnet that fits in the same widths). Between engine steps:
   best subnet of the same KV layout class that fits and that their tier allows (their KV stays
   valid: no recompute) when one exists; the others are allowed to finish. When none is left on a
   removed width, the widths shrink and the memory is released.
-- headroom above the high-water mark plus what the next level up needs: grow one level (only the
-  missing rings are uploaded).
+- headroom above the high-water mark plus what growing one level needs at its peak (the new
+  buffers of every changed layer are built whole while the old ones still serve steps): grow one
+  level, built in the background; swapped in at a step boundary once ready. A grow that fails
+  (the memory went elsewhere meanwhile) is abandoned, logged and counted, and growing backs off
+  (doubling, up to a cap); no request ever sees it.
 - an out-of-memory error in a step: shrink now, moving what can be moved and preempting the rest
   (they are recomputed later on a subnet that fits), then the step is retried.
+
+Readings must know the allocator. PyTorch keeps freed blocks cached: until they are released a
+shrink frees nothing the probe can see, so every resize, and every out-of-memory error, ends by
+releasing cached blocks (`ResidentFfn.release_cached`). And a reading taken before a resize
+settled describes memory that no longer exists: decisions use only readings the sampler started
+after the last resize committed (its sequence number), so a level moves at most once per such
+reading, however many steps run in between; the sampler is asked for a fresh one at once.
 
 The gap between the two marks is the hysteresis: a shrink frees at least one level's bytes, which
 must not be enough to trigger the next grow at once.
@@ -42,6 +52,8 @@ log = logging.getLogger("concentric.elasticity")
 
 
 class PendingResize(Protocol):
+    error: BaseException | None  # why a background build failed (set once done)
+
     def done(self) -> bool: ...
 
 
@@ -60,16 +72,24 @@ class ResidentFfn(Protocol):
     @property
     def resident_bytes(self) -> int: ...
     def bytes_for(self, widths: Sequence[int]) -> int: ...
+    def transient_bytes(self, widths: Sequence[int]) -> int:
+        """Device bytes a resize from the resident widths to `widths` holds at its peak beyond
+        the resident ones (new buffers built while the old still serve steps)."""
+
     def prepare_ffn(self, widths: Sequence[int], background: bool = True) -> PendingResize: ...
     def abandon_ffn(self, pending: PendingResize) -> None: ...
     def commit_ffn(self, pending: PendingResize) -> ResizeReport: ...
+    def release_cached(self) -> None:
+        """Give freed device memory back (the allocator caches it otherwise)."""
 
 
 @dataclass(frozen=True)
 class ElasticityConfig:
     low_water_bytes: int  # shrink when headroom falls below this
-    high_water_bytes: int  # grow when headroom exceeds this plus the next level's extra bytes
+    high_water_bytes: int  # grow when headroom exceeds this plus the next level's peak need
     oom_cooldown_s: float = 30.0  # after an out-of-memory shrink, no growing for this long
+    grow_backoff_s: float = 30.0  # after a failed grow, no growing for this long (doubling)
+    max_grow_backoff_s: float = 600.0  # the doubling's cap
 
 
 @dataclass
@@ -79,6 +99,8 @@ class ElasticityCounters:
     moves: int = 0  # running requests moved to a smaller KV-compatible subnet
     oom_shrinks: int = 0
     oom_preemptions: int = 0
+    grow_failures: int = 0  # background grows abandoned because building them failed
+    stale_readings: int = 0  # ticks that had only a reading from before the last resize
 
 
 class Elasticity:
@@ -103,9 +125,12 @@ class Elasticity:
         self.counters = ElasticityCounters()
         self.moved: set[str] = set()  # ids of requests moved to another subnet (for tests/logs)
         self._growing: tuple[int, PendingResize] | None = None  # (level, resize) in flight
-        # A reading taken before an out-of-memory error can still look roomy: do not grow back
-        # into the same error until the cool-down has passed.
+        # Readings numbered below this were started before the last resize settled (none yet).
+        self._settled_seq = 0
+        # An out-of-memory error says more than any reading (activations come and go between
+        # readings), and a failed grow says the memory went elsewhere: no growing until then.
         self._no_grow_until = 0.0
+        self._grow_backoff_s = config.grow_backoff_s
 
     # ---- what may run -----------------------------------------------------------------------
 
@@ -135,9 +160,9 @@ class Elasticity:
                 return  # the ring is still uploading; steps go on at the current widths
             level, pending = self._growing
             self._growing = None
-            self._commit(level, pending)
+            self._finish_grow(level, pending)
             return
-        snap = self.sampler.latest if self.sampler else None
+        snap = self._settled_reading()
         if snap is not None and self.target == self.current:
             free = snap.free_bytes
             if free < self.config.low_water_bytes and self.current > 0:
@@ -149,14 +174,18 @@ class Elasticity:
                     len(self.levels) - 1,
                 )
             elif self.current < len(self.levels) - 1 and time.monotonic() >= self._no_grow_until:
-                extra = self.level_bytes[self.current + 1] - self.level_bytes[self.current]
-                if free > self.config.high_water_bytes + extra:
+                up = self.current + 1
+                peak = self.weights.transient_bytes(self.levels[up])
+                if free > self.config.high_water_bytes + peak:
                     # Built in the background; swapped in at a later step boundary.
-                    up = self.current + 1
                     self._growing = (up, self.weights.prepare_ffn(self.levels[up]))
                     self.counters.grows += 1
                     log.info(
-                        "headroom %d B: growing to level %d/%d", free, up, len(self.levels) - 1
+                        "headroom %d B (a grow holds %d B at its peak): growing to level %d/%d",
+                        free,
+                        peak,
+                        up,
+                        len(self.levels) - 1,
                     )
         if self.target < self.current:
             self._move_or_wait(scheduler, force=False)
@@ -166,14 +195,58 @@ class Elasticity:
         if self._growing is not None:  # abandon a growth in flight: it is what memory lacks
             self.weights.abandon_ffn(self._growing[1])
             self._growing = None
+        # Whatever happens next, what the failed step cached goes back to the device, and no
+        # reading from before it counts.
+        self._no_grow_until = time.monotonic() + self.config.oom_cooldown_s
         if self.current == 0:
+            self._settle()
             return False
         self.target = min(self.target, self.current - 1)
         self.counters.oom_shrinks += 1
-        self._no_grow_until = time.monotonic() + self.config.oom_cooldown_s
         log.warning("out of memory in a step: shrinking to level %d now", self.target)
-        self._move_or_wait(scheduler, force=True)
+        self._move_or_wait(scheduler, force=True)  # forced: commits (and settles) at once
         return True
+
+    def _settled_reading(self):
+        """The newest reading if it began after the last resize settled; else None."""
+        snap = self.sampler.latest if self.sampler else None
+        if snap is None or snap.seq >= self._settled_seq:
+            return snap
+        self.counters.stale_readings += 1
+        return None
+
+    def _settle(self) -> None:
+        """Memory changed: give cached blocks back, ignore older readings, ask for a new one."""
+        self.weights.release_cached()
+        if self.sampler is not None:
+            self._settled_seq = self.sampler.next_seq
+            self.sampler.request()
+
+    def _finish_grow(self, level: int, pending: PendingResize) -> None:
+        """Swap a finished background grow in, or, if building it failed, drop it: counted,
+        logged and backed off, never a request's problem."""
+        failure = pending.error
+        if failure is None:
+            try:
+                self._commit(level, pending)
+            except Exception as e:  # e.g. the widths moved meanwhile: same as a failed build
+                failure = e
+            else:
+                self._grow_backoff_s = self.config.grow_backoff_s
+                return
+        self.weights.abandon_ffn(pending)
+        self.counters.grow_failures += 1
+        self._no_grow_until = time.monotonic() + self._grow_backoff_s
+        log.warning(
+            "growing to level %d failed (%s: %s); staying at level %d, no growing for %.0f s",
+            level,
+            type(failure).__name__,
+            failure,
+            self.current,
+            self._grow_backoff_s,
+        )
+        self._grow_backoff_s = min(2 * self._grow_backoff_s, self.config.max_grow_backoff_s)
+        self._settle()
 
     def _move_or_wait(self, scheduler: Scheduler, force: bool) -> None:
         blocking = []
@@ -221,6 +294,7 @@ class Elasticity:
     def _commit(self, level: int, pending) -> None:
         report = self.weights.commit_ffn(pending)
         self.current = self.target = level
+        self._settle()
         log.info(
             "resident FFN widths now level %d (%d B resident; +%d B uploaded, -%d B released)",
             level,

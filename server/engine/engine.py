@@ -65,6 +65,7 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.last_step = StepStats()
         self.num_steps = 0
+        self.out_of_memory: dict[str, int] = {}  # steps that ran out of memory, by allocator
 
     @property
     def has_work(self) -> bool:
@@ -171,7 +172,8 @@ class Engine:
             return StepResult()
         try:
             return self.runner.execute(plan.sequences)
-        except DeviceOutOfMemory:
+        except DeviceOutOfMemory as e:
+            self.out_of_memory[e.kind] = self.out_of_memory.get(e.kind, 0) + 1
             if not may_run_out or self.elasticity is None or not self.elasticity.can_shrink:
                 raise
         return None

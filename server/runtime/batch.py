@@ -181,12 +181,17 @@ def plan_step(
     layout: str = "grouped",
     all_logits: bool = False,
     static: StaticShape | None = None,
+    per_query_attention: bool = False,
 ) -> PlannedStep:
+    """`per_query_attention`: every query row is its own attention group, reading exactly the
+    keys it attends (no padding to another row's context): the batch-invariant mode's plan."""
     if not seqs:
         raise ValueError("a forward batch needs at least one sequence")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
-    planner = _Planner(text, seqs, block_size, scratch_block, layout)
+    if per_query_attention and static is not None:
+        raise ValueError("a static step pads its attention: it cannot be planned per query")
+    planner = _Planner(text, seqs, block_size, scratch_block, layout, per_query_attention)
     return planner.plan_static(static) if static else planner.plan(all_logits)
 
 
@@ -315,8 +320,9 @@ class _Values:
 
 
 class _Planner:
-    def __init__(self, text, seqs, block_size, scratch_block, layout):
+    def __init__(self, text, seqs, block_size, scratch_block, layout, per_query=False):
         self.text, self.bs, self.scratch, self.layout = text, block_size, scratch_block, layout
+        self.per_query = per_query
         n_kv = text.first_kv_shared_layer
         first_seen: dict[str, int] = {}
         for s in seqs:
@@ -489,6 +495,11 @@ class _Planner:
         """Sequences with one query row (decodes, last-token logits) share one padded call; a
         sequence with several rows (a prefill chunk) gets its own, with a causal mask. Sliding
         layers read only keys inside the window of their earliest query."""
+        if self.per_query:  # each query alone: its reduction is over its own keys only
+            return [
+                self._group((*key, i), [[i]], [self.row_seq[r]], rows, kind)
+                for i, r in enumerate(rows)
+            ]
         by_seq: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             by_seq.setdefault(self.row_seq[r], []).append(i)

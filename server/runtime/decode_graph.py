@@ -78,6 +78,10 @@ class DecodeGraphs:
         )
         entry = self.graphs.get(shape)
         if entry is None:
+            # Graphs for other resident widths read buffers a resize replaced: drop them, so
+            # they hold nothing alive (the widths come back rarely; recompiling then is fine).
+            for old in [s for s in self.graphs if s.widths != shape.widths]:
+                del self.graphs[old]
             step = partial(self._step, planned.spec)
             compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=self.backend,
                                      mode=self.mode)  # fmt: skip

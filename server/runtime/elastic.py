@@ -17,6 +17,7 @@ import torch
 
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
+from server.runtime.device import bind
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.weights import Weights
 from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
@@ -53,6 +54,7 @@ class ElasticRuntime:
     ) -> ElasticRuntime:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
+        bind(device)  # this thread's current device (each step thread enters it too)
         store = CheckpointStore.open(checkpoint)
         weights = Weights(store, dtype=parse_dtype(dtype), device=device)
         subnets = load_subnet_table(store.text, table_csv, custom_subnets)

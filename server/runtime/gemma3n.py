@@ -358,11 +358,16 @@ class Gemma3nModel:
         row_width: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Gaussian top-k: keep what lies above mean + z*std of the gate outputs over the row's
-        own width (statistics in float32: a count like 4915 is not a bfloat16)."""
-        if keep is None:
-            std, mean = torch.std_mean(gate, dim=-1, keepdim=True, correction=0)
-            return F.relu(gate - torch.add(mean, std, alpha=z))
+        own width. The statistics are float32 in every dtype and in both FFN layouts (a count
+        like 4915 is not a bfloat16, and a bfloat16 mean would differ from the masked layout's),
+        and the cutoff is two single-rounding ops, not a fused `add(alpha=)`: on a CPU the fused
+        form rounds once in the vectorised loop and twice in its scalar tail, which would make a
+        row's cutoff depend on how many rows the step has."""
         g32 = gate.float()
-        mean = (g32 * keep).sum(-1, keepdim=True) / row_width
-        std = (((g32 - mean) * keep) ** 2).sum(-1, keepdim=True).div(row_width).sqrt()
-        return F.relu(gate - torch.add(mean, std, alpha=z).type_as(gate))
+        if keep is None:
+            std, mean = torch.std_mean(g32, dim=-1, keepdim=True, correction=0)
+        else:
+            mean = (g32 * keep).sum(-1, keepdim=True) / row_width
+            std = (((g32 - mean) * keep) ** 2).sum(-1, keepdim=True).div(row_width).sqrt()
+        cutoff = mean + std * z
+        return F.relu(gate - cutoff.type_as(gate))

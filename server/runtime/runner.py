@@ -3,7 +3,10 @@
 Owns the K/V tensors, the per-request sampling state (registered once; sampling runs batched on
 the logits' device, and a seeded request draws the same tokens whatever else is batched with it),
 the choice between the two ways of running mixed FFN widths, and isolating failures: if a step
-fails, its sequences are retried one by one so that only the culprit gets an error.
+fails, its sequences are retried one by one so that only the culprit gets an error; but an
+allocation failure, whichever allocator raised it (device.py recognises each kind), is nobody's
+fault: it leaves as `DeviceOutOfMemory` for the engine to shrink and retry, after the failed
+step's frames are gone and its cached blocks released.
 
 FFN mode by measurement: with several widths in a step, "grouped" runs one GEMM per width on its
 rows (saves FLOPs: wins when compute-bound, e.g. prefill chunks) and "masked" one GEMM at the
@@ -16,6 +19,7 @@ Deliberately does not know: queues, budgets, block bookkeeping, detokenization, 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import defaultdict, deque
@@ -24,7 +28,9 @@ from collections.abc import Sequence
 import torch
 
 from server.runtime.batch import plan_step
+from server.runtime.batch_invariant import BatchInvariantOps
 from server.runtime.decode_graph import DecodeGraphs
+from server.runtime.device import allocation_failure, on_device, release_cached, synchronize
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.kv_cache import KVCache
 from server.runtime.sampler import Sampler, SamplerState, SamplingError
@@ -73,12 +79,18 @@ class ModelRunner:
         eos_token_ids: Sequence[int],
         ffn_mode: str = "auto",
         compile_backend: str | None = None,
+        batch_invariant: bool = False,
     ):
         """`compile_backend`: compile decode steps (decode_graph.py) with this torch.compile
         backend ("inductor"; "aot_eager" captures the same graphs without generating code);
-        None: every step runs the eager forward."""
+        None: every step runs the eager forward. `batch_invariant`: every row's logits are what
+        it gets alone (batch_invariant.py): mixed widths run grouped, each query attends alone,
+        products run row by row; exclusive with compiled steps, which pad rows and widths."""
         check_choice("ffn_mode", ffn_mode, FFN_MODE_CHOICES)
+        if batch_invariant and compile_backend is not None:
+            raise ValueError("batch-invariant steps cannot be compiled (static steps pad rows)")
         self.model = model
+        self.device = model.w.device
         text = model.text
         self.text = text
         self.block_size = block_size
@@ -89,7 +101,9 @@ class ModelRunner:
         )
         self.states: dict[str, SamplerState] = {}
         self.keep_logits: set[str] = set()  # requests whose logits rows are returned
-        self.ffn_mode = ffn_mode
+        self.batch_invariant = batch_invariant
+        # Masked mode reduces every row over the widest width in the step: not invariant.
+        self.ffn_mode = "grouped" if batch_invariant else ffn_mode
         self.chooser = FfnModeChooser()
         self.graphs = None
         if compile_backend is not None:
@@ -116,14 +130,22 @@ class ModelRunner:
 
     def execute(self, seqs: Sequence[StepSequence]) -> StepResult:
         t0 = time.perf_counter()
+        failure = kind = None
         try:
-            result = self._run(seqs)
-        except (torch.OutOfMemoryError, MemoryError) as e:
-            # Not a request's fault: the engine shrinks the resident widths and retries.
-            raise DeviceOutOfMemory(str(e)) from e
-        except Exception as e:  # isolate, then report per request
+            with on_device(self.device):  # steps run in worker threads: name the device
+                result = self._run(seqs)
+        except Exception as e:
+            kind = allocation_failure(e)
+            failure = f"{type(e).__name__}: {e}"
+        # Out of the `except`: the failed step's frames (and the activations they hold) are gone.
+        if kind is not None:
+            # Not a request's fault: the engine shrinks the resident widths and retries. What
+            # the failed step left in the allocator's cache goes back to the device first.
+            release_cached(self.device)
+            raise DeviceOutOfMemory(failure, kind)
+        if failure is not None:  # isolate, then report per request
             if len(seqs) == 1:
-                result = StepResult(errors={seqs[0].request_id: f"{type(e).__name__}: {e}"})
+                result = StepResult(errors={seqs[0].request_id: failure})
             else:
                 result = StepResult()
                 for s in seqs:  # rewriting the same K/V slots with the same values is harmless
@@ -143,12 +165,19 @@ class ModelRunner:
         if mode == "auto":
             mode = self.chooser.choose(key) if key is not None else "grouped"
         t0 = time.perf_counter()
-        planned = plan_step(self.text, seqs, self.block_size, self.kv.scratch_block, mode)
-        with torch.inference_mode():
+        planned = plan_step(
+            self.text,
+            seqs,
+            self.block_size,
+            self.kv.scratch_block,
+            mode,
+            per_query_attention=self.batch_invariant,
+        )
+        ops = BatchInvariantOps() if self.batch_invariant else contextlib.nullcontext()
+        with torch.inference_mode(), ops:
             logits = self.model.forward(self.model.batch(planned), self.kv)
         if key is not None and self.ffn_mode == "auto":
-            if logits.is_cuda:
-                torch.cuda.synchronize()
+            synchronize(self.device)
             self.chooser.record(key, mode, time.perf_counter() - t0)
         return self._sample(seqs, planned, logits, StepResult(ffn_mode=mode if key else None))
 

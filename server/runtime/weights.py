@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from server.checkpoint.store import CheckpointStore
+from server.runtime.device import on_device
 from server.runtime.residency import FfnResidency, PendingResize, ResizeReport
 from server.vocabulary.text_config import TextConfig
 
@@ -81,6 +82,7 @@ class Weights:
         # Host-resident, stored dtype: rows are gathered per step (see module docstring).
         self.ple_table = store.text_tensor("embed_tokens_per_layer.weight")
         self._ple_staging: torch.Tensor | None = None  # pinned, for the host->device copy
+        self._ple_copied: torch.cuda.Event | None = None  # the last copy out of it
         self.ple_model_projection = get("per_layer_model_projection.weight")
         self.ple_projection_norm = get("per_layer_projection_norm.weight")
         n_streams = self.text.altup_num_inputs
@@ -103,6 +105,7 @@ class Weights:
         ]
         self.residency = FfnResidency(host_ffn, self.device, self.dtype, private_ffn)
         self.layers = [self._layer(i) for i in range(self.text.num_hidden_layers)]
+        self.residency.on_replace = self._replace_ffn
         self._check_altup_clip()
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
@@ -183,6 +186,9 @@ class Weights:
     def bytes_for(self, widths) -> int:
         return self.residency.bytes_for(widths)
 
+    def transient_bytes(self, widths) -> int:
+        return self.residency.transient_bytes(widths)
+
     def resize_ffn(self, widths) -> ResizeReport:
         """Change the resident FFN widths now (between steps only)."""
         return self.commit_ffn(self.residency.prepare(widths, background=False))
@@ -193,15 +199,20 @@ class Weights:
 
     def abandon_ffn(self, pending: PendingResize) -> None:
         """Drop a prepared resize (waits for its background build to end)."""
-        if pending.thread is not None:
-            pending.thread.join()
+        self.residency.abandon(pending)
 
     def commit_ffn(self, pending: PendingResize) -> ResizeReport:
         """Swap prepared FFN buffers in (between steps only)."""
-        report = self.residency.commit(pending)
-        for i, layer in enumerate(self.layers):
-            layer.gate, layer.up, layer.down = self.residency.buffers[i]
-        return report
+        return self.residency.commit(pending)
+
+    def release_cached(self) -> None:
+        """Give freed device memory back to the device (PyTorch caches it otherwise)."""
+        self.residency.release_cached()
+
+    def _replace_ffn(self, i: int, buffers) -> None:
+        # The layer's references follow its buffers, so nothing here holds replaced ones alive.
+        layer = self.layers[i]
+        layer.gate, layer.up, layer.down = buffers
 
     def ple_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Per-layer-embedding rows for `token_ids`, gathered from host memory: [N, L*d].
@@ -214,12 +225,19 @@ class Weights:
         if self.device.type != "cuda":
             return self.ple_table.index_select(0, ids).to(dtype=self.dtype)
         # Gather into a reusable pinned buffer, so the copy to the device is asynchronous (it
-        # overlaps the embedding and the first layers' work instead of stalling the step).
+        # overlaps the embedding and the first layers' work instead of stalling the step). The
+        # previous step's copy may still be reading it: wait for that copy's event first.
         n, width = ids.numel(), self.ple_table.shape[1]
-        if self._ple_staging is None or self._ple_staging.shape[0] < n:
-            self._ple_staging = torch.empty(
-                (max(n, 256), width), dtype=self.ple_table.dtype, pin_memory=True
-            )
-        staged = self._ple_staging[:n]
-        torch.index_select(self.ple_table, 0, ids, out=staged)
-        return staged.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if self._ple_copied is not None:
+            self._ple_copied.synchronize()
+        with on_device(self.device):
+            if self._ple_staging is None or self._ple_staging.shape[0] < n:
+                self._ple_staging = torch.empty(
+                    (max(n, 256), width), dtype=self.ple_table.dtype, pin_memory=True
+                )
+            staged = self._ple_staging[:n]
+            torch.index_select(self.ple_table, 0, ids, out=staged)
+            rows = staged.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            self._ple_copied = torch.cuda.Event()
+            self._ple_copied.record(torch.cuda.current_stream(self.device))
+        return rows

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from server.vocabulary.step import ALLOCATION_FAILURE_KINDS
+
 TTFT_BUCKETS = (
     0.001,
     0.005,
@@ -205,6 +207,18 @@ class Metrics:
         self.residency_changes = Counter(
             p + "residency_changes", "Resident-width resizes", ("direction",), registry=r
         )
+        self.grow_failures = Counter(
+            p + "residency_grow_failures",
+            "Background grows abandoned because building them failed (backed off; no request "
+            "saw them)",
+            registry=r,
+        )
+        self.out_of_memory = Counter(
+            p + "out_of_memory_steps",
+            "Steps that ran out of memory (shrunk and retried), by the allocator that failed",
+            ("kind",),
+            registry=r,
+        )
         self.subnet_offered = Gauge(
             p + "subnets_offered", "Subnets new requests may get", registry=r
         )
@@ -231,7 +245,12 @@ class Metrics:
             ("tier", "target"),
             registry=r,
         )
-        self._counted: dict[str, dict] = {"choices": {}, "downgrades": {}, "elastic": {}}
+        self._counted: dict[str, dict] = {
+            "choices": {},
+            "downgrades": {},
+            "elastic": {},
+            "oom": {},
+        }
 
     def observe_step(self, scheduler, last_step) -> None:
         """Gauges from the scheduler and block manager; called after each engine step."""
@@ -274,8 +293,9 @@ class Metrics:
             self.tpot.labels(**labels).observe(lat.tpot_s)
 
     def observe_memory(self, snap) -> None:
-        """A headroom probe reading (telemetry/headroom.py's MemorySnapshot)."""
-        for kind in ("total", "used", "free", "process"):
+        """A headroom probe reading (telemetry/headroom.py's MemorySnapshot): the device's
+        total/used/free, this process's share, and its allocator's reserved and allocated."""
+        for kind in ("total", "used", "free", "process", "reserved", "allocated"):
             self.device_memory.labels(kind=kind, source=snap.source).set(
                 getattr(snap, f"{kind}_bytes")
             )
@@ -325,9 +345,21 @@ class Metrics:
         c = el.counters
         self._inc_from(
             self._counted["elastic"],
-            {"grow": c.grows, "shrink": c.shrinks + c.oom_shrinks, "moves": c.moves},
-            lambda k: self.moves if k == "moves" else self.residency_changes.labels(direction=k),
+            {
+                "grow": c.grows,
+                "shrink": c.shrinks + c.oom_shrinks,
+                "moves": c.moves,
+                "grow_failures": c.grow_failures,
+            },
+            lambda k: (
+                {"moves": self.moves, "grow_failures": self.grow_failures}.get(k)
+                or self.residency_changes.labels(direction=k)
+            ),
         )
+
+    def observe_out_of_memory(self, counts: dict[str, int]) -> None:
+        """The engine's cumulative out-of-memory steps by allocator kind."""
+        self._inc_from(self._counted["oom"], counts, lambda k: self.out_of_memory.labels(kind=k))
 
     @staticmethod
     def _inc_from(seen: dict, current, metric_of) -> None:
@@ -342,7 +374,8 @@ class Metrics:
 
     def prepare(self, tiers: list[str]) -> None:
         """Create the bounded label sets at zero, so rates read 0 (not "no data") before the
-        first event: every tier's misses, downgrades and refusals, both resize directions."""
+        first event: every tier's misses, downgrades and refusals, both resize directions, every
+        allocator that can run out of memory."""
         for tier in tiers:
             self.downgrades.labels(tier=tier)
             for target in ("ttft", "tpot"):
@@ -351,6 +384,8 @@ class Metrics:
                 self.rejections.labels(tier=tier, reason=reason)
         for direction in ("grow", "shrink"):
             self.residency_changes.labels(direction=direction)
+        for kind in ALLOCATION_FAILURE_KINDS:
+            self.out_of_memory.labels(kind=kind)
 
     def reject(self, tier: str, reason: str) -> None:
         self.rejections.labels(tier=tier, reason=reason).inc()

@@ -54,6 +54,25 @@ class StepResult:
     logits: dict[str, object] = field(default_factory=dict)
 
 
+# Who can report an allocation failure (server/runtime/device.py classifies them by these names).
+ALLOCATION_FAILURE_KINDS = (
+    "torch",
+    "host",
+    "cublas",
+    "cudnn",
+    "cusolver",
+    "cusparse",
+    "cufft",
+    "cuda",
+    "other",
+)
+
+
 class DeviceOutOfMemory(RuntimeError):
     """A step ran out of accelerator (or host) memory: not any request's fault. The engine
-    shrinks the resident widths and runs the step again."""
+    shrinks the resident widths and runs the step again. `kind` names the allocator that
+    failed (the runtime's classification: "torch", "cublas", "cudnn", "cuda", "host", ...)."""
+
+    def __init__(self, message: str, kind: str = "unknown"):
+        super().__init__(message)
+        self.kind = kind

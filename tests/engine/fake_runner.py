@@ -31,7 +31,8 @@ the next steps, before anything is written; `step_seconds` (a number, or a funct
 step's sequences) is the duration reported and, with a `FakeClock`, the time that passes.
 
 `FakeFfn` meets `server.engine.elasticity.ResidentFfn`: widths and bytes, and background
-resizes that finish only when the test says so (`finish_resizes`). `ByteDecoder` meets
+resizes that finish only when the test says so (`finish_resizes`, or `fail_resizes` for a build
+that failed); it counts `release_cached` calls. `ByteDecoder` meets
 `TokenDecoder`: ids below 256 are UTF-8 bytes, the others special tokens.
 
 Plain Python: importing this module (and the engine) imports no torch (test_fake_runner.py).
@@ -405,6 +406,7 @@ class FakeResize:
     background: bool
     finished: bool = False
     abandoned: bool = False
+    error: BaseException | None = None
 
     def done(self) -> bool:
         return self.finished
@@ -421,6 +423,7 @@ class FakeFfn:
     resizes: list[FakeResize] = field(default_factory=list)
     history: list[tuple[int, ...]] = field(default_factory=list)  # committed widths, in order
     violations: list[str] = field(default_factory=list)
+    releases: int = 0  # release_cached calls
 
     def __post_init__(self) -> None:
         self.full_widths = tuple(self.full_widths)
@@ -432,6 +435,14 @@ class FakeFfn:
 
     def bytes_for(self, widths: Sequence[int]) -> int:
         return sum(widths) * self.bytes_per_row
+
+    def transient_bytes(self, widths: Sequence[int]) -> int:
+        """A changed layer's new rows are built whole beside the old ones."""
+        changed = [w for w, r in zip(widths, self.resident_widths, strict=True) if w != r]
+        return sum(changed) * self.bytes_per_row
+
+    def release_cached(self) -> None:
+        self.releases += 1
 
     def serves(self, subnet: Subnet) -> bool:
         return all(
@@ -448,6 +459,12 @@ class FakeFfn:
         for r in self.resizes:
             r.finished = True
 
+    def fail_resizes(self, error: BaseException) -> None:
+        """Every unfinished resize ends with its build having raised `error`."""
+        for r in self.resizes:
+            if not r.finished:
+                r.finished, r.error = True, error
+
     def abandon_ffn(self, pending: FakeResize) -> None:
         pending.abandoned = True
 
@@ -456,6 +473,8 @@ class FakeFfn:
             self.violations.append(f"commit of an unfinished resize to {pending.widths}")
         if pending.abandoned:
             self.violations.append(f"commit of an abandoned resize to {pending.widths}")
+        if pending.error is not None:
+            self.violations.append(f"commit of a failed resize to {pending.widths}")
         if pending.old != self.resident_widths:
             raise RuntimeError("the resident widths changed while a resize was being prepared")
         before = self.resident_bytes

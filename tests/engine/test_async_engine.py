@@ -303,22 +303,27 @@ def test_observers_see_every_step_and_each_finished_request_once():
 
 def test_an_idle_engine_still_follows_the_headroom():
     """With no request at all, headroom falling under the low-water mark still shrinks the
-    resident widths, a level per idle tick: the memory goes back to whoever needs it."""
+    resident widths, a level per idle tick that has a reading taken after the last resize (the
+    sampler, running on its thread, is asked for one after each): the memory goes back to
+    whoever needs it."""
     h = build(step_seconds=0.0, elastic=True)
+    h.probe.set_free(TIGHT)
+    h.sampler.interval_s = 60.0  # readings come only when elasticity asks for one
     aeng = AsyncEngine(h.engine, idle_tick_s=0.005)
 
     async def main():
         await aeng.start()
-        await asyncio.sleep(0.01)
-        h.probe.set_free(TIGHT)
-        h.sampler.sample()
+        h.sampler.start()
+        h.sampler.request()
         deadline = time.monotonic() + 5
         while h.elasticity.current > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await aeng.stop()
+        h.sampler.stop()
 
     asyncio.run(main())
     assert h.elasticity.current == 0 and h.ffn.resident_widths == h.elasticity.levels[0]
+    assert h.ffn.releases == 4  # each shrink gave its cached blocks back
 
 
 def test_a_request_that_cannot_run_yet_does_not_spin_the_loop():
@@ -326,6 +331,8 @@ def test_a_request_that_cannot_run_yet_does_not_spin_the_loop():
     makes steps that run nothing; the loop pauses between them (blocked_retry_s) instead of
     spinning, and the request runs once the widths grow back."""
     h = build(step_seconds=0.0, elastic=True)
+    h.probe.set_free(TIGHT)
+    h.sampler.interval_s = 0.01  # readings on the sampler's thread, as in the server
     aeng = AsyncEngine(h.engine, idle_tick_s=0.005, blocked_retry_s=0.02)
     steps = {"n": 0}
     step = h.engine.step
@@ -338,17 +345,17 @@ def test_a_request_that_cannot_run_yet_does_not_spin_the_loop():
 
     async def main():
         await aeng.start()
-        h.probe.set_free(TIGHT)
-        h.sampler.sample()
-        while h.elasticity.current > 0:
+        h.sampler.start()
+        deadline = time.monotonic() + 5
+        while h.elasticity.current > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
+        assert h.elasticity.current == 0
         stream = aeng.add_request(prompt(8), FULL, greedy(3), "pinned-full")
         before = steps["n"]
         await asyncio.sleep(0.3)
         waited = steps["n"] - before
         assert "pinned-full" in h.scheduler.requests and not h.scheduler.running
         h.probe.set_free(ROOMY)
-        h.sampler.sample()
 
         async def uploads():  # the background growths finish when their "upload" does
             while True:
@@ -359,6 +366,7 @@ def test_a_request_that_cannot_run_yet_does_not_spin_the_loop():
         outs = await asyncio.wait_for(drain(stream), 10)
         uploading.cancel()
         await aeng.stop()
+        h.sampler.stop()
         return waited, outs
 
     waited, outs = asyncio.run(main())

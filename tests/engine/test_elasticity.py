@@ -125,7 +125,7 @@ def test_a_ceiling_is_never_exceeded_by_a_move_even_to_a_better_scored_subnet():
     h.step()
     assert h.scheduler.requests["u"].subnet.name == "wide-low"
     headroom(h, TIGHT)
-    h.run()
+    h.run(before_step=lambda _: h.sampler.sample())  # a fresh (tight) reading every step
     assert subnets_used(h, "u") == ["wide-low", "lite-low"] and el.moved == {"u"}
     assert el.levels[-3] in h.ffn.history  # the level without wide-low's widths came
     h.assert_idle()
@@ -198,12 +198,13 @@ def test_growth_is_prepared_in_the_background_and_swapped_in_between_steps():
     committed (at a step boundary), one level at a time, and new requests then get more."""
     h = build(elastic=True, free_bytes=TIGHT)
     el = h.elasticity
-    for _ in range(4):  # nothing runs: each tick commits the next level down at once
+    for _ in range(4):  # nothing runs: each tick with a new reading commits a level down at once
+        h.sampler.sample()
         h.engine.step()
     assert el.current == 0 and h.ffn.resident_widths == el.levels[0]
-    headroom(h, ROOMY)
     h.add("r", prompt(5), None, greedy(30), tier=ANY)
     for level in range(1, 5):
+        headroom(h, ROOMY)  # a reading taken after the last resize settled
         for _ in range(3):
             h.step()
             assert el.current == level - 1, "committed before the resize was done"
@@ -223,6 +224,7 @@ def test_a_tier_with_nothing_resident_waits_and_runs_after_growth():
     others run past it, and it runs once its subnet is back."""
     h = build(elastic=True, free_bytes=TIGHT)
     for _ in range(4):
+        h.sampler.sample()
         h.engine.step()
     h.add("full-only", prompt(5), None, greedy(3), tier=FULL_ONLY)
     h.add("other", prompt(5, 1), None, greedy(3), tier=ANY)
@@ -235,6 +237,7 @@ def test_a_tier_with_nothing_resident_waits_and_runs_after_growth():
 
     def ready(step):
         h.ffn.finish_resizes()
+        h.sampler.sample()
 
     h.run(before_step=ready)
     assert subnets_used(h, "full-only") == ["full"]
@@ -322,6 +325,7 @@ def test_out_of_memory_with_nothing_to_shrink_propagates():
     assert fixed.runner.oom_raised == 1
     smallest = build(elastic=True, free_bytes=TIGHT)
     for _ in range(4):
+        smallest.sampler.sample()
         smallest.engine.step()
     assert not smallest.elasticity.can_shrink
     smallest.add("a", prompt(5), None, tier=ANY)

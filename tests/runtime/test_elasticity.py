@@ -33,7 +33,7 @@ from tests.runtime.conftest import alone, prompt_ids
 MB = 1024 * 1024
 
 
-def elastic_engine(tiny_dir, free_mb: float):
+def elastic_engine(tiny_dir, free_mb: float, config: ElasticityConfig | None = None):
     store = CheckpointStore.open(tiny_dir)
     weights = Weights(store, private_ffn=True)
     rt = ElasticRuntime(
@@ -45,7 +45,7 @@ def elastic_engine(tiny_dir, free_mb: float):
     )
     probe = ScriptedProbe(total_bytes=100 * MB, free_bytes=int(free_mb * MB))
     sampler = ProbeSampler(probe)
-    el = Elasticity(weights, rt.subnets, sampler, ElasticityConfig(20 * MB, 40 * MB))
+    el = Elasticity(weights, rt.subnets, sampler, config or ElasticityConfig(20 * MB, 40 * MB))
     config = SchedulerConfig(
         max_num_seqs=16, max_num_batched_tokens=64, max_prefill_chunk=32, max_model_len=1024
     )
@@ -213,3 +213,80 @@ def test_resident_widths_follow_the_host_probe_on_a_cpu(tiny_dir):
     assert all(o.finish_reason in ("length", "stop") for o in finished.values())
     assert min(seen) < top and seen[-1] == top, seen
     assert sampler.latest.source == "host"
+
+
+def test_a_failed_background_grow_is_counted_and_no_request_fails(tiny_dir, monkeypatch):
+    """The grow's build runs out of memory on its thread (the headroom went elsewhere): the
+    engine's steps go on, no request fails, the widths stay, the failure is counted; once the
+    back-off has passed and the build works again, the widths grow back."""
+    config = ElasticityConfig(20 * MB, 40 * MB, grow_backoff_s=0.0)
+    eng, el, probe, sampler, rt = elastic_engine(tiny_dir, free_mb=60, config=config)
+    top = len(el.levels) - 1
+    residency = rt.weights.residency
+    build = residency._grow_layer
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated, in the grow's build)")
+
+    monkeypatch.setattr(residency, "_grow_layer", out_of_memory)
+    seen = []
+
+    def script(step):
+        probe.set_free((10 if step < 4 else 90) * MB)  # down a level, then room to grow
+        if step == 12:
+            monkeypatch.setattr(residency, "_grow_layer", build)  # the memory is there now
+        sampler.sample()
+        if el._growing is not None:
+            el._growing[1].thread.join()  # let the background build end before the tick
+        seen.append(el.current)
+
+    _, finished = _serve(eng, 16, 400, script)
+    assert len(finished) == 16
+    assert all(o.error is None and o.finish_reason in ("length", "stop") for o in finished.values())
+    assert el.counters.grow_failures >= 1 and min(seen) < top
+    assert el.current == top and rt.weights.resident_widths == el.levels[top]
+    full = rt.store.text_tensor("layers.7.mlp.gate_proj.weight")
+    assert torch.equal(rt.weights.layers[7].gate, full)
+
+
+def test_transient_bytes_are_what_a_resize_holds_beside_the_resident_buffers(tiny_dir):
+    """A grow builds every grown layer whole beside the old buffers; a shrink copies one layer's
+    kept prefix at a time. Private buffers only: views cost nothing."""
+    store = CheckpointStore.open(tiny_dir)
+    w = Weights(store, private_ffn=True)
+    full = w.residency.full
+    hidden, item = store.text.hidden_size, 4
+    half = tuple(k // 2 for k in full)
+    assert w.transient_bytes(half) == 3 * max(half) * hidden * item
+    w.resize_ffn(half)
+    mixed = (full[0], *half[1:])  # only layer 0 grows
+    assert w.transient_bytes(mixed) == 3 * full[0] * hidden * item
+    assert w.transient_bytes(full) == 3 * sum(full) * hidden * item
+    assert Weights(store).transient_bytes(half) == 0  # views of the mapping
+
+
+def test_a_shrink_replaces_one_layer_at_a_time(tiny_dir):
+    """Each layer's old buffers are dropped before the next layer is copied (the peak is one
+    layer), and what each layer holds afterwards is its own prefix."""
+    import gc
+    import weakref
+
+    store = CheckpointStore.open(tiny_dir)
+    w = Weights(store, private_ffn=True)
+    half = tuple(k // 2 for k in w.residency.full)
+    olds = [weakref.ref(w.residency.buffers[i][0]) for i in range(len(half))]
+    alive_at_swap = []
+
+    def on_replace(layer, buffers):
+        gc.collect()
+        alive_at_swap.append([ref() is not None for ref in olds])
+        w._replace_ffn(layer, buffers)
+
+    w.residency.on_replace = on_replace
+    w.resize_ffn(half)
+    # when layer i is replaced, the old buffers of the layers before it are gone already and
+    # those after it are still there: one layer at a time
+    n = len(half)
+    assert alive_at_swap == [[False] * i + [True] * (n - i) for i in range(n)]
+    gate = store.text_tensor("layers.9.mlp.gate_proj.weight")
+    assert torch.equal(w.layers[9].gate, gate[: half[9]]) and w.layers[9].gate.is_contiguous()
