@@ -69,29 +69,39 @@ async def merge_streams(
 
 
 async def until_disconnect(
-    request: Request, work: Awaitable[T], streams: Sequence[RequestStream], poll_s: float = 0.1
+    request: Request, work: Awaitable[T], streams: Sequence[RequestStream]
 ) -> T:
-    """Run `work`; if the client disconnects first, abort its streams and raise APIError(499)."""
+    """Run `work`; if the client disconnects first, abort its streams and raise APIError(499).
+
+    The disconnect is awaited, not polled: once the body is read, the server's next message
+    for the request is its disconnect, so a client that left (even before the work began)
+    releases its engine requests within one loop iteration rather than one poll interval."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll_s)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                for s in streams:
-                    s.close()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                # A response nobody reads (the server drops it), rather than CancelledError,
-                # which the server would log as an ASGI application error with a traceback.
-                raise APIError(499, "the client closed the request", code="client_disconnected")
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        for s in streams:
+            s.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # A response nobody reads (the server drops it), rather than CancelledError, which
+        # the server would log as an ASGI application error with a traceback.
+        raise APIError(499, "the client closed the request", code="client_disconnected")
     finally:
+        gone.cancel()
         if not task.done():
             task.cancel()
             for s in streams:
                 s.close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone (the body was read in full before the app ran)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class ClosingStream(StreamingResponse):

@@ -593,9 +593,11 @@ def _attacks(server: LiveServer | Target) -> dict[str, Callable[[], int | None]]
             return _read_reply(s, time.monotonic(), 0).status
 
     def leave_early() -> None:
+        # Gone as soon as the request is sent: the server learns it while it validates, queues or
+        # prefills the request. (Streams left midway are test_disconnect.py's; here a tenant
+        # that stayed would be ordinary load, which its tier, not the server's defences, bounds.)
         with socket.create_connection(_addr(server), timeout=10) as s:
             s.sendall(sized(leave))
-            time.sleep(0.05)
 
     chunks = post_head(server, path, "mallory", "Transfer-Encoding: chunked")
     both = post_head(server, path, "mallory", "Content-Length: 10", "Transfer-Encoding: chunked")
@@ -690,14 +692,15 @@ def test_soak_a_bystander_keeps_its_latency_while_a_tenant_attacks(server: LiveS
     baseline: list[float] = []
     attacked: list[float] = []
     try:
-        for _ in range(3):
+        # 60 a side: a p95 of 60 is the fourth largest, not one unlucky outlier's value.
+        for _ in range(4):
             while busy.value:
                 time.sleep(0.02)  # the last attack attempts are over
             wait_idle(server)
-            baseline += bystander(10)
+            baseline += bystander(15)
             attacking.set()
             time.sleep(0.3)  # every attack under way
-            attacked += bystander(10)
+            attacked += bystander(15)
             attacking.clear()
     finally:
         stop.set()
