@@ -67,7 +67,7 @@ class TrainPlan:
     """Everything that decides the trained weights (with the corpus and the torch build)."""
 
     seed: int = 16
-    steps: int = 600
+    steps: int = 640
     batch: int = 8  # sequences per step
     seq_len: int = 256
     lr: float = 3e-3
@@ -91,6 +91,18 @@ class TrainPlan:
     random_widths: tuple[int, ...] = (128, 192, 256, 320, 384, 448, 512)
     random_skip_p: float = 0.06
     checkpoint_every_s: float = 240.0
+    # An earlier end: from step `cooldown_start` the learning rate falls linearly from the
+    # cosine's value there to lr * min_lr_ratio over `cooldown_steps` steps, and the run ends.
+    # Steps before it are those of the plan without a cooldown, so a run may be given one
+    # while it runs (when the machine turns out slower than planned) and stay reproducible.
+    cooldown_start: int | None = None
+    cooldown_steps: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        if self.cooldown_start is None:
+            return self.steps
+        return min(self.steps, self.cooldown_start + self.cooldown_steps)
 
 
 # ---- tokenizer and tokens ---------------------------------------------------------------------
@@ -286,6 +298,15 @@ def _loss(model, rows: torch.Tensor) -> torch.Tensor:
 
 
 def lr_at(plan: TrainPlan, step: int) -> float:
+    if plan.cooldown_start is not None and step >= plan.cooldown_start:
+        start = _cosine_lr(plan, plan.cooldown_start)
+        end = plan.lr * plan.min_lr_ratio
+        done = (step - plan.cooldown_start + 1) / max(1, plan.cooldown_steps)
+        return start + (end - start) * min(1.0, done)
+    return _cosine_lr(plan, step)
+
+
+def _cosine_lr(plan: TrainPlan, step: int) -> float:
     if step < plan.warmup:
         return plan.lr * (step + 1) / plan.warmup
     t = (step - plan.warmup) / max(1, plan.steps - plan.warmup)
@@ -306,6 +327,19 @@ def _save_state(path: Path, model, opt, step: int, plan: TrainPlan) -> None:
     os.replace(tmp, path)
 
 
+def _same_past(saved: dict, plan: TrainPlan, step: int) -> bool:
+    """Whether `plan` took the same first `step` steps as the saved plan: equal but for a
+    cooldown that starts at or after `step` (a saved plan may predate the cooldown fields)."""
+    now = asdict(plan)
+    cooldown = ("cooldown_start", "cooldown_steps")
+    rest_equal = {k: v for k, v in saved.items() if k not in cooldown} == {
+        k: v for k, v in now.items() if k not in cooldown
+    }
+    if saved.get("cooldown_start") is not None:
+        return rest_equal and all(saved.get(k) == now[k] for k in cooldown)
+    return rest_equal and (plan.cooldown_start is None or plan.cooldown_start >= step)
+
+
 def train(
     work: Path,
     plan: TrainPlan,
@@ -313,7 +347,7 @@ def train(
     preset: Preset = TRAINED_PRESET,
     stop_at: int | None = None,
 ) -> Path:
-    """Prepare what is missing under `work` and train until `plan.steps` (or `max_seconds`, or
+    """Prepare what is missing under `work` and train until `plan.total_steps` (or `max_seconds`, or
     step `stop_at`), resuming from `work/run/state.pt`. Returns the state file.
 
     The weights after step n depend only on the plan, the preset, the corpus and the torch build
@@ -341,7 +375,7 @@ def train(
     step = 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
-        if state["plan"] != json.loads(json.dumps(asdict(plan))) and state["plan"] != asdict(plan):
+        if not _same_past(state["plan"], plan, state["step"]):
             raise ValueError(f"{state_path} was written by a different plan; use another --work")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -355,7 +389,7 @@ def train(
     t_saved = t_start
     tokens_per_step = plan.batch * plan.seq_len
     with log_path.open("a") as log:
-        while step < plan.steps:
+        while step < plan.total_steps:
             if max_seconds is not None and time.monotonic() - t_start > max_seconds:
                 break
             if stop_at is not None and step >= stop_at:
@@ -390,11 +424,11 @@ def train(
             }
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            if time.monotonic() - t_saved > plan.checkpoint_every_s or step == plan.steps:
+            if time.monotonic() - t_saved > plan.checkpoint_every_s or step == plan.total_steps:
                 _save_state(state_path, model, opt, step, plan)
                 t_saved = time.monotonic()
                 print(
-                    f"step {step}/{plan.steps}: loss {rec['loss_full']:.3f} full, "
+                    f"step {step}/{plan.total_steps}: loss {rec['loss_full']:.3f} full, "
                     f"{rec['loss_subnet']:.3f} {shape.name}; saved",
                     file=sys.stderr,
                 )

@@ -98,3 +98,31 @@ def test_a_resumed_run_reaches_the_weights_of_an_uninterrupted_one(
     # A plan change is refused rather than silently mixed into the run.
     with pytest.raises(ValueError, match="different plan"):
         training.train(resumed, replace(PLAN, lr=1e-4), preset=TINY)
+
+
+def test_a_cooldown_given_mid_run_equals_one_planned_from_the_start(
+    corpus_dir: Path, tmp_path: Path
+):
+    # The committed model's run was given its cooldown while it ran (the shared machine was
+    # slower than planned); that is reproducible only if the steps before it are unchanged.
+    long = replace(PLAN, steps=10)
+    short = replace(long, cooldown_start=2, cooldown_steps=1)
+    assert short.total_steps == 3
+    assert [training.lr_at(short, s) for s in (0, 1)] == [training.lr_at(long, s) for s in (0, 1)]
+    assert training.lr_at(short, 2) == pytest.approx(long.lr * long.min_lr_ratio)
+    torch.set_num_threads(1)
+    try:
+        planned = work_with(corpus_dir, tmp_path, "planned")
+        training.train(planned, short, preset=TINY)
+        given = work_with(corpus_dir, tmp_path, "given")
+        training.train(given, long, preset=TINY, stop_at=2)
+        training.train(given, short, preset=TINY)
+        with pytest.raises(ValueError, match="different plan"):  # a cooldown in the past
+            training.train(given, replace(long, cooldown_start=1, cooldown_steps=1), preset=TINY)
+    finally:
+        torch.set_num_threads(2)
+    a = torch.load(planned / "run/state.pt", weights_only=False)
+    b = torch.load(given / "run/state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
