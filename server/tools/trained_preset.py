@@ -4,7 +4,7 @@ Owns what goes into the preset's folder besides the weights: the held-out slice 
 be re-measured without the corpus), the measured quality of every subnet, the corpus manifest
 (package versions, SHA-256 of every cleaned file), the NOTICE with the sources' licences, and the
 metrics JSON (how the run went: steps, tokens, wall time, threads, losses; the weights' SHA-256;
-and a small re-measurable check for CI).
+and a small re-measurable check for CI) and the training log (every step's losses).
 
 Deliberately does not know: how training or measurement work (server/tools/training.py,
 server/tools/quality.py), or where the preset is served from (server/tools/dev_model.py).
@@ -24,6 +24,7 @@ from server.tools import corpus as corpus_mod
 from server.tools import quality, training
 
 METRICS_FILE = "training_metrics.json"
+LOG_FILE = "training_log.jsonl"
 MANIFEST_FILE = "corpus_manifest.json"
 NOTICE_FILE = "NOTICE"
 WEIGHTS_FILE = "model-00001-of-00001.safetensors"
@@ -132,5 +133,5 @@ def package(work: Path, out: Path, plan: training.TrainPlan, train_threads: int)
         },
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    shutil.copyfile(work / "run" / "log.jsonl", work / "run" / "log.packaged.jsonl")
+    shutil.copyfile(work / "run" / "log.jsonl", out / LOG_FILE)  # the loss curve, step by step
     return metrics

@@ -558,7 +558,7 @@ def format_table(table: SubnetTable) -> str:
         if measured:
             m = table.measured.get(s.name)
             score = table.scores[s.name]
-            quality = f"{m.perplexity:.2f} ({score:.2f})" if m else f"- ({score:.2f})"
+            quality = f"{m.perplexity:.2f} ({score:.3f})" if m else f"- ({score:.3f})"
         else:
             quality = "-" if s.quality is None else f"{s.quality:.1f}"
         rows.append((s.name, layers, params, quality, s.kv_key))
