@@ -36,6 +36,21 @@ def tiny64(tiny_dir: Path) -> ElasticRuntime:
     return ElasticRuntime.open(tiny_dir, dtype="float64")
 
 
+@pytest.fixture(scope="session")
+def trained() -> ElasticRuntime:
+    """The committed trained dev model (models/dev-trained): float32 over its bf16 weights."""
+    from server.tools.dev_model import TRAINED_CHECKPOINT
+
+    return ElasticRuntime.open(TRAINED_CHECKPOINT, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def trained64() -> ElasticRuntime:
+    from server.tools.dev_model import TRAINED_CHECKPOINT
+
+    return ElasticRuntime.open(TRAINED_CHECKPOINT, dtype="float64")
+
+
 # Two float32 evaluations' rounding errors are of one size (same operations, other orders): the
 # largest over hundreds of logits is a stable statistic, so the other side's is within a small
 # factor of the measured side's, and their difference within the sum. 8 leaves room for that.
