@@ -12,6 +12,7 @@ tensor, a wrong width) moves logits by orders of magnitude more.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.offline import Generation, GenerationRequest
 from server.runtime.elastic import ElasticRuntime
 
-torch.set_num_threads(2)
+# Two threads by default (this machine's cores); OMP_NUM_THREADS, when set, chooses another count,
+# so the suite can be run with other reduction orders (the float32 rule must hold for any).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
