@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Concentric's one entry point on a fresh machine (needs only Python 3.11+ and pip):
-#   ./dev.sh serve   set everything up, then start Concentric on the built-in dev model
+#   ./dev.sh serve   set everything up, then start Concentric on the built-in dev model (the
+#                    trained one committed in models/dev-trained)
 #   ./dev.sh test    set everything up, then run the test suite
 # Setup creates .venv here and installs the package with its test extras, once (again only when
 # pyproject.toml changes). CONCENTRIC_TORCH chooses the torch requirement; the default is the

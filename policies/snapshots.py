@@ -14,7 +14,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SubnetView:
     name: str
-    quality: float  # the table's score (`SubnetTable.scores`: MMLU %, or a stand-in)
+    quality: float  # `SubnetTable.scores`: measured 100/perplexity, else MMLU %, or a stand-in
     effective_params: int
     resident: bool  # its widths fit in what the accelerator holds now (always true on a CPU)
     kv_key: str  # subnets with equal keys write identical KV

@@ -31,9 +31,9 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 def _checkpoint(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
-    from server.tools.dev_model import dev_model_cache
+    from server.tools.dev_model import default_dev_checkpoint
 
-    folder = dev_model_cache("mini")
+    folder = default_dev_checkpoint()
     print(f"(no --checkpoint: using the built-in dev model at {folder})", file=sys.stderr)
     return folder
 
@@ -53,12 +53,59 @@ def cmd_make_dev_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_dev_model(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from server.tools import trained_preset, training
+
+    plan = training.TrainPlan()
+    if args.steps is not None:
+        plan = dataclasses.replace(plan, steps=args.steps)
+    if args.cooldown_start is not None:
+        plan = dataclasses.replace(
+            plan, cooldown_start=args.cooldown_start, cooldown_steps=args.cooldown_steps
+        )
+    torch_threads(args.threads)
+    max_s = None if args.max_minutes is None else args.max_minutes * 60
+    state = training.train(Path(args.work), plan, max_seconds=max_s)
+    import torch
+
+    step = torch.load(state, weights_only=False)["step"]
+    print(f"trained to step {step}/{plan.total_steps}; run state in {state}")
+    if args.out and (step >= plan.total_steps or args.package_partial):
+        metrics = trained_preset.package(Path(args.work), Path(args.out), plan, args.threads)
+        print(f"wrote the trained preset to {args.out}: {json.dumps(metrics['ci_check'])}")
+    elif args.out:
+        print("not packaged: the run is unfinished (run again to resume, or --package-partial)")
+    return 0
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def cmd_measure_quality(args: argparse.Namespace) -> int:
+    from server.tools.quality import measure_quality
+
+    names = args.subnets.split(",") if args.subnets else None
+    doc = measure_quality(_checkpoint(args), names, write=not args.dry_run)
+    for name, rec in doc["subnets"].items():
+        print(f"{name:16s} perplexity {rec['perplexity']:9.3f}  top-1 {rec['top1']:.4f}")
+    print(f"({doc['tokens']} held-out tokens; {doc['description']})")
+    return 0
+
+
 def cmd_subnets(args: argparse.Namespace) -> int:
     from server.checkpoint.store import CheckpointStore
+    from server.vocabulary.measured_quality import read_measured_quality
     from server.vocabulary.subnets import DEFAULT_TABLE_CSV, format_table, load_subnet_table
 
     store = CheckpointStore.open(_checkpoint(args))
-    table = load_subnet_table(store.text, DEFAULT_TABLE_CSV, _custom(args))
+    table = load_subnet_table(
+        store.text, DEFAULT_TABLE_CSV, _custom(args), read_measured_quality(store.folder)
+    )
     print(format_table(table))
     return 0
 
@@ -162,14 +209,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = generate(_offline_engine(rt, requests), requests)
     elapsed = time.perf_counter() - t0
     print(f"prompt: {args.prompt!r} ({len(prompt_ids)} tokens); checkpoint {rt.store.folder}")
-    print(
-        "(random dev weights: the text is noise; what matters is that every subnet is served "
-        "from one weight copy, in one batch)"
-    )
+    if rt.subnets.quality_source == "measured":
+        print(
+            "(every subnet is served from one weight copy, in one batch; each one's held-out "
+            "perplexity is shown: narrower is cheaper and a little worse)"
+        )
+    else:
+        print(
+            "(random dev weights: the text is noise; what matters is that every subnet is "
+            "served from one weight copy, in one batch)"
+        )
     for s, r in zip(subnets, results, strict=True):
+        m = rt.subnets.measured.get(s.name)
+        ppl = f", held-out perplexity {m.perplexity:.1f}" if m else ""
         print(
             f"\n[{s.name}] {s.effective_params / 1e6:.1f} M effective params, "
-            f"{len(s.layers)} layers:\n  {r.text!r}"
+            f"{len(s.layers)} layers{ppl}:\n  {r.text!r}"
         )
     total = sum(len(r.token_ids) for r in results)
     print(f"\n{total} tokens for {len(subnets)} subnets in {elapsed:.2f} s")
@@ -231,6 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_dev_model)
+
+    p = sub.add_parser(
+        "train-dev-model",
+        help="train the small dev model that speaks (deterministic; resumes from --work)",
+    )
+    p.add_argument("--work", required=True, help="corpus, tokenizer, tokens and run state")
+    p.add_argument("--out", help="write the finished run here as the `trained` preset")
+    p.add_argument("--steps", type=int, help="total steps (default: the plan's)")
+    p.add_argument("--cooldown-start", type=int, help="end early: decay the rate from this step")
+    p.add_argument("--cooldown-steps", type=int, default=100, help="(default: %(default)s)")
+    p.add_argument("--max-minutes", type=float, help="stop (resumably) after this long")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--package-partial", action="store_true", help="package an unfinished run")
+    p.set_defaults(func=cmd_train_dev_model)
+
+    p = sub.add_parser(
+        "measure-quality",
+        help="held-out perplexity of every subnet, stored beside the checkpoint "
+        "(subnet_quality.json: the subnet table's quality scores from then on)",
+    )
+    model_args(p, runtime=False)
+    p.add_argument("--subnets", help="comma-separated subnet names (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="print only; write nothing")
+    p.set_defaults(func=cmd_measure_quality)
 
     p = sub.add_parser("subnets", help="print the subnet table of a checkpoint")
     model_args(p, runtime=False)

@@ -46,7 +46,7 @@ class Tier:
     # Service targets and quality bounds, used by the subnet-choice policy.
     target_ttft_s: float | None = None  # p95 time to first token
     target_tpot_s: float | None = None  # p95 time per output token
-    quality_floor: float | None = None  # smallest subnet quality (MMLU %) this tier accepts
+    quality_floor: float | None = None  # smallest quality score (SubnetTable.scores) accepted
     quality_ceiling: float | None = None  # largest it is given
 
     def view(self) -> TierView:

@@ -170,6 +170,7 @@ async def list_models(request: Request):
         }
     ]
     for s in rt.subnets:
+        measured = rt.subnets.measured.get(s.name)
         data.append(
             {
                 "id": s.name,
@@ -181,7 +182,11 @@ async def list_models(request: Request):
                 "concentric": {
                     "title": s.title,
                     "effective_params": s.effective_params,
-                    "quality": s.quality,
+                    # Measured held-out quality (100 / perplexity) where the checkpoint has
+                    # it, else the table's MMLU; `quality_source` says which.
+                    "quality": measured.score if measured else s.quality,
+                    "quality_source": "measured" if measured else "table",
+                    "heldout_perplexity": measured.perplexity if measured else None,
                     "layers": len(s.layers),
                     "skipped_layers": list(s.skipped(len(rt.subnets.full.layers))),
                     "kv_layout": s.kv_key,

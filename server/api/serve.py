@@ -55,12 +55,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(config: ServerConfig) -> None:
-    from server.tools.dev_model import dev_model_cache
+    from server.tools.dev_model import default_dev_checkpoint
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    checkpoint = Path(config.checkpoint) if config.checkpoint else dev_model_cache("mini")
+    checkpoint = Path(config.checkpoint) if config.checkpoint else default_dev_checkpoint()
     service = Service(config, checkpoint)
     service.check_config()
     warn_open(config)

@@ -21,6 +21,7 @@ from server.runtime.device import bind
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.weights import Weights
 from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
+from server.vocabulary.measured_quality import read_measured_quality
 from server.vocabulary.subnets import (
     DEFAULT_CUSTOM_YAML,
     DEFAULT_TABLE_CSV,
@@ -57,5 +58,7 @@ class ElasticRuntime:
         bind(device)  # this thread's current device (each step thread enters it too)
         store = CheckpointStore.open(checkpoint)
         weights = Weights(store, dtype=parse_dtype(dtype), device=device)
-        subnets = load_subnet_table(store.text, table_csv, custom_subnets)
+        # The checkpoint's measured quality, when it has one, is every subnet's quality score.
+        measured = read_measured_quality(store.folder)
+        subnets = load_subnet_table(store.text, table_csv, custom_subnets, measured)
         return cls(store, weights, Gemma3nModel(weights), subnets, TextTokenizer(store.folder))

@@ -465,3 +465,17 @@ def dev_model_cache(preset: str = "mini", cache_dir: str | Path | None = None) -
         shutil.rmtree(folder, ignore_errors=True)
         make_dev_model(preset, folder)
     return folder
+
+
+# The trained dev model (server/tools/training.py, packaged by server/tools/trained_preset.py),
+# committed with the repository: what `concentric serve` and the CLI use when no checkpoint is
+# given. The random presets above stay for tests and benchmarks.
+TRAINED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "dev-trained"
+
+
+def default_dev_checkpoint() -> Path:
+    """The trained dev model; the random `mini` preset where it is absent (an installed wheel
+    carries no `models/` folder)."""
+    if (TRAINED_CHECKPOINT / "config.json").is_file():
+        return TRAINED_CHECKPOINT
+    return dev_model_cache("mini")

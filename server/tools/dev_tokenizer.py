@@ -200,21 +200,34 @@ def _fixed_tokens() -> list[str]:
 
 
 def _corpus_pieces() -> Counter[str]:
-    """Split the corpus the way SentencePiece sees words: each piece owns its leading space, so
-    no merge can span two words. Paragraph breaks stay as newline pieces."""
+    """The embedded corpus's pieces (see `text_pieces`)."""
     paragraphs = [" ".join(p.split()) for p in _CORPUS.strip().split("\n\n")]
-    text = "\n\n".join(paragraphs).replace(" ", SPACE)
-    return Counter(re.findall(rf"{SPACE}?[^{SPACE}\n]+|\n+|{SPACE}+", text))
+    return text_pieces("\n\n".join(paragraphs))
+
+
+def text_pieces(text: str) -> Counter[str]:
+    """Split text the way SentencePiece sees words: each piece owns its leading space, so no
+    merge can span two words. Newline runs are pieces of their own, and so are '<' and '>', so no
+    learned token can look like a control token ("<...>")."""
+    text = text.replace(" ", SPACE)
+    return Counter(re.findall(rf"{SPACE}?[<>]|{SPACE}?[^{SPACE}\n<>]+|\n+|{SPACE}+", text))
 
 
 @cache
 def _learn_merges() -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """The merges of the embedded corpus (see `learn_merges`)."""
+    return learn_merges(_corpus_pieces())
+
+
+def learn_merges(
+    piece_counts: Counter[str],
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     """Classic BPE over the corpus pieces: repeatedly merge the most frequent adjacent pair.
 
     Ties go to the lexicographically smallest pair, and no set or dict iteration order reaches the
     result, so the output is the same in every process. Returns (merges in rank order, characters
     of the corpus from most to least frequent)."""
-    pieces = sorted(_corpus_pieces().items())
+    pieces = sorted(piece_counts.items())
     words = [list(piece) for piece, _ in pieces]
     freqs = [freq for _, freq in pieces]
 
@@ -268,12 +281,14 @@ def _learn_merges() -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     return tuple(merges), tuple(chars)
 
 
-def _learned_vocab(budget: int) -> tuple[list[str], list[tuple[str, str]]]:
+def _learned_vocab(
+    budget: int, learned: tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | None = None
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Up to `budget` learned tokens and the merges that build them.
 
     Merges are taken in rank order, each preceded by any character it needs, so every prefix is
     a consistent BPE vocabulary; the corpus characters no merge used come last."""
-    merges, chars = _learn_merges()
+    merges, chars = learned if learned is not None else _learn_merges()
     tokens: list[str] = []
     have = {SPACE}
     kept: list[tuple[str, str]] = []
@@ -293,9 +308,12 @@ def _learned_vocab(budget: int) -> tuple[list[str], list[tuple[str, str]]]:
     return tokens, kept
 
 
-def _build_tokenizer(text_vocab_size: int) -> Tokenizer:
+def _build_tokenizer(
+    text_vocab_size: int,
+    learned_merges: tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | None = None,
+) -> Tokenizer:
     fixed = _fixed_tokens()
-    learned, merges = _learned_vocab(text_vocab_size - len(fixed))
+    learned, merges = _learned_vocab(text_vocab_size - len(fixed), learned_merges)
     # Spare ids continue the <unusedN> numbering, like Gemma's own reserved slots.
     n_spare = text_vocab_size - len(fixed) - len(learned)
     filler = [f"<unused{_UNUSED_BEFORE_TURNS + i}>" for i in range(n_spare)]
@@ -373,9 +391,14 @@ def _dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
-def write_dev_tokenizer(out_dir: Path, text_vocab_size: int) -> DevTokenIds:
+def write_dev_tokenizer(
+    out_dir: Path, text_vocab_size: int, piece_counts: Counter[str] | None = None
+) -> DevTokenIds:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja
     into out_dir (which exists). Deterministic: the same text_vocab_size gives byte-identical files.
+
+    `piece_counts` (from `text_pieces` over a training corpus) replaces the embedded corpus as
+    what the merges are learned from; the fixed ids, options and chat template stay the same.
     """
     if isinstance(text_vocab_size, bool) or not isinstance(text_vocab_size, int):
         raise TypeError(f"text_vocab_size must be an int, got {text_vocab_size!r}")
@@ -387,7 +410,10 @@ def write_dev_tokenizer(out_dir: Path, text_vocab_size: int) -> DevTokenIds:
         )
     out_dir = Path(out_dir)
     files = {
-        "tokenizer.json": _build_tokenizer(text_vocab_size).to_str(pretty=True) + "\n",
+        "tokenizer.json": _build_tokenizer(
+            text_vocab_size, None if piece_counts is None else learn_merges(piece_counts)
+        ).to_str(pretty=True)
+        + "\n",
         "tokenizer_config.json": _dump_json(_tokenizer_config()),
         "special_tokens_map.json": _dump_json(_special_tokens_map()),
         "chat_template.jinja": _CHAT_TEMPLATE,

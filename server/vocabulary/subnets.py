@@ -4,8 +4,10 @@ Owns: parsing Google's official table (`configs/subnets/gemma3n-e4b.csv`) withou
 the custom subnets (`configs/subnets/custom.yaml`), scaling the table's E4B widths to the
 checkpoint at hand, every validity rule a subnet must meet, the effective parameter count as
 Google's table defines it, the KV layout key (subnets with equal keys write identical KV), and
-each subnet's quality score (the table's MMLU, or a stand-in interpolated by parameter count),
-which tiers' floors and ceilings and the policies compare.
+each subnet's quality score, which tiers' floors and ceilings and the policies compare: the
+checkpoint's measured held-out quality when it has one (server/vocabulary/measured_quality.py),
+else the table's MMLU, else a stand-in interpolated by parameter count. `SubnetTable` is the one
+place that decides.
 
 Deliberately does not know: tensors, devices, latency or memory. It works from the shapes in
 `TextConfig` alone, so it is plain Python (no torch) and the policies and tests can use it freely.
@@ -26,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from server.vocabulary.measured_quality import MeasuredQuality, MeasuredSubnet
 from server.vocabulary.text_config import TextConfig
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +107,12 @@ class OfficialRow:
 class SubnetTable:
     """The subnets a deployment offers, in order: "full" first, official rows, custom ones."""
 
-    def __init__(self, subnets: Sequence[Subnet], notes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        subnets: Sequence[Subnet],
+        notes: Sequence[str] = (),
+        measured: MeasuredQuality | None = None,
+    ) -> None:
         self._by_name: dict[str, Subnet] = {}
         for s in subnets:
             if s.name in self._by_name:
@@ -116,11 +124,34 @@ class SubnetTable:
             self._by_name[s.name] = s
         if "full" not in self._by_name:
             raise SubnetError("subnet 'full': missing; every subnet table has one")
+        notes = list(notes)
+        # The measurement of each subnet, where the checkpoint has one that matches it.
+        self.measured: dict[str, MeasuredSubnet] = {}
+        if measured is not None:
+            for s in subnets:
+                m = measured.for_subnet(s.name, s.layers, s.widths)
+                if m is not None:
+                    self.measured[s.name] = m
+            stale = [s.name for s in subnets if s.name not in self.measured]
+            notes.append(
+                f"quality: measured held-out perplexity ({measured.path.name}, "
+                f"{measured.tokens} tokens; score = 100 / perplexity)"
+                + (f"; not measured, interpolated: {', '.join(stale)}" if stale else "")
+            )
         self.notes: tuple[str, ...] = tuple(notes)
-        # Quality score per subnet (what tiers' floors and ceilings and the policies compare).
-        self.scores: dict[str, float] = quality_scores(
-            [(s.name, s.quality, s.effective_params) for s in subnets]
-        )
+        # Quality score per subnet (what tiers' floors and ceilings and the policies compare):
+        # measured where measured; with a measurement, the rest interpolate between measured
+        # subnets (never mixing MMLU into a perplexity scale); else the table's MMLU.
+        if measured is not None:
+            given = [
+                (s.name, self.measured[s.name].score if s.name in self.measured else None)
+                for s in subnets
+            ]
+        else:
+            given = [(s.name, s.quality) for s in subnets]
+        params = {s.name: s.effective_params for s in subnets}
+        self.scores: dict[str, float] = quality_scores([(n, q, params[n]) for n, q in given])
+        self.quality_source = "measured" if measured is not None else "table"
 
     @property
     def full(self) -> Subnet:
@@ -485,6 +516,7 @@ def load_subnet_table(
     text: TextConfig,
     csv_path: Path | None = DEFAULT_TABLE_CSV,
     custom_path: Path | None = DEFAULT_CUSTOM_YAML,
+    measured: MeasuredQuality | None = None,
 ) -> SubnetTable:
     notes: list[str] = []
     official: list[Subnet] = []
@@ -496,7 +528,7 @@ def load_subnet_table(
     if not any(s.name == "full" for s in official):
         official.insert(0, _full_subnet(text))
     custom = [] if custom_path is None else parse_custom_yaml(text, Path(custom_path))
-    return SubnetTable(official + custom, notes)
+    return SubnetTable(official + custom, notes, measured)
 
 
 def _ranges(layers: Sequence[int]) -> str:
@@ -514,14 +546,21 @@ def format_table(table: SubnetTable) -> str:
     num_layers = len(table.full.layers)
     # Billions for real checkpoints, millions for dev ones (whose table values stay E4B's).
     unit, scale = ("B", 1e9) if table.full.effective_params >= 1e9 else ("M", 1e6)
-    rows = [("name", "layers", f"effective params ({unit})", "quality", "KV")]
+    measured = bool(table.measured)
+    quality_head = "held-out ppl (score)" if measured else "quality"
+    rows = [("name", "layers", f"effective params ({unit})", quality_head, "KV")]
     for s in table:
         skipped = s.skipped(num_layers)
         layers = f"{len(s.layers)}" + (f" (skip {_ranges(skipped)})" if skipped else "")
         params = f"{s.effective_params / scale:.2f}"
         if s.table_params_b is not None:
             params += f" (E4B table: {s.table_params_b:.2f} B)"
-        quality = "-" if s.quality is None else f"{s.quality:.1f}"
+        if measured:
+            m = table.measured.get(s.name)
+            score = table.scores[s.name]
+            quality = f"{m.perplexity:.2f} ({score:.3f})" if m else f"- ({score:.3f})"
+        else:
+            quality = "-" if s.quality is None else f"{s.quality:.1f}"
         rows.append((s.name, layers, params, quality, s.kv_key))
     sizes = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, sizes, strict=True)).rstrip() for r in rows]

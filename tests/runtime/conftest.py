@@ -12,6 +12,7 @@ tensor, a wrong width) moves logits by orders of magnitude more.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.offline import Generation, GenerationRequest
 from server.runtime.elastic import ElasticRuntime
 
-torch.set_num_threads(2)
+# Two threads by default (this machine's cores); OMP_NUM_THREADS, when set, chooses another count,
+# so the suite can be run with other reduction orders (the float32 rule must hold for any).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +37,21 @@ def tiny(tiny_dir: Path) -> ElasticRuntime:
 def tiny64(tiny_dir: Path) -> ElasticRuntime:
     """The same checkpoint computed in float64: the reference that measures float32 rounding."""
     return ElasticRuntime.open(tiny_dir, dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def trained() -> ElasticRuntime:
+    """The committed trained dev model (models/dev-trained): float32 over its bf16 weights."""
+    from server.tools.dev_model import TRAINED_CHECKPOINT
+
+    return ElasticRuntime.open(TRAINED_CHECKPOINT, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def trained64() -> ElasticRuntime:
+    from server.tools.dev_model import TRAINED_CHECKPOINT
+
+    return ElasticRuntime.open(TRAINED_CHECKPOINT, dtype="float64")
 
 
 # Two float32 evaluations' rounding errors are of one size (same operations, other orders): the

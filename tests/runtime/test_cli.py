@@ -78,6 +78,9 @@ def cli(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Cli:
         "missing_checkpoint": ["subnets", "--checkpoint", str(missing)],
         "export": ["export", *ckpt, "--subnet", "e2b", "--out", str(exported), "--quiet"],
         "zero_tokens": ["generate", *ckpt, "--prompt", PROMPT, "--max-tokens", "0"],
+        # No --checkpoint: the committed trained dev model, whose quality is measured.
+        "subnets_default": ["subnets"],
+        "measure": ["measure-quality", "--subnets", "e2b", "--dry-run"],
     }
     # One thread each: the processes already run side by side, and more threads than cores
     # make OpenMP's spinning workers wait on each other.
@@ -213,5 +216,33 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_no_command_touched_the_cache(cli: Cli) -> None:
-    # Every command was given a checkpoint; none may fall back to making the built-in model.
+    # The commands without a checkpoint use the committed trained model; none may fall back to
+    # making a random one in the cache.
     assert not cli.cache.exists() or not any(cli.cache.iterdir())
+
+
+def test_without_a_checkpoint_the_trained_model_and_its_measured_quality_are_used(cli: Cli):
+    from server.tools.dev_model import TRAINED_CHECKPOINT
+
+    run = succeeded(cli.runs["subnets_default"])
+    assert str(TRAINED_CHECKPOINT) in run.stderr
+    header = run.stdout.splitlines()[0]
+    assert "held-out ppl (score)" in header
+    stored = json.loads((TRAINED_CHECKPOINT / "subnet_quality.json").read_text())
+    e2b = next(line for line in run.stdout.splitlines() if line.startswith("e2b "))
+    assert f"{stored['subnets']['e2b']['perplexity']:.2f}" in e2b
+
+
+def test_measure_quality_reproduces_the_stored_perplexity(cli: Cli):
+    from server.tools.dev_model import TRAINED_CHECKPOINT
+
+    run = succeeded(cli.runs["measure"])
+    line = next(x for x in run.stdout.splitlines() if x.startswith("e2b "))
+    got = float(line.split()[2])
+    stored = json.loads((TRAINED_CHECKPOINT / "subnet_quality.json").read_text())
+    want = stored["subnets"]["e2b"]["perplexity"]
+    # Same float32 computation over the same 26k tokens: another CPU or thread count moves the
+    # mean log-likelihood by float32 rounding (~1e-6 relative); 1e-4 also covers the printed 3
+    # decimals. --dry-run wrote nothing.
+    assert abs(got - want) <= 1e-4 * want + 5e-4
+    assert json.loads((TRAINED_CHECKPOINT / "subnet_quality.json").read_text()) == stored

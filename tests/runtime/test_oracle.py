@@ -78,22 +78,45 @@ def all_subnets():
 
 @pytest.mark.parametrize("name", all_subnets())
 def test_subnet_view_equals_transformers_on_its_export(tiny, tiny64, tmp_path, name):
-    subnet = tiny.subnets[name]
-    out = export_subnet(tiny.store, subnet, tmp_path / name, progress=False)
+    ids = prompt_ids(50, seed=zlib.crc32(name.encode()) % 1000)
+    check_view_against_its_export(tiny, tiny64, tmp_path, name, ids)
+
+
+def trained_subnets():
+    from server.tools.dev_model import TRAINED_CHECKPOINT
+    from server.vocabulary.subnets import load_subnet_table
+    from server.vocabulary.text_config import read_checkpoint_config
+
+    return load_subnet_table(read_checkpoint_config(TRAINED_CHECKPOINT).text).names()
+
+
+@pytest.mark.parametrize("name", trained_subnets())
+def test_trained_subnet_view_equals_transformers_on_its_export(trained, trained64, tmp_path, name):
+    # The trained dev model (bf16 weights, both sides computing in float32) on held-out text:
+    # its logits are peaked where the random presets' are flat, so greedy runs long real-looking
+    # continuations through every subnet.
+    from server.tools.quality import HELDOUT_FILE, heldout_windows
+
+    window = heldout_windows(trained, trained.store.folder / HELDOUT_FILE, 1)[1]
+    check_view_against_its_export(trained, trained64, tmp_path, name, list(window.ids[:50]))
+
+
+def check_view_against_its_export(rt, rt64, tmp_path, name: str, ids: list[int]) -> None:
+    subnet = rt.subnets[name]
+    out = export_subnet(rt.store, subnet, tmp_path / name, progress=False)
     model = hf_model(out)
     assert model.config.num_hidden_layers == len(subnet.layers)
 
-    ids = prompt_ids(50, seed=zlib.crc32(name.encode()) % 1000)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
-    ours = prefill_logits(tiny, subnet, ids)
-    assert_float32_close(ref, ours, prefill_logits(tiny64, subnet, ids), "prefill logits")
+    ours = prefill_logits(rt, subnet, ids)
+    assert_float32_close(ref, ours, prefill_logits(rt64, subnet, ids), "prefill logits")
 
     hf_tokens, hf_logits = hf_greedy(model, ids, STEPS)
-    result = alone(tiny, GenerationRequest(subnet, ids, greedy(STEPS)), keep_logits=True)
+    result = alone(rt, GenerationRequest(subnet, ids, greedy(STEPS)), keep_logits=True)
     assert result.token_ids == hf_tokens
     ours = torch.stack(result.logits)
-    exact = decode_reference(tiny64, subnet, ids, result.token_ids)
+    exact = decode_reference(rt64, subnet, ids, result.token_ids)
     assert_float32_close(hf_logits, ours, exact, "decode logits")
 
 
