@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server.vocabulary.structured_output import StructuredOutput
+
 MAX_STOP_STRINGS = 16
 # The stop strings' total length. Matching is linear in it (server/engine/stop_strings.py), and a
 # request holds back up to its longest stop string's length of text; stop strings are delimiters,
@@ -60,6 +62,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's plus the top k
+    structured: StructuredOutput | None = None  # the output must match this (None: free)
 
     def __post_init__(self) -> None:
         # Callers naturally pass lists (JSON arrays) or a dict for logit_bias; store tuples so the
