@@ -249,7 +249,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.config import flag_overrides, load_config
 
     config = load_config(args.config, overrides=flag_overrides(args))
-    serve(config)
+    if args.replicas is None and args.fleet_config is None:
+        serve(config)  # one process: the default
+        return 0
+    # N engine replicas on Ray Serve behind one ingress (pip install concentric[ray]).
+    from server.fleet.application import serve_fleet
+    from server.fleet.fleet_config import load_fleet_config
+
+    serve_fleet(config, load_fleet_config(args.fleet_config, replicas=args.replicas))
     return 0
 
 
@@ -354,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible server")
     p.add_argument("--config", help=f"server config YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        help="run N engine replicas on Ray Serve behind one ingress (needs concentric[ray])",
+    )
+    p.add_argument("--fleet-config", help="fleet settings YAML (replicas, routing, limits)")
     add_flags(p)
     p.set_defaults(func=cmd_serve)
 

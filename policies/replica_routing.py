@@ -1,0 +1,189 @@
+"""Which engine replica a request should go to, from what each replica last reported.
+
+Owns the fleet-level routing rule, as plain data in and ranks out (best first; the caller tries
+the least-queued replica of each rank in turn, as Ray Serve's request routers do):
+- a pinned subnet goes only to replicas that offer it now (resident, and not excluded by the
+  replica's configuration); replicas whose offer is unknown (no fresh report) come after them;
+  a replica known not to offer it gets it only when no replica does (it then waits there for the
+  subnet, as a single server would);
+- an important tier (priority at most `gold_priority`; lower is more important) goes first to
+  replicas that offer the best subnet its tier allows anywhere in the fleet, have at least
+  `min_headroom_bytes` of memory headroom, and whose predicted wait (queue depth times predicted
+  step time) meets the tier's time-to-first-token target; least loaded first;
+- other tiers fill the rest: first replicas that do not qualify for important work (so the
+  headroom stays for it), then the others; least loaded first;
+- reports older than `stale_after_s` are not trusted: with no fresh report at all the rule
+  falls back to power-of-two choices (two random replicas, the less queued one is tried first).
+
+Deliberately does not know: Ray, how a replica measures what it reports, or tenants' limits.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What one engine replica reports every few hundred milliseconds."""
+
+    at: float  # wall-clock time of the report (time.time()), to judge staleness
+    offered: Mapping[str, float] = field(default_factory=dict)  # subnet -> quality, on offer now
+    headroom_bytes: int | None = None  # memory headroom now; None: not measured
+    running: int = 0
+    waiting: int = 0
+    max_num_seqs: int = 1
+    step_s: float | None = None  # predicted seconds of one step of its current batch
+    kv_usage: float = 0.0  # fraction of KV blocks in use
+
+    @property
+    def queue_depth(self) -> int:
+        return self.running + self.waiting
+
+    def to_dict(self) -> dict:
+        return {
+            "at": self.at,
+            "offered": dict(self.offered),
+            "headroom_bytes": self.headroom_bytes,
+            "running": self.running,
+            "waiting": self.waiting,
+            "max_num_seqs": self.max_num_seqs,
+            "step_s": self.step_s,
+            "kv_usage": self.kv_usage,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> ReplicaReport | None:
+        """The report in a replica's routing stats; None if it has none (yet) or it is malformed."""
+        if not d or "at" not in d:
+            return None
+        try:
+            return cls(
+                at=float(d["at"]),
+                offered={str(k): float(v) for k, v in dict(d.get("offered") or {}).items()},
+                headroom_bytes=None
+                if d.get("headroom_bytes") is None
+                else int(d["headroom_bytes"]),
+                running=int(d.get("running", 0)),
+                waiting=int(d.get("waiting", 0)),
+                max_num_seqs=max(1, int(d.get("max_num_seqs", 1))),
+                step_s=None if d.get("step_s") is None else float(d["step_s"]),
+                kv_usage=float(d.get("kv_usage", 0.0)),
+            )
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class RouteAsk:
+    """What the router knows of one request."""
+
+    priority: int  # the tier's; lower is more important
+    pinned: str | None = None  # the subnet the client named, if any
+    allowed: tuple[str, ...] = ("*",)  # subnets the tier may use ("*": any)
+    target_ttft_s: float | None = None
+
+    def allows(self, subnet: str) -> bool:
+        return "*" in self.allowed or subnet in self.allowed
+
+
+@dataclass(frozen=True)
+class RoutingRules:
+    stale_after_s: float = 2.0
+    gold_priority: int = 0  # tiers with priority <= this are routed by headroom
+    min_headroom_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    ranks: list[list[Hashable]]
+    reason: str  # "pinned" | "pinned-nowhere" | "gold" | "gold-nowhere" | "fill" | "stale"
+
+
+def rank_replicas(
+    ask: RouteAsk,
+    candidates: Sequence[Hashable],
+    reports: Mapping[Hashable, ReplicaReport | None],
+    now: float,
+    rules: RoutingRules = RoutingRules(),
+    rng: random.Random | None = None,
+) -> Decision:
+    """Ranks of `candidates` (replica ids) for `ask`, best first, and why."""
+    if not candidates:
+        return Decision([], "none")
+    fresh = {
+        c: r
+        for c in candidates
+        if (r := reports.get(c)) is not None and now - r.at <= rules.stale_after_s
+    }
+    unknown = [c for c in candidates if c not in fresh]
+    if not fresh:
+        return Decision(_power_of_two(candidates, reports, rng or random), "stale")
+
+    def load(c: Hashable) -> tuple[float, int]:
+        r = fresh[c]
+        return (r.queue_depth / r.max_num_seqs, r.queue_depth)
+
+    def ranked(*groups: list) -> list[list]:
+        return [g for g in groups if g]
+
+    if ask.pinned is not None:
+        offering = sorted((c for c in fresh if ask.pinned in fresh[c].offered), key=load)
+        if offering or unknown:
+            return Decision(ranked(offering, unknown), "pinned")
+        return Decision([sorted(fresh, key=load)], "pinned-nowhere")
+
+    if ask.priority <= rules.gold_priority:
+        best = _best_allowed(ask, fresh.values())
+        good = sorted((c for c in fresh if _qualifies(fresh[c], best, ask, rules)), key=load)
+        rest = sorted((c for c in fresh if c not in good), key=load)
+        return Decision(ranked(good, rest, unknown), "gold" if good else "gold-nowhere")
+
+    # Other tiers fill what important work does not need: replicas that would not qualify for it
+    # (no headroom, the best subnet not offered) first, while they have room for more.
+    best = _best_allowed(RouteAsk(priority=rules.gold_priority), fresh.values())
+    spare = [
+        c
+        for c in fresh
+        if not _qualifies(fresh[c], best, RouteAsk(priority=0), rules)
+        and fresh[c].queue_depth < fresh[c].max_num_seqs
+    ]
+    rest = [c for c in fresh if c not in spare]
+    return Decision(ranked(sorted(spare, key=load), sorted(rest, key=load), unknown), "fill")
+
+
+def _best_allowed(ask: RouteAsk, reports) -> str | None:
+    """The best-quality subnet the tier allows that some replica offers now."""
+    scores: dict[str, float] = {}
+    for r in reports:
+        for name, q in r.offered.items():
+            if ask.allows(name):
+                scores[name] = q
+    return max(scores, key=lambda n: (scores[n], n)) if scores else None
+
+
+def _qualifies(r: ReplicaReport, best: str | None, ask: RouteAsk, rules: RoutingRules) -> bool:
+    if best is not None and best not in r.offered:
+        return False
+    if r.headroom_bytes is not None and r.headroom_bytes < rules.min_headroom_bytes:
+        return False
+    if ask.target_ttft_s is not None and r.step_s is not None:
+        # A new request waits roughly one step per batch ahead of it (continuous batching
+        # admits it at the next step when there is room, else after the queue ahead drains).
+        batches_ahead = 1 + r.waiting // r.max_num_seqs + (r.running >= r.max_num_seqs)
+        if batches_ahead * r.step_s > ask.target_ttft_s:
+            return False
+    return True
+
+
+def _power_of_two(
+    candidates: Sequence[Hashable], reports: Mapping[Hashable, ReplicaReport | None], rng
+) -> list[list[Hashable]]:
+    """Ray Serve's default: two random replicas, one rank (the caller tries the less queued)."""
+    if len(candidates) <= 2:
+        pair = list(candidates)
+        rng.shuffle(pair)
+        return [pair]
+    return [rng.sample(list(candidates), 2)]

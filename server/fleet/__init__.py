@@ -1,0 +1,1 @@
+"""Concentric on Ray Serve: an ingress replica (the API) in front of engine replicas."""

@@ -1,0 +1,180 @@
+"""One engine replica of the fleet: a whole Concentric engine on one device, as a Ray Serve
+deployment class.
+
+Owns, per replica: loading the model and running its `AsyncEngine` (through the same `Service`
+one process uses, so residency, elasticity, the subnet policy, SLA accounting and metrics are the
+same), serving `EngineCall`s as streams of `RequestOutput` (`generate`), and the report the
+request router reads every few hundred milliseconds (`record_routing_stats`): the subnets it
+offers now with their quality, memory headroom, queue depth, predicted step time, KV usage.
+
+Per-replica settings (`FleetConfig.replica_offer`, by replica rank) let an operator run
+heterogeneous replicas: a replica whose `offer` lists subnets runs only those (pinned requests
+for others are not routed to it; its policy chooses among those). `headroom_script` (a JSON file
+of rank -> bytes) overrides the measured headroom, for tests and benchmarks that script it.
+
+A request is aborted (its KV freed) when the ingress cancels the call (the client left).
+
+Deliberately does not know: HTTP, tenants' limits (the ingress charged them), or other replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from policies.replica_routing import ReplicaReport
+from server.api.service import Service
+from server.config import ServerConfig
+from server.engine.outputs import RequestOutput
+from server.fleet.engine_call import EngineCall
+
+log = logging.getLogger("concentric.fleet")
+
+
+def replica_rank() -> int:
+    """This replica's rank in its deployment (0 outside Ray Serve)."""
+    try:
+        from ray import serve
+
+        return int(serve.get_replica_context().rank.rank)
+    except Exception:
+        return 0
+
+
+def replica_tag() -> str:
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_tag)
+    except Exception:
+        return f"local-{os.getpid()}"
+
+
+class EngineReplica:
+    async def __init__(self, config: dict[str, Any], checkpoint: str, fleet: dict[str, Any]):
+        logging.basicConfig(level=config.get("log_level", "info").upper())
+        self.config = ServerConfig(**config)
+        self.rank = replica_rank()
+        self.tag = replica_tag()
+        self.pid = os.getpid()
+        offer = (fleet.get("replica_offer") or {}).get(str(self.rank))
+        self.offer = frozenset(offer) if offer else None
+        self.headroom_script = fleet.get("headroom_script")
+        self.service = Service(self.config, Path(checkpoint))
+        self.service.check_config()
+        await self.service.start()
+        while not self.service.ready:
+            if self.service.load_error:
+                raise RuntimeError(f"engine replica failed to load: {self.service.load_error}")
+            await asyncio.sleep(0.05)
+        chooser = self.service.engine.engine.chooser  # type: ignore[union-attr]
+        if self.offer is not None and chooser is not None:
+            measured = chooser.offered
+            allowed = self.offer
+            chooser.offered = lambda s: s.name in allowed and measured(s)
+        log.info("engine replica rank %d (%s, pid %d) ready", self.rank, self.tag, self.pid)
+
+    async def generate(self, call: EngineCall):
+        """The request's outputs, to its final one. Cancelling the call aborts the request."""
+        svc = self.service
+        try:
+            engine = svc.require_ready()
+            table = svc.runtime.subnets  # type: ignore[union-attr]
+            subnet = table[call.subnet] if call.subnet is not None else None
+            stream = engine.add_request(
+                call.prompt_ids,
+                subnet,
+                call.params,
+                request_id=call.request_id,
+                priority=call.priority,
+                tags=call.tags,
+                tier=call.tier,
+            )
+        except Exception as e:  # refused here: the ingress sees it as the first output
+            yield RequestOutput(
+                request_id=call.request_id,
+                subnet="",
+                finished=True,
+                finish_reason="error",
+                error=str(getattr(e, "message", e)),
+                tags=dict(call.tags),
+            )
+            return
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()  # cancelled (the client left): abort, free the KV
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return {**self.report().to_dict(), **self.identity(), **self.holdings()}
+
+    def identity(self) -> dict[str, Any]:
+        return {"rank": self.rank, "replica": self.tag, "pid": self.pid}
+
+    def report(self) -> ReplicaReport:
+        svc = self.service
+        core = svc.engine.engine  # type: ignore[union-attr]
+        sched = core.scheduler
+        chooser = core.chooser
+        table = svc.runtime.subnets  # type: ignore[union-attr]
+        offered = {
+            s.name: float(table.scores[s.name])
+            for s in table
+            if (chooser.offered(s) if chooser is not None else True)
+            and (self.offer is None or s.name in self.offer)
+        }
+        step_s = None
+        if chooser is not None and offered:
+            cost = chooser.cost.snapshot()
+            if cost.samples:
+                widest = max(table[n].effective_params for n in offered)
+                step_s = cost.predict(widest, max(1, len(sched.running))) * cost.p95_factor
+        return ReplicaReport(
+            at=time.time(),
+            offered=offered,
+            headroom_bytes=self._headroom(),
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            max_num_seqs=sched.config.max_num_seqs,
+            step_s=step_s,
+            kv_usage=float(sched.blocks.usage),
+        )
+
+    def _headroom(self) -> int | None:
+        if self.headroom_script:
+            try:
+                script = json.loads(Path(self.headroom_script).read_text())
+                if str(self.rank) in script:
+                    return int(script[str(self.rank)])
+            except (OSError, ValueError):
+                pass
+        sampler = self.service.sampler
+        latest = getattr(sampler, "latest", None) if sampler is not None else None
+        return None if latest is None else int(latest.free_bytes)
+
+    def holdings(self) -> dict[str, Any]:
+        """What this replica holds now (leak checks: both go back to 0 when idle)."""
+        core = self.service.engine.engine  # type: ignore[union-attr]
+        blocks = core.scheduler.blocks
+        return {
+            "requests": self.service.engine.num_in_flight,  # type: ignore[union-attr]
+            "kv_blocks_used": blocks.num_blocks - blocks.num_free_blocks,
+        }
+
+    def check_health(self) -> None:
+        if not self.service.alive:
+            raise RuntimeError("the engine loop stopped")
+
+    async def __del__(self) -> None:
+        await self.service.stop()
+
+    @staticmethod
+    def config_dict(config: ServerConfig) -> dict[str, Any]:
+        return asdict(config)

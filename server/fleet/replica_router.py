@@ -1,0 +1,60 @@
+"""The Ray Serve request router of the engine deployment: a thin shell around
+`policies.replica_routing.rank_replicas`.
+
+Owns translating Ray's view (candidate `RunningReplica`s with the `routing_stats` each replica
+reported, the `PendingRequest` whose first argument is an `EngineCall`) into the rule's plain
+inputs and its ranks back into replicas; and keeping, in this process (the ingress, where the
+handle's router runs), the latest report of every replica and a count of decisions by reason,
+which the ingress's /metrics shows as the fleet view (fleet_view.py). Ray pickles this module
+by value into every caller: module-level state lives in fleet_view, referenced by module.
+
+Deliberately does not know: how the ranking is decided (policies/replica_routing.py).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from policies.replica_routing import ReplicaReport, RouteAsk, RoutingRules, rank_replicas
+from server.fleet import fleet_view
+from server.fleet.engine_call import EngineCall
+
+
+class ConcentricRouter(FIFOMixin, RequestRouter):
+    def initialize_state(
+        self, stale_after_s: float = 2.0, gold_priority: int = 0, min_headroom_bytes: int = 0
+    ) -> None:
+        self.rules = RoutingRules(stale_after_s, gold_priority, min_headroom_bytes)
+        self.rng = random.Random()
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        rules = getattr(self, "rules", RoutingRules())
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        reports = {}
+        for tag, r in by_id.items():
+            stats = r.routing_stats or {}
+            fleet_view.FLEET.seen({**stats, "replica": tag})
+            reports[tag] = ReplicaReport.from_dict(stats)
+        fleet_view.FLEET.forget_except(set(by_id))
+        ask = _ask_of(pending_request)
+        decision = rank_replicas(
+            ask, list(by_id), reports, time.time(), rules, getattr(self, "rng", random)
+        )
+        if decision.ranks and decision.ranks[0]:
+            with fleet_view.FLEET.lock:
+                # The first rank's least loaded replica is where it most likely goes.
+                fleet_view.FLEET.decisions[(decision.reason, str(decision.ranks[0][0]))] += 1
+        return [[by_id[t] for t in rank] for rank in decision.ranks]
+
+
+def _ask_of(pending: PendingRequest | None) -> RouteAsk:
+    if pending is not None and pending.args and isinstance(pending.args[0], EngineCall):
+        return pending.args[0].route_ask()
+    return RouteAsk(priority=1 << 30)  # not an engine call (health, metrics): any replica

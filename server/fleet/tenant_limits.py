@@ -1,0 +1,184 @@
+"""Tenant limits that hold across every ingress replica: one store, asked by all.
+
+Owns two halves of one protocol:
+- `LimitsStore`, the state: today's `Limiter` (token buckets, concurrency, the same refusals),
+  living in one named Ray actor (`LIMITS_ACTOR`), so N ingress replicas give a tenant its tier's
+  allowance once, not N times;
+- `GlobalLimiter`, what each ingress uses in place of its own `Limiter` (the same interface, so
+  submission.py does not change). The checks that decide (`peek`, `admit`) wait for the store's
+  answer, bounded by `timeout_s`; what only gives back (`release`, the `preparing` counts) is sent
+  without waiting (Ray keeps one caller's calls to an actor in order).
+
+When the store does not answer in time (its actor is gone, the network is cut), `on_loss` says
+what happens: "closed" refuses with 429 (`limit` "limits_unavailable", Retry-After 1), "open"
+falls back to this ingress's own `Limiter` (per-replica limits: bounded, but not global). Each
+such decision is counted and `connected` turns false until the store answers again (/metrics).
+
+Deliberately does not know: Ray's API (the transport is two callables, given by the ingress), HTTP,
+or the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from server.api.limits import Limiter, Refusal
+from server.tenancy import Tenant
+
+log = logging.getLogger("concentric.fleet")
+LIMITS_ACTOR = "concentric-tenant-limits"
+LOSS_MODES = ("closed", "open")
+UNAVAILABLE = Refusal(
+    "limits_unavailable",
+    "the tenant limits store does not answer; retry shortly",
+    1,
+)
+
+
+class LimitsStore:
+    """The global limit state (a Ray actor's class: every method is one round trip)."""
+
+    def __init__(self) -> None:
+        self.limiter = Limiter()
+
+    def admit(self, tenant: Tenant, tokens: int, requests: int) -> Refusal | None:
+        return self.limiter.admit(tenant, tokens, requests)
+
+    def peek(self, tenant: Tenant, tokens: int, requests: int) -> Refusal | None:
+        return self.limiter.peek(tenant, tokens, requests)
+
+    def prepare(self, tenant: Tenant, requests: int) -> None:
+        """`requests` choices start (positive) or stop (negative) being prepared."""
+        with self.limiter._lock:
+            s = self.limiter._state(tenant, self.limiter.clock())
+            s.preparing = max(0, s.preparing + requests)
+
+    def release(self, tenant: Tenant, unused_tokens: int) -> None:
+        self.limiter.release(tenant, unused_tokens)
+
+    def in_flight(self, tenant: Tenant) -> int:
+        return self.limiter.in_flight(tenant)
+
+    def ping(self) -> bool:
+        return True
+
+
+# call(method, *args) -> the store's answer, or raises (TimeoutError, the actor is gone);
+# send(method, *args) -> None, without waiting.
+Call = Callable[..., Any]
+Send = Callable[..., None]
+
+
+class GlobalLimiter:
+    """The `Limiter` interface over a `LimitsStore` somewhere else."""
+
+    def __init__(self, call: Call, send: Send, on_loss: str = "closed"):
+        if on_loss not in LOSS_MODES:
+            raise ValueError(f"limits_on_loss must be one of {', '.join(LOSS_MODES)}")
+        self._call = call
+        self._send = send
+        self.on_loss = on_loss
+        self.local = Limiter()  # "open": this replica's own limits while the store is away
+        self.connected = True
+        self.loss_decisions = 0  # admissions decided without the store
+        self.refusals: dict[str, int] = {}
+        self._lock = threading.Lock()
+        # Tenants whose admissions were charged locally: their releases go to the local limiter.
+        self._local_held: dict[str, int] = {}
+
+    def wait_connected(self, timeout_s: float, clock=None) -> bool:
+        """Ask the store until it answers (it may still be starting) or `timeout_s` passes."""
+        import time
+
+        clock = clock or time.monotonic
+        deadline = clock() + timeout_s
+        while True:
+            try:
+                self._call("ping")
+                self.connected = True
+                return True
+            except Exception:
+                if clock() >= deadline:
+                    self.connected = False
+                    return False
+
+    def _ask(self, method: str, tenant: Tenant, *args) -> tuple[bool, Any]:
+        try:
+            answer = self._call(method, tenant, *args)
+        except Exception as e:  # any failure to hear back is a lost contact
+            if self.connected:
+                log.warning(
+                    "tenant limits store lost (%s: %s); failing %s",
+                    type(e).__name__,
+                    e,
+                    self.on_loss,
+                )
+            self.connected = False
+            return False, None
+        if not self.connected:
+            log.warning("tenant limits store answers again")
+        self.connected = True
+        return True, answer
+
+    def _count(self, refusal: Refusal | None) -> Refusal | None:
+        if refusal is not None:
+            with self._lock:
+                self.refusals[refusal.limit] = self.refusals.get(refusal.limit, 0) + 1
+        return refusal
+
+    def _lost(self, tenant: Tenant, tokens: int, requests: int, admit: bool) -> Refusal | None:
+        with self._lock:
+            self.loss_decisions += 1
+        if self.on_loss == "closed":
+            return self._count(UNAVAILABLE)
+        if not admit:
+            return self.local.peek(tenant, tokens, requests)
+        refusal = self.local.admit(tenant, tokens, requests)
+        if refusal is None:
+            with self._lock:
+                self._local_held[tenant.name] = self._local_held.get(tenant.name, 0) + requests
+        return self._count(refusal)
+
+    def admit(self, tenant: Tenant, tokens: int, requests: int = 1) -> Refusal | None:
+        ok, answer = self._ask("admit", tenant, tokens, requests)
+        if not ok:
+            return self._lost(tenant, tokens, requests, admit=True)
+        return self._count(answer)
+
+    def peek(self, tenant: Tenant, tokens: int, requests: int = 1) -> Refusal | None:
+        ok, answer = self._ask("peek", tenant, tokens, requests)
+        if not ok:
+            return self._lost(tenant, tokens, requests, admit=False)
+        return self._count(answer)
+
+    @contextlib.contextmanager
+    def preparing(self, tenant: Tenant, requests: int = 1) -> Iterator[None]:
+        self._quietly("prepare", tenant, requests)
+        try:
+            yield
+        finally:
+            self._quietly("prepare", tenant, -requests)
+
+    def release(self, tenant: Tenant, unused_tokens: int = 0) -> None:
+        with self._lock:
+            local = self._local_held.get(tenant.name, 0)
+            if local:
+                self._local_held[tenant.name] = local - 1
+        if local:
+            self.local.release(tenant, unused_tokens)
+        else:
+            self._quietly("release", tenant, unused_tokens)
+
+    def in_flight(self, tenant: Tenant) -> int:
+        ok, answer = self._ask("in_flight", tenant)
+        return int(answer) if ok else self.local.in_flight(tenant)
+
+    def _quietly(self, method: str, *args) -> None:
+        try:
+            self._send(method, *args)
+        except Exception as e:  # a give-back that cannot be sent is lost with the store
+            log.debug("tenant limits %s not sent: %s", method, e)
