@@ -38,6 +38,10 @@ TORCH_SIDE = (
     "server.api.serve",
     "server.cli",
     "server.__main__",
+    # The fleet's Ray Serve deployments run whole services (an engine; the API).
+    "server.fleet.engine_replica",
+    "server.fleet.ingress",
+    "server.fleet.application",
 )
 
 # package -> packages it must never import (module level)
