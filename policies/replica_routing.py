@@ -2,10 +2,11 @@
 
 Owns the fleet-level routing rule, as plain data in and ranks out (best first; the caller tries
 the least-queued replica of each rank in turn, as Ray Serve's request routers do):
-- a pinned subnet goes only to replicas that offer it now (resident, and not excluded by the
-  replica's configuration); replicas whose offer is unknown (no fresh report) come after them;
-  a replica known not to offer it gets it only when no replica does (it then waits there for the
-  subnet, as a single server would);
+- a pinned subnet goes to replicas that offer it now (resident, and not excluded by the
+  replica's configuration), then to those that could (configured for it, not resident now: it
+  waits there for the subnet, as in one process), then to replicas whose offer is unknown (no
+  fresh report); never to a replica configured without it. With none of these there is no rank
+  (the caller retries routing, with backoff, until such a replica joins);
 - an important tier (priority at most `gold_priority`; lower is more important) goes first to
   replicas that offer the best subnet its tier allows anywhere in the fleet, have at least
   `min_headroom_bytes` of memory headroom, and whose predicted wait (queue depth times predicted
@@ -31,6 +32,7 @@ class ReplicaReport:
 
     at: float  # wall-clock time of the report (time.time()), to judge staleness
     offered: Mapping[str, float] = field(default_factory=dict)  # subnet -> quality, on offer now
+    can_offer: frozenset[str] | None = None  # what it is configured to offer at all (None: any)
     headroom_bytes: int | None = None  # memory headroom now; None: not measured
     running: int = 0
     waiting: int = 0
@@ -46,6 +48,7 @@ class ReplicaReport:
         return {
             "at": self.at,
             "offered": dict(self.offered),
+            "can_offer": None if self.can_offer is None else sorted(self.can_offer),
             "headroom_bytes": self.headroom_bytes,
             "running": self.running,
             "waiting": self.waiting,
@@ -63,6 +66,9 @@ class ReplicaReport:
             return cls(
                 at=float(d["at"]),
                 offered={str(k): float(v) for k, v in dict(d.get("offered") or {}).items()},
+                can_offer=None
+                if d.get("can_offer") is None
+                else frozenset(str(n) for n in d["can_offer"]),
                 headroom_bytes=None
                 if d.get("headroom_bytes") is None
                 else int(d["headroom_bytes"]),
@@ -99,7 +105,7 @@ class RoutingRules:
 @dataclass(frozen=True)
 class Decision:
     ranks: list[list[Hashable]]
-    reason: str  # "pinned" | "pinned-nowhere" | "gold" | "gold-nowhere" | "fill" | "stale"
+    reason: str  # "pinned" | "pinned-nowhere" | "gold" | "gold-nowhere" | "fill" | "stale" | "none"
 
 
 def rank_replicas(
@@ -130,10 +136,19 @@ def rank_replicas(
         return [g for g in groups if g]
 
     if ask.pinned is not None:
-        offering = sorted((c for c in fresh if ask.pinned in fresh[c].offered), key=load)
-        if offering or unknown:
-            return Decision(ranked(offering, unknown), "pinned")
-        return Decision([sorted(fresh, key=load)], "pinned-nowhere")
+        pinned = ask.pinned
+        offering = sorted((c for c in fresh if pinned in fresh[c].offered), key=load)
+        could = sorted(
+            (
+                c
+                for c in fresh
+                if pinned not in fresh[c].offered
+                and (fresh[c].can_offer is None or pinned in fresh[c].can_offer)
+            ),
+            key=load,
+        )
+        ranks = ranked(offering, could, unknown)
+        return Decision(ranks, "pinned" if offering else "pinned-nowhere")
 
     if ask.priority <= rules.gold_priority:
         best = _best_allowed(ask, fresh.values())

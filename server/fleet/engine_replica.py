@@ -33,6 +33,9 @@ from server.api.service import Service
 from server.config import ServerConfig
 from server.engine.outputs import RequestOutput
 from server.fleet.engine_call import EngineCall
+from server.fleet.fleet_board import FLEET_BOARD, FleetBoard
+
+NAMESPACE = "concentric"  # the Ray namespace of the fleet's named actors
 
 log = logging.getLogger("concentric.fleet")
 
@@ -66,6 +69,8 @@ class EngineReplica:
         offer = (fleet.get("replica_offer") or {}).get(str(self.rank))
         self.offer = frozenset(offer) if offer else None
         self.headroom_script = fleet.get("headroom_script")
+        self.served = 0  # calls that reached their final output here
+        self._board = None
         self.service = Service(self.config, Path(checkpoint))
         self.service.check_config()
         await self.service.start()
@@ -108,12 +113,39 @@ class EngineReplica:
             return
         try:
             async for out in stream:
+                if out.finished:
+                    self.served += 1
                 yield out
         finally:
             stream.close()  # cancelled (the client left): abort, free the KV
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {**self.report().to_dict(), **self.identity(), **self.holdings()}
+        stats = {**self.report().to_dict(), **self.identity(), **self.holdings()}
+        self._post(stats)
+        return stats
+
+    def _post(self, stats: dict[str, Any]) -> None:
+        """The same report on the fleet board (for every ingress's /metrics); never waited for."""
+        try:
+            import ray
+
+            if self._board is None:
+                self._board = (
+                    ray.remote(FleetBoard)
+                    .options(
+                        name=FLEET_BOARD,
+                        namespace=NAMESPACE,
+                        get_if_exists=True,
+                        lifetime="detached",
+                        num_cpus=0,
+                        max_restarts=-1,
+                    )
+                    .remote()
+                )
+            self._board.post.remote(stats)
+        except Exception as e:  # the board is a view: routing does not depend on it
+            self._board = None
+            log.debug("fleet board post failed: %s", e)
 
     def identity(self) -> dict[str, Any]:
         return {"rank": self.rank, "replica": self.tag, "pid": self.pid}
@@ -139,6 +171,7 @@ class EngineReplica:
         return ReplicaReport(
             at=time.time(),
             offered=offered,
+            can_offer=self.offer,
             headroom_bytes=self._headroom(),
             running=len(sched.running),
             waiting=len(sched.waiting),
@@ -166,6 +199,7 @@ class EngineReplica:
         return {
             "requests": self.service.engine.num_in_flight,  # type: ignore[union-attr]
             "kv_blocks_used": blocks.num_blocks - blocks.num_free_blocks,
+            "served": self.served,
         }
 
     def check_health(self) -> None:

@@ -53,6 +53,8 @@ class FleetConfig:
     limits_timeout_s: float = 1.0
     retries: int = 2
     """A call that failed before its first output is retried on another replica this often."""
+    retry_pause_s: float = 0.2
+    """Pause before such a retry (the router learns of a dead replica meanwhile)."""
     replica_offer: dict[str, list[str]] = field(default_factory=dict)
     """Replica rank -> the only subnets it offers (heterogeneous replicas); absent: all."""
     headroom_script: str | None = None

@@ -28,6 +28,8 @@ from server.api.service import Service
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
 from server.config import ServerConfig
+from server.fleet.engine_replica import NAMESPACE
+from server.fleet.fleet_board import FLEET_BOARD
 from server.fleet.fleet_config import FleetConfig
 from server.fleet.fleet_view import FLEET
 from server.fleet.remote_engine import RemoteEngine
@@ -38,7 +40,6 @@ from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.subnets import Subnet, SubnetTable, load_subnet_table
 
 log = logging.getLogger("concentric.fleet")
-NAMESPACE = "concentric"
 
 
 @dataclass
@@ -65,6 +66,8 @@ class FleetService(Service):
         self.engines = engines  # the engine deployment's handle
         self.limiter = _global_limiter(fleet)  # type: ignore[assignment]
         self.metrics.registry.register(FleetCollector(self.fleet_snapshot))
+        self.board_reports: dict[str, dict[str, Any]] = {}
+        self._board_task: asyncio.Task | None = None
 
     async def _load(self) -> None:
         try:
@@ -78,15 +81,40 @@ class FleetService(Service):
             # The limits actor may still be starting (the first ingress creates it).
             if not await asyncio.to_thread(self.limiter.wait_connected, 30.0):
                 log.warning("the tenant limits store does not answer yet")
-            engine = RemoteEngine(self.engines, self._check, retries=self.fleet.retries)
+            engine = RemoteEngine(
+                self.engines,
+                self._check,
+                retries=self.fleet.retries,
+                retry_pause_s=self.fleet.retry_pause_s,
+            )
             engine.on_finished.append(self._finished)
             self.engine = engine  # type: ignore[assignment]
+            self._board_task = asyncio.create_task(self._read_board())
             self.metrics.up.set(1)
             self.ready = True
             log.info("ingress for %s ready (%s)", self.model_name, self.checkpoint)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("the ingress failed to start: %s", self.load_error)
+
+    async def _read_board(self) -> None:
+        """Every replica's latest report from the fleet board, twice a second (for /metrics)."""
+        import ray
+
+        board = None
+        while True:
+            try:
+                if board is None:
+                    board = ray.get_actor(FLEET_BOARD, namespace=NAMESPACE)
+                self.board_reports = await board.reports.remote()
+            except Exception:  # not created yet (no replica has reported), or restarting
+                board = None
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        if self._board_task is not None:
+            self._board_task.cancel()
+        await super().stop()
 
     def _check(self, prompt_ids: Sequence[int], subnet: Subnet | None, params: SamplingParams):
         """The engine's checks that need no engine: parameters and the context length."""
@@ -103,8 +131,8 @@ class FleetService(Service):
 
     def fleet_snapshot(self) -> FleetSnapshot:
         with FLEET.lock:
-            reports = {k: dict(v) for k, v in FLEET.reports.items()}
             decisions = dict(FLEET.decisions)
+        reports = dict(self.board_reports)
         lim = self.limiter
         engine = self.engine
         return FleetSnapshot(

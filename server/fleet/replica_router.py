@@ -3,9 +3,9 @@
 
 Owns translating Ray's view (candidate `RunningReplica`s with the `routing_stats` each replica
 reported, the `PendingRequest` whose first argument is an `EngineCall`) into the rule's plain
-inputs and its ranks back into replicas; and keeping, in this process (the ingress, where the
-handle's router runs), the latest report of every replica and a count of decisions by reason,
-which the ingress's /metrics shows as the fleet view (fleet_view.py). Ray pickles this module
+inputs and its ranks back into replicas; and counting, in this process (the ingress, where the
+handle's router runs), its decisions by reason and replica for the ingress's /metrics
+(fleet_view.py). Ray pickles this module
 by value into every caller: module-level state lives in fleet_view, referenced by module.
 
 Deliberately does not know: how the ranking is decided (policies/replica_routing.py).
@@ -16,14 +16,18 @@ from __future__ import annotations
 import random
 import time
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from policies.replica_routing import ReplicaReport, RouteAsk, RoutingRules, rank_replicas
 from server.fleet import fleet_view
 from server.fleet.engine_call import EngineCall
 
 
-class ConcentricRouter(FIFOMixin, RequestRouter):
+class ConcentricRouter(RequestRouter):
+    # Not FIFOMixin: it hands a replica chosen for one request to the oldest pending request,
+    # which would send a pinned request to a replica chosen for another (one that may never
+    # offer its subnet). The base class gives each request the replica chosen for it.
+
     def initialize_state(
         self, stale_after_s: float = 2.0, gold_priority: int = 0, min_headroom_bytes: int = 0
     ) -> None:
@@ -37,12 +41,7 @@ class ConcentricRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         rules = getattr(self, "rules", RoutingRules())
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        reports = {}
-        for tag, r in by_id.items():
-            stats = r.routing_stats or {}
-            fleet_view.FLEET.seen({**stats, "replica": tag})
-            reports[tag] = ReplicaReport.from_dict(stats)
-        fleet_view.FLEET.forget_except(set(by_id))
+        reports = {tag: ReplicaReport.from_dict(r.routing_stats) for tag, r in by_id.items()}
         ask = _ask_of(pending_request)
         decision = rank_replicas(
             ask, list(by_id), reports, time.time(), rules, getattr(self, "rng", random)

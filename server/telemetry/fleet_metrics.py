@@ -95,6 +95,21 @@ class FleetCollector:
                 if value is not None:
                     gauges[key].add_metric(lv, float(value))
         yield from gauges.values()
+        served = CounterMetricFamily(
+            P + "replica_served", "Engine calls each replica finished", labels=labels
+        )
+        info = GaugeMetricFamily(
+            P + "replica_info",
+            "Each replica's process (1 while it reports)",
+            labels=[*labels, "pid"],
+        )
+        for tag, r in sorted(s.reports.items()):
+            lv = [tag, str(r.get("rank", ""))]
+            if r.get("served") is not None:
+                served.add_metric(lv, float(r["served"]))
+            info.add_metric([*lv, str(r.get("pid", ""))], 1.0)
+        yield served
+        yield info
         decisions = CounterMetricFamily(
             P + "routing_decisions",
             "Routing decisions of this ingress, by reason and first-choice replica",

@@ -24,8 +24,11 @@ def report(**kw) -> ReplicaReport:
     return ReplicaReport(**{**base, **kw})
 
 
+MINI_ONLY = frozenset({"mini"})
+
+
 def test_pinned_goes_only_where_the_subnet_is_offered():
-    reports = {"a": report(offered={"mini": 40.0}), "b": report(running=7)}
+    reports = {"a": report(offered={"mini": 40.0}, can_offer=MINI_ONLY), "b": report(running=7)}
     d = rank_replicas(RouteAsk(priority=5, pinned="full"), ["a", "b"], reports, NOW, RULES)
     assert d.ranks == [["b"]] and d.reason == "pinned"
     # An unknown replica (no report yet) may offer it: after the known ones, never the excluded.
@@ -33,10 +36,17 @@ def test_pinned_goes_only_where_the_subnet_is_offered():
     assert d.ranks == [["b"], ["c"]]
 
 
-def test_pinned_offered_nowhere_waits_on_the_least_loaded():
-    reports = {"a": report(offered={"mini": 40.0}, running=3), "b": report(offered={})}
-    d = rank_replicas(RouteAsk(priority=5, pinned="full"), ["a", "b"], reports, NOW, RULES)
-    assert d.reason == "pinned-nowhere" and d.ranks == [["b", "a"]]
+def test_pinned_not_resident_waits_where_it_could_be_never_where_it_cannot():
+    reports = {
+        "a": report(offered={"mini": 40.0}, can_offer=MINI_ONLY),
+        "b": report(offered={"mini": 40.0}, running=3),  # could grow to "full"
+        "c": report(offered={}),
+    }
+    d = rank_replicas(RouteAsk(priority=5, pinned="full"), ["a", "b", "c"], reports, NOW, RULES)
+    assert d.reason == "pinned-nowhere" and d.ranks == [["c", "b"]]
+    # Offered nowhere and possible nowhere: no rank; the router retries until a replica joins.
+    only = {"a": reports["a"]}
+    assert rank_replicas(RouteAsk(priority=5, pinned="full"), ["a"], only, NOW, RULES).ranks == []
 
 
 def test_gold_prefers_headroom_and_the_best_subnet_then_load():
@@ -81,9 +91,7 @@ def test_bronze_fills_replicas_gold_cannot_use_first_while_they_have_room():
     d = rank_replicas(BRONZE, ["roomy", "tight"], reports, NOW, RULES)
     assert d.reason == "fill" and d.ranks == [["tight"], ["roomy"]]
     full = {"roomy": report(), "tight": report(headroom_bytes=0, running=8)}
-    assert rank_replicas(BRONZE, ["roomy", "tight"], full, NOW, RULES).ranks == [
-        ["roomy", "tight"]
-    ]
+    assert rank_replicas(BRONZE, ["roomy", "tight"], full, NOW, RULES).ranks == [["roomy", "tight"]]
 
 
 def test_stale_reports_fall_back_to_power_of_two():

@@ -1,0 +1,354 @@
+"""A live fleet: `concentric serve --fleet-config` with two engine replicas and two ingress
+replicas on Ray Serve (tiny model, 2 CPUs), driven through its one HTTP port.
+
+The two engine replicas are configured differently, so routing is observable from the outside:
+rank 0 offers every subnet but `e2b`, rank 1 only `e2b` and `e2.49b-block`. A replica that is
+sent a pinned request for a subnet it does not offer would hold it forever (it waits for the
+subnet), so a misrouted pinned request shows up as a timeout. Headroom is scripted through the
+fleet's `headroom_script` file. What each replica served is read from the fleet view in the
+ingress's /metrics (every replica's own count, in its reports), not from the router's decisions.
+
+Slow to start (~30-60 s: Ray, Serve, four processes loading the model); every test shares it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytest.importorskip("ray.serve")
+
+from tests.api.live import MODEL, REPO, LiveServer, error_of, free_port, sse_events
+
+GOLD_SUBNET = "e2.49b-block"  # offered by both replicas
+ONLY_ON_1 = "e2b"
+TIERS = {
+    # Routed by headroom (priority 0 <= gold_priority); its best allowed subnet is on both.
+    "gold": {
+        "priority": 0,
+        "subnets": [GOLD_SUBNET],
+        "max_concurrent": 64,
+        "requests_per_minute": 100_000,
+        "tokens_per_minute": 100_000_000,
+    },
+    # 10 requests per minute: one bucket for the whole fleet, whichever ingress a request hits.
+    "ten": {"priority": 5, "requests_per_minute": 10, "max_concurrent": 64},
+    "bronze": {
+        "priority": 10,
+        "subnets": ["*"],
+        "max_concurrent": 12,
+        "requests_per_minute": 100_000,
+        "tokens_per_minute": 100_000_000,
+    },
+}
+TENANTS = {"gina": "gold", "tess": "ten", "bert": "bronze"}
+MAX_NUM_SEQS = 4
+PERIOD_S = 0.2  # routing stats period
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    out = []
+    for labels, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        out.append((dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
+    return out
+
+
+class Fleet(LiveServer):
+    script: Path
+
+    def fleet_metrics(self) -> str:
+        return httpx.get(f"{self.base_url}/metrics", timeout=10).text
+
+    def by_rank(self, name: str) -> dict[int, float]:
+        return {
+            int(lb["rank"]): v for lb, v in metric_samples(self.fleet_metrics(), name) if lb["rank"]
+        }
+
+    def pids(self) -> dict[int, int]:
+        return {
+            int(lb["rank"]): int(lb["pid"])
+            for lb, _ in metric_samples(self.fleet_metrics(), "concentric_fleet_replica_info")
+        }
+
+    def wait_for(self, what: str, check, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout} s\n{self.fleet_metrics()}")
+            time.sleep(0.2)
+
+    def served(self) -> dict[int, float]:
+        """Each replica's count of finished calls, once nothing is in flight and the board
+        (replicas post every 0.2 s, the ingress reads it every 0.5 s) has caught up."""
+        self.wait_for(
+            "the fleet idle",
+            lambda: set(self.by_rank("concentric_fleet_replica_requests_held").values()) == {0},
+            30,
+        )
+        time.sleep(1.5)
+        return self.by_rank("concentric_fleet_replica_served_total")
+
+    def set_headroom(self, **by_rank: int) -> None:
+        tmp = self.script.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k.removeprefix("r"): v for k, v in by_rank.items()}))
+        tmp.replace(self.script)  # atomic: a replica never reads half a file
+        time.sleep(6 * PERIOD_S)  # every replica reported it, the router has seen it
+
+    def chat(self, tenant: str, model: str = MODEL, **kw) -> httpx.Response:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 2,
+            "temperature": 0,
+            **kw,
+        }
+        return httpx.post(
+            f"{self.base_url}/v1/chat/completions",
+            json=body,
+            headers=self.headers(tenant),
+            timeout=120,
+        )
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    from server.checkpoint.store import CheckpointStore
+    from server.vocabulary.subnets import DEFAULT_TABLE_CSV, load_subnet_table
+
+    folder = tmp_path_factory.mktemp("fleet")
+    names = load_subnet_table(CheckpointStore.open(tiny_dir).text, DEFAULT_TABLE_CSV, None).names()
+    (folder / "tiers.yaml").write_text(yaml.safe_dump({"tiers": TIERS}))
+    tenants = {n: {"tier": t, "keys": [{"env": f"K_{n.upper()}"}]} for n, t in TENANTS.items()}
+    (folder / "tenants.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
+    (folder / "server.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "checkpoint": str(tiny_dir),
+                "model_name": MODEL,
+                "kv_cache_bytes": 16 * 1024 * 1024,
+                "max_num_seqs": MAX_NUM_SEQS,
+                "max_num_batched_tokens": 256,
+                "max_model_len": 512,
+                "tenants_file": "tenants.yaml",
+                "tiers_file": "tiers.yaml",
+                "custom_subnets": None,
+                "log_level": "warning",
+            }
+        )
+    )
+    script = folder / "headroom.json"
+    script.write_text(json.dumps({"0": 10**10, "1": 10**10}))
+    (folder / "fleet.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "replicas": 2,
+                "replica_num_cpus": 0.5,
+                "ingress_replicas": 2,
+                "ingress_num_cpus": 0.25,
+                "routing_stats_period_s": PERIOD_S,
+                "stale_after_s": 2.0,
+                "gold_priority": 0,
+                "min_headroom_bytes": 10**9,
+                "retries": 4,
+                "retry_pause_s": 0.5,
+                "headroom_script": str(script),
+                "replica_offer": {
+                    "0": [n for n in names if n != ONLY_ON_1],
+                    "1": [ONLY_ON_1, GOLD_SUBNET],
+                },
+            }
+        )
+    )
+    keys = {n: f"sk-{n}-{secrets.token_hex(8)}" for n in TENANTS}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCENTRIC_")}
+    env.update({f"K_{n.upper()}": k for n, k in keys.items()})
+    env.update(
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO),
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    port = free_port()
+    log = folder / "fleet.log"
+    log_file = log.open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "server", "serve",
+            "--config", str(folder / "server.yaml"),
+            "--fleet-config", str(folder / "fleet.yaml"),
+            "--port", str(port),
+        ],
+        cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    live = Fleet(f"http://127.0.0.1:{port}", keys, proc, log, _log_file=log_file)
+    live.script = script
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the fleet exited ({proc.returncode}):\n{live.log_text()}")
+            try:
+                if len(live.pids()) == 2 and live.chat("bert").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the fleet was not ready in 180 s:\n{live.log_text()}")
+            time.sleep(1)
+        yield live
+    finally:
+        live.stop(timeout=60)
+
+
+def test_openai_client_through_the_ingress(fleet: Fleet):
+    client = fleet.openai("bert")
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.system_fingerprint.startswith("concentric:")
+    assert 1 <= r.usage.completion_tokens <= 4
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length")
+    # The same errors as one process: an unknown model is a 404 in OpenAI's envelope.
+    bad = fleet.chat("bert", model="nope")
+    assert bad.status_code == 404 and error_of(bad)["param"] == "model"
+    # Authentication is the ingress's own.
+    assert httpx.get(f"{fleet.base_url}/v1/models", timeout=10).status_code == 401
+
+
+def test_tier_limit_holds_across_the_fleet(fleet: Fleet):
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(lambda _: fleet.chat("tess", max_tokens=1), range(20)))
+    elapsed = time.monotonic() - start
+    ok = [r for r in codes if r.status_code == 200]
+    refused = [r for r in codes if r.status_code == 429]
+    assert len(ok) + len(refused) == 20, [r.status_code for r in codes]
+    # 10 per minute for the tenant, across two ingress replicas (not 10 each); the bucket refills
+    # one request per 6 s, so a slow machine may let one more through per 6 s elapsed.
+    assert 10 <= len(ok) <= 10 + int(elapsed / 6), (len(ok), elapsed)
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert "requests_per_minute" in error_of(refused[0])["message"]
+
+
+def test_pinned_requests_land_only_where_the_subnet_is_offered(fleet: Fleet):
+    before = fleet.served()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        only0 = list(pool.map(lambda _: fleet.chat("bert", model="full"), range(6)))
+        only1 = list(pool.map(lambda _: fleet.chat("bert", model=ONLY_ON_1), range(6)))
+    assert [r.status_code for r in only0 + only1] == [200] * 12
+    assert {r.json()["system_fingerprint"] for r in only0} == {"concentric:full"}
+    assert {r.json()["system_fingerprint"] for r in only1} == {f"concentric:{ONLY_ON_1}"}
+
+    now = fleet.served()
+    assert (now[0] - before[0], now[1] - before[1]) == (6, 6)
+
+
+def test_gold_traffic_follows_a_scripted_headroom_change(fleet: Fleet):
+    def gold_burst() -> tuple[float, float]:
+        before = fleet.served()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            codes = [r.status_code for r in pool.map(lambda _: fleet.chat("gina"), range(8))]
+        assert codes == [200] * 8
+        now = fleet.served()
+        return now[0] - before[0], now[1] - before[1]
+
+    try:
+        fleet.set_headroom(r0=0, r1=10**10)  # replica 0 runs out of headroom
+        assert gold_burst() == (0, 8)
+        fleet.set_headroom(r0=10**10, r1=0)  # ... and now replica 1
+        assert gold_burst() == (8, 0)
+    finally:
+        fleet.set_headroom(r0=10**10, r1=10**10)
+
+
+def test_killing_a_replica_loses_no_request_that_had_not_started(fleet: Fleet):
+    pids = fleet.pids()
+    victim = pids[1]
+    # A stream on replica 1 (the only one offering e2b), running when the replica dies.
+    stream = httpx.stream(
+        "POST",
+        f"{fleet.base_url}/v1/chat/completions",
+        json={
+            "model": ONLY_ON_1,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 400,
+            "min_tokens": 400,
+            "stream": True,
+        },
+        headers=fleet.headers("bert"),
+        timeout=120,
+    )
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        with stream as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            assert "chat.completion.chunk" in first
+            # 11 non-streamed requests for the same subnet: 3 run beside the stream, the rest
+            # wait there without a token. When the replica dies, those are retried: they wait
+            # at the router until a replica offering e2b (the replacement) joins.
+            futures = [
+                pool.submit(fleet.chat, "bert", model=ONLY_ON_1, max_tokens=64, min_tokens=64)
+                for _ in range(11)
+            ]
+            fleet.wait_for(
+                "requests queued on replica 1",
+                lambda: fleet.by_rank("concentric_fleet_replica_requests_held").get(1, 0) >= 6,
+                30,
+            )
+            os.kill(victim, signal.SIGKILL)
+            events = sse_events([first, *lines])
+        results = [f.result(timeout=180) for f in futures]
+    # The stream was running: it ends with an error event, then [DONE] (sse_events checks it).
+    assert "error" in events[-1], events[-1]
+    failed = [r for r in results if r.status_code != 200]
+    # Only requests that had produced tokens on the dead replica may fail (at most the ones
+    # running there: MAX_NUM_SEQS, the stream among them); every waiting one was retried.
+    assert len(failed) <= MAX_NUM_SEQS - 1, [(r.status_code, r.text) for r in failed]
+    assert all(r.status_code == 500 for r in failed)
+    assert len(results) - len(failed) >= 11 - (MAX_NUM_SEQS - 1)
+    # A replacement replica joins; nothing is left held anywhere, and the tenant's 12
+    # concurrency slots are all free again (12 at once are admitted).
+    fleet.wait_for(
+        "a replacement replica",
+        lambda: len(fleet.pids()) == 2 and victim not in fleet.pids().values(),
+        120,
+    )
+    fleet.wait_for(
+        "no request or KV block held",
+        lambda: (
+            set(fleet.by_rank("concentric_fleet_replica_requests_held").values()) == {0}
+            and set(fleet.by_rank("concentric_fleet_replica_kv_blocks_used").values()) == {0}
+        ),
+        30,
+    )
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        again = list(pool.map(lambda _: fleet.chat("bert", max_tokens=2), range(12)))
+    assert [r.status_code for r in again] == [200] * 12
+    metrics = fleet.fleet_metrics()
+    assert re.search(r"^concentric_fleet_calls_retried_total [1-9]", metrics, re.M), metrics
