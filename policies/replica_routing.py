@@ -5,8 +5,9 @@ the least-queued replica of each rank in turn, as Ray Serve's request routers do
 - a pinned subnet goes to replicas that offer it now (resident, and not excluded by the
   replica's configuration), then to those that could (configured for it, not resident now: it
   waits there for the subnet, as in one process), then to replicas whose offer is unknown (no
-  fresh report); never to a replica configured without it. With none of these there is no rank
-  (the caller retries routing, with backoff, until such a replica joins);
+  fresh report); never to a replica configured without it (configuration does not change, so
+  a stale report still says so). With none of these there is no rank (the caller retries
+  routing, with backoff, until such a replica joins);
 - an important tier (priority at most `gold_priority`; lower is more important) goes first to
   replicas that offer the best subnet its tier allows anywhere in the fleet, have at least
   `min_headroom_bytes` of memory headroom, and whose predicted wait (queue depth times predicted
@@ -119,6 +120,11 @@ def rank_replicas(
     """Ranks of `candidates` (replica ids) for `ask`, best first, and why."""
     if not candidates:
         return Decision([], "none")
+    if ask.pinned is not None:
+        # What a replica is configured to offer does not change: even a stale report says it.
+        candidates = [c for c in candidates if not _excluded(reports.get(c), ask.pinned)]
+        if not candidates:
+            return Decision([], "pinned-nowhere")
     fresh = {
         c: r
         for c in candidates
@@ -138,15 +144,7 @@ def rank_replicas(
     if ask.pinned is not None:
         pinned = ask.pinned
         offering = sorted((c for c in fresh if pinned in fresh[c].offered), key=load)
-        could = sorted(
-            (
-                c
-                for c in fresh
-                if pinned not in fresh[c].offered
-                and (fresh[c].can_offer is None or pinned in fresh[c].can_offer)
-            ),
-            key=load,
-        )
+        could = sorted((c for c in fresh if pinned not in fresh[c].offered), key=load)
         ranks = ranked(offering, could, unknown)
         return Decision(ranks, "pinned" if offering else "pinned-nowhere")
 
@@ -167,6 +165,10 @@ def rank_replicas(
     ]
     rest = [c for c in fresh if c not in spare]
     return Decision(ranked(sorted(spare, key=load), sorted(rest, key=load), unknown), "fill")
+
+
+def _excluded(report: ReplicaReport | None, subnet: str) -> bool:
+    return report is not None and report.can_offer is not None and subnet not in report.can_offer
 
 
 def _best_allowed(ask: RouteAsk, reports) -> str | None:

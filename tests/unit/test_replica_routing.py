@@ -94,6 +94,15 @@ def test_bronze_fills_replicas_gold_cannot_use_first_while_they_have_room():
     assert rank_replicas(BRONZE, ["roomy", "tight"], full, NOW, RULES).ranks == [["roomy", "tight"]]
 
 
+def test_a_stale_report_still_excludes_a_replica_configured_without_the_subnet():
+    reports = {"a": report(at=NOW - 60, can_offer=MINI_ONLY), "b": report(at=NOW - 60)}
+    ask = RouteAsk(priority=5, pinned="full")
+    for seed in range(20):  # the power-of-two fallback never draws "a"
+        assert rank_replicas(ask, ["a", "b"], reports, NOW, RULES, random.Random(seed)).ranks == [
+            ["b"]
+        ]
+
+
 def test_stale_reports_fall_back_to_power_of_two():
     old = {c: report(at=NOW - 5) for c in "abcd"}
     d = rank_replicas(GOLD, list("abcd"), old, NOW, RULES, random.Random(1))
