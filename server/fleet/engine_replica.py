@@ -32,7 +32,7 @@ from policies.replica_routing import ReplicaReport
 from server.api.service import Service
 from server.config import ServerConfig
 from server.engine.outputs import RequestOutput
-from server.fleet.engine_call import EngineCall
+from server.fleet.engine_call import HEARTBEAT, HEARTBEAT_S, EngineCall
 from server.fleet.fleet_board import FLEET_BOARD, FleetBoard
 
 NAMESPACE = "concentric"  # the Ray namespace of the fleet's named actors
@@ -63,11 +63,12 @@ class EngineReplica:
     async def __init__(self, config: dict[str, Any], checkpoint: str, fleet: dict[str, Any]):
         logging.basicConfig(level=config.get("log_level", "info").upper())
         self.config = ServerConfig(**config)
-        self.rank = replica_rank()
         self.tag = replica_tag()
         self.pid = os.getpid()
-        offer = (fleet.get("replica_offer") or {}).get(str(self.rank))
-        self.offer = frozenset(offer) if offer else None
+        self.replica_offer = {
+            str(k): frozenset(v) for k, v in (fleet.get("replica_offer") or {}).items()
+        }
+        self._rank: tuple[float, int] = (0.0, 0)  # (read at, rank)
         self.headroom_script = fleet.get("headroom_script")
         self.served = 0  # calls that reached their final output here
         self._board = None
@@ -79,11 +80,15 @@ class EngineReplica:
                 raise RuntimeError(f"engine replica failed to load: {self.service.load_error}")
             await asyncio.sleep(0.05)
         chooser = self.service.engine.engine.chooser  # type: ignore[union-attr]
-        if self.offer is not None and chooser is not None:
+        if self.replica_offer and chooser is not None:
             measured = chooser.offered
-            allowed = self.offer
-            chooser.offered = lambda s: s.name in allowed and measured(s)
-        log.info("engine replica rank %d (%s, pid %d) ready", self.rank, self.tag, self.pid)
+
+            def offered(s) -> bool:
+                allowed = self.offer
+                return (allowed is None or s.name in allowed) and measured(s)
+
+            chooser.offered = offered
+        log.info("engine replica %s (pid %d) ready", self.tag, self.pid)
 
     async def generate(self, call: EngineCall):
         """The request's outputs, to its final one. Cancelling the call aborts the request."""
@@ -111,13 +116,46 @@ class EngineReplica:
                 tags=dict(call.tags),
             )
             return
+        outputs = stream.__aiter__()
+        pending: asyncio.Future | None = None
         try:
-            async for out in stream:
+            yield HEARTBEAT  # taken: from now on the ingress expects word every HEARTBEAT_S
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(outputs.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_S)
+                if not done:
+                    # Still waiting (queued, or a long step): say this replica is alive, so
+                    # the ingress can tell a quiet replica from a dead one.
+                    yield HEARTBEAT
+                    continue
+                try:
+                    out = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
                 if out.finished:
                     self.served += 1
                 yield out
         finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
             stream.close()  # cancelled (the client left): abort, free the KV
+
+    @property
+    def rank(self) -> int:
+        """This replica's rank: Serve assigns it after the constructor and may change it (a
+        replacement takes a dead replica's rank), so it is read again every half second."""
+        at, rank = self._rank
+        now = time.monotonic()
+        if now - at > 0.5:
+            self._rank = (now, rank := replica_rank())
+        return rank
+
+    @property
+    def offer(self) -> frozenset[str] | None:
+        """The only subnets this replica offers (its rank's `replica_offer`), or None: all."""
+        return self.replica_offer.get(str(self.rank))
 
     def record_routing_stats(self) -> dict[str, Any]:
         stats = {**self.report().to_dict(), **self.identity(), **self.holdings()}
@@ -156,11 +194,12 @@ class EngineReplica:
         sched = core.scheduler
         chooser = core.chooser
         table = svc.runtime.subnets  # type: ignore[union-attr]
+        offer = self.offer
         offered = {
             s.name: float(table.scores[s.name])
             for s in table
             if (chooser.offered(s) if chooser is not None else True)
-            and (self.offer is None or s.name in self.offer)
+            and (offer is None or s.name in offer)
         }
         step_s = None
         if chooser is not None and offered:
@@ -171,7 +210,7 @@ class EngineReplica:
         return ReplicaReport(
             at=time.time(),
             offered=offered,
-            can_offer=self.offer,
+            can_offer=offer,
             headroom_bytes=self._headroom(),
             running=len(sched.running),
             waiting=len(sched.waiting),

@@ -86,6 +86,7 @@ class FleetService(Service):
                 self._check,
                 retries=self.fleet.retries,
                 retry_pause_s=self.fleet.retry_pause_s,
+                silence_s=self.fleet.silence_s,
             )
             engine.on_finished.append(self._finished)
             self.engine = engine  # type: ignore[assignment]

@@ -6,10 +6,13 @@ Owns the part of `AsyncEngine`'s interface the API uses (`add_request` returning
 deployment (`EngineReplica.generate`), so the routes, submission and responses do not change.
 
 Fault handling: a call that fails before its first output (the replica died, was draining, or
-refused it) is retried on another replica, up to `retries` times. No byte of the response has
-been sent then (the API waits for the first output before it answers), so a retry is invisible
-to the client. A failure after the first output ends the stream with an error output (a stream
-gets an error event; a non-streamed response a 500), as a failed step does in one process.
+refused it; or, once a replica took it, it went silent: no output and no heartbeat for
+`silence_s`, which is how a replica killed outright sometimes shows) is retried on another
+replica, up to `retries` times.
+No byte of the response has been sent then (the API waits for the first output before it
+answers), so a retry is invisible to the client. A failure after the first output ends the
+stream with an error output (a stream gets an error event; a non-streamed response a 500), as
+a failed step does in one process.
 
 A stream closed by its consumer (client disconnect, drain) cancels the call (the replica aborts
 the request and frees its KV) and reports an `abort` output to the observers at once, so the
@@ -28,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from policies.snapshots import TierView
 from server.engine.outputs import RequestOutput
-from server.fleet.engine_call import EngineCall
+from server.fleet.engine_call import HEARTBEAT, HEARTBEAT_S, EngineCall
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.subnets import Subnet
 
@@ -58,12 +61,32 @@ class RemoteStream:
             self.attempts += 1
             try:
                 gen = engine.handle.generate.remote(self.call)
+                pending: asyncio.Future | None = None
+                taken = False  # a replica took the call (until then it waits at the router)
                 try:
-                    async for out in gen:
+                    while True:
+                        if pending is None:
+                            pending = asyncio.ensure_future(gen.__anext__())
+                        wait = engine.silence_s if taken else None
+                        done, _ = await asyncio.wait({pending}, timeout=wait)
+                        if not done:
+                            raise TimeoutError(
+                                f"no word from the engine replica for {engine.silence_s:g} s"
+                            )
+                        try:
+                            out = pending.result()
+                        except StopAsyncIteration:
+                            break
+                        pending = None
+                        taken = True
+                        if out is HEARTBEAT:
+                            continue
                         self._got(out)
                         if out.finished:
                             return
                 finally:
+                    if pending is not None and not pending.done():
+                        pending.cancel()
                     with contextlib.suppress(Exception):
                         gen.cancel()
                 raise RuntimeError("the engine replica ended the stream without a final output")
@@ -148,9 +171,19 @@ class RemoteStream:
 
 
 class RemoteEngine:
-    def __init__(self, handle, check: Check, retries: int = 2, retry_pause_s: float = 0.2):
+    def __init__(
+        self,
+        handle,
+        check: Check,
+        retries: int = 2,
+        retry_pause_s: float = 0.2,
+        silence_s: float = 5 * HEARTBEAT_S,
+    ):
         self.handle = handle.options(stream=True)
         self.check = check
+        # A call silent this long (no output, no heartbeat) is given up as a lost replica. Not
+        # shorter than a few heartbeats: a busy replica's event loop may be late.
+        self.silence_s = max(silence_s, 2 * HEARTBEAT_S)
         self.retries = retries
         self.retry_pause_s = retry_pause_s
         self._streams: dict[str, RemoteStream] = {}

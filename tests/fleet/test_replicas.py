@@ -164,6 +164,7 @@ def fleet(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "min_headroom_bytes": 10**9,
                 "retries": 4,
                 "retry_pause_s": 0.5,
+                "silence_s": 4.0,
                 "headroom_script": str(script),
                 "replica_offer": {
                     "0": [n for n in names if n != ONLY_ON_1],
@@ -309,12 +310,12 @@ def test_killing_a_replica_loses_no_request_that_had_not_started(fleet: Fleet):
             lines = response.iter_lines()
             first = next(line for line in lines if line.startswith("data:"))
             assert "chat.completion.chunk" in first
-            # 11 non-streamed requests for the same subnet: 3 run beside the stream, the rest
-            # wait there without a token. When the replica dies, those are retried: they wait
-            # at the router until a replica offering e2b (the replacement) joins.
+            # 11 non-streamed bronze requests: bronze fills replica 1 first (it cannot serve
+            # gold's best subnet, so it is where other tiers go while it has room), 3 run
+            # beside the stream, the rest wait there without a token. When the replica dies,
+            # those are retried on replica 0.
             futures = [
-                pool.submit(fleet.chat, "bert", model=ONLY_ON_1, max_tokens=64, min_tokens=64)
-                for _ in range(11)
+                pool.submit(fleet.chat, "bert", max_tokens=64, min_tokens=64) for _ in range(11)
             ]
             fleet.wait_for(
                 "requests queued on replica 1",
