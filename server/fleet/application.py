@@ -109,7 +109,16 @@ def serve_fleet(config: ServerConfig, fleet: FleetConfig) -> None:
     Service(config, checkpoint).check_config()  # configuration errors before Ray starts
     warn_open(config)
     # Workers import this code base as the driver does (a checkout run with PYTHONPATH).
-    env = {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("PYTHONPATH", "OMP_NUM_THREADS") or k.startswith("RAY_SERVE_")
+    }
+    # Serve's router asks a replica its queue length before sending it a request, and gives
+    # up on it after 0.1 s by default: too short for a replica whose CPU share is busy
+    # computing (its answer comes late, the request is held back again and again).
+    env.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     ray.init(
         address=fleet.ray_address,
         namespace=NAMESPACE,

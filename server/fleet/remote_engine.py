@@ -60,6 +60,7 @@ class RemoteStream:
         while True:
             self.attempts += 1
             try:
+                _fresh_call_id()
                 gen = engine.handle.generate.remote(self.call)
                 pending: asyncio.Future | None = None
                 taken = False  # a replica took the call (until then it waits at the router)
@@ -168,6 +169,20 @@ class RemoteStream:
         finally:
             if not done:
                 self.close()
+
+
+def _fresh_call_id() -> None:
+    """Give the next handle call its own Serve request id. Serve reuses the HTTP request's id
+    for every handle call made while serving it, and its router matches a chosen replica to
+    the pending call by that id: two calls of one request (n > 1 choices, a retry after a
+    replica died) would share one and could be left unrouted. This runs in the stream's own
+    task (its own context copy), so the HTTP request's id is untouched."""
+    try:
+        from ray.serve.context import _set_request_context
+
+        _set_request_context(_internal_request_id=uuid.uuid4().hex)
+    except Exception:  # outside Serve (tests with a fake handle), or the private API moved
+        pass
 
 
 class RemoteEngine:
