@@ -108,8 +108,11 @@ def load_fleet_config(path: str | Path | None, **overrides: Any) -> FleetConfig:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise FleetConfigError(f"{path}: expected a mapping of fleet settings")
+    data.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(data) - KNOWN
     if unknown:
         raise FleetConfigError(f"unknown fleet setting(s): {', '.join(sorted(unknown))}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return FleetConfig(**data)
+    try:
+        return FleetConfig(**data)
+    except TypeError as e:  # a wrongly typed value
+        raise FleetConfigError(str(e)) from None
