@@ -107,6 +107,13 @@ class Limiter:
                 self.refusals[refusal.limit] = self.refusals.get(refusal.limit, 0) + 1
             return refusal
 
+    def add_preparing(self, tenant: Tenant, requests: int) -> None:
+        """`requests` choices start (positive) or stop (negative) being prepared: `preparing`
+        in two calls, for a store that serves several processes (server/fleet)."""
+        with self._lock:
+            s = self._state(tenant, self.clock())
+            s.preparing = max(0, s.preparing + requests)
+
     @contextlib.contextmanager
     def preparing(self, tenant: Tenant, requests: int = 1) -> Iterator[None]:
         """Count `requests` choices as being prepared (see peek) while the block runs."""

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +246,3 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         await self.service.stop()
-
-    @staticmethod
-    def config_dict(config: ServerConfig) -> dict[str, Any]:
-        return asdict(config)

@@ -53,9 +53,7 @@ class LimitsStore:
 
     def prepare(self, tenant: Tenant, requests: int) -> None:
         """`requests` choices start (positive) or stop (negative) being prepared."""
-        with self.limiter._lock:
-            s = self.limiter._state(tenant, self.limiter.clock())
-            s.preparing = max(0, s.preparing + requests)
+        self.limiter.add_preparing(tenant, requests)
 
     def release(self, tenant: Tenant, unused_tokens: int) -> None:
         self.limiter.release(tenant, unused_tokens)
