@@ -210,10 +210,9 @@ def run(name: str, checkpoint: Path, fleet: dict, script: dict | None = None) ->
 
 
 def main() -> None:
-    from server.tools.dev_model import make_dev_model
+    from server.tools.dev_model import dev_model_cache
 
-    cache = Path(os.environ.get("CONCENTRIC_CACHE", Path.home() / ".cache" / "concentric"))
-    checkpoint = make_dev_model("tiny", cache / "dev-tiny", progress=False)
+    checkpoint = dev_model_cache("tiny")
     base = {
         "replica_num_cpus": ARGS.replica_cpus,
         "ingress_num_cpus": 0.25,

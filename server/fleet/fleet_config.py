@@ -53,7 +53,7 @@ class FleetConfig:
     limits_timeout_s: float = 1.0
     retries: int = 2
     """A call that failed before its first output is retried on another replica this often."""
-    silence_s: float = 5.0
+    silence_s: float = 30.0
     """A call with no output and no heartbeat (replicas send one a second) this long is given up
     as a lost replica (then retried if it had no output yet)."""
     retry_pause_s: float = 0.2

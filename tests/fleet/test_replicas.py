@@ -164,7 +164,7 @@ def fleet(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "min_headroom_bytes": 10**9,
                 "retries": 4,
                 "retry_pause_s": 0.5,
-                "silence_s": 4.0,
+                "silence_s": 10.0,
                 "headroom_script": str(script),
                 "replica_offer": {
                     "0": [n for n in names if n != ONLY_ON_1],
