@@ -70,7 +70,7 @@ class EngineReplica:
         self._rank: tuple[float, int] = (0.0, 0)  # (read at, rank)
         self.headroom_script = fleet.get("headroom_script")
         self.served = 0  # calls that reached their final output here
-        self._board = None
+        self._board_task: asyncio.Task | None = None
         self.service = Service(self.config, Path(checkpoint))
         self.service.check_config()
         await self.service.start()
@@ -87,6 +87,8 @@ class EngineReplica:
                 return (allowed is None or s.name in allowed) and measured(s)
 
             chooser.offered = offered
+        period = float(fleet.get("routing_stats_period_s", 0.2))
+        self._board_task = asyncio.get_running_loop().create_task(self._post_to_board(period))
         log.info("engine replica %s (pid %d) ready", self.tag, self.pid)
 
     async def generate(self, call: EngineCall):
@@ -157,32 +159,25 @@ class EngineReplica:
         return self.replica_offer.get(str(self.rank))
 
     def record_routing_stats(self) -> dict[str, Any]:
-        stats = {**self.report().to_dict(), **self.identity(), **self.holdings()}
-        self._post(stats)
-        return stats
+        """What the router reads (plain data, no Ray calls: Serve runs this on the replica)."""
+        return {**self.report().to_dict(), **self.identity(), **self.holdings()}
 
-    def _post(self, stats: dict[str, Any]) -> None:
-        """The same report on the fleet board (for every ingress's /metrics); never waited for."""
-        try:
-            import ray
+    async def _post_to_board(self, period_s: float) -> None:
+        """The same report on the fleet board (for every ingress's /metrics), every period,
+        from this task: looking the board up blocks, so it runs in a thread; posting is not
+        waited for. The board is a view: routing does not depend on it."""
+        import ray
 
-            if self._board is None:
-                self._board = (
-                    ray.remote(FleetBoard)
-                    .options(
-                        name=FLEET_BOARD,
-                        namespace=NAMESPACE,
-                        get_if_exists=True,
-                        lifetime="detached",
-                        num_cpus=0,
-                        max_restarts=-1,
-                    )
-                    .remote()
-                )
-            self._board.post.remote(stats)
-        except Exception as e:  # the board is a view: routing does not depend on it
-            self._board = None
-            log.debug("fleet board post failed: %s", e)
+        board = None
+        while True:
+            try:
+                if board is None:
+                    board = await asyncio.to_thread(_fleet_board, ray)
+                board.post.remote(self.record_routing_stats())
+            except Exception as e:
+                board = None
+                log.debug("fleet board post failed: %s", e)
+            await asyncio.sleep(period_s)
 
     def identity(self) -> dict[str, Any]:
         return {"rank": self.rank, "replica": self.tag, "pid": self.pid}
@@ -245,4 +240,22 @@ class EngineReplica:
             raise RuntimeError("the engine loop stopped")
 
     async def __del__(self) -> None:
+        if self._board_task is not None:
+            self._board_task.cancel()
         await self.service.stop()
+
+
+def _fleet_board(ray):
+    """The fleet board actor, created by whichever replica asks first (blocking: a GCS call)."""
+    return (
+        ray.remote(FleetBoard)
+        .options(
+            name=FLEET_BOARD,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=0,
+            max_restarts=-1,
+        )
+        .remote()
+    )
