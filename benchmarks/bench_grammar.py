@@ -12,7 +12,8 @@ For each engine, at a 262,144-id vocabulary:
             the instance's tokens;
   apply     setting the disallowed logits of those B rows to -inf in float32 logits [B, 262400]
             (`server/runtime/token_bitmask.apply_bitmask`: the masked copy of the text logits the
-            sampler reads, the same code for both engines, since both write the same format); xgrammar's own CPU kernel for reference.
+            sampler reads, the same code for both engines, since both write the same format);
+            xgrammar's own CPU kernel for reference.
 
 The vocabulary: no real 262k tokenizer can be downloaded where this runs, and the dev tokenizer at
 262,144 ids is mostly reserved `<unusedN>` slots (special tokens, which a mask excludes at no
@@ -110,7 +111,7 @@ def synthetic_vocabulary() -> tuple[list[bytes], set[int]]:
         (0x0621, 0x064A),
     ]
     letters = "abcdefghijklmnopqrstuvwxyz"
-    punct = list("{}[]\":,.;!?()-_/\\'*#=+<>@&%$") + ['":', '",', '{"', '"}', "],", '":"', '": ']
+    punct = [*"{}[]\":,.;!?()-_/\\'*#=+<>@&%$", '":', '",', '{"', '"}', "],", '":"', '": ']
 
     def word(n: int) -> str:
         return "".join(letters[j] for j in rng.integers(0, 26, n))

@@ -69,7 +69,14 @@ def assemble_engine(
     assign = chooser.assign if chooser is not None else named_subnet
     scheduler = Scheduler(config, blocks, order or FirstComeFirstServed(), eos, assign)
     runner = ModelRunner(
-        rt.model, num_blocks, block_size, eos, ffn_mode, compile_backend, batch_invariant
+        rt.model,
+        num_blocks,
+        block_size,
+        eos,
+        ffn_mode,
+        compile_backend,
+        batch_invariant,
+        grammars=rt.grammars,
     )
     return Engine(
         runner, scheduler, rt.tokenizer, text.vocab_size_per_layer_input, chooser, elasticity

@@ -2,7 +2,8 @@
 
 Owns the wiring that every user of the runtime repeats otherwise: open and check the store, take
 the weights to the compute dtype and device once, build the subnet table against this checkpoint,
-load the tokenizer, and build the model. The engine and the CLI hold one of these; every subnet is
+load the tokenizer (and, on first use, the structured-output grammars over it), and build the
+model. The engine and the CLI hold one of these; every subnet is
 served from it without copying a weight.
 
 Deliberately does not know: requests, scheduling, HTTP.
@@ -11,6 +12,7 @@ Deliberately does not know: requests, scheduling, HTTP.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
 from server.runtime.device import bind
 from server.runtime.gemma3n import Gemma3nModel
+from server.runtime.grammar import Grammars
 from server.runtime.weights import Weights
 from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
 from server.vocabulary.measured_quality import read_measured_quality
@@ -62,3 +65,11 @@ class ElasticRuntime:
         measured = read_measured_quality(store.folder)
         subnets = load_subnet_table(store.text, table_csv, custom_subnets, measured)
         return cls(store, weights, Gemma3nModel(weights), subnets, TextTokenizer(store.folder))
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """Structured output's compiler for this checkpoint's tokenizer and text vocabulary
+        (its tokenizer description is built on the first compile)."""
+        return Grammars(
+            self.tokenizer.hf, self.store.text.vocab_size_per_layer_input, self.tokenizer.stop_ids
+        )

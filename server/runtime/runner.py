@@ -32,6 +32,7 @@ from server.runtime.batch_invariant import BatchInvariantOps
 from server.runtime.decode_graph import DecodeGraphs
 from server.runtime.device import allocation_failure, on_device, release_cached, synchronize
 from server.runtime.gemma3n import Gemma3nModel
+from server.runtime.grammar import Grammars
 from server.runtime.kv_cache import KVCache
 from server.runtime.sampler import Sampler, SamplerState, SamplingError
 from server.vocabulary.compute import FFN_MODE_CHOICES, FFN_MODES, check_choice
@@ -80,12 +81,14 @@ class ModelRunner:
         ffn_mode: str = "auto",
         compile_backend: str | None = None,
         batch_invariant: bool = False,
+        grammars: Grammars | None = None,
     ):
         """`compile_backend`: compile decode steps (decode_graph.py) with this torch.compile
         backend ("inductor"; "aot_eager" captures the same graphs without generating code);
         None: every step runs the eager forward. `batch_invariant`: every row's logits are what
         it gets alone (batch_invariant.py): mixed widths run grouped, each query attends alone,
-        products run row by row; exclusive with compiled steps, which pad rows and widths."""
+        products run row by row; exclusive with compiled steps, which pad rows and widths.
+        `grammars`: compiles structured-output constraints (grammar.py); None refuses them."""
         check_choice("ffn_mode", ffn_mode, FFN_MODE_CHOICES)
         if batch_invariant and compile_backend is not None:
             raise ValueError("batch-invariant steps cannot be compiled (static steps pad rows)")
@@ -97,7 +100,10 @@ class ModelRunner:
         self.kv = KVCache(text, num_blocks, block_size, model.w.dtype, model.w.device)
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(
-            text.vocab_size_per_layer_input, self.eos_token_ids, device=model.w.device
+            text.vocab_size_per_layer_input,
+            self.eos_token_ids,
+            device=model.w.device,
+            grammars=grammars,
         )
         self.states: dict[str, SamplerState] = {}
         self.keep_logits: set[str] = set()  # requests whose logits rows are returned

@@ -8,9 +8,9 @@ Deliberately does not know: grammars, matchers or sampling. The sampler decides 
 constrained and calls this before anything that selects tokens.
 
 Why an additive lookup table: a packed row is 32 KiB at 262,144 ids. Viewed as bytes, one
-`index_select` into a [256, 8] table of {0, -inf} unpacks it straight into the logits' dtype, and
-one `add` applies it (a row without a constraint is all ones and adds 0): -inf plus any logit is -inf, 0 plus a logit
-is that logit exactly. Measured on this project's CPU (benchmarks/bench_grammar.py), a boolean
+`index_select` into a [256, 8] table of {0, -inf} unpacks it straight into the logits' dtype,
+and one `add` applies it (a row without a constraint is all ones and adds 0): -inf plus any
+logit is -inf, 0 plus a logit is that logit exactly. Measured on this project's CPU, a boolean
 unpack followed by `masked_fill_` or `torch.where` costs about 5x more at 262,144 ids (CPU
 masked_fill is slow), and shifting words by 0..31 makes a temporary 32 times the mask's size.
 The bytes are read in little-endian order, which is how the engines write the words on every
