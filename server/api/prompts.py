@@ -58,6 +58,11 @@ class PromptPool:
     async def encode_chat(self, tenant: str, messages: Sequence[dict[str, Any]]) -> list[int]:
         return await self._run(tenant, lambda: self.tokenizer.encode_chat(messages))
 
+    async def run(self, tenant: str, work: Callable[[], T]) -> T:
+        """Other work a request needs before admission that must stay off the event loop (a
+        structured-output grammar's compilation), under the same per-tenant share."""
+        return await self._run(tenant, work)
+
     async def _run(self, tenant: str, work: Callable[[], T]) -> T:
         turn = self._turns.get(tenant)
         if turn is None:

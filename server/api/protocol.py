@@ -3,8 +3,9 @@
 Owns what a request may contain. Models are strict: unknown parameters are rejected (by name, as
 unsupported; never silently ignored), and values of the wrong JSON type are errors rather than
 being coerced. The extras vLLM accepts in the body (top_k, min_p, repetition_penalty,
-stop_token_ids, min_tokens) are accepted here too. Responses are built as plain dicts by the
-route handlers.
+stop_token_ids, min_tokens, guided_json / guided_regex / guided_choice / guided_grammar) are
+accepted here too, and `response_format` on both endpoints, as vLLM accepts it. Responses are
+built as plain dicts by the route handlers.
 
 Deliberately does not know: tokenizers, tenants, or the engine.
 """
@@ -62,6 +63,35 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Strict):
+    """OpenAI's `response_format.json_schema`. `schema` is a reserved name on pydantic models,
+    hence the alias."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    """`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
+    {...}}` (server/api/constraints.py turns it into the constraint)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs the json_schema field')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(
+                f'json_schema is only allowed with type "json_schema", not {self.type!r}'
+            )
+        return self
+
+
 class SamplingFields(Strict):
     """Parameters both endpoints share."""
 
@@ -83,6 +113,13 @@ class SamplingFields(Strict):
     repetition_penalty: float | None = Field(None, gt=0)
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = Field(None, ge=0)
+    # Structured output: OpenAI's response_format, and vLLM's guided_* extras (at most one
+    # constraint per request; server/api/constraints.py)
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from policies.snapshots import TierView
+from server.api.constraints import requested_constraint
 from server.api.errors import APIError
 from server.api.limits import Refusal, Reservation
 from server.api.protocol import SamplingFields
@@ -126,7 +127,9 @@ def sampling_params(
     defaults: SamplingDefaults = OPENAI,
 ) -> SamplingParams:
     """The request's SamplingParams: its own values, and `defaults` for the sampling fields it
-    leaves unset (None), so an explicit value (even OpenAI's default) always wins."""
+    leaves unset (None), so an explicit value (even OpenAI's default) always wins. A
+    structured-output constraint (constraints.py) has been compiled by then (openai_routes)."""
+    asked = requested_constraint(body)
     bias: list[tuple[int, float]] = []
     for key, value in (body.logit_bias or {}).items():
         try:
@@ -150,6 +153,7 @@ def sampling_params(
         stop=body.stop_strings(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logprobs=logprobs,
+        structured=asked[0] if asked is not None else None,
     )
     try:
         params.validate(vocab, eos_token_ids=eos)
