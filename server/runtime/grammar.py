@@ -162,8 +162,13 @@ class Grammars:
     def _compile(compiler: Any, s: StructuredOutput) -> Any:
         try:
             if s.kind == "json":
+                # Not strict: strict mode would forbid every property the schema does not name,
+                # and this schema names none (only `{}` would be left).
                 return compiler.compile_json_schema(
-                    '{"type": "object"}', any_whitespace=False, separators=_SEPARATORS
+                    '{"type": "object"}',
+                    any_whitespace=False,
+                    separators=_SEPARATORS,
+                    strict_mode=False,
                 )
             if s.kind == "json_schema":
                 return compiler.compile_json_schema(

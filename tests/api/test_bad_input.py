@@ -164,11 +164,18 @@ CASES = [
     # -- parameters this server does not support: named as unsupported
     Bad("tools", chat(tools=[]), 400, "unsupported parameter: 'tools'", "tools"),
     Bad(
-        "response_format",
-        chat(response_format={"type": "json_object"}),
+        "response_format of a type this server does not know",
+        chat(response_format={"type": "structural_tag"}),
         400,
-        "unsupported parameter: 'response_format'",
-        "response_format",
+        "Input should be 'text', 'json_object' or 'json_schema'",
+        "response_format.type",
+    ),
+    Bad(
+        "guided_decoding_backend (vLLM's engine choice; this server has one)",
+        chat(guided_decoding_backend="outlines"),
+        400,
+        "unsupported parameter: 'guided_decoding_backend'",
+        "guided_decoding_backend",
     ),
     Bad("echo", completion(echo=True), 400, "echo is not supported", path=COMPLETIONS),
     Bad("suffix", completion(suffix="x"), 400, "suffix is not supported", path=COMPLETIONS),

@@ -165,6 +165,55 @@ def test_logprobs_see_only_allowed_tokens(tiny):
         assert abs(sum(math.exp(lp) for _, lp in finite) - 1) < 1e-4
 
 
+@pytest.mark.parametrize(
+    ("structured", "text", "complete"),
+    [
+        (StructuredOutput("json"), '{"a":[1,{"b":null}],"c":"d"}', True),
+        (StructuredOutput("json"), "{}", True),
+        (StructuredOutput("json"), '{"a":1', False),
+        (JSON_SCHEMA, '{"ok":true,"color":"red","name":"ab","count":7,"tags":["a"]}', True),
+        (StructuredOutput("regex", REGEX), "abc-1", False),
+        (StructuredOutput("choice", json.dumps(CHOICES)), "maybe not", True),
+    ],
+)
+def test_matcher_accepts_valid_text_and_allows_eos_only_at_the_end(
+    tiny, structured, text, complete
+):
+    m = tiny.grammars.matcher(structured)
+    vocab = tiny.store.text.vocab_size_per_layer_input
+    bitmask = allocate_bitmask(1, vocab)
+    eos = tiny.tokenizer.stop_ids[0]
+    for t in tiny.tokenizer.hf.encode(text, add_special_tokens=False):
+        m.fill(bitmask, 0)
+        assert allowed_tokens(bitmask, vocab)[0, t], (text, t)
+        assert m.accept(t)
+    m.fill(bitmask, 0)
+    assert bool(allowed_tokens(bitmask, vocab)[0, eos]) == complete
+    if complete:
+        assert m.accept(eos) and m.terminated
+
+
+def test_unconstrained_steps_do_no_mask_work(tiny):
+    sampler = Sampler(512, (1, 106), grammars=tiny.grammars)
+    free = sampler.add_request(params(None, 1))
+    logits = torch.randn(1, 512, generator=torch.Generator().manual_seed(0))
+    sampler.sample(logits, [free])
+    assert "masked" not in sampler._buffers  # no masked copy of the logits was made
+    bound = sampler.add_request(params(StructuredOutput("regex", "[ab]+"), 2))
+    [_, token] = sampler.sample(torch.cat([logits, logits]), [free, bound])
+    assert "masked" in sampler._buffers
+    assert tiny.tokenizer.decode([token.token_id]) in ("a", "b")
+
+
+def test_an_aborted_request_frees_its_matcher(tiny):
+    engine = assemble_engine(tiny, kv_bytes_for(tiny, 512))
+    engine.add_request("r", prompt_ids(9), tiny.subnets["full"], params(JSON_SCHEMA, 1))
+    engine.step()
+    assert engine.runner.states["r"].matcher is not None
+    engine.abort("r")
+    assert engine.runner.states == {}
+
+
 def test_grammar_cache_compiles_each_constraint_once(tiny):
     g = Grammars(tiny.tokenizer.hf, tiny.store.text.vocab_size_per_layer_input, (1, 106), 2)
     a, b, c = (StructuredOutput("regex", p) for p in ("a+", "b+", "c+"))
