@@ -11,8 +11,9 @@ For each engine, at a 262,144-id vocabulary:
             the step's token, walking a valid instance of the schema token by token; median over
             the instance's tokens;
   apply     setting the disallowed logits of those B rows to -inf in float32 logits [B, 262400]
-            (`server/runtime/token_bitmask.apply_bitmask`: the masked copy of the text logits the
-            sampler reads, the same code for both engines, since both write the same format);
+            (the sampler's step 1b: a copy of the text logits, then
+            `server/runtime/token_bitmask.apply_bitmask_`; the same code for both engines, since
+            both write the same packed format);
             xgrammar's own CPU kernel for reference.
 
 The vocabulary: no real 262k tokenizer can be downloaded where this runs, and the dev tokenizer at
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
-from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask
+from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask_
 from server.tools.dev_tokenizer import _build_tokenizer
 
 VOCAB = 262144
@@ -261,7 +262,8 @@ def time_steps(engine, schema: str, path: list[int], batch: int) -> dict[str, fl
         for r, m in enumerate(matchers):
             engine.fill(m, bitmask, r)
         t1 = time.perf_counter()
-        apply_bitmask(logits[:, :VOCAB], bitmask, out=out)
+        out.copy_(logits[:, :VOCAB])
+        apply_bitmask_(out, range(batch), bitmask)
         t2 = time.perf_counter()
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=VOCAB, backend="cpu")
         t3 = time.perf_counter()

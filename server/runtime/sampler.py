@@ -11,11 +11,12 @@ Order of processing, per row (vLLM-like):
      sliced off and can never be sampled;
   1b. structured output: a row whose request has a constraint (params.structured) gets -inf on
      every token its grammar does not allow next (grammar.py fills a packed bitmask per row on
-     the host; token_bitmask.py applies it as one add over a copy of the batch's logits, so what
-     follows, greedy and sampled paths and logprobs alike, sees only allowed tokens, as in vLLM,
-     which masks before its sampler). Stop tokens are allowed only where the grammar may end, so
-     a request ends (eos, finish_reason "stop") when its output is complete. Steps with no
-     constrained row do none of this. Each row's matcher accepts its token after the step;
+     the host; token_bitmask.py adds it, as {0, -inf}, to those rows of a copy of the logits),
+     so what follows, greedy and sampled paths and logprobs alike, sees only allowed tokens (as
+     in vLLM, which masks before its sampler). Stop tokens are allowed only where the grammar
+     may end, so a request ends (eos, finish_reason "stop") when its output is complete. Steps
+     with no constrained row do none of this. Each row's matcher accepts its token after the
+     step;
   2. logprobs, when requested, of these raw logits (before any penalty or temperature): the chosen
      token's and the top k;
   3. min_tokens: while fewer than min_tokens tokens were generated, the eos ids and the request's
@@ -98,7 +99,7 @@ from server.runtime.counter_random import MAX_INDEX, race, row_key
 from server.runtime.grammar import GrammarMatcher, Grammars
 from server.runtime.penalties import Entry, PenaltyTable
 from server.runtime.row_gather import gather_rows
-from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask
+from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask_
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.step import SampleResult
 
@@ -322,16 +323,18 @@ class Sampler:
 
     def _constrained(self, raw, states, constrained: list[int]) -> torch.Tensor:
         """Step 1b: a copy of the text logits with each constrained row's disallowed tokens at
-        -inf (unconstrained rows' bitmask rows are all ones, so they are copied unchanged)."""
-        B = raw.shape[0]
-        if self._bitmask.shape[0] < B:
-            self._bitmask = allocate_bitmask(B, self.text_vocab_size)
-        bitmask = self._bitmask[:B]
-        bitmask.fill_(-1)
-        for r in constrained:
-            states[r].matcher.fill(bitmask, r)
-        out = self._buffer("masked", B, raw.device, raw.dtype)
-        return apply_bitmask(raw, bitmask, out=out)
+        -inf; unconstrained rows are copied unchanged. The copy keeps the model's logits as they
+        were (the runner may have handed rows of them out)."""
+        C = len(constrained)
+        if self._bitmask.shape[0] < C:
+            self._bitmask = allocate_bitmask(C, self.text_vocab_size)
+        bitmask = self._bitmask[:C]
+        for i, r in enumerate(constrained):
+            states[r].matcher.fill(bitmask, i)
+        out = self._buffer("masked", raw.shape[0], raw.device, raw.dtype)
+        out.copy_(raw)
+        apply_bitmask_(out, constrained, bitmask)
+        return out
 
     def _block_max(self, x: torch.Tensor) -> torch.Tensor:
         bs = self.block

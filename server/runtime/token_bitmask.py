@@ -2,17 +2,17 @@
 
 Owns the packed format every grammar engine here writes (int32 words, bit i of word j set when
 token 32 j + i is allowed; both xgrammar and llguidance use it) and `apply_bitmask_`, which sets
-the disallowed logits of some rows to -inf in one batched pass on the logits' device.
+the disallowed logits of some rows to -inf on the logits' device (one pass, or one per row).
 
 Deliberately does not know: grammars, matchers or sampling. The sampler decides which rows are
 constrained and calls this before anything that selects tokens.
 
 Why an additive lookup table: a packed row is 32 KiB at 262,144 ids. Viewed as bytes, one
 `index_select` into a [256, 8] table of {0, -inf} unpacks it straight into the logits' dtype,
-and one `add` applies it (a row without a constraint is all ones and adds 0): -inf plus any
-logit is -inf, 0 plus a logit is that logit exactly. Measured on this project's CPU, a boolean
-unpack followed by `masked_fill_` or `torch.where` costs about 5x more at 262,144 ids (CPU
-masked_fill is slow), and shifting words by 0..31 makes a temporary 32 times the mask's size.
+and one `add` applies it: -inf plus any logit is -inf, 0 plus a logit is that logit exactly.
+Measured on this project's CPU, a boolean unpack followed by `masked_fill_` or `torch.where`
+costs about 5x more at 262,144 ids (CPU masked_fill is slow), and shifting words by 0..31 makes
+a temporary 32 times the mask's size.
 The bytes are read in little-endian order, which is how the engines write the words on every
 platform torch runs on here (x86-64, aarch64).
 """
@@ -20,6 +20,7 @@ platform torch runs on here (x86-64, aarch64).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -58,17 +59,18 @@ def _addend(bitmask: torch.Tensor, vocab_size: int, device, dtype) -> torch.Tens
     return table.index_select(0, as_bytes.int()).view(bitmask.shape[0], -1)[:, :vocab_size]
 
 
-def apply_bitmask(
-    logits: torch.Tensor, bitmask: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """logits [B, V] with -inf wherever bit t of bitmask[b] is clear, as a new tensor (or into
-    `out`): the copy and the mask in one pass. `bitmask` [B, >= V / 32] holds a row for every
-    logits row (an unconstrained row is all ones, so it adds 0: the same values; only a -0.0
-    logit reads +0.0 after the add, which compares equal); it may be on the host (it crosses to
-    the device once). One `add` over the batch rather than `index_add_` over the constrained rows:
-    on a CPU index_add_ costs about 7x a plain add at 262,144 ids."""
+def apply_bitmask_(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> None:
+    """In place: logits[rows[i], t] = -inf wherever bit t of bitmask[i] is clear (t below
+    logits.shape[1]). `bitmask` [len(rows), >= V / 32] may be on the host (it crosses to the
+    device once). Every row at once is one add; some rows are an add per row, so a row without a
+    constraint is never touched (index_add_ would do it in one call, but on a CPU it costs about
+    7x a plain add at 262,144 ids, and unpacking for every row of the batch about 3x)."""
     V = logits.shape[1]
     if bitmask.shape[1] * 32 < V:
         raise ValueError(f"a bitmask of {bitmask.shape[1]} words cannot cover {V} token ids")
     add = _addend(bitmask, V, logits.device, logits.dtype)
-    return torch.add(logits, add, out=out)
+    if list(rows) == list(range(logits.shape[0])):
+        logits.add_(add)
+        return
+    for i, r in enumerate(rows):
+        logits[r].add_(add[i])

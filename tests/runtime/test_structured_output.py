@@ -25,7 +25,7 @@ from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.offline import GenerationRequest
 from server.runtime.grammar import GrammarError, Grammars
 from server.runtime.sampler import Sampler
-from server.runtime.token_bitmask import allocate_bitmask, allowed_tokens, apply_bitmask
+from server.runtime.token_bitmask import allocate_bitmask, allowed_tokens, apply_bitmask_
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.structured_output import StructuredOutput
 from tests.runtime.conftest import prompt_ids
@@ -247,7 +247,8 @@ def test_sampler_without_grammars_refuses_constraints():
         Sampler(512).add_request(params(JSON_SCHEMA, None))
 
 
-def test_apply_bitmask_matches_a_plain_loop():
+@pytest.mark.parametrize("rows", [[0, 1, 2], [1, 2], [2]])
+def test_apply_bitmask_matches_a_plain_loop(rows):
     g = torch.Generator().manual_seed(0)
     V = 300  # not a multiple of 32: the last word is partly past the vocabulary
     logits = torch.randn(3, V, generator=g)
@@ -255,10 +256,10 @@ def test_apply_bitmask_matches_a_plain_loop():
     bitmask[1] = torch.randint(-(2**31), 2**31 - 1, (bitmask.shape[1],), generator=g).int()
     bitmask[2] = 0
     bitmask[2, 0] = 0b101  # tokens 0 and 2
-    out = apply_bitmask(logits, bitmask)
+    out = logits.clone()
+    apply_bitmask_(out, rows, bitmask[rows])
     for r in range(3):
         for t in range(V):
-            allowed = (int(bitmask[r, t // 32]) >> (t % 32)) & 1
+            allowed = r not in rows or (int(bitmask[r, t // 32]) >> (t % 32)) & 1
             assert out[r, t] == (logits[r, t] if allowed else float("-inf")), (r, t)
     assert allowed_tokens(bitmask, V)[2].nonzero()[:, 0].tolist() == [0, 2]
-    assert torch.equal(out[0], logits[0])  # an all-ones row is copied unchanged
