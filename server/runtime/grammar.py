@@ -9,15 +9,16 @@ filling the packed allowed-token bitmask (token_bitmask.py) for its row of a ste
 
 The engine is xgrammar, chosen by measurement (benchmarks/bench_grammar.py, results in
 benchmarks/results/bench_grammar.txt: a 262,144-id vocabulary, a JSON schema with typed
-properties, an enum, a nested object and arrays). Per decode step, filling the bitmask costs
-xgrammar 0.15-0.55x what it costs llguidance (about 0.01-0.02 ms a row against 0.02-0.06 ms), and
-llguidance builds its masks lazily, so a new request's first steps cost milliseconds each inside
-the decode step (its worst step at 16 rows: 136-185 ms against xgrammar's 3-14 ms), stalling every
-row of the batch. xgrammar instead pays up front: compiling the schema costs 150-400 ms against
-llguidance's ~1 ms, but that runs once per distinct schema, off the event loop and outside the
-step, and is cached here, which suits a server whose clients repeat the same schemas (tools,
-response formats). Applying the mask to the logits is the same code for both (one add of a
-{0, -inf} table, token_bitmask.py) and dominates at 16 rows.
+properties, an enum, a nested object and arrays, one CPU thread). Per decode step, filling the
+bitmask costs xgrammar 0.4-0.5x what it costs llguidance (0.013 against 0.034 ms for one row,
+0.20 against 0.41 ms for 16), and llguidance builds its masks lazily, so a new request's first
+steps cost milliseconds inside the decode step (its worst step: 5 ms for one row, 91 ms for 16
+new rows, against xgrammar's 0.4 and 3.4 ms), stalling every row of the batch. xgrammar pays up
+front instead: compiling the schema takes 130-390 ms against llguidance's ~1 ms, but once per
+distinct schema, off the event loop and outside the step, and cached here, which suits a server
+whose clients repeat their schemas (tools, response formats). Applying the mask to the logits
+is the same code for both (token_bitmask.py) and dominates at 16 rows (about 5 ms on this CPU,
+a copy of the logits included; xgrammar's own CPU kernel takes 16 ms).
 
 Choices, as vLLM makes them with xgrammar: a JSON schema is strict (properties it does not name
 are not allowed) and `json` means any JSON object. Unlike vLLM's default, whitespace is not
