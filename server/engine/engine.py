@@ -108,7 +108,15 @@ class Engine:
 
     def add(self, req: Request) -> None:
         self.scheduler.add(req)
-        self.runner.add_request(req.request_id, req.params, req.prompt_token_ids, req.keep_logits)
+        try:
+            self.runner.add_request(
+                req.request_id, req.params, req.prompt_token_ids, req.keep_logits
+            )
+        except BaseException:
+            # The runner refused it (e.g. a structured-output constraint that does not compile):
+            # the request must not stay queued without its sampling state.
+            self.scheduler.abort(req.request_id)
+            raise
         self._detok[req.request_id] = IncrementalDetokenizer(
             self.decoder,
             req.params.stop,

@@ -214,6 +214,16 @@ def test_an_aborted_request_frees_its_matcher(tiny):
     assert engine.runner.states == {}
 
 
+def test_a_constraint_that_does_not_compile_leaves_the_engine_as_it_was(tiny):
+    # The API compiles first and answers 400; a caller that skips that gets the error at
+    # add_request, and nothing of the request stays behind.
+    engine = assemble_engine(tiny, kv_bytes_for(tiny, 512))
+    bad = params(StructuredOutput("regex", "(("), None)
+    with pytest.raises(GrammarError):
+        engine.add_request("bad", prompt_ids(9), tiny.subnets["full"], bad)
+    assert not engine.has_work and engine.runner.states == {}
+
+
 def test_grammar_cache_compiles_each_constraint_once(tiny):
     g = Grammars(tiny.tokenizer.hf, tiny.store.text.vocab_size_per_layer_input, (1, 106), 2)
     a, b, c = (StructuredOutput("regex", p) for p in ("a+", "b+", "c+"))
