@@ -4,7 +4,7 @@ Owns the mapping from OpenAI's `response_format` and vLLM's `guided_json`, `guid
 `guided_choice` and `guided_grammar` to one `StructuredOutput`, the rule that a request carries
 at most one constraint (a 400 naming the fields), and the shape checks that name the field the
 client used. Whether a schema, pattern or grammar compiles is checked later, off the event loop,
-by the runtime's grammar compiler (openai_routes.py); its error names the same field.
+by `compile_constraint`, off the event loop before admission; its error names the same field.
 
 Deliberately does not know: grammar engines, tokenizers or sampling. Plain Python (no torch).
 """
@@ -12,11 +12,14 @@ Deliberately does not know: grammar engines, tokenizers or sampling. Plain Pytho
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError
 from server.vocabulary.sampling_params import SamplingParamsError, validate_structured
 from server.vocabulary.structured_output import StructuredOutput
+
+if TYPE_CHECKING:  # the service brings the runtime (torch); this module only calls it
+    from server.api.service import Service
 
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
@@ -62,6 +65,28 @@ def requested_constraint(body: Any) -> tuple[StructuredOutput, str] | None:
     except SamplingParamsError as e:
         raise APIError(400, f"{field}: {e.message}", param=field, code="invalid_value") from None
     return structured, field
+
+
+async def compile_constraint(
+    svc: Service, tenant: str, asked: tuple[StructuredOutput, str] | None
+) -> None:
+    """Compile a request's constraint (`asked`: it and the field that asked for it; None: no
+    constraint) before admission, in the tokenizing pool under the tenant's share: it can take a
+    few hundred milliseconds at a real vocabulary, so never on the event loop. The compiled
+    grammar is cached for the engine's step (runtime/grammar.py). One that does not compile is a
+    400 naming the field. Any caller that builds a constraint itself (e.g. a tool call made
+    compulsory) passes it here the same way before submitting."""
+    if asked is None:
+        return
+    # Here, not at the top: the grammar module brings torch, and this module stays plain.
+    from server.runtime.grammar import GrammarError
+
+    structured, field = asked
+    grammars = svc.runtime.grammars  # type: ignore[union-attr]
+    try:
+        await svc.prompts.run(tenant, lambda: grammars.compile(structured))  # type: ignore[union-attr]
+    except GrammarError as e:
+        raise APIError(400, f"{field}: {e}", param=field, code="invalid_value") from None
 
 
 def _dumps(value: Any) -> str:

@@ -17,7 +17,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.api.constraints import requested_constraint
+from server.api.constraints import compile_constraint, requested_constraint
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.responses import (
@@ -33,7 +33,6 @@ from server.api.service import Service
 from server.api.streaming import ClosingStream, until_disconnect
 from server.api.submission import Submission, collect, gate, start, submit
 from server.checkpoint.tokenizer import TokenizerError
-from server.runtime.grammar import GrammarError
 from server.tenancy import Tenant
 
 router = APIRouter()
@@ -79,7 +78,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         except TokenizerError as e:
             raise APIError(400, str(e), param="messages") from None
         _text_ids(svc, [prompt_ids], "messages")
-        await _compile_constraint(svc, tenant, body)
+        await compile_constraint(svc, tenant.name, requested_constraint(body))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         sub = submit(request, body, choice, [prompt_ids], logprobs, "messages")
     return await _respond(request, sub, body, chat_chunks, chat_body)
@@ -90,21 +89,6 @@ def _text_ids(svc: Service, prompts: list[list[int]], param: str) -> None:
     vocab = svc.runtime.store.text.vocab_size_per_layer_input  # type: ignore[union-attr]
     if any(t < 0 or t >= vocab for ids in prompts for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=param)
-
-
-async def _compile_constraint(svc: Service, tenant: Tenant, body) -> None:
-    """A structured-output constraint compiles before admission, in the tokenizing pool (it can
-    take a few hundred milliseconds, so never on the event loop); the compiled grammar is cached
-    for the engine's step. One that does not compile is a 400 naming the field."""
-    asked = requested_constraint(body)
-    if asked is None:
-        return
-    structured, field = asked
-    grammars = svc.runtime.grammars  # type: ignore[union-attr]
-    try:
-        await svc.prompts.run(tenant.name, lambda: grammars.compile(structured))  # type: ignore[union-attr]
-    except GrammarError as e:
-        raise APIError(400, f"{field}: {e}", param=field, code="invalid_value") from None
 
 
 async def _respond(request: Request, sub: Submission, body, streamer, assemble):
@@ -160,7 +144,7 @@ async def completions(body: CompletionRequest, request: Request):
     with gate(request, body, len(texts) or len(given), chars, "prompt") as choice:
         prompts = await svc.prompts.encode(tenant.name, texts) if texts else given  # type: ignore[union-attr]
         _text_ids(svc, prompts, "prompt")
-        await _compile_constraint(svc, tenant, body)
+        await compile_constraint(svc, tenant.name, requested_constraint(body))
         sub = submit(request, body, choice, prompts, body.logprobs, "prompt")
     return await _respond(request, sub, body, completion_chunks, completion_body)
 

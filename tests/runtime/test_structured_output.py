@@ -214,6 +214,22 @@ def test_an_aborted_request_frees_its_matcher(tiny):
     assert engine.runner.states == {}
 
 
+def test_ignore_eos_keeps_to_stop_tokens_after_the_grammar_ends(tiny):
+    # A complete output allows only stop tokens; with ignore_eos the request runs on to
+    # max_tokens, generating stop tokens only (no text past the grammar's output).
+    s = StructuredOutput("choice", json.dumps(CHOICES))
+    req = GenerationRequest(
+        tiny.subnets["full"], prompt_ids(9), params(s, 4, ignore_eos=True, max_tokens=12)
+    )
+    [g] = run(tiny, [req])
+    assert g.finish_reason == "length" and len(g.token_ids) == 12
+    assert g.text in CHOICES
+    stops = set(tiny.tokenizer.stop_ids)
+    first_stop = next(i for i, t in enumerate(g.token_ids) if t in stops)
+    assert tiny.tokenizer.decode(g.token_ids[:first_stop]) == g.text
+    assert set(g.token_ids[first_stop:]) <= stops
+
+
 def test_a_constraint_that_does_not_compile_leaves_the_engine_as_it_was(tiny):
     # The API compiles first and answers 400; a caller that skips that gets the error at
     # add_request, and nothing of the request stays behind.
