@@ -109,11 +109,12 @@ def test_json_object_regex_and_choice(tiny):
         assert choice.finish_reason == "stop" and choice.text in CHOICES, choice.text
 
 
-@pytest.mark.parametrize("seeded", [False, True])
-def test_mixed_batch_leaves_unconstrained_rows_unchanged(tiny, seeded):
+@pytest.mark.parametrize(("seeded", "invariant"), [(False, True), (True, True), (False, False)])
+def test_mixed_batch_leaves_unconstrained_rows_unchanged(tiny, seeded, invariant):
     # Batch-invariant steps make every row's logits bitwise independent of the batch, so the
     # unconstrained rows' tokens must be identical with and without constrained neighbours:
-    # the constraint touches only its own rows.
+    # the constraint touches only its own rows. In the default mode other batches change
+    # logits only by float32 rounding, which greedy tokens do not see (test_mixed_batch.py).
     free = [
         GenerationRequest(
             tiny.subnets[name], prompt_ids(n, seed=n), params(None, n if seeded else None)
@@ -130,9 +131,11 @@ def test_mixed_batch_leaves_unconstrained_rows_unchanged(tiny, seeded):
         ),
         GenerationRequest(tiny.subnets["full"], prompt_ids(10, seed=3), params(JSON_SCHEMA, None)),
     ]
-    alone = run(tiny, free, batch_invariant=True)
+    alone = run(tiny, free, batch_invariant=invariant)
     mixed = run(
-        tiny, [free[0], constrained[0], free[1], *constrained[1:], free[2]], batch_invariant=True
+        tiny,
+        [free[0], constrained[0], free[1], *constrained[1:], free[2]],
+        batch_invariant=invariant,
     )
     together = [mixed[0], mixed[2], mixed[5]]
     for a, b in zip(alone, together, strict=True):
