@@ -219,13 +219,15 @@ class Service:
         return Path(self.config.custom_subnets) if self.config.custom_subnets else None
 
     def _open_runtime(self) -> ElasticRuntime:
-        return ElasticRuntime.open(
+        rt = ElasticRuntime.open(
             self.checkpoint,
             self.config.dtype,
             self.config.device,
             self._custom(),
             table_csv=self._table_csv(),
         )
+        rt.grammars.prepare()  # structured output's tokenizer description, before traffic
+        return rt
 
     def _scheduler_config(self) -> SchedulerConfig:
         assert self.runtime is not None
