@@ -11,7 +11,9 @@ Deliberately does not know: how the engine schedules, or how the subnet is chose
 
 from __future__ import annotations
 
+import json
 import time
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -30,8 +32,10 @@ from server.api.responses import (
 from server.api.service import Service
 from server.api.streaming import ClosingStream, until_disconnect
 from server.api.submission import Submission, collect, gate, start, submit
+from server.api.tool_calls import plan_of, renderer, template_messages, uses_tools
 from server.checkpoint.tokenizer import TokenizerError
 from server.tenancy import Tenant
+from server.vocabulary.structured_output import StructuredOutput
 
 router = APIRouter()
 SUBNET_HEADER = "x-concentric-subnet"
@@ -53,14 +57,24 @@ def _unicode(text: str, param: str) -> str:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     svc: Service = request.app.state.service
     tenant: Tenant = request.state.tenant
-    messages = [
-        {
-            "role": "system" if m.role == "developer" else m.role,
-            "content": _unicode(m.text(), f"messages.{i}.content"),
-        }
-        for i, m in enumerate(body.messages)
-    ]
+    plan = plan_of(body)  # 400s for wrong tools, before anything else is done
+    render = tools = None
+    if uses_tools(body):
+        messages = _unicode_all(template_messages(body.messages), "messages")
+        tools = _unicode_all([f.as_prompt() for f in plan.functions], "tools") or None
+        assert svc.tool_template is not None
+        render = renderer(svc.tool_template, plan)
+    else:
+        messages = [
+            {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": _unicode(m.text(), f"messages.{i}.content"),
+            }
+            for i, m in enumerate(body.messages)
+        ]
     chars = sum(len(m["content"]) for m in messages)
+    if render is not None:  # every string of the messages and tools is rendered into the prompt
+        chars = _chars(messages) + _chars(tools)
     with gate(request, body, 1, chars, "messages") as choice:
         # Every turn costs the template's markup too, so the message count is bounded before
         # templating (pure Python) runs.
@@ -72,13 +86,44 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 param="messages",
             )
         try:
-            prompt_ids = await svc.prompts.encode_chat(tenant.name, messages)  # type: ignore[union-attr]
+            prompt_ids = await svc.prompts.encode_chat(  # type: ignore[union-attr]
+                tenant.name, messages, tools=tools, render=render
+            )
         except TokenizerError as e:
             raise APIError(400, str(e), param="messages") from None
         _text_ids(svc, [prompt_ids], "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        sub = submit(request, body, choice, [prompt_ids], logprobs, "messages")
-    return await _respond(request, sub, body, chat_chunks, chat_body)
+        schema = plan.call_schema()
+        structured = None if schema is None else StructuredOutput("json_schema", json.dumps(schema))
+        sub = submit(request, body, choice, [prompt_ids], logprobs, "messages", structured)
+    return await _respond(
+        request, sub, body, partial(chat_chunks, plan=plan), partial(chat_body, plan=plan)
+    )
+
+
+def _unicode_all(value, param: str):
+    """`_unicode` for every string in nested dicts and lists (their keys too)."""
+    if isinstance(value, str):
+        return _unicode(value, param)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _unicode_all(k, param)
+            _unicode_all(v, param)
+    elif isinstance(value, list):
+        for v in value:
+            _unicode_all(v, param)
+    return value
+
+
+def _chars(value) -> int:
+    """Characters in every string of nested dicts and lists."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(k) + _chars(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    return 0
 
 
 def _text_ids(svc: Service, prompts: list[list[int]], param: str) -> None:

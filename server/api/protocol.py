@@ -25,15 +25,28 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallItem(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, value: Any) -> Any:
-        # One plain message for every wrong shape (null, an image part, a number), rather than
+        # One plain message for every wrong shape (an image part, a number), rather than
         # pydantic's per-branch paths (messages.0.content.str, ...list[TextPart].0.type).
         def is_text_part(p: Any) -> bool:
             return (
@@ -43,8 +56,10 @@ class ChatMessage(Strict):
                 and set(p) == {"type", "text"}
             )
 
-        if isinstance(value, str) or (
-            isinstance(value, list) and all(is_text_part(p) for p in value)
+        if (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(is_text_part(p) for p in value))
         ):
             return value
         raise ValueError(
@@ -52,10 +67,46 @@ class ChatMessage(Strict):
             "this server accepts text only"
         )
 
+    @model_validator(mode="after")
+    def _roles(self):
+        # As OpenAI: content may be left out only by an assistant message that calls tools.
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(
+                "content is required (only an assistant message with tool_calls may omit it)"
+            )
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls is only allowed in assistant messages")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object
+    strict: bool | None = None
+
+
+class ToolDefinition(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(Strict):
@@ -102,6 +153,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Tool calls (server/api/tool_calls.py checks what the types cannot).
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
