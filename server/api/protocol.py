@@ -158,6 +158,25 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        # One message naming tool_choice, rather than pydantic's per-branch paths.
+        named = (
+            isinstance(value, dict)
+            and set(value) == {"type", "function"}
+            and value["type"] == "function"
+            and isinstance(value["function"], dict)
+            and set(value["function"]) == {"name"}
+            and isinstance(value["function"]["name"], str)
+        )
+        if value is None or value in ("none", "auto", "required") or named:
+            return value
+        raise ValueError(
+            'must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": "..."}}'
+        )
+
     @model_validator(mode="after")
     def _consistent(self):
         if (

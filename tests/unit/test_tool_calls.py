@@ -131,11 +131,11 @@ def test_the_instruction_follows_tool_choice() -> None:
     single = render(
         request(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
     )
-    assert "Do not call a function" in none and CALL_OPEN not in none
-    assert "You must call the function get_time now" in named
+    assert "without calling a function" in none and CALL_OPEN not in none
+    assert "Call get_time now" in named
     assert '{"name": "get_time", "arguments"' in named
     assert "JSON list" in required and "JSON list" not in single
-    assert "You must call one function now" in single
+    assert "Call one function now" in single
     assert len({auto, none, named, required, single}) == 5
 
 
