@@ -137,6 +137,21 @@ def test_sampled_text_streams_exactly_as_the_whole_with_tools(server: LiveServer
     assert streamed[0] != streamed[1]  # sampled, with seed and seed + 1
 
 
+def test_a_forced_choice_that_cannot_finish_a_call_is_content(server: LiveServer) -> None:
+    """One token cannot be a whole call (constrained or not): the held text comes back as
+    content, streamed as the whole gives it."""
+    client = server.openai()
+    kwargs: dict[str, Any] = dict(
+        model="e2b", messages=ASK, tools=[CLOCK], tool_choice="required", max_tokens=1, seed=2
+    )
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.message.tool_calls is None and whole.finish_reason == "length"
+    assert whole.message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_special_token_text_in_tools_and_calls_stays_text(
     server: LiveServer, rt: ElasticRuntime
 ) -> None:
