@@ -45,6 +45,21 @@ CALL_CLOSE = "</tool_call>"
 DEFAULT_TEMPLATE = Path(__file__).with_name("tool_chat_template.jinja")
 # OpenAI's rule for function names; it also keeps a name printable in any prompt format.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Nesting of objects and arrays in a function's parameters or a call's arguments: far beyond
+# any real schema, and far below what would exhaust Python's recursion (rendering, checks).
+MAX_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 # ---- the request's tools --------------------------------------------------------------------
@@ -155,6 +170,12 @@ def plan_of(body: ChatCompletionRequest) -> ToolPlan:
             )
         seen.add(fn.name)
         params = fn.parameters if fn.parameters is not None else {"type": "object"}
+        if _too_deep(params):
+            raise APIError(
+                400,
+                f"{where}.parameters nests objects and arrays more than {MAX_DEPTH} deep",
+                param=f"{where}.parameters",
+            )
         if params.get("type", "object") != "object":
             raise APIError(
                 400,
@@ -199,14 +220,13 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         if m.tool_calls:
             entry["tool_calls"] = []
             for j, call in enumerate(m.tool_calls):
+                where = f"messages.{i}.tool_calls.{j}.function.arguments"
                 try:
                     arguments = json.loads(call.function.arguments)
-                except ValueError:
-                    raise APIError(
-                        400,
-                        f"messages.{i}.tool_calls.{j}.function.arguments is not valid JSON",
-                        param=f"messages.{i}.tool_calls.{j}.function.arguments",
-                    ) from None
+                except (ValueError, RecursionError):
+                    raise APIError(400, f"{where} is not valid JSON", param=where) from None
+                if _too_deep(arguments):
+                    raise APIError(400, f"{where} nests more than {MAX_DEPTH} deep", param=where)
                 calls[call.id] = call.function.name
                 entry["tool_calls"].append(
                     {

@@ -174,9 +174,45 @@ def test_special_token_text_in_tools_and_calls_stays_text(
     assert resp.usage.prompt_tokens == len(ids)
 
 
+def nested(depth: int) -> dict:
+    """{"a": {"a": ... {}}} with `depth` objects."""
+    value: dict = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+# Deep enough to exhaust Python's recursion in the server's checks and rendering (a 500 before
+# they were bounded), yet within what the client and the body parser accept.
+DEEP = 900
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
+        (
+            {"tools": [{**CLOCK, "function": {"name": "c", "parameters": nested(DEEP)}}]},
+            "tools.0.function.parameters",
+        ),
+        (
+            {
+                "messages": [
+                    *ASK,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "c", "arguments": json.dumps(nested(DEEP))},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "c", "content": "x"},
+                ]
+            },
+            "messages.1.tool_calls.0.function.arguments",
+        ),
         ({"tool_choice": "auto"}, "tool_choice"),
         (
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
