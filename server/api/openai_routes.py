@@ -4,7 +4,9 @@ Owns the routes: each endpoint's prompt, first as text for the checks that need 
 (submission.gate), then as token ids from the tokenizing pool (prompts.py), handing the request
 to submission.py (every check that can refuse it, before the response starts), then either
 streaming server-sent events or collecting every choice into one body (responses.py). A client
-that goes away aborts its engine requests at once, streaming or not.
+that goes away aborts its engine requests at once, streaming or not. A chat request with tools
+or tool messages is rendered with the tool template, and a compulsory call constrains the output
+to its schema (tool_calls.py).
 
 Deliberately does not know: how the engine schedules, or how the subnet is chosen.
 """

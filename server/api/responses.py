@@ -3,7 +3,9 @@
 Owns turning engine outputs into what OpenAI clients parse: `chat.completion` and
 `text_completion` bodies, their server-sent chunks (role first, held-back text skipped, the
 usage chunk last when asked for), logprobs in each endpoint's format, usage counted as OpenAI
-does, and `system_fingerprint` naming the subnet that served the request.
+does, `system_fingerprint` naming the subnet that served the request, and where a chat output
+holds tool calls, `message.tool_calls` or OpenAI's streamed `delta.tool_calls` (tool_calls.py
+finds them).
 
 Deliberately does not know: admission, limits, or how outputs are produced.
 """
