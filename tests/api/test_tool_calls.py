@@ -316,3 +316,48 @@ def test_a_named_call_streams_as_deltas_and_round_trips(server: LiveServer) -> N
     )
     assert answer.choices[0].message.tool_calls is None
     assert isinstance(answer.choices[0].message.content, str)
+
+
+# ---- the template file of the server setting -----------------------------------------------
+
+CUSTOM = (
+    "{{ bos_token }}<start_of_turn>user\n"
+    "{% for t in tools %}TOOL {{ t.name }}\n{% endfor %}"
+    "{% for m in messages %}{{ m.content }}\n{% endfor %}<end_of_turn>\n"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_the_tool_chat_template_setting_replaces_the_template(
+    rt: ElasticRuntime, tiny_dir, tmp_path
+) -> None:
+    from server.api.tool_calls import ToolTemplate
+    from tests.api.live import start_server
+
+    (tmp_path / "tools.jinja").write_text(CUSTOM)
+    live = start_server(tmp_path, tiny_dir, tool_chat_template="tools.jinja")  # relative
+    try:
+        resp = live.openai().chat.completions.create(
+            model="e2b", messages=ASK, tools=[WEATHER, CLOCK], max_tokens=1
+        )
+    finally:
+        live.stop()
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": ASK, "tools": [WEATHER, CLOCK]}
+    )
+    plan = plan_of(request)
+    expected = rt.tokenizer.encode_chat(
+        template_messages(request.messages),
+        tools=[f.as_prompt() for f in plan.functions],
+        render=renderer(ToolTemplate(CUSTOM), plan),
+    )
+    assert rt.tokenizer.decode(expected) == "user\nTOOL weather\nTOOL clock\nOslo?\n\nmodel\n"
+    assert resp.usage.prompt_tokens == len(expected)
+
+
+def test_a_broken_template_file_stops_the_server_at_start(tiny_dir, tmp_path) -> None:
+    from tests.api.live import start_server
+
+    (tmp_path / "tools.jinja").write_text("{% for t in tools %}")
+    with pytest.raises(RuntimeError, match=r"tool chat template .*tools\.jinja"):
+        start_server(tmp_path, tiny_dir, tool_chat_template="tools.jinja")
