@@ -4,7 +4,9 @@ Proves: a request with tools (and a history of calls and results) is served on t
 template's prompt, token for token (the in-process runtime's greedy answer on that prompt is the
 server's, streamed and not); text that is not a call stays content, streamed exactly as the
 whole; special-token text in tools and arguments stays text; wrong tools are 400s that name the
-parameter. With the grammar engine (needs_grammar): `required` and named choices return calls
+parameter (parameters or arguments nested too deep included); the `tool_chat_template` setting
+replaces the template, and a broken file stops the server at start. With the grammar engine
+(needs_grammar): `required` and named choices return calls
 whose arguments validate against the function's schema, streamed as OpenAI's deltas, and a full
 round trip (call, result, answer).
 
