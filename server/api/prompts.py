@@ -55,8 +55,19 @@ class PromptPool:
         tok = self.tokenizer
         return await self._run(tenant, lambda: [tok.encode(t) for t in texts])
 
-    async def encode_chat(self, tenant: str, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return await self._run(tenant, lambda: self.tokenizer.encode_chat(messages))
+    async def encode_chat(
+        self,
+        tenant: str,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        render: Callable[..., str] | None = None,
+    ) -> list[int]:
+        """Chat messages; with `render`, through that template instead of the checkpoint's
+        (TextTokenizer.encode_chat)."""
+        tok = self.tokenizer
+        return await self._run(
+            tenant, lambda: tok.encode_chat(messages, tools=tools, render=render)
+        )
 
     async def run(self, tenant: str, work: Callable[[], T]) -> T:
         """Other work a request needs before admission that must stay off the event loop (a

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -26,14 +33,85 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallItem(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+def _message_shapes(schema: dict[str, Any]) -> None:
+    """The JSON schema of a message, by role (as OpenAI's own document has it), so clients and
+    fuzzers see what the checks below accept: content required except for an assistant's
+    calls, tool_calls only from an assistant, tool_call_id exactly on tool messages."""
+    props = schema["properties"]
+
+    def text(p: dict[str, Any]) -> dict[str, Any]:
+        return {**p, "anyOf": [b for b in p["anyOf"] if b.get("type") != "null"]}
+
+    def shape(roles: list[str], required: list[str], **fields: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "role": {"type": "string", "enum": roles},
+                "name": props["name"],
+                **fields,
+            },
+            "required": ["role", *required],
+        }
+
+    calls = {**text(props["tool_calls"])}
+    calls["anyOf"] = [{**calls["anyOf"][0], "minItems": 1}]
+    variants = [
+        shape(["system", "developer", "user"], ["content"], content=text(props["content"])),
+        shape(["assistant"], ["content"], content=text(props["content"])),
+        shape(["assistant"], ["tool_calls"], content=props["content"], tool_calls=calls),
+        shape(
+            ["tool"],
+            ["content", "tool_call_id"],
+            content=text(props["content"]),
+            tool_call_id=text(props["tool_call_id"]),
+        ),
+    ]
+    title = schema.get("title")
+    schema.clear()
+    schema.update(title=title, oneOf=variants)
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_message_shapes)
+    # Declared in this order so each check below sees the fields before it (role first).
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None  # assistant messages
+    tool_call_id: str | None = Field(None, validate_default=True)  # tool messages
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_by_assistants(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message may have tool_calls")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_messages_answer_a_call(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if role == "tool" and value is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if role != "tool" and value is not None:
+            raise ValueError("only a tool message has a tool_call_id")
+        return value
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, value: Any) -> Any:
+    def _text_only(cls, value: Any, info: ValidationInfo) -> Any:
         # One plain message for every wrong shape (null, an image part, a number), rather than
         # pydantic's per-branch paths (messages.0.content.str, ...list[TextPart].0.type).
         def is_text_part(p: Any) -> bool:
@@ -44,6 +122,15 @@ class ChatMessage(Strict):
                 and set(p) == {"type", "text"}
             )
 
+        if value is None:
+            # As OpenAI: only an assistant message that calls tools may leave content out.
+            if info.data.get("role") == "assistant" and info.data.get("tool_calls"):
+                return value
+            raise ValueError(
+                "missing: a message needs content, a string or a list of text parts (only an "
+                "assistant message with tool_calls may leave it out); this server accepts text "
+                "only"
+            )
         if isinstance(value, str) or (
             isinstance(value, list) and all(is_text_part(p) for p in value)
         ):
@@ -54,9 +141,38 @@ class ChatMessage(Strict):
         )
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(Strict):
+    # The schema shows the rules tool_calls.plan_of enforces (with messages that say why).
+    name: str = Field(json_schema_extra={"pattern": "^[A-Za-z0-9_-]{1,64}$"})
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(  # a JSON schema of an object
+        None,
+        json_schema_extra={
+            "properties": {"type": {"const": "object"}, "properties": {"type": "object"}}
+        },
+    )
+    strict: bool | None = None
+
+
+class ToolDefinition(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(Strict):
@@ -139,6 +255,29 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Tool calls (server/api/tool_calls.py checks what the types cannot).
+    tools: list[ToolDefinition] | None = Field(None, json_schema_extra={"minItems": 1})
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        # One message naming tool_choice, rather than pydantic's per-branch paths.
+        named = (
+            isinstance(value, dict)
+            and set(value) == {"type", "function"}
+            and value["type"] == "function"
+            and isinstance(value["function"], dict)
+            and set(value["function"]) == {"name"}
+            and isinstance(value["function"]["name"], str)
+        )
+        if value is None or value in ("none", "auto", "required") or named:
+            return value
+        raise ValueError(
+            'must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": "..."}}'
+        )
 
     @model_validator(mode="after")
     def _consistent(self):

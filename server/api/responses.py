@@ -3,7 +3,9 @@
 Owns turning engine outputs into what OpenAI clients parse: `chat.completion` and
 `text_completion` bodies, their server-sent chunks (role first, held-back text skipped, the
 usage chunk last when asked for), logprobs in each endpoint's format, usage counted as OpenAI
-does, and `system_fingerprint` naming the subnet that served the request.
+does, `system_fingerprint` naming the subnet that served the request, and where a chat output
+holds tool calls, `message.tool_calls` or OpenAI's streamed `delta.tool_calls` (tool_calls.py
+finds them).
 
 Deliberately does not know: admission, limits, or how outputs are produced.
 """
@@ -16,6 +18,7 @@ from server.api.errors import error_body
 from server.api.service import DRAINING, Service
 from server.api.streaming import merge_streams, sse
 from server.api.submission import Submission
+from server.api.tool_calls import ParsedOutput, ToolPlan, ToolStream, finish_reason, parse_output
 from server.engine.outputs import RequestOutput
 
 
@@ -85,15 +88,21 @@ class TokenText:
 # ---- chat -----------------------------------------------------------------------------------
 
 
-def chat_body(sub: Submission, body, finals, pieces, tokens: TokenText) -> dict:
+def chat_body(sub: Submission, body, finals, pieces, tokens: TokenText, plan: ToolPlan) -> dict:
     choices = []
     for i in range(len(sub.streams)):
         out = finals[i]
+        parsed = parse_output(pieces[i][0], plan)
+        message: dict = {"role": "assistant", "content": parsed.content}
+        if parsed.calls:
+            message["tool_calls"] = [c.as_openai() for c in parsed.calls]
+        else:
+            message["content"] = pieces[i][0]
         entry = {
             "index": i,
-            "message": {"role": "assistant", "content": pieces[i][0]},
+            "message": message,
             "logprobs": None,
-            "finish_reason": out.finish_reason,
+            "finish_reason": finish_reason(out.finish_reason, parsed),
             "stop_reason": out.stop_reason,
         }
         if body.logprobs:
@@ -106,8 +115,25 @@ def chat_body(sub: Submission, body, finals, pieces, tokens: TokenText) -> dict:
     return {"id": f"chatcmpl-{sub.response_id}", "object": "chat.completion", "choices": choices}
 
 
+def tool_call_deltas(calls) -> list[dict]:
+    """OpenAI's streamed form of complete calls: per call, its id, type and name (arguments
+    empty), then its arguments."""
+    deltas = []
+    for j, call in enumerate(calls):
+        deltas.append(
+            {
+                "index": j,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+        )
+        deltas.append({"index": j, "function": {"arguments": call.arguments}})
+    return deltas
+
+
 async def chat_chunks(
-    sub: Submission, model: str, tokens: TokenText, include_usage: bool
+    sub: Submission, model: str, tokens: TokenText, include_usage: bool, plan: ToolPlan
 ) -> AsyncIterator[str]:
     base = {
         "id": f"chatcmpl-{sub.response_id}",
@@ -131,18 +157,26 @@ async def chat_chunks(
                 }
             ]
         )
+    # Per choice, when the output is searched for calls: its text, with calls held back.
+    held = {i: ToolStream(plan) for i in range(len(sub.streams))} if plan.parses else {}
     finals: dict[int, RequestOutput] = {}
     async for i, out in merge_streams(sub.streams):
         if (error := in_band_error(sub, out)) is not None:
             yield error
             break
-        if not out.text and not out.finished and not out.logprobs:
-            continue  # held-back text (an unfinished character or stop-string prefix)
+        text = out.text if i not in held else held[i].push(out.text)
+        calls: tuple = ()
+        if out.finished and i in held:
+            parsed = held[i].finish()
+            text += parsed.content or ""
+            calls = parsed.calls
+        if not text and not out.finished and not out.logprobs:
+            continue  # held-back text (an unfinished character, stop-string or call prefix)
         entry = {
             "index": i,
-            "delta": {"content": out.text} if out.text else {},
+            "delta": {"content": text} if text else {},
             "logprobs": None,
-            "finish_reason": out.finish_reason if out.finished else None,
+            "finish_reason": out.finish_reason if out.finished and not calls else None,
         }
         if out.logprobs:
             entry["logprobs"] = {
@@ -150,8 +184,31 @@ async def chat_chunks(
                     tokens.chat_entry(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs
                 ]
             }
-        if out.finished:
+        if out.finished and not calls:
             entry["stop_reason"] = out.stop_reason
+        if calls:
+            # The text (if any) first, then each call, then the end with its own chunk.
+            if text or out.logprobs:
+                yield chunk([entry])
+            for delta in tool_call_deltas(calls):
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"tool_calls": [delta]},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            entry = {
+                "index": i,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": finish_reason(out.finish_reason, ParsedOutput(None, calls)),
+                "stop_reason": out.stop_reason,
+            }
+        if out.finished:
             finals[i] = out
         yield chunk([entry])
     if include_usage and len(finals) == len(sub.streams):

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from policies.snapshots import TierView
-from server.api.constraints import requested_constraint
 from server.api.errors import APIError
 from server.api.limits import Refusal, Reservation
 from server.api.protocol import SamplingFields
@@ -44,6 +43,7 @@ from server.engine.outputs import RequestOutput
 from server.tenancy import Tenant, Tier
 from server.vocabulary.sampling_defaults import SamplingDefaults
 from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
+from server.vocabulary.structured_output import StructuredOutput
 from server.vocabulary.subnets import Subnet
 
 OPENAI = SamplingDefaults()
@@ -125,11 +125,12 @@ def sampling_params(
     vocab: int,
     eos: Sequence[int],
     defaults: SamplingDefaults = OPENAI,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     """The request's SamplingParams: its own values, and `defaults` for the sampling fields it
-    leaves unset (None), so an explicit value (even OpenAI's default) always wins. A
-    structured-output constraint (constraints.py) has been compiled by then (openai_routes)."""
-    asked = requested_constraint(body)
+    leaves unset (None), so an explicit value (even OpenAI's default) always wins. `structured`:
+    what the output must match (the request's constraint or a compulsory tool call, chosen and
+    compiled by the route: openai_routes.py)."""
     bias: list[tuple[int, float]] = []
     for key, value in (body.logit_bias or {}).items():
         try:
@@ -153,7 +154,7 @@ def sampling_params(
         stop=body.stop_strings(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logprobs=logprobs,
-        structured=asked[0] if asked is not None else None,
+        structured=structured,
     )
     try:
         params.validate(vocab, eos_token_ids=eos)
@@ -232,6 +233,7 @@ def submit(
     prompts: Sequence[list[int]],
     logprobs: int | None,
     prompt_param: str,
+    structured: StructuredOutput | None = None,
 ) -> Submission:
     svc: Service = request.app.state.service
     tenant: Tenant = request.state.tenant
@@ -273,7 +275,7 @@ def submit(
             # n choices with a seed: choice k uses seed + k, so they differ yet reproduce.
             seed = None if body.seed is None else (body.seed + k) % 2**64
             params = sampling_params(
-                body, max_tokens, seed, logprobs, vocab, eos, svc.sampling_defaults
+                body, max_tokens, seed, logprobs, vocab, eos, svc.sampling_defaults, structured
             )
             if k == 0:
                 try:  # the engine's own checks (the KV pool), still before any charge

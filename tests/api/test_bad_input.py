@@ -102,16 +102,16 @@ CASES = [
     Bad("empty messages", chat(messages=[]), 400, "at least 1 item", "messages"),
     Bad(
         "unknown role",
-        chat(messages=[{"role": "tool", "content": "x"}]),
+        chat(messages=[{"role": "function", "content": "x"}]),
         400,
-        "'system', 'developer', 'user' or 'assistant'",
+        "'system', 'developer', 'user', 'assistant' or 'tool'",
         "messages.0.role",
     ),
     Bad(
         "message without content",
         chat(messages=[{"role": "user"}]),
         400,
-        "missing required parameter",
+        "a message needs content",
         "messages.0.content",
     ),
     Bad(
@@ -134,10 +134,24 @@ CASES = [
     ),
     Bad(
         "unknown field in a message",
+        chat(messages=[{"role": "user", "content": "x", "audio": {}}]),
+        400,
+        "unsupported parameter: 'messages.0.audio'",
+        "messages.0.audio",
+    ),
+    Bad(
+        "tool calls in a user message",
         chat(messages=[{"role": "user", "content": "x", "tool_calls": []}]),
         400,
-        "unsupported parameter: 'messages.0.tool_calls'",
+        "only an assistant message may have tool_calls",
         "messages.0.tool_calls",
+    ),
+    Bad(
+        "tool message without tool_call_id",
+        chat(messages=[{"role": "tool", "content": "x"}]),
+        400,
+        "needs the tool_call_id",
+        "messages.0.tool_call_id",
     ),
     Bad(
         "roles out of order",
@@ -162,7 +176,9 @@ CASES = [
         path=COMPLETIONS,
     ),
     # -- parameters this server does not support: named as unsupported
-    Bad("tools", chat(tools=[]), 400, "unsupported parameter: 'tools'", "tools"),
+    # -- tools (more in test_tool_calls.py)
+    Bad("empty tools", chat(tools=[]), 400, "tools must not be empty", "tools"),
+    Bad("tool_choice without tools", chat(tool_choice="auto"), 400, "only allowed", "tool_choice"),
     Bad(
         "response_format of a type this server does not know",
         chat(response_format={"type": "structural_tag"}),

@@ -8,6 +8,8 @@ tier allows 4 output tokens, so valid bodies are cheap to serve.
 
 from __future__ import annotations
 
+import copy
+
 import httpx
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -45,12 +47,26 @@ def test_no_server_errors(server: LiveServer) -> None:
     completion = spec["components"]["schemas"]["CompletionRequest"]
     completion["properties"]["max_tokens"] = {"type": "integer", "minimum": 1, "maximum": 4}
     completion["required"] = [*completion.get("required", []), "max_tokens"]
-    schema = schemathesis.openapi.from_dict(spec)
+    # A tool history is valid only when its call ids match up and its arguments are JSON, and
+    # tool_choice only with tools, which no schema says: with them, valid-by-schema chat bodies
+    # are nearly all 400s. So the document is fuzzed as it is, and once more as a plain chat
+    # (no tool fields) whose valid cases are served.
+    plain = copy.deepcopy(spec)
+    components = plain["components"]["schemas"]
+    components["ChatMessage"]["oneOf"] = [
+        v for v in components["ChatMessage"]["oneOf"] if set(v["required"]) == {"role", "content"}
+    ]
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        del components["ChatCompletionRequest"]["properties"][name]
     failures: list[str] = []
     seen: dict[str, set[int]] = {}
 
-    for result in schema.get_all_operations():
-        operation = result.ok()
+    operations = [
+        result.ok()
+        for document in (spec, plain)
+        for result in schemathesis.openapi.from_dict(document).get_all_operations()
+    ]
+    for operation in operations:
         # Invalid data needs something to make invalid: negative cases for operations with a
         # body or parameters (the probes and /v1/models take none).
         has_input = any(len(part) for part in (operation.body, operation.query, operation.headers))
