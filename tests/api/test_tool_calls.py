@@ -226,6 +226,15 @@ DEEP = 900
             "tools.0.function.parameters",
         ),
         ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        # A compulsory call fixes the output's format: a second constraint would contradict it.
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "tool_choice",
+        ),
         (
             {"messages": [*ASK, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]},
             "messages.1.tool_call_id",
