@@ -33,6 +33,7 @@ from server.runtime.decode_graph import DecodeGraphs
 from server.runtime.device import allocation_failure, on_device, release_cached, synchronize
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.kv_cache import KVCache
+from server.runtime.prompt_scoring import score_prompt
 from server.runtime.sampler import Sampler, SamplerState, SamplingError
 from server.vocabulary.compute import FFN_MODE_CHOICES, FFN_MODES, check_choice
 from server.vocabulary.sampling_params import SamplingParams
@@ -101,6 +102,8 @@ class ModelRunner:
         )
         self.states: dict[str, SamplerState] = {}
         self.keep_logits: set[str] = set()  # requests whose logits rows are returned
+        # Requests that score their prompt (prompt_logprobs): their prompt ids and top k.
+        self.scored: dict[str, tuple[list[int], int]] = {}
         self.batch_invariant = batch_invariant
         # Masked mode reduces every row over the widest width in the step: not invariant.
         self.ffn_mode = "grouped" if batch_invariant else ffn_mode
@@ -120,6 +123,8 @@ class ModelRunner:
         self.states[request_id] = self.sampler.add_request(params, prompt_ids)
         if keep_logits:
             self.keep_logits.add(request_id)
+        if params.prompt_logprobs is not None:
+            self.scored[request_id] = (list(prompt_ids), params.prompt_logprobs)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's sampling state."""
@@ -127,6 +132,7 @@ class ModelRunner:
         if state is not None:
             self.sampler.release(state)
         self.keep_logits.discard(request_id)
+        self.scored.pop(request_id, None)
 
     def execute(self, seqs: Sequence[StepSequence]) -> StepResult:
         t0 = time.perf_counter()
@@ -153,11 +159,13 @@ class ModelRunner:
                     result.samples.update(one.samples)
                     result.errors.update(one.errors)
                     result.logits.update(one.logits)
+                    result.prompt_logprobs.update(one.prompt_logprobs)
         result.seconds = time.perf_counter() - t0
         return result
 
     def _run(self, seqs: Sequence[StepSequence]) -> StepResult:
-        if self.graphs is not None and self.graphs.applies(seqs):
+        scoring = self._scoring(seqs)
+        if self.graphs is not None and not scoring and self.graphs.applies(seqs):
             logits, planned = self.graphs.run(seqs)
             return self._sample(seqs, planned, logits, StepResult(ffn_mode="compiled"))
         key = self._step_kind(seqs)
@@ -172,6 +180,7 @@ class ModelRunner:
             self.kv.scratch_block,
             mode,
             per_query_attention=self.batch_invariant,
+            every_row_of=scoring,
         )
         ops = BatchInvariantOps() if self.batch_invariant else contextlib.nullcontext()
         with torch.inference_mode(), ops:
@@ -179,7 +188,51 @@ class ModelRunner:
         if key is not None and self.ffn_mode == "auto":
             synchronize(self.device)
             self.chooser.record(key, mode, time.perf_counter() - t0)
-        return self._sample(seqs, planned, logits, StepResult(ffn_mode=mode if key else None))
+        result = StepResult(ffn_mode=mode if key else None)
+        if scoring:
+            with torch.inference_mode():
+                logits = self._score(seqs, planned.order, scoring, logits, result)
+        return self._sample(seqs, planned, logits, result)
+
+    def _scoring(self, seqs: Sequence[StepSequence]) -> frozenset[int]:
+        """Sequences whose rows this step include prompt positions to score: their every row
+        gets logits (only theirs; other requests' steps stay as they are)."""
+        return frozenset(
+            i
+            for i, s in enumerate(seqs)
+            if s.request_id in self.scored and s.start < len(self.scored[s.request_id][0]) - 1
+        )
+
+    def _score(self, seqs, order, scoring, logits: torch.Tensor, result: StepResult):
+        """Score the prompt positions of the `scoring` sequences' rows; returns the logits rows
+        of the sampling sequences alone, in batch order (what `_sample` expects)."""
+        sample_rows: list[int] = []
+        row = 0
+        for i in order:
+            s = seqs[i]
+            if i not in scoring:
+                if s.sample:
+                    sample_rows.append(row)
+                    row += 1
+                continue
+            prompt, k = self.scored[s.request_id]
+            # The row at position p scores prompt token p + 1; a recomputed output token's row
+            # (after a preemption) and the sampling row score nothing.
+            n = min(len(s.token_ids), len(prompt) - 1 - s.start)
+            positions = [s.start + j + 1 for j in range(n)]
+            scored = score_prompt(
+                logits[row : row + n],
+                positions,
+                [prompt[p] for p in positions],
+                k,
+                self.sampler.text_vocab_size,
+            )
+            result.prompt_logprobs[s.request_id] = scored
+            if s.sample:
+                sample_rows.append(row + len(s.token_ids) - 1)
+            row += len(s.token_ids)
+        index = torch.tensor(sample_rows, dtype=torch.long, device=logits.device)
+        return logits.index_select(0, index)
 
     def _sample(self, seqs, planned, logits: torch.Tensor, result: StepResult) -> StepResult:
         # Logit rows follow the batch order (sequences grouped by subnet).
