@@ -118,6 +118,15 @@ class SamplingFields(Strict):
     reasoning_effort: str | None = None
     # Only text out; anything else (audio) would change the output: refused by name.
     modalities: list[Literal["text"]] | None = None
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _text_out_only(cls, value: Any) -> Any:
+        # One message naming the field (not pydantic's modalities.0 literal error).
+        if isinstance(value, list) and any(m != "text" for m in value):
+            raise ValueError('this server outputs text only: modalities may only be ["text"]')
+        return value
+
     # vLLM's extras
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -207,3 +216,27 @@ class CompletionRequest(SamplingFields):
     def output_limit(self) -> int | None:
         # Scoring the prompt still runs one step, whose token is dropped (as vLLM does).
         return 1 if self.score_only else self.max_tokens
+
+
+# ---- tokenize / detokenize (vLLM's shapes) -----------------------------------------------------
+
+
+class TokenizePromptRequest(Strict):
+    model: str | None = None  # optional, as vLLM; when given it must be one the tenant may use
+    prompt: str
+    add_special_tokens: bool = True  # the BOS a completions prompt gets
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    # False, as vLLM: the chat template writes the BOS itself (True adds one more, as vLLM).
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
