@@ -1,8 +1,9 @@
-"""`POST /tokenize` and `POST /detokenize`, in vLLM's shapes.
+"""`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`, in vLLM's shapes.
 
-Owns the two routes: a completions prompt or chat messages to the ids the server would run
-(`{"count", "max_model_len", "tokens", "token_strs"}`), and ids back to text (`{"prompt"}`), so
-that a client (an evaluation harness) can count and align tokens exactly as the server does. They
+Owns the routes: a completions prompt or chat messages to the ids the server would run
+(`{"count", "max_model_len", "tokens", "token_strs"}`), ids back to text (`{"prompt"}`), and the
+tokenizer's special tokens and chat template, so that a client (an evaluation harness such as
+lm-eval's remote tokenizer) can count and align tokens exactly as the server does. They
 are authenticated like every route; tokenizing and decoding run in the tokenizing pool, off the
 event loop with the tenant's fair share (prompts.py), after the same character cap as a
 completion's prompt. Nothing is generated, so nothing is charged to the tenant's rate limits (as
@@ -78,6 +79,24 @@ async def tokenize(body: TokenizeChatRequest | TokenizePromptRequest, request: R
         "max_model_len": svc.config.max_model_len or rt.store.text.max_position_embeddings,
         "tokens": ids,
         "token_strs": strs,
+    }
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    """What vLLM's /tokenizer_info gives a client that tokenizes through this server."""
+    svc = _checked(request, None, 0, "")
+    rt = svc.runtime
+    assert rt is not None
+    hf = rt.tokenizer.hf
+    return {
+        "tokenizer_class": type(hf).__name__,
+        "bos_token": hf.bos_token,
+        "eos_token": hf.eos_token,
+        "pad_token": hf.pad_token,
+        "unk_token": hf.unk_token,
+        "chat_template": hf.chat_template,
+        "model_max_length": svc.config.max_model_len or rt.store.text.max_position_embeddings,
     }
 
 
