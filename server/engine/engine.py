@@ -5,7 +5,9 @@
 Owns the glue between the pure scheduler and the runner: registering a request with the runner
 once, detokenizing each new token (stop strings are found here, on text), finishing requests that
 stop or fail, and producing `RequestOutput` deltas, the final one carrying the request's
-latencies (computed here, once, for metrics, the subnet policy and SLA accounting alike). Two
+latencies (computed here, once, for metrics, the subnet policy and SLA accounting alike), and a
+prompt_logprobs request's prompt scores (gathered by position as its chunks run, handed out once
+with its first token). Two
 named steps wrap a step: following the headroom (elasticity, between steps) and recovering from
 an out-of-memory step (shrink, then run the step once more). Synchronous and single-threaded;
 `async_engine.py` runs it in the background for asyncio callers.

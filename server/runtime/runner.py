@@ -2,7 +2,9 @@
 
 Owns the K/V tensors, the per-request sampling state (registered once; sampling runs batched on
 the logits' device, and a seeded request draws the same tokens whatever else is batched with it),
-the choice between the two ways of running mixed FFN widths, and isolating failures: if a step
+the choice between the two ways of running mixed FFN widths, prompt scoring (a request with
+prompt_logprobs gets logits at every row of its prefill chunks, scored by prompt_scoring.py;
+every other sequence in the step keeps its one sampling row), and isolating failures: if a step
 fails, its sequences are retried one by one so that only the culprit gets an error; but an
 allocation failure, whichever allocator raised it (device.py recognises each kind), is nobody's
 fault: it leaves as `DeviceOutOfMemory` for the engine to shrink and retry, after the failed
