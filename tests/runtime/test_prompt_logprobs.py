@@ -2,9 +2,9 @@
 
 Proves: every prompt token's logprob, rank and top k equal the model's own float64 full forward
 over the prompt, for several subnets, when the prompt is prefilled in several chunks that share
-their steps with other requests (scoring and not); a scoring request never reads the prefix cache
-(as vLLM) yet still fills it for others; scoring changes no generated token, its own or its
-neighbours'.
+their steps with other requests (scoring and not), and when a request is preempted and
+recomputed; a scoring request never reads the prefix cache (as vLLM) yet still fills it for
+others; scoring changes no generated token, its own or its neighbours'.
 
 Bounds: a logprob is x_t - logsumexp(x), so its error is at most twice the largest error of the
 logits row; the logits' float32 error is measured in the same run against float64
@@ -113,3 +113,24 @@ def test_a_scoring_request_bypasses_the_prefix_cache_but_fills_it(tiny, tiny64):
         assert abs(scored[p].logprob - want[p - 1, ids[p]].item()) <= bound
         assert scored[p].top == ()
     assert serve("after")[-1].num_cached_tokens > 0  # the cache still serves others
+
+
+def test_prompt_logprobs_survive_a_preemption(tiny, tiny64):
+    """A KV pool too small for both requests: one is preempted and recomputed; its prompt
+    scores are still the forward's (a recomputed chunk overwrites them alike)."""
+    from server.engine.assembly import kv_bytes_for
+
+    subnet = next(s for s in tiny.subnets if s.name == "full")
+    prompts = [prompt_ids(PROMPT, seed=31), prompt_ids(PROMPT, seed=32)]
+    config = SchedulerConfig(
+        max_num_seqs=8, max_num_batched_tokens=24, max_prefill_chunk=8, max_model_len=256
+    )
+    eng = assemble_engine(tiny, kv_bytes_for(tiny, PROMPT + 16), config, block_size=8)
+    requests = [GenerationRequest(subnet, ids, greedy(24, prompt_logprobs=1)) for ids in prompts]
+    results = offline.generate(eng, requests)
+    assert eng.scheduler.num_preemptions > 0  # the case this test is about happened
+    for ids, got in zip(prompts, results, strict=True):
+        want, bound = reference(tiny, tiny64, subnet, ids)
+        assert got.prompt_logprobs is not None and got.prompt_logprobs[0] is None
+        for p in range(1, len(ids)):
+            assert abs(got.prompt_logprobs[p].logprob - want[p - 1, ids[p]].item()) <= bound
