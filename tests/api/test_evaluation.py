@@ -8,7 +8,7 @@ indexing the response text, streamed and whole alike; `max_tokens: 0` with echo 
 alone, with the same numbers; vLLM's `prompt_logprobs` shape on completions and chat; nulls and
 accepted-and-ignored fields change nothing while what would change the output is a 400 naming
 it; /tokenize gives the ids the server runs and /detokenize inverts it, with 4xx for bad ids,
-keys and models.
+keys and models; /tokenizer_info names the special tokens and the chat template.
 """
 
 from __future__ import annotations
@@ -223,6 +223,12 @@ def test_tokenize_and_detokenize(server: LiveServer, rt) -> None:
     assert len(strs["token_strs"]) == strs["count"]
     back = post(server, "/detokenize", {"model": SUBNET, "tokens": ids})
     assert back.status_code == 200 and back.json() == {"prompt": "<bos>" + PROMPT}
+    with server.client() as c:
+        info = c.get("/tokenizer_info").json()  # what lm-eval's remote tokenizer reads
+    assert info["bos_token"] == rt.tokenizer.hf.bos_token == "<bos>"
+    assert info["eos_token"] == rt.tokenizer.hf.eos_token
+    assert info["chat_template"] == rt.tokenizer.hf.chat_template and info["chat_template"]
+    assert info["model_max_length"] == 512
     # errors in the envelope, naming the parameter
     vocab = rt.tokenizer.vocab_size
     for bad in ([vocab], [-1], [1, 10**9]):
