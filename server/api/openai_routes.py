@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.constraints import compile_constraint, requested_constraint
 from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from server.api.responses import (
     TokenText,
     chat_body,
@@ -45,7 +45,7 @@ router = APIRouter()
 SUBNET_HEADER = "x-concentric-subnet"
 
 
-def _unicode(text: str, param: str) -> str:
+def unicode_text(text: str, param: str) -> str:
     """JSON may carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode: a 400,
     not the tokenizer's TypeError (a 500)."""
     try:
@@ -57,8 +57,26 @@ def _unicode(text: str, param: str) -> str:
     return text
 
 
+def _refuse_conflicts(body: ChatCompletionRequest | CompletionRequest) -> None:
+    conflict = body.conflict()
+    if conflict is not None:
+        raise APIError(400, conflict[1], param=conflict[0])
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them (a developer message is a system one)."""
+    return [
+        {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": unicode_text(m.text(), f"messages.{i}.content"),
+        }
+        for i, m in enumerate(messages)
+    ]
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    _refuse_conflicts(body)
     svc: Service = request.app.state.service
     tenant: Tenant = request.state.tenant
     plan = plan_of(body)  # 400s for wrong tools, before anything else is done
@@ -70,13 +88,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         assert svc.tool_template is not None
         render = renderer(svc.tool_template, plan)
     else:
-        messages = [
-            {
-                "role": "system" if m.role == "developer" else m.role,
-                "content": _unicode(m.text(), f"messages.{i}.content"),
-            }
-            for i, m in enumerate(body.messages)
-        ]
+        messages = chat_messages(body.messages)
     chars = sum(len(m["content"]) for m in messages)
     if render is not None:  # every string of the messages and tools is rendered into the prompt
         chars = _chars(messages) + _chars(tools)
@@ -125,9 +137,9 @@ def output_constraint(body: ChatCompletionRequest, plan) -> tuple[StructuredOutp
 
 
 def _unicode_all(value, param: str):
-    """`_unicode` for every string in nested dicts and lists (their keys too)."""
+    """`unicode_text` for every string in nested dicts and lists (their keys too)."""
     if isinstance(value, str):
-        return _unicode(value, param)
+        return unicode_text(value, param)
     if isinstance(value, dict):
         for k, v in value.items():
             _unicode_all(k, param)
@@ -194,14 +206,15 @@ async def _respond(request: Request, sub: Submission, body, streamer, assemble):
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
+    _refuse_conflicts(body)
     svc: Service = request.app.state.service
     tenant: Tenant = request.state.tenant
     p = body.prompt
     texts: list[str] = []
     if isinstance(p, str):
-        texts = [_unicode(p, "prompt")]
+        texts = [unicode_text(p, "prompt")]
     elif all(isinstance(x, str) for x in p):
-        texts = [_unicode(x, "prompt") for x in p]  # type: ignore[arg-type]
+        texts = [unicode_text(x, "prompt") for x in p]  # type: ignore[arg-type]
     given: list[list[int]] = []
     if not texts:
         given = [list(p)] if all(isinstance(x, int) for x in p) else [list(x) for x in p]  # type: ignore[arg-type,misc]
@@ -213,6 +226,12 @@ async def completions(body: CompletionRequest, request: Request):
         await compile_constraint(svc, tenant.name, constraint)
         structured = constraint[0] if constraint is not None else None
         sub = submit(request, body, choice, prompts, body.logprobs, "prompt", structured)
+    if body.echo:
+        # The response starts with each prompt: as sent (text), or its ids decoded.
+        tok = svc.runtime.tokenizer  # type: ignore[union-attr]
+        shown = texts or [tok.decode(ids, skip_special_tokens=False) for ids in prompts]
+        sub.echo = list(zip(prompts, shown, strict=True))
+        sub.score_only = body.score_only
     return await _respond(request, sub, body, completion_chunks, completion_body)
 
 

@@ -67,6 +67,9 @@ class Submission:
     subnet_name: str = ""  # the subnet that serves the request, once known
     cut_short: bool = False  # ended by a drain
     closed: bool = False
+    # echo (completions): per prompt, its ids and the text the response starts with
+    echo: list[tuple[list[int], str]] | None = None
+    score_only: bool = False  # echo with max_tokens 0: the one generated token is dropped
 
     @property
     def tier(self) -> TierView:
@@ -139,6 +142,9 @@ def sampling_params(
             raise APIError(
                 400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
             ) from None
+    prompt_logprobs = body.prompt_logprobs
+    if prompt_logprobs is None and getattr(body, "echo", False):
+        prompt_logprobs = logprobs  # echo shows the prompt's logprobs too (as vLLM)
     params = defaults.params(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens or 0,
@@ -155,6 +161,7 @@ def sampling_params(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logprobs=logprobs,
         structured=structured,
+        prompt_logprobs=prompt_logprobs,
     )
     try:
         params.validate(vocab, eos_token_ids=eos)
@@ -323,12 +330,19 @@ async def start(request: Request, sub: Submission) -> RequestOutput:
 
 
 async def collect(sub: Submission):
-    """Every choice to its end: final outputs, and (text, logprobs) per choice."""
+    """Every choice to its end: final outputs, and (text, logprobs, prompt logprobs) per
+    choice. A score-only request's generated token is not part of its answer."""
     finals: dict[int, RequestOutput] = {}
-    pieces: dict[int, tuple[str, list]] = {i: ("", []) for i in range(len(sub.streams))}
+    pieces: dict[int, tuple[str, list, tuple | None]] = {
+        i: ("", [], None) for i in range(len(sub.streams))
+    }
     async for i, out in merge_streams(sub.streams):
-        text, lps = pieces[i]
-        pieces[i] = (text + out.text, lps + list(out.logprobs or ()))
+        text, lps, prompt_lps = pieces[i]
+        if out.prompt_logprobs is not None:
+            prompt_lps = out.prompt_logprobs
+        if not sub.score_only:
+            text, lps = text + out.text, lps + list(out.logprobs or ())
+        pieces[i] = (text, lps, prompt_lps)
         if out.finished:
             finals[i] = out
     return finals, pieces

@@ -67,6 +67,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's plus the top k
+    # The prompt tokens' logprobs (vLLM's prompt_logprobs): None: none; k >= 0: each prompt
+    # token's (from the second on) with its rank, plus the top k at its position.
+    prompt_logprobs: int | None = None
     structured: StructuredOutput | None = None  # the output must match this (None: free)
 
     def __post_init__(self) -> None:
@@ -175,11 +178,13 @@ class SamplingParams:
                 raise SamplingParamsError(
                     name, f"{name} must be a boolean, got {getattr(self, name)!r}"
                 )
-        if self.logprobs is not None:
-            rule = f"logprobs must be null or an int in [0, {MAX_LOGPROBS}]"
-            _int("logprobs", self.logprobs, low=0, rule=rule)
-            if self.logprobs > MAX_LOGPROBS:
-                raise SamplingParamsError("logprobs", f"{rule}, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                rule = f"{name} must be null or an int in [0, {MAX_LOGPROBS}]"
+                _int(name, value, low=0, rule=rule)
+                if value > MAX_LOGPROBS:
+                    raise SamplingParamsError(name, f"{rule}, got {value!r}")
         if self.structured is not None:
             validate_structured(self.structured)
 

@@ -193,7 +193,15 @@ CASES = [
         "unsupported parameter: 'guided_decoding_backend'",
         "guided_decoding_backend",
     ),
-    Bad("echo", completion(echo=True), 400, "echo is not supported", path=COMPLETIONS),
+    Bad(
+        "max_tokens 0 without echo",
+        completion(max_tokens=0),
+        400,
+        "max_tokens 0 is only allowed with echo",
+        "max_tokens",
+        path=COMPLETIONS,
+    ),
+    Bad("audio out", chat(modalities=["text", "audio"]), 400, "text only", "modalities"),
     Bad("suffix", completion(suffix="x"), 400, "suffix is not supported", path=COMPLETIONS),
     Bad("best_of", completion(best_of=2), 400, "best_of other than n", path=COMPLETIONS),
     # -- values out of range

@@ -139,6 +139,12 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"logprobs": -1}, "logprobs", "logprobs must be null or an int in [0, 20], got -1"),
     ({"logprobs": True}, "logprobs", "logprobs must be null or an int in [0, 20], got True"),
     ({"logprobs": 2.0}, "logprobs", "logprobs must be null or an int in [0, 20]"),
+    (
+        {"prompt_logprobs": 21},
+        "prompt_logprobs",
+        "prompt_logprobs must be null or an int in [0, 20], got 21",
+    ),
+    ({"prompt_logprobs": -1}, "prompt_logprobs", "prompt_logprobs must be null or an int"),
 ]
 
 
