@@ -1,7 +1,8 @@
 """Structured output against a live server, through real clients: the official `openai` client
 (response_format json_schema, streamed and not; `chat.completions.parse` with a pydantic model;
 vLLM's guided_* extras through `extra_body`), LangChain's `with_structured_output` (json_schema
-and json_mode) and LiteLLM's `completion(response_format=...)`; and the 400s for a constraint
+and json_mode, streamed and not) and LiteLLM's `completion(response_format=...)` (streamed and
+not); and the 400s for a constraint
 that cannot be compiled or for two at once.
 
 The model has random weights, so only the constraint makes its output JSON at all. The schemas
@@ -198,3 +199,38 @@ def test_litellm_completion_with_response_format(server: LiveServer) -> None:
     )
     assert r.choices[0].finish_reason == "stop"
     Pet.model_validate_json(r.choices[0].message.content)
+
+
+def test_langchain_streams_structured_output(server: LiveServer) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=MODEL,
+        base_url=f"{server.base_url}/v1",
+        api_key=server.keys["alice"],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        max_retries=0,
+    )
+    parts = list(llm.with_structured_output(Pet, method="json_schema").stream("Describe a pet."))
+    assert parts and isinstance(parts[-1], Pet)
+
+
+def test_litellm_streams_with_response_format(server: LiveServer) -> None:
+    import litellm
+
+    chunks = list(
+        litellm.completion(
+            model=f"openai/{MODEL}",
+            api_base=f"{server.base_url}/v1",
+            api_key=server.keys["alice"],
+            messages=MESSAGES,
+            response_format=Pet,
+            max_tokens=MAX_TOKENS,
+            seed=6,
+            stream=True,
+        )
+    )
+    assert len(chunks) > 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    Pet.model_validate_json(text)

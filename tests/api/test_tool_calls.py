@@ -5,10 +5,9 @@ template's prompt, token for token (the in-process runtime's greedy answer on th
 server's, streamed and not); text that is not a call stays content, streamed exactly as the
 whole; special-token text in tools and arguments stays text; wrong tools are 400s that name the
 parameter (parameters or arguments nested too deep included); the `tool_chat_template` setting
-replaces the template, and a broken file stops the server at start. With the grammar engine
-(needs_grammar): `required` and named choices return calls
-whose arguments validate against the function's schema, streamed as OpenAI's deltas, and a full
-round trip (call, result, answer).
+replaces the template, and a broken file stops the server at start. `required` and named
+choices (constrained by the grammar engine) return calls whose arguments validate against the
+function's schema, streamed as OpenAI's deltas, and a full round trip (call, result, answer).
 
 The tiny model has random weights: left to itself (`auto`) it never writes a call, so the
 parser's positive cases are proven on text in tests/unit/test_tool_calls.py, and here through the
@@ -76,10 +75,6 @@ def tool_prompt(rt: ElasticRuntime, **body: Any) -> list[int]:
         tools=[f.as_prompt() for f in plan.functions] or None,
         render=renderer(ToolTemplate.load(None), plan),
     )
-
-
-def needs_grammar() -> None:
-    pytest.importorskip("server.runtime.grammar", reason="the grammar engine is not merged yet")
 
 
 @pytest.mark.parametrize("messages", [ASK, HISTORY], ids=["ask", "history"])
@@ -255,10 +250,8 @@ def test_wrong_tools_are_400_naming_the_parameter(
 # ---- with the grammar engine ---------------------------------------------------------------
 
 
-@pytest.mark.needs_grammar
 @pytest.mark.parametrize("parallel", [True, False])
 def test_required_gives_valid_calls(server: LiveServer, parallel: bool) -> None:
-    needs_grammar()
     resp = server.openai().chat.completions.create(
         model="e2b",
         messages=ASK,
@@ -278,9 +271,7 @@ def test_required_gives_valid_calls(server: LiveServer, parallel: bool) -> None:
         jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
 
 
-@pytest.mark.needs_grammar
 def test_a_named_call_streams_as_deltas_and_round_trips(server: LiveServer) -> None:
-    needs_grammar()
     client = server.openai()
     named = {"type": "function", "function": {"name": "weather"}}
     chunks = list(

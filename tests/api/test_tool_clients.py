@@ -1,10 +1,10 @@
 """Tool calls through real client libraries against a live server: LangChain's `ChatOpenAI`
-(`bind_tools`, a tool round trip, `with_structured_output(method="function_calling")`) and
-LiteLLM's `completion` with `tools` and `tool_choice`.
+(`bind_tools`, a tool round trip, `with_structured_output(method="function_calling")`, streamed
+and not) and LiteLLM's `completion` with `tools` and `tool_choice` (streamed and not).
 
-Without the grammar engine the random-weight model never calls a tool by itself, so those tests
-check what the libraries send is accepted and answered (a history of calls and results, tools
-offered); with it (needs_grammar) the forced choices return calls whose arguments validate.
+The random-weight model never calls a tool by itself, so some tests check that what the
+libraries send is accepted and answered (a history of calls and results, tools offered), and the
+forced choices (constrained by the grammar engine) return calls whose arguments validate.
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ CITY_SCHEMA = {
     "required": ["city"],
     "additionalProperties": False,
 }
-
-
-def needs_grammar() -> None:
-    pytest.importorskip("server.runtime.grammar", reason="the grammar engine is not merged yet")
 
 
 def chat_openai(server: LiveServer, **kw):
@@ -111,9 +107,7 @@ def test_litellm_sends_tools_and_a_history_that_are_answered(server: LiveServer)
     assert r.usage.prompt_tokens > 40
 
 
-@pytest.mark.needs_grammar
 def test_langchain_bind_tools_round_trip(server: LiveServer) -> None:
-    needs_grammar()
     from langchain_core.messages import HumanMessage, ToolMessage
 
     weather = weather_tool()
@@ -128,9 +122,7 @@ def test_langchain_bind_tools_round_trip(server: LiveServer) -> None:
     assert isinstance(answer.content, str)
 
 
-@pytest.mark.needs_grammar
 def test_langchain_with_structured_output_function_calling(server: LiveServer) -> None:
-    needs_grammar()
 
     # Bounded fields only: an integer's digits have no end the grammar could force, and a
     # random-weight model may write digits until max_tokens (a truncated call is content).
@@ -147,12 +139,10 @@ def test_langchain_with_structured_output_function_calling(server: LiveServer) -
     assert isinstance(city, City)
 
 
-@pytest.mark.needs_grammar
 @pytest.mark.parametrize(
     "tool_choice", ["required", {"type": "function", "function": {"name": "weather"}}]
 )
 def test_litellm_forced_tool_choice_returns_a_valid_call(server: LiveServer, tool_choice) -> None:
-    needs_grammar()
     import litellm
 
     r = litellm.completion(
@@ -167,5 +157,56 @@ def test_litellm_forced_tool_choice_returns_a_valid_call(server: LiveServer, too
     )
     assert r.choices[0].finish_reason == "tool_calls"
     (call,) = r.choices[0].message.tool_calls[:1]
+    assert call.function.name == "weather"
+    jsonschema.validate(json.loads(call.function.arguments), CITY_SCHEMA)
+
+
+def test_langchain_streams_a_forced_call_and_a_structured_output(server: LiveServer) -> None:
+    from langchain_core.messages import HumanMessage
+
+    weather = weather_tool()
+    llm = chat_openai(server, max_tokens=120, seed=4)
+    chunks = list(llm.bind_tools([weather], tool_choice="weather").stream([HumanMessage("Oslo?")]))
+    assert len(chunks) > 1
+    message = chunks[0]
+    for chunk in chunks[1:]:
+        message = message + chunk  # LangChain joins the streamed tool-call deltas
+    (call,) = message.tool_calls
+    assert call["name"] == "weather" and call["id"].startswith("call_")
+    jsonschema.validate(call["args"], CITY_SCHEMA)
+
+    class City(BaseModel):
+        """A city."""
+
+        name: str = Field(max_length=12)
+        capital: bool
+
+    structured = chat_openai(server, max_tokens=120, seed=6).with_structured_output(
+        City, method="function_calling"
+    )
+    parts = list(structured.stream("Name a city."))
+    assert parts and isinstance(parts[-1], City)
+
+
+def test_litellm_streams_a_forced_call(server: LiveServer) -> None:
+    import litellm
+
+    weather = {"type": "function", "function": {"name": "weather", "parameters": CITY_SCHEMA}}
+    chunks = list(
+        litellm.completion(
+            model="openai/e2b",
+            api_base=f"{server.base_url}/v1",
+            api_key=server.keys["alice"],
+            messages=[{"role": "user", "content": "Oslo?"}],
+            tools=[weather],
+            tool_choice={"type": "function", "function": {"name": "weather"}},
+            max_tokens=120,
+            seed=8,
+            stream=True,
+        )
+    )
+    r = litellm.stream_chunk_builder(chunks)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "weather"
     jsonschema.validate(json.loads(call.function.arguments), CITY_SCHEMA)
