@@ -19,16 +19,29 @@ Deliberately does not know: tokenizers, tenants, or the engine.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+
+
+def _integral(value: Any) -> Any:
+    # JSON has one number type, and JSON Schema's "integer" admits 2.0: a whole float is that
+    # integer (as vLLM and OpenAI take it); 2.5 still fails as "a valid integer".
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer field of the wire types (strict otherwise: "2" or true are not integers).
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class Strict(BaseModel):
@@ -246,11 +259,11 @@ class SamplingFields(Strict):
     """Parameters both endpoints share."""
 
     model: str = Field(min_length=1)
-    n: int = Field(1, ge=1)
+    n: Int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: Int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -274,11 +287,11 @@ class SamplingFields(Strict):
         return value
 
     # vLLM's extras
-    top_k: int | None = Field(None, ge=0)
+    top_k: Int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    stop_token_ids: list[int] | None = None
-    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[Int] | None = None
+    min_tokens: Int | None = Field(None, ge=0)
     # Structured output: OpenAI's response_format, and vLLM's guided_* extras (at most one
     # constraint per request; server/api/constraints.py)
     response_format: ResponseFormat | None = None
@@ -287,7 +300,7 @@ class SamplingFields(Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     # vLLM's: the prompt tokens' logprobs (None first, then the top k and the prompt's token).
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: Int | None = Field(None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -311,10 +324,10 @@ class SamplingFields(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
     # Tool calls (server/api/tool_calls.py checks what the types cannot).
     tools: list[ToolDefinition] | None = Field(None, json_schema_extra={"minItems": 1})
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -361,10 +374,10 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     # 0 only with echo: the prompt is scored and nothing is generated (as vLLM).
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: Int | None = Field(16, ge=0)
+    logprobs: Int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
+    best_of: Int | None = Field(None, ge=1)
     suffix: str | None = None
 
     def conflict(self) -> tuple[str, str] | None:
@@ -416,4 +429,4 @@ class TokenizeChatRequest(Strict):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]

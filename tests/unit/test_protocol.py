@@ -101,3 +101,16 @@ def test_tokenize_shapes() -> None:
     assert chat.add_generation_prompt and not chat.add_special_tokens
     assert DetokenizeRequest.model_validate({"tokens": [1, 2]}).tokens == [1, 2]
     assert refused(DetokenizeRequest, {"tokens": ["a"]}).startswith("tokens")
+
+
+def test_a_whole_number_is_an_integer_and_nothing_else_is() -> None:
+    # JSON Schema's "integer" (what /openapi.json says) admits 2.0; clients and fuzzers send it.
+    chat = ChatCompletionRequest.model_validate(
+        {**CHAT, "n": 2.0, "max_tokens": 5.0, "seed": -3.0, "stop_token_ids": [1.0, 7]}
+    )
+    assert (chat.n, chat.max_tokens, chat.seed, chat.stop_token_ids) == (2, 5, -3, [1, 7])
+    assert type(chat.n) is int and all(type(t) is int for t in chat.stop_token_ids)
+    assert DetokenizeRequest.model_validate({"tokens": [3.0]}).tokens == [3]
+    for bad in (2.5, "2", True):
+        assert refused(ChatCompletionRequest, {**CHAT, "n": bad}) == "n"
+    assert refused(CompletionRequest, {**COMPLETION, "logprobs": 1.5}) == "logprobs"
