@@ -11,6 +11,7 @@ Deliberately does not know: requests, scheduling, HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,15 +20,19 @@ import torch
 
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
+from server.runtime.batch import plan_step
 from server.runtime.device import bind
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.grammar import Grammars
+from server.runtime.kv_cache import KVCache
 from server.runtime.weights import Weights
 from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
 from server.vocabulary.measured_quality import read_measured_quality
+from server.vocabulary.step import StepSequence
 from server.vocabulary.subnets import (
     DEFAULT_CUSTOM_YAML,
     DEFAULT_TABLE_CSV,
+    Subnet,
     SubnetTable,
     load_subnet_table,
 )
@@ -73,3 +78,20 @@ class ElasticRuntime:
         return Grammars(
             self.tokenizer.hf, self.store.text.vocab_size_per_layer_input, self.tokenizer.stop_ids
         )
+
+    def prefill_logits(self, subnet: Subnet, ids: Sequence[int], every_position: bool = True):
+        """Logits of one prefill of `ids` by `subnet`, the model alone (no engine, a KV cache of
+        its own): [len(ids), vocab] at every position, or [1, vocab] for the last. What offline
+        measurements (tools/quality.py) and the tests' references read."""
+        text = self.store.text
+        n_kv, bs = text.first_kv_shared_layer, 16
+        per_layer = -(-len(ids) // bs)
+        kv = KVCache(text, n_kv * per_layer, bs, self.weights.dtype)
+        table = [
+            list(range(i * per_layer, (i + 1) * per_layer)) if subnet.keeps(i) else []
+            for i in range(n_kv)
+        ]
+        seq = StepSequence("prefill", subnet, list(ids), 0, table, sample=True)
+        planned = plan_step(text, [seq], bs, kv.scratch_block, all_logits=every_position)
+        with torch.inference_mode():
+            return self.model.forward(self.model.batch(planned), kv)
