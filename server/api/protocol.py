@@ -19,29 +19,16 @@ Deliberately does not know: tokenizers, tenants, or the engine.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-
-
-def _integral(value: Any) -> Any:
-    # JSON has one number type, and JSON Schema's "integer" admits 2.0: a whole float is that
-    # integer (as vLLM and OpenAI take it); 2.5 still fails as "a valid integer".
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-# An integer field of the wire types (strict otherwise: "2" or true are not integers).
-Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class Strict(BaseModel):
@@ -64,7 +51,31 @@ class Strict(BaseModel):
             and not fields[k].is_required()
             and type(None) not in get_args(fields[k].annotation)
         ]
-        return {k: v for k, v in data.items() if k not in dropped} if dropped else data
+        data = {k: v for k, v in data.items() if k not in dropped} if dropped else data
+        # JSON has one number type, and JSON Schema's "integer" (what /openapi.json says)
+        # admits 2.0: a whole float given for an integer field is that integer, as vLLM and
+        # OpenAI take it; 2.5, "2" and true still fail as not an integer.
+        whole = {
+            k: _whole(v, fields[k].annotation)
+            for k, v in data.items()
+            if k in fields and _takes_int(fields[k].annotation)
+        }
+        return {**data, **whole} if whole else data
+
+
+def _takes_int(annotation: Any) -> bool:
+    """An int field, or a list of ints (optional or not)."""
+    options = (annotation, *get_args(annotation))
+    return int in options or list[int] in options
+
+
+def _whole(value: Any, annotation: Any) -> Any:
+    def one(v: Any) -> Any:
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    if isinstance(value, list) and list[int] in (annotation, *get_args(annotation)):
+        return [one(v) for v in value]
+    return one(value)
 
 
 class TextPart(Strict):
@@ -259,11 +270,11 @@ class SamplingFields(Strict):
     """Parameters both endpoints share."""
 
     model: str = Field(min_length=1)
-    n: Int = Field(1, ge=1)
+    n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: Int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -287,11 +298,11 @@ class SamplingFields(Strict):
         return value
 
     # vLLM's extras
-    top_k: Int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    stop_token_ids: list[Int] | None = None
-    min_tokens: Int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = Field(None, ge=0)
     # Structured output: OpenAI's response_format, and vLLM's guided_* extras (at most one
     # constraint per request; server/api/constraints.py)
     response_format: ResponseFormat | None = None
@@ -300,7 +311,7 @@ class SamplingFields(Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     # vLLM's: the prompt tokens' logprobs (None first, then the top k and the prompt's token).
-    prompt_logprobs: Int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -324,10 +335,10 @@ class SamplingFields(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Int | None = Field(None, ge=1)
-    max_completion_tokens: Int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     # Tool calls (server/api/tool_calls.py checks what the types cannot).
     tools: list[ToolDefinition] | None = Field(None, json_schema_extra={"minItems": 1})
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -374,10 +385,10 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     # 0 only with echo: the prompt is scored and nothing is generated (as vLLM).
-    max_tokens: Int | None = Field(16, ge=0)
-    logprobs: Int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: Int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
     def conflict(self) -> tuple[str, str] | None:
@@ -429,4 +440,4 @@ class TokenizeChatRequest(Strict):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[Int]
+    tokens: list[int]
