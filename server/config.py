@@ -134,6 +134,9 @@ class ServerConfig:
     """Time a few steps of the smallest and largest subnet at start, to seed the cost model."""
     log_level: str = "info"
     """Logging level: debug, info, warning, error."""
+    tool_chat_template: str | None = None
+    """Jinja chat template for requests with tools (relative to this file); none: the built-in
+    server/api/tool_chat_template.jinja (README, "Tool calls")."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -188,7 +191,14 @@ class ServerConfig:
 
 
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
-_PATH_KEYS = ("checkpoint", "custom_subnets", "tenants_file", "tiers_file", "subnet_table")
+_PATH_KEYS = (
+    "checkpoint",
+    "custom_subnets",
+    "tenants_file",
+    "tiers_file",
+    "subnet_table",
+    "tool_chat_template",
+)
 # CONCENTRIC_* variables that are not settings (read elsewhere: the dev-model cache, API keys).
 _ENV_NOT_SETTINGS = {"CONCENTRIC_CACHE", "CONCENTRIC_API_KEY"}
 

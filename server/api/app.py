@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
-from server.api import errors
+from server.api import errors, tokenization
 from server.api.errors import error_response
 from server.api.openai_routes import router
 from server.api.service import DRAINING, Service
@@ -234,6 +234,7 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     errors.install(app)
     app.include_router(router)
+    app.include_router(tokenization.router)
     errors.document(app)
 
     @app.get("/health")

@@ -55,8 +55,39 @@ class PromptPool:
         tok = self.tokenizer
         return await self._run(tenant, lambda: [tok.encode(t) for t in texts])
 
-    async def encode_chat(self, tenant: str, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return await self._run(tenant, lambda: self.tokenizer.encode_chat(messages))
+    async def encode_chat(
+        self,
+        tenant: str,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+        render: Callable[..., str] | None = None,
+    ) -> list[int]:
+        """Chat messages; with `render`, through that template instead of the checkpoint's
+        (TextTokenizer.encode_chat)."""
+        tok = self.tokenizer
+        return await self._run(
+            tenant, lambda: tok.encode_chat(messages, add_generation_prompt, tools, render)
+        )
+
+    async def run(self, tenant: str, work: Callable[[], T]) -> T:
+        """Other work a request needs before admission that must stay off the event loop (a
+        structured-output grammar's compilation), under the same per-tenant share."""
+        return await self._run(tenant, work)
+
+    async def encode_bare(self, tenant: str, text: str) -> list[int]:
+        """Text without the BOS (/tokenize with add_special_tokens false)."""
+        hf = self.tokenizer.hf
+        return await self._run(
+            tenant, lambda: list(hf(text, add_special_tokens=False)["input_ids"])
+        )
+
+    async def decode(self, tenant: str, ids: Sequence[int]) -> str:
+        """Ids to text, special tokens kept (/detokenize): linear in the ids, so off the loop
+        too."""
+        return await self._run(
+            tenant, lambda: self.tokenizer.decode(ids, skip_special_tokens=False)
+        )
 
     async def _run(self, tenant: str, work: Callable[[], T]) -> T:
         turn = self._turns.get(tenant)

@@ -23,6 +23,7 @@ from policies.subnet_choice import make_policy
 from server.api.errors import APIError
 from server.api.limits import Limiter, Reservation
 from server.api.prompts import PromptPool
+from server.api.tool_calls import ToolTemplate
 from server.config import ServerConfig
 from server.engine.assembly import assemble_engine, calibrate
 from server.engine.async_engine import AsyncEngine
@@ -70,6 +71,7 @@ class Service:
         self.elasticity: Elasticity | None = None
         self.sampling_defaults = SamplingDefaults()
         self.prompts: PromptPool | None = None
+        self.tool_template: ToolTemplate | None = None  # for requests with tools
         # Engine request id -> the reservation and choice it gives back when it finishes.
         self.reservations: dict[str, tuple[Reservation, int]] = {}
         self.live: set = set()  # submissions whose responses are not over (submission.py)
@@ -84,6 +86,7 @@ class Service:
         from server.vocabulary.subnets import load_subnet_table
 
         store = CheckpointStore.open(self.checkpoint)
+        self.tool_template = ToolTemplate.load(self.config.tool_chat_template)
         self.sampling_defaults = sampling_defaults(self.checkpoint, self.config.sampling_defaults)
         table = load_subnet_table(store.text, self._table_csv(), self._custom())
         if self.config.subnet_policy == "fixed" and self.config.fixed_subnet not in table:
@@ -219,13 +222,15 @@ class Service:
         return Path(self.config.custom_subnets) if self.config.custom_subnets else None
 
     def _open_runtime(self) -> ElasticRuntime:
-        return ElasticRuntime.open(
+        rt = ElasticRuntime.open(
             self.checkpoint,
             self.config.dtype,
             self.config.device,
             self._custom(),
             table_csv=self._table_csv(),
         )
+        rt.grammars.prepare()  # structured output's tokenizer description, before traffic
+        return rt
 
     def _scheduler_config(self) -> SchedulerConfig:
         assert self.runtime is not None

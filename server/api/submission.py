@@ -43,6 +43,7 @@ from server.engine.outputs import RequestOutput
 from server.tenancy import Tenant, Tier
 from server.vocabulary.sampling_defaults import SamplingDefaults
 from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
+from server.vocabulary.structured_output import StructuredOutput
 from server.vocabulary.subnets import Subnet
 
 OPENAI = SamplingDefaults()
@@ -66,6 +67,9 @@ class Submission:
     subnet_name: str = ""  # the subnet that serves the request, once known
     cut_short: bool = False  # ended by a drain
     closed: bool = False
+    # echo (completions): per prompt, its ids and the text the response starts with
+    echo: list[tuple[list[int], str]] | None = None
+    score_only: bool = False  # echo with max_tokens 0: the one generated token is dropped
 
     @property
     def tier(self) -> TierView:
@@ -124,9 +128,12 @@ def sampling_params(
     vocab: int,
     eos: Sequence[int],
     defaults: SamplingDefaults = OPENAI,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     """The request's SamplingParams: its own values, and `defaults` for the sampling fields it
-    leaves unset (None), so an explicit value (even OpenAI's default) always wins."""
+    leaves unset (None), so an explicit value (even OpenAI's default) always wins. `structured`:
+    what the output must match (the request's constraint or a compulsory tool call, chosen and
+    compiled by the route: openai_routes.py)."""
     bias: list[tuple[int, float]] = []
     for key, value in (body.logit_bias or {}).items():
         try:
@@ -135,6 +142,9 @@ def sampling_params(
             raise APIError(
                 400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
             ) from None
+    prompt_logprobs = body.prompt_logprobs
+    if prompt_logprobs is None and getattr(body, "echo", False):
+        prompt_logprobs = logprobs  # echo shows the prompt's logprobs too (as vLLM)
     params = defaults.params(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens or 0,
@@ -150,6 +160,8 @@ def sampling_params(
         stop=body.stop_strings(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logprobs=logprobs,
+        structured=structured,
+        prompt_logprobs=prompt_logprobs,
     )
     try:
         params.validate(vocab, eos_token_ids=eos)
@@ -228,6 +240,7 @@ def submit(
     prompts: Sequence[list[int]],
     logprobs: int | None,
     prompt_param: str,
+    structured: StructuredOutput | None = None,
 ) -> Submission:
     svc: Service = request.app.state.service
     tenant: Tenant = request.state.tenant
@@ -269,7 +282,7 @@ def submit(
             # n choices with a seed: choice k uses seed + k, so they differ yet reproduce.
             seed = None if body.seed is None else (body.seed + k) % 2**64
             params = sampling_params(
-                body, max_tokens, seed, logprobs, vocab, eos, svc.sampling_defaults
+                body, max_tokens, seed, logprobs, vocab, eos, svc.sampling_defaults, structured
             )
             if k == 0:
                 try:  # the engine's own checks (the KV pool), still before any charge
@@ -317,12 +330,19 @@ async def start(request: Request, sub: Submission) -> RequestOutput:
 
 
 async def collect(sub: Submission):
-    """Every choice to its end: final outputs, and (text, logprobs) per choice."""
+    """Every choice to its end: final outputs, and (text, logprobs, prompt logprobs) per
+    choice. A score-only request's generated token is not part of its answer."""
     finals: dict[int, RequestOutput] = {}
-    pieces: dict[int, tuple[str, list]] = {i: ("", []) for i in range(len(sub.streams))}
+    pieces: dict[int, tuple[str, list, tuple | None]] = {
+        i: ("", [], None) for i in range(len(sub.streams))
+    }
     async for i, out in merge_streams(sub.streams):
-        text, lps = pieces[i]
-        pieces[i] = (text + out.text, lps + list(out.logprobs or ()))
+        text, lps, prompt_lps = pieces[i]
+        if out.prompt_logprobs is not None:
+            prompt_lps = out.prompt_logprobs
+        if not sub.score_only:
+            text, lps = text + out.text, lps + list(out.logprobs or ())
+        pieces[i] = (text, lps, prompt_lps)
         if out.finished:
             finals[i] = out
     return finals, pieces

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,39 +54,54 @@ class TextTokenizer:
         return ids
 
     def encode_chat(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+        render: Callable[..., str] | None = None,
     ) -> list[int]:
-        """Chat messages through the checkpoint's template (which writes the BOS itself).
+        """Chat messages through the checkpoint's template (which writes the BOS itself), or
+        through `render(messages, tools, bos_token, add_generation_prompt) -> str`, a template
+        of the caller's (the API's tool template), which gets `tools` too.
 
-        Special-token text in a message's content is swapped for a sentinel (private-use
-        characters around a per-call nonce, which no message can guess) before the template
-        runs; the rendered prompt is then tokenized piece by piece: the template's text with
-        its special tokens, each sentinel as the literal text it stands for. Content without
-        special-token text renders and tokenizes exactly as it would have without this."""
-        if not self.hf.chat_template:
+        Special-token text in any string of the messages or tools is swapped for a sentinel
+        (private-use characters around a per-call nonce, which no message can guess) before the
+        template runs; the rendered prompt is then tokenized piece by piece: the template's text
+        with its special tokens, each sentinel as the literal text it stands for. Content
+        without special-token text renders and tokenizes exactly as it would have without
+        this."""
+        if render is None and not self.hf.chat_template:
             raise TokenizerError("this checkpoint's tokenizer has no chat template")
         nonce = secrets.token_hex(8)
         literals: list[str] = []
-        safe = [
-            {**m, "content": self._shield(m["content"], nonce, literals)}
-            if isinstance(m.get("content"), str)
-            else m
-            for m in messages
-        ]
+        safe = [self._shield_all(m, nonce, literals) for m in messages]
+        safe_tools = [self._shield_all(t, nonce, literals) for t in tools] if tools else None
         try:
-            prompt = self.hf.apply_chat_template(
-                safe, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            if render is not None:
+                prompt = render(safe, safe_tools, self.hf.bos_token, add_generation_prompt)
+            else:
+                prompt = self.hf.apply_chat_template(
+                    safe, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
         except Exception as e:  # jinja's raise_exception and template errors
             raise TokenizerError(f"chat template rejected the messages: {e}") from None
         if not literals:
             return list(self.hf(prompt, add_special_tokens=False)["input_ids"])
         pieces = re.split(f"\ue000{nonce}(\\d+)\ue001", prompt)
         found = [int(k) for k in pieces[1::2]]
-        if sorted(found) != list(range(len(literals))):
+        # The checkpoint's template renders every message once. A tool template may leave a
+        # string out (a tool's description) or repeat it; either way no sentinel may have been
+        # altered (a stray nonce left in the text).
+        carried = (
+            sorted(found) == list(range(len(literals)))
+            if render is None
+            else set(found) <= set(range(len(literals)))
+            and not any(nonce in p for p in pieces[0::2])
+        )
+        if not carried:
             raise TokenizerError(
-                "a message contains special-token text, and this checkpoint's chat template "
-                "does not carry message text through unchanged, so it cannot be kept as text"
+                "a message contains special-token text, and this chat template does not carry "
+                "message text through unchanged, so it cannot be kept as text"
             )
         ids: list[int] = []
         for i, piece in enumerate(pieces):
@@ -98,6 +113,17 @@ class TextTokenizer:
                     "input_ids"
                 ]
         return ids
+
+    def _shield_all(self, value: Any, nonce: str, literals: list[str]) -> Any:
+        """`value` (a message, a tool: nested dicts and lists) with `_shield` applied to every
+        string in it (not to keys)."""
+        if isinstance(value, str):
+            return self._shield(value, nonce, literals)
+        if isinstance(value, dict):
+            return {k: self._shield_all(v, nonce, literals) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._shield_all(v, nonce, literals) for v in value]
+        return value
 
     def _shield(self, text: str, nonce: str, literals: list[str]) -> str:
         """`text` with every span the tokenizer would read as a special token replaced by a

@@ -11,6 +11,8 @@ Deliberately does not know: HTTP, tenants, or how any of the parts works inside.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from policies.ordering import FirstComeFirstServed, OrderPolicy
 from policies.subnet_choice import SubnetPolicy
 from server.engine.chooser import SubnetChooser
@@ -24,6 +26,9 @@ from server.runtime.runner import ModelRunner
 from server.vocabulary.sampling_params import SamplingParams
 
 DEFAULT_KV_BYTES = 64 * 1024 * 1024
+# The logits a scoring request's chunk may hold at once (float32 rows of the whole vocabulary):
+# 128 rows at Gemma 3n's 262,144 ids.
+SCORED_LOGITS_BYTES = 128 * 1024 * 1024
 
 
 def kv_bytes_for(rt: ElasticRuntime, tokens: int, block_size: int = 16) -> int:
@@ -53,6 +58,8 @@ def assemble_engine(
     `batch_invariant`: each row's result independent of the step it shares (runner.py)."""
     text = rt.store.text
     config = config or SchedulerConfig(max_model_len=text.max_position_embeddings)
+    scored_rows = max(1, SCORED_LOGITS_BYTES // (4 * text.vocab_size))
+    config = replace(config, max_scored_rows=min(config.max_scored_rows, scored_rows))
     num_blocks = kv_budget_bytes // KVCache.block_bytes(text, block_size, rt.weights.dtype)
     if num_blocks < 1:
         raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds no block")
@@ -69,7 +76,14 @@ def assemble_engine(
     assign = chooser.assign if chooser is not None else named_subnet
     scheduler = Scheduler(config, blocks, order or FirstComeFirstServed(), eos, assign)
     runner = ModelRunner(
-        rt.model, num_blocks, block_size, eos, ffn_mode, compile_backend, batch_invariant
+        rt.model,
+        num_blocks,
+        block_size,
+        eos,
+        ffn_mode,
+        compile_backend,
+        batch_invariant,
+        grammars=rt.grammars,
     )
     return Engine(
         runner, scheduler, rt.tokenizer, text.vocab_size_per_layer_input, chooser, elasticity

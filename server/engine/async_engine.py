@@ -1,10 +1,12 @@
 """The engine for asyncio callers: a background step loop and one output stream per request.
 
-Owns concurrency. Steps run in a worker thread (`asyncio.to_thread`), so the event loop stays
-free to accept requests and stream while the model computes. Adds and aborts from the event loop
-are never applied while a step is running: they are queued and applied by the step thread between
-steps, so the engine core stays single-threaded. An abort is applied at the next step boundary
-(immediately when idle) and frees the request's KV blocks then.
+Owns concurrency. Steps run in a thread of the engine's own (one worker), so the event loop stays
+free to accept requests and stream while the model computes, and a step never waits for a
+worker behind other blocking work of the process (the loop's default pool is shared, and small
+where a host such as a Ray Serve replica sizes it by its CPU share). Adds and aborts from the
+event loop are never applied while a step is running: they are queued and applied by the step
+thread between steps, so the engine core stays single-threaded. An abort is applied at the next
+step boundary (immediately when idle) and frees the request's KV blocks then.
 
 An idle engine still steps every `idle_tick_s` when it has elasticity: a step with no work is
 elasticity's tick alone, so the resident widths follow the headroom (give memory back, finish a
@@ -26,6 +28,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from policies.snapshots import TierView
 from server.engine.engine import Engine
@@ -91,6 +94,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # held while the engine core is in use
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._stepper: ThreadPoolExecutor | None = None  # the step thread (start() makes it)
         self._stopping = False
         self.dead: str | None = None  # why the loop stopped, if it did
         self.on_step: list[Callable[[Engine], None]] = []  # observers (metrics)
@@ -99,6 +103,7 @@ class AsyncEngine:
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stepper = ThreadPoolExecutor(1, thread_name_prefix="concentric-step")
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="concentric-engine")
 
@@ -109,6 +114,8 @@ class AsyncEngine:
         if self._task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._stepper is not None:
+            self._stepper.shutdown(wait=False)
 
     @property
     def num_in_flight(self) -> int:
@@ -178,7 +185,8 @@ class AsyncEngine:
                         continue
                     except TimeoutError:
                         pass  # idle: the step below is only elasticity's tick
-                outputs = await asyncio.to_thread(self._step)
+                assert self._stepper is not None
+                outputs = await self._loop_ref.run_in_executor(self._stepper, self._step)
                 self._deliver(outputs)
                 await asyncio.sleep(0)  # let handlers run between steps
                 if self.engine.has_work and self.engine.last_step.num_seqs == 0:

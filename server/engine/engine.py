@@ -5,7 +5,9 @@
 Owns the glue between the pure scheduler and the runner: registering a request with the runner
 once, detokenizing each new token (stop strings are found here, on text), finishing requests that
 stop or fail, and producing `RequestOutput` deltas, the final one carrying the request's
-latencies (computed here, once, for metrics, the subnet policy and SLA accounting alike). Two
+latencies (computed here, once, for metrics, the subnet policy and SLA accounting alike), and a
+prompt_logprobs request's prompt scores (gathered by position as its chunks run, handed out once
+with its first token). Two
 named steps wrap a step: following the headroom (elasticity, between steps) and recovering from
 an out-of-memory step (shrink, then run the step once more). Synchronous and single-threaded;
 `async_engine.py` runs it in the background for asyncio callers.
@@ -29,7 +31,7 @@ from server.engine.request import Request, RequestStatus
 from server.engine.runner_protocol import Runner
 from server.engine.scheduler import Scheduler, StepPlan
 from server.vocabulary.sampling_params import SamplingParams
-from server.vocabulary.step import DeviceOutOfMemory, SampleResult, StepResult
+from server.vocabulary.step import DeviceOutOfMemory, PromptLogprob, SampleResult, StepResult
 from server.vocabulary.subnets import Subnet
 
 
@@ -108,7 +110,17 @@ class Engine:
 
     def add(self, req: Request) -> None:
         self.scheduler.add(req)
-        self.runner.add_request(req.request_id, req.params, req.prompt_token_ids, req.keep_logits)
+        if req.params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * req.num_prompt_tokens
+        try:
+            self.runner.add_request(
+                req.request_id, req.params, req.prompt_token_ids, req.keep_logits
+            )
+        except BaseException:
+            # The runner refused it (e.g. a structured-output constraint that does not compile):
+            # the request must not stay queued without its sampling state.
+            self.scheduler.abort(req.request_id)
+            raise
         self._detok[req.request_id] = IncrementalDetokenizer(
             self.decoder,
             req.params.stop,
@@ -215,6 +227,11 @@ class Engine:
             plan = StepPlan(
                 [s for s in plan.sequences if s.request_id not in result.errors], plan.preempted
             )
+        for rid, scored in result.prompt_logprobs.items():
+            req = self.scheduler.requests.get(rid)
+            if req is not None and req.prompt_logprobs is not None:
+                for lp in scored:  # a recomputed prompt (preemption) overwrites alike
+                    req.prompt_logprobs[lp.position] = lp
         sampled = {rid: s.token_id for rid, s in result.samples.items()}
         for req in self.scheduler.update(plan, sampled):
             rid = req.request_id
@@ -236,8 +253,11 @@ class Engine:
         if req.params.logprobs is not None:
             logprobs = (TokenLogprob(sample.token_id, sample.logprob, sample.top_logprobs),)
         kept = () if logits is None else (logits,)
+        # The whole prompt is computed by the step that samples the first token.
+        scored = None if req.prompt_logprobs is None else tuple(req.prompt_logprobs)
+        req.prompt_logprobs = None
         if req.is_finished:
-            return self.final_output(req, delta.text, (sample.token_id,), logprobs, kept)
+            return self.final_output(req, delta.text, (sample.token_id,), logprobs, kept, scored)
         return RequestOutput(
             request_id=req.request_id,
             subnet=req.subnet.name if req.subnet else "",
@@ -245,6 +265,7 @@ class Engine:
             text=delta.text,
             logprobs=logprobs,
             logits=kept,
+            prompt_logprobs=scored,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
@@ -257,6 +278,7 @@ class Engine:
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] | None = None,
         logits: tuple[object, ...] = (),
+        prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None,
     ) -> RequestOutput:
         """The last output of a finished request: held-back text, how it ended, its latencies.
         Releases the request's runner state."""
@@ -276,6 +298,7 @@ class Engine:
             text=text,
             logprobs=logprobs,
             logits=logits,
+            prompt_logprobs=prompt_logprobs,
             finished=True,
             finish_reason=req.status.finish_reason,
             stop_reason=req.stop_reason,

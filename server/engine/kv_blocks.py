@@ -101,7 +101,9 @@ class BlockManager:
         held = _Held(layers, [[] for _ in range(self.layout.num_kv_layers)])
         self._held[req.request_id] = held
         hit = 0
-        if self.enable_prefix_cache:
+        # A request that wants its prompt's logprobs computes every position (as vLLM: it
+        # never reads the prefix cache; its blocks still fill it for others).
+        if self.enable_prefix_cache and req.params.prompt_logprobs is None:
             tokens = req.all_token_ids
             # Keep at least one token to compute: its logits are what the step is for.
             full_blocks = (len(tokens) - 1) // self.block_size

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from server.engine.engine import Engine
 from server.engine.outputs import TokenLogprob
 from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.step import PromptLogprob
 from server.vocabulary.subnets import Subnet
 
 
@@ -35,6 +36,7 @@ class Generation:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logits: list[object] = field(default_factory=list)  # one row per token, with keep_logits
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None  # with prompt_logprobs
     finish_reason: str | None = None
     error: str | None = None
 
@@ -62,6 +64,8 @@ def generate(
             g.text += out.text
             g.logprobs.extend(out.logprobs or ())
             g.logits.extend(out.logits)
+            if out.prompt_logprobs is not None:
+                g.prompt_logprobs = out.prompt_logprobs
             if out.finished:
                 g.finish_reason, g.error = out.finish_reason, out.error
     return [results[rid] for rid in ids]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.vocabulary.step import PromptLogprob
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -34,6 +36,8 @@ class RequestOutput:
     text: str = ""  # new text; never ends inside a UTF-8 character or a stop string
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when asked for
     logits: tuple[object, ...] = ()  # one logits row per new token, for keep_logits requests
+    # prompt_logprobs requests, in their first output only: one per prompt token, None first.
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it

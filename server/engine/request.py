@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from policies.snapshots import TierView
 from server.vocabulary.sampling_params import SamplingParams
+from server.vocabulary.step import PromptLogprob
 from server.vocabulary.subnets import Subnet
 
 
@@ -75,6 +76,9 @@ class Request:
     tags: dict[str, str] = field(default_factory=dict)  # e.g. tenant/tier, for metrics
     downgraded: bool = False  # the policy chose below the best its tier could have had
     keep_logits: bool = False  # return each step's logits row (offline checks only)
+    # prompt_logprobs requests: one entry per prompt position (None first, and until scored);
+    # handed out once, with the first token, then dropped (None).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -44,6 +44,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 256  # tokens computed per step at most (the token budget)
     max_prefill_chunk: int = 128  # prompt tokens one request computes per step at most
     max_model_len: int = 8192  # prompt + output tokens at most
+    # Prompt tokens a scoring request (prompt_logprobs, echo) computes per step at most: each of
+    # its rows keeps a whole vocabulary of logits (262,144 x 4 bytes = 1 MiB for Gemma 3n), so
+    # its chunks are bounded by bytes, not by the token budget (assembly.py sets it from the
+    # vocabulary).
+    max_scored_rows: int = 128
 
     def __post_init__(self) -> None:
         for name in (
@@ -51,6 +56,7 @@ class SchedulerConfig:
             "max_num_batched_tokens",
             "max_prefill_chunk",
             "max_model_len",
+            "max_scored_rows",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -214,6 +220,8 @@ class Scheduler:
         behind = req.num_tokens - req.num_computed_tokens
         if behind > 1:
             behind = min(behind, self.config.max_prefill_chunk)
+            if req.params.prompt_logprobs is not None:
+                behind = min(behind, self.config.max_scored_rows)
         return min(behind, budget)
 
     def _sequence(self, req: Request, num_new: int) -> StepSequence:

@@ -182,9 +182,12 @@ def plan_step(
     all_logits: bool = False,
     static: StaticShape | None = None,
     per_query_attention: bool = False,
+    every_row_of: frozenset[int] = frozenset(),
 ) -> PlannedStep:
     """`per_query_attention`: every query row is its own attention group, reading exactly the
-    keys it attends (no padding to another row's context): the batch-invariant mode's plan."""
+    keys it attends (no padding to another row's context): the batch-invariant mode's plan.
+    `every_row_of`: sequences (indices into `seqs`) whose every row gets logits (a prompt's
+    logprobs), in row order; the others get one row of logits if they sample."""
     if not seqs:
         raise ValueError("a forward batch needs at least one sequence")
     if layout not in LAYOUTS:
@@ -192,7 +195,11 @@ def plan_step(
     if per_query_attention and static is not None:
         raise ValueError("a static step pads its attention: it cannot be planned per query")
     planner = _Planner(text, seqs, block_size, scratch_block, layout, per_query_attention)
-    return planner.plan_static(static) if static else planner.plan(all_logits)
+    if static is not None:
+        if every_row_of:
+            raise ValueError("a static step is a decode step: it has no prompt rows")
+        return planner.plan_static(static)
+    return planner.plan(all_logits, every_row_of)
 
 
 def upload(values: list[int], device: torch.device) -> torch.Tensor:
@@ -358,17 +365,19 @@ class _Planner:
 
     # ---- any step -----------------------------------------------------------------------------
 
-    def plan(self, all_logits: bool) -> PlannedStep:
+    def plan(self, all_logits: bool, every_row_of: frozenset[int] = frozenset()) -> PlannedStep:
         t, v = self.text, self.v
         n = len(self.ids)
         if all_logits:
             logits_rows = list(range(n))
         else:
             logits_rows, row = [], 0
-            for s in self.seqs:
+            for b, s in enumerate(self.seqs):
+                if self.order[b] in every_row_of:
+                    logits_rows.extend(range(row, row + len(s.token_ids)))
+                elif s.sample:
+                    logits_rows.append(row + len(s.token_ids) - 1)
                 row += len(s.token_ids)
-                if s.sample:
-                    logits_rows.append(row - 1)
         every_row = logits_rows == list(range(n))
         phase_rows = (list(range(n)), logits_rows)
         ids, pos = v.add(self.ids), v.add(self.positions)

@@ -2,7 +2,8 @@
 
 Owns the wiring that every user of the runtime repeats otherwise: open and check the store, take
 the weights to the compute dtype and device once, build the subnet table against this checkpoint,
-load the tokenizer, and build the model. The engine and the CLI hold one of these; every subnet is
+load the tokenizer (and, on first use, the structured-output grammars over it), and build the
+model. The engine and the CLI hold one of these; every subnet is
 served from it without copying a weight.
 
 Deliberately does not know: requests, scheduling, HTTP.
@@ -10,21 +11,28 @@ Deliberately does not know: requests, scheduling, HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
+from server.runtime.batch import plan_step
 from server.runtime.device import bind
 from server.runtime.gemma3n import Gemma3nModel
+from server.runtime.grammar import Grammars
+from server.runtime.kv_cache import KVCache
 from server.runtime.weights import Weights
 from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
 from server.vocabulary.measured_quality import read_measured_quality
+from server.vocabulary.step import StepSequence
 from server.vocabulary.subnets import (
     DEFAULT_CUSTOM_YAML,
     DEFAULT_TABLE_CSV,
+    Subnet,
     SubnetTable,
     load_subnet_table,
 )
@@ -62,3 +70,28 @@ class ElasticRuntime:
         measured = read_measured_quality(store.folder)
         subnets = load_subnet_table(store.text, table_csv, custom_subnets, measured)
         return cls(store, weights, Gemma3nModel(weights), subnets, TextTokenizer(store.folder))
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """Structured output's compiler for this checkpoint's tokenizer and text vocabulary
+        (its tokenizer description is built on the first compile)."""
+        return Grammars(
+            self.tokenizer.hf, self.store.text.vocab_size_per_layer_input, self.tokenizer.stop_ids
+        )
+
+    def prefill_logits(self, subnet: Subnet, ids: Sequence[int], every_position: bool = True):
+        """Logits of one prefill of `ids` by `subnet`, the model alone (no engine, a KV cache of
+        its own): [len(ids), vocab] at every position, or [1, vocab] for the last. What offline
+        measurements (tools/quality.py) and the tests' references read."""
+        text = self.store.text
+        n_kv, bs = text.first_kv_shared_layer, 16
+        per_layer = -(-len(ids) // bs)
+        kv = KVCache(text, n_kv * per_layer, bs, self.weights.dtype)
+        table = [
+            list(range(i * per_layer, (i + 1) * per_layer)) if subnet.keeps(i) else []
+            for i in range(n_kv)
+        ]
+        seq = StepSequence("prefill", subnet, list(ids), 0, table, sample=True)
+        planned = plan_step(text, [seq], bs, kv.scratch_block, all_logits=every_position)
+        with torch.inference_mode():
+            return self.model.forward(self.model.batch(planned), kv)

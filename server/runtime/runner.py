@@ -2,7 +2,9 @@
 
 Owns the K/V tensors, the per-request sampling state (registered once; sampling runs batched on
 the logits' device, and a seeded request draws the same tokens whatever else is batched with it),
-the choice between the two ways of running mixed FFN widths, and isolating failures: if a step
+the choice between the two ways of running mixed FFN widths, prompt scoring (a request with
+prompt_logprobs gets logits at every row of its prefill chunks, scored by prompt_scoring.py;
+every other sequence in the step keeps its one sampling row), and isolating failures: if a step
 fails, its sequences are retried one by one so that only the culprit gets an error; but an
 allocation failure, whichever allocator raised it (device.py recognises each kind), is nobody's
 fault: it leaves as `DeviceOutOfMemory` for the engine to shrink and retry, after the failed
@@ -32,7 +34,9 @@ from server.runtime.batch_invariant import BatchInvariantOps
 from server.runtime.decode_graph import DecodeGraphs
 from server.runtime.device import allocation_failure, on_device, release_cached, synchronize
 from server.runtime.gemma3n import Gemma3nModel
+from server.runtime.grammar import Grammars
 from server.runtime.kv_cache import KVCache
+from server.runtime.prompt_scoring import score_prompt
 from server.runtime.sampler import Sampler, SamplerState, SamplingError
 from server.vocabulary.compute import FFN_MODE_CHOICES, FFN_MODES, check_choice
 from server.vocabulary.sampling_params import SamplingParams
@@ -80,12 +84,14 @@ class ModelRunner:
         ffn_mode: str = "auto",
         compile_backend: str | None = None,
         batch_invariant: bool = False,
+        grammars: Grammars | None = None,
     ):
         """`compile_backend`: compile decode steps (decode_graph.py) with this torch.compile
         backend ("inductor"; "aot_eager" captures the same graphs without generating code);
         None: every step runs the eager forward. `batch_invariant`: every row's logits are what
         it gets alone (batch_invariant.py): mixed widths run grouped, each query attends alone,
-        products run row by row; exclusive with compiled steps, which pad rows and widths."""
+        products run row by row; exclusive with compiled steps, which pad rows and widths.
+        `grammars`: compiles structured-output constraints (grammar.py); None refuses them."""
         check_choice("ffn_mode", ffn_mode, FFN_MODE_CHOICES)
         if batch_invariant and compile_backend is not None:
             raise ValueError("batch-invariant steps cannot be compiled (static steps pad rows)")
@@ -97,10 +103,15 @@ class ModelRunner:
         self.kv = KVCache(text, num_blocks, block_size, model.w.dtype, model.w.device)
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(
-            text.vocab_size_per_layer_input, self.eos_token_ids, device=model.w.device
+            text.vocab_size_per_layer_input,
+            self.eos_token_ids,
+            device=model.w.device,
+            grammars=grammars,
         )
         self.states: dict[str, SamplerState] = {}
         self.keep_logits: set[str] = set()  # requests whose logits rows are returned
+        # Requests that score their prompt (prompt_logprobs): their prompt ids and top k.
+        self.scored: dict[str, tuple[list[int], int]] = {}
         self.batch_invariant = batch_invariant
         # Masked mode reduces every row over the widest width in the step: not invariant.
         self.ffn_mode = "grouped" if batch_invariant else ffn_mode
@@ -120,6 +131,8 @@ class ModelRunner:
         self.states[request_id] = self.sampler.add_request(params, prompt_ids)
         if keep_logits:
             self.keep_logits.add(request_id)
+        if params.prompt_logprobs is not None:
+            self.scored[request_id] = (list(prompt_ids), params.prompt_logprobs)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's sampling state."""
@@ -127,6 +140,7 @@ class ModelRunner:
         if state is not None:
             self.sampler.release(state)
         self.keep_logits.discard(request_id)
+        self.scored.pop(request_id, None)
 
     def execute(self, seqs: Sequence[StepSequence]) -> StepResult:
         t0 = time.perf_counter()
@@ -153,11 +167,13 @@ class ModelRunner:
                     result.samples.update(one.samples)
                     result.errors.update(one.errors)
                     result.logits.update(one.logits)
+                    result.prompt_logprobs.update(one.prompt_logprobs)
         result.seconds = time.perf_counter() - t0
         return result
 
     def _run(self, seqs: Sequence[StepSequence]) -> StepResult:
-        if self.graphs is not None and self.graphs.applies(seqs):
+        scoring = self._scoring(seqs)
+        if self.graphs is not None and not scoring and self.graphs.applies(seqs):
             logits, planned = self.graphs.run(seqs)
             return self._sample(seqs, planned, logits, StepResult(ffn_mode="compiled"))
         key = self._step_kind(seqs)
@@ -172,6 +188,7 @@ class ModelRunner:
             self.kv.scratch_block,
             mode,
             per_query_attention=self.batch_invariant,
+            every_row_of=scoring,
         )
         ops = BatchInvariantOps() if self.batch_invariant else contextlib.nullcontext()
         with torch.inference_mode(), ops:
@@ -179,7 +196,51 @@ class ModelRunner:
         if key is not None and self.ffn_mode == "auto":
             synchronize(self.device)
             self.chooser.record(key, mode, time.perf_counter() - t0)
-        return self._sample(seqs, planned, logits, StepResult(ffn_mode=mode if key else None))
+        result = StepResult(ffn_mode=mode if key else None)
+        if scoring:
+            with torch.inference_mode():
+                logits = self._score(seqs, planned.order, scoring, logits, result)
+        return self._sample(seqs, planned, logits, result)
+
+    def _scoring(self, seqs: Sequence[StepSequence]) -> frozenset[int]:
+        """Sequences whose rows this step include prompt positions to score: their every row
+        gets logits (only theirs; other requests' steps stay as they are)."""
+        return frozenset(
+            i
+            for i, s in enumerate(seqs)
+            if s.request_id in self.scored and s.start < len(self.scored[s.request_id][0]) - 1
+        )
+
+    def _score(self, seqs, order, scoring, logits: torch.Tensor, result: StepResult):
+        """Score the prompt positions of the `scoring` sequences' rows; returns the logits rows
+        of the sampling sequences alone, in batch order (what `_sample` expects)."""
+        sample_rows: list[int] = []
+        row = 0
+        for i in order:
+            s = seqs[i]
+            if i not in scoring:
+                if s.sample:
+                    sample_rows.append(row)
+                    row += 1
+                continue
+            prompt, k = self.scored[s.request_id]
+            # The row at position p scores prompt token p + 1; a recomputed output token's row
+            # (after a preemption) and the sampling row score nothing.
+            n = min(len(s.token_ids), len(prompt) - 1 - s.start)
+            positions = [s.start + j + 1 for j in range(n)]
+            scored = score_prompt(
+                logits[row : row + n],
+                positions,
+                [prompt[p] for p in positions],
+                k,
+                self.sampler.text_vocab_size,
+            )
+            result.prompt_logprobs[s.request_id] = scored
+            if s.sample:
+                sample_rows.append(row + len(s.token_ids) - 1)
+            row += len(s.token_ids)
+        index = torch.tensor(sample_rows, dtype=torch.long, device=logits.device)
+        return logits.index_select(0, index)
 
     def _sample(self, seqs, planned, logits: torch.Tensor, result: StepResult) -> StepResult:
         # Logit rows follow the batch order (sequences grouped by subnet).

@@ -9,6 +9,14 @@ penalties.py).
 Order of processing, per row (vLLM-like):
   1. restrict to the text vocabulary: ids >= text_vocab_size (vision/audio placeholders) are
      sliced off and can never be sampled;
+  1b. structured output: a row whose request has a constraint (params.structured) gets -inf on
+     every token its grammar does not allow next (grammar.py fills a packed bitmask per row on
+     the host; token_bitmask.py adds it, as {0, -inf}, to those rows of a copy of the logits),
+     so what follows, greedy and sampled paths and logprobs alike, sees only allowed tokens (as
+     in vLLM, which masks before its sampler). Stop tokens are allowed only where the grammar
+     may end, so a request ends (eos, finish_reason "stop") when its output is complete. Steps
+     with no constrained row do none of this. Each row's matcher accepts its token after the
+     step;
   2. logprobs, when requested, of these raw logits (before any penalty or temperature): the chosen
      token's and the top k;
   3. min_tokens: while fewer than min_tokens tokens were generated, the eos ids and the request's
@@ -88,8 +96,10 @@ from dataclasses import dataclass
 import torch
 
 from server.runtime.counter_random import MAX_INDEX, race, row_key
+from server.runtime.grammar import GrammarMatcher, Grammars
 from server.runtime.penalties import Entry, PenaltyTable
 from server.runtime.row_gather import gather_rows
+from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask_
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.step import SampleResult
 
@@ -140,6 +150,7 @@ class SamplerState:
     tracks_output: bool = False  # penalties that depend on generated tokens
     static_entries: int = 0  # entries at registration (the table may hold more)
     released: bool = False
+    matcher: GrammarMatcher | None = None  # structured output: the request's grammar position
 
 
 class Sampler:
@@ -151,7 +162,10 @@ class Sampler:
         eos_ids: Sequence[int] = (),
         device: torch.device | str = "cpu",
         nucleus_candidates: int = NUCLEUS_CANDIDATES,
+        grammars: Grammars | None = None,
     ) -> None:
+        """`grammars` compiles structured-output constraints; without it a request with one
+        is refused at `add_request`."""
         if not 1 <= text_vocab_size <= MAX_INDEX:
             raise ValueError(f"text_vocab_size must be in [1, {MAX_INDEX}], got {text_vocab_size}")
         self.text_vocab_size = text_vocab_size
@@ -161,7 +175,9 @@ class Sampler:
         self.block = math.gcd(text_vocab_size, MAX_BLOCK)
         self.nucleus_candidates = nucleus_candidates
         self.table = PenaltyTable(self.device)
+        self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
+        self._bitmask = allocate_bitmask(0, text_vocab_size)  # host, grown to the largest batch
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -178,6 +194,12 @@ class Sampler:
         # Fresh entropy rather than torch.seed(): that would reseed the global default generator.
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         state = SamplerState(params, seed % 2**64)
+        if params.structured is not None:
+            if self.grammars is None:
+                raise ValueError("this sampler has no grammar compiler for structured output")
+            # Compiled already (and cached) when the API checked the request; offline callers
+            # compile here.
+            state.matcher = self.grammars.matcher(params.structured)
         entries: dict[int, Entry] = {}
         for token, bias in params.logit_bias:
             entries[token] = Entry(token, bias=float(bias))
@@ -205,6 +227,7 @@ class Sampler:
         if state.slot is not None and not state.released:
             self.table.free(state.slot)
         state.released = True
+        state.matcher = None
 
     # ---- sampling --------------------------------------------------------------------------
 
@@ -213,6 +236,9 @@ class Sampler:
         raw = self._text_logits(logits, states)
         if not states:
             return []
+        constrained = [r for r, s in enumerate(states) if s.matcher is not None]
+        if constrained:
+            raw = self._constrained(raw, states, constrained)
         plan = _plan(states, self.text_vocab_size)
         dev, B = raw.device, raw.shape[0]
         raw_bm = self._block_max(raw)
@@ -247,6 +273,12 @@ class Sampler:
         # engine retries) has changed nothing.
         if plan.tracked:
             self._record(states, plan.tracked, tokens, fail == 0)
+        for r in constrained:
+            if not int(values[r][1]):  # a failed row drew nothing
+                m = states[r].matcher
+                assert m is not None
+                if not m.accept(int(values[r][0])):  # the mask allowed it: cannot happen
+                    raise RuntimeError(f"row {r}: the grammar refused a token its mask allowed")
         return _results(values, width, states)
 
     def record(self, states: Sequence[SamplerState], token_ids: Sequence[int]) -> None:
@@ -289,6 +321,21 @@ class Sampler:
         # Step 1: slicing (not masking) makes placeholder ids unsampleable by construction.
         return logits[:, : self.text_vocab_size]
 
+    def _constrained(self, raw, states, constrained: list[int]) -> torch.Tensor:
+        """Step 1b: a copy of the text logits with each constrained row's disallowed tokens at
+        -inf; unconstrained rows are copied unchanged. The copy keeps the model's logits as they
+        were (the runner may have handed rows of them out)."""
+        C = len(constrained)
+        if self._bitmask.shape[0] < C:
+            self._bitmask = allocate_bitmask(C, self.text_vocab_size)
+        bitmask = self._bitmask[:C]
+        for i, r in enumerate(constrained):
+            states[r].matcher.fill(bitmask, i)
+        out = self._buffer("masked", raw.shape[0], raw.device, raw.dtype)
+        out.copy_(raw)
+        apply_bitmask_(out, constrained, bitmask)
+        return out
+
     def _block_max(self, x: torch.Tensor) -> torch.Tensor:
         bs = self.block
         return x.reshape(x.shape[0], self.text_vocab_size // bs, bs).amax(dim=2)
@@ -300,7 +347,7 @@ class Sampler:
         matters on a CPU, where a fresh vocabulary-sized allocation costs more in page faults
         than the arithmetic written to it; on an accelerator it keeps the step's memory flat."""
         buf = self._buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.device != device:
+        if buf is None or buf.shape[0] < rows or buf.device != device or buf.dtype != dtype:
             size = max(rows, buf.shape[0] if buf is not None else 0)
             buf = torch.empty(size, self.text_vocab_size, dtype=dtype, device=device)
             self._buffers[name] = buf

@@ -91,22 +91,7 @@ def heldout_windows(
 
 def window_logits(rt: ElasticRuntime, subnet, ids: Sequence[int]) -> torch.Tensor:
     """[len(ids), vocab] logits of one prefill of `ids` by `subnet`, every position."""
-    from server.runtime.batch import plan_step
-    from server.runtime.kv_cache import KVCache
-    from server.vocabulary.step import StepSequence
-
-    text = rt.store.text
-    n_kv, bs = text.first_kv_shared_layer, 16
-    per_layer = -(-len(ids) // bs)
-    kv = KVCache(text, n_kv * per_layer, bs, rt.weights.dtype)
-    table = [
-        list(range(i * per_layer, (i + 1) * per_layer)) if subnet.keeps(i) else []
-        for i in range(n_kv)
-    ]
-    seq = StepSequence("prefill", subnet, list(ids), 0, table, sample=True)
-    planned = plan_step(text, [seq], bs, kv.scratch_block, all_logits=True)
-    with torch.inference_mode():
-        return rt.model.forward(rt.model.batch(planned), kv).float()
+    return rt.prefill_logits(subnet, ids).float()
 
 
 def window_scores(rt: ElasticRuntime, subnet, w: Window) -> tuple[float, int]:

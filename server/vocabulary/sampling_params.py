@@ -11,12 +11,13 @@ The meaning of each field (order of processing, penalties, determinism) is docum
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.vocabulary.structured_output import StructuredOutput
+from server.vocabulary.structured_output import KINDS, StructuredOutput
 
 MAX_STOP_STRINGS = 16
 # The stop strings' total length. Matching is linear in it (server/engine/stop_strings.py), and a
@@ -28,6 +29,10 @@ MAX_STOP_CHARS = 4096
 # than any ban list or set of end markers needs, and a small fraction of a real vocabulary.
 MAX_TOKEN_ID_LIST = 1024
 MAX_LOGPROBS = 20
+# A structured-output constraint's text (schema, pattern, grammar, choices). Compiling is roughly
+# linear in it and runs before admission; 64 KiB is far beyond any schema a client sends (the
+# request body itself is capped at 1 MiB).
+MAX_STRUCTURED_CHARS = 65536
 MAX_ABS_LOGIT_BIAS = 100.0
 MAX_ABS_PENALTY = 2.0
 # torch.Generator.manual_seed accepts exactly this range (negative seeds wrap to 64 bits).
@@ -62,6 +67,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's plus the top k
+    # The prompt tokens' logprobs (vLLM's prompt_logprobs): None: none; k >= 0: each prompt
+    # token's (from the second on) with its rank, plus the top k at its position.
+    prompt_logprobs: int | None = None
     structured: StructuredOutput | None = None  # the output must match this (None: free)
 
     def __post_init__(self) -> None:
@@ -170,11 +178,15 @@ class SamplingParams:
                 raise SamplingParamsError(
                     name, f"{name} must be a boolean, got {getattr(self, name)!r}"
                 )
-        if self.logprobs is not None:
-            rule = f"logprobs must be null or an int in [0, {MAX_LOGPROBS}]"
-            _int("logprobs", self.logprobs, low=0, rule=rule)
-            if self.logprobs > MAX_LOGPROBS:
-                raise SamplingParamsError("logprobs", f"{rule}, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                rule = f"{name} must be null or an int in [0, {MAX_LOGPROBS}]"
+                _int(name, value, low=0, rule=rule)
+                if value > MAX_LOGPROBS:
+                    raise SamplingParamsError(name, f"{rule}, got {value!r}")
+        if self.structured is not None:
+            validate_structured(self.structured)
 
     def _validate_logit_bias(self, vocab_size: int) -> None:
         if not isinstance(self.logit_bias, tuple):
@@ -230,6 +242,44 @@ class SamplingParams:
             raise SamplingParamsError(
                 "stop",
                 f"stop strings may total at most {MAX_STOP_CHARS} characters, got {total}",
+            )
+
+
+def validate_structured(s: Any) -> None:
+    """The constraint's shape (param "structured"; the API names its own field instead). Whether
+    a schema, pattern or grammar compiles is the grammar engine's to say (runtime/grammar.py)."""
+    if not isinstance(s, StructuredOutput) or s.kind not in KINDS:
+        raise SamplingParamsError(
+            "structured", f"structured must be a StructuredOutput of kind {KINDS}, got {s!r}"
+        )
+    if not isinstance(s.spec, str):
+        raise SamplingParamsError("structured", f"the {s.kind} constraint must be text")
+    if len(s.spec) > MAX_STRUCTURED_CHARS:
+        raise SamplingParamsError(
+            "structured",
+            f"the {s.kind} constraint may have at most {MAX_STRUCTURED_CHARS} characters, "
+            f"got {len(s.spec)}",
+        )
+    if s.kind != "json" and not s.spec:
+        raise SamplingParamsError("structured", f"the {s.kind} constraint is empty")
+    if s.kind in ("json_schema", "choice"):
+        try:
+            value = json.loads(s.spec)
+        except ValueError as e:
+            raise SamplingParamsError(
+                "structured", f"the {s.kind} constraint is not valid JSON: {e}"
+            ) from None
+        if s.kind == "json_schema" and not isinstance(value, dict | bool):
+            raise SamplingParamsError(
+                "structured", f"a JSON schema must be an object (or a boolean), got {s.spec[:80]}"
+            )
+        if s.kind == "choice" and (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(c, str) and c for c in value)
+        ):
+            raise SamplingParamsError(
+                "structured", "choices must be a non-empty list of non-empty strings"
             )
 
 

@@ -41,6 +41,17 @@ class SampleResult:
     top_logprobs: tuple[tuple[int, float], ...]  # top-k (id, logprob), highest first
 
 
+@dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token's log-probability given the tokens before it (vLLM's prompt_logprobs)."""
+
+    position: int  # of the token in the prompt (>= 1: the first token has no context)
+    token_id: int
+    logprob: float
+    rank: int  # as vLLM: how many ids score at least as high (1: it is the most likely)
+    top: tuple[tuple[int, float], ...]  # the top k (id, logprob), highest first
+
+
 @dataclass
 class StepResult:
     """What the runner returns for one step."""
@@ -52,6 +63,8 @@ class StepResult:
     # request id -> this step's logits row (an opaque tensor), only for requests registered with
     # keep_logits (offline checks against the oracle); empty otherwise.
     logits: dict[str, object] = field(default_factory=dict)
+    # request id -> the prompt logprobs this step computed (requests with prompt_logprobs only)
+    prompt_logprobs: dict[str, list[PromptLogprob]] = field(default_factory=dict)
 
 
 # Who can report an allocation failure (server/runtime/device.py classifies them by these names).

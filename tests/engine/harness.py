@@ -183,6 +183,7 @@ def build(
     max_num_batched_tokens: int = 64,
     max_prefill_chunk: int = 16,
     max_model_len: int = 512,
+    max_scored_rows: int = 128,
     next_token: NextToken = hashed_token,
     step_seconds=0.01,
     clock: FakeClock | None = None,
@@ -197,7 +198,9 @@ def build(
     `elastic` also resident widths that follow a scripted headroom (starting at full widths)."""
     lay = layout(TEXT)
     blocks = BlockManager(num_blocks, block_size, lay, prefix_cache)
-    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_prefill_chunk, max_model_len)
+    config = SchedulerConfig(
+        max_num_seqs, max_num_batched_tokens, max_prefill_chunk, max_model_len, max_scored_rows
+    )
     ffn = probe = sampler = el = chooser = None
     if elastic:
         ffn = FakeFfn(TEXT.intermediate_size)

@@ -10,6 +10,8 @@ and what the caller sees (deltas, text, finish reasons, latencies) matches what 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from server.engine.offline import GenerationRequest, generate
@@ -86,6 +88,24 @@ def test_chunked_prefill_stays_within_the_budget_and_decodes_go_on():
     # 24 tokens a step, 3 of them decodes: the prompt goes 10 at a time (the chunk cap)
     assert chunks == [(0, 10), (10, 10), (20, 10), (30, 10), (40, 10), (50, 7)]
     assert h.tokens("long") == h.expected("long", FULL, greedy(3))
+    h.assert_idle()
+
+
+def test_a_scoring_request_is_chunked_by_its_logits_not_the_token_budget():
+    """A request with prompt_logprobs keeps every prompt row's logits (a whole vocabulary
+    each), so its chunks stop at max_scored_rows; a plain request beside it still takes the
+    prefill chunk."""
+    h = build(max_num_batched_tokens=64, max_prefill_chunk=32, max_scored_rows=8)
+    h.add("scored", prompt(30, seed=1), FULL, replace(greedy(2), prompt_logprobs=0))
+    h.add("plain", prompt(30, seed=2), FULL, greedy(2))
+    h.run()
+    chunks: dict[str, list[tuple[int, int]]] = {"scored": [], "plain": []}
+    for step in h.runner.steps:
+        for r in step:
+            if r.start < 30:
+                chunks[r.request_id].append((r.start, r.num_tokens))
+    assert chunks == {"scored": [(0, 8), (8, 8), (16, 8), (24, 6)], "plain": [(0, 30)]}
+    assert h.tokens("scored") == h.expected("scored", FULL, greedy(2))
     h.assert_idle()
 
 

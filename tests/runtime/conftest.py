@@ -86,22 +86,7 @@ def prefill_logits(
 ) -> torch.Tensor:
     """Logits at every position of `ids` from one prefill step of the model alone (no engine):
     for a generated sequence, position p holds what decode step p - len(prompt) + 1 saw."""
-    from server.runtime.batch import plan_step
-    from server.runtime.kv_cache import KVCache
-    from server.vocabulary.step import StepSequence
-
-    text = rt.store.text
-    n_kv, bs = text.first_kv_shared_layer, 16
-    per_layer = -(-len(ids) // bs)
-    kv = KVCache(text, n_kv * per_layer, bs, rt.weights.dtype)
-    table = [
-        list(range(i * per_layer, (i + 1) * per_layer)) if subnet.keeps(i) else []
-        for i in range(n_kv)
-    ]
-    seq = StepSequence("prefill", rt.subnets[subnet.name], ids, 0, table, sample=True)
-    planned = plan_step(text, [seq], bs, kv.scratch_block, all_logits=all_positions)
-    with torch.inference_mode():
-        return rt.model.forward(rt.model.batch(planned), kv)
+    return rt.prefill_logits(rt.subnets[subnet.name], ids, all_positions)
 
 
 def decode_reference(

@@ -34,6 +34,7 @@ TORCH_SIDE = (
     "server.api.submission",
     "server.api.responses",
     "server.api.openai_routes",
+    "server.api.tokenization",  # the routes' prompt checks (openai_routes)
     "server.api.app",
     "server.api.serve",
     "server.cli",

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
+from server.vocabulary.structured_output import StructuredOutput
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 1000
@@ -129,9 +130,21 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"ignore_eos": 1}, "ignore_eos", "ignore_eos must be a boolean, got 1"),
     ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output", "must be a boolean"),
     ({"logprobs": 21}, "logprobs", "logprobs must be null or an int in [0, 20], got 21"),
+    ({"structured": "json"}, "structured", "structured must be a StructuredOutput"),
+    (
+        {"structured": StructuredOutput("json_schema", "{")},
+        "structured",
+        "the json_schema constraint is not valid JSON",
+    ),
     ({"logprobs": -1}, "logprobs", "logprobs must be null or an int in [0, 20], got -1"),
     ({"logprobs": True}, "logprobs", "logprobs must be null or an int in [0, 20], got True"),
     ({"logprobs": 2.0}, "logprobs", "logprobs must be null or an int in [0, 20]"),
+    (
+        {"prompt_logprobs": 21},
+        "prompt_logprobs",
+        "prompt_logprobs must be null or an int in [0, 20], got 21",
+    ),
+    ({"prompt_logprobs": -1}, "prompt_logprobs", "prompt_logprobs must be null or an int"),
 ]
 
 
