@@ -46,6 +46,13 @@ class ConcentricRouter(RequestRouter):
         decision = rank_replicas(
             ask, list(by_id), reports, time.time(), rules, getattr(self, "rng", random)
         )
+        if pending_request is not None:
+            # Our ranks already hold every candidate worth trying: when none of them takes the
+            # request, Serve must back off (sleep) before asking again. Serve's own routers set
+            # this once they have offered all replicas; without it, its retry loop calls this
+            # method again at once, never yielding the router's event loop, which then cannot
+            # read the replicas' queue lengths: routing stalls for good under load.
+            pending_request.routing_context.should_backoff = True
         if decision.ranks and decision.ranks[0]:
             with fleet_view.FLEET.lock:
                 # The first rank's least loaded replica is where it most likely goes.
