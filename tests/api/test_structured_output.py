@@ -147,6 +147,8 @@ def test_guided_extras(server: LiveServer) -> None:
         ({"guided_grammar": "root ::= missing_rule"}, "guided_grammar"),
         ({"guided_json": "{not json"}, "guided_json"),
         ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
+        # The constraint decides where the output ends; a length floor could contradict it.
+        ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),
     ],
 )
 def test_bad_constraints_are_400(server: LiveServer, body: dict, param: str) -> None:
