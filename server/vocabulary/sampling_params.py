@@ -187,6 +187,14 @@ class SamplingParams:
                     raise SamplingParamsError(name, f"{rule}, got {value!r}")
         if self.structured is not None:
             validate_structured(self.structured)
+            if self.min_tokens:
+                # The constraint decides where the output ends (eos only where it may): a
+                # floor on the length could contradict it, leaving no token to sample.
+                raise SamplingParamsError(
+                    "min_tokens",
+                    "min_tokens cannot be combined with a structured-output constraint "
+                    "(the constraint decides where the output ends)",
+                )
 
     def _validate_logit_bias(self, vocab_size: int) -> None:
         if not isinstance(self.logit_bias, tuple):

@@ -128,6 +128,19 @@ class LiveServer:
             base_url=f"{self.base_url}/v1", api_key=self.keys[tenant], max_retries=0, timeout=60
         )
 
+    def langchain(self, model: str, tenant: str = "alice", **kw: Any):
+        """LangChain's `ChatOpenAI` on this server (imported here: only its tests need it)."""
+        from langchain_openai import ChatOpenAI
+
+        return ChatOpenAI(
+            model=model,
+            base_url=f"{self.base_url}/v1",
+            api_key=self.keys[tenant],
+            max_retries=0,
+            timeout=60,
+            **kw,
+        )
+
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples of /metrics (gauges and counters), by name."""
         text = httpx.get(f"{self.base_url}/metrics", timeout=10).text

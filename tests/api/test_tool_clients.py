@@ -29,19 +29,6 @@ CITY_SCHEMA = {
 }
 
 
-def chat_openai(server: LiveServer, **kw):
-    from langchain_openai import ChatOpenAI
-
-    return ChatOpenAI(
-        model="e2b",
-        base_url=f"{server.base_url}/v1",
-        api_key=server.keys["alice"],
-        max_retries=0,
-        timeout=60,
-        **kw,
-    )
-
-
 def weather_tool():
     from langchain_core.tools import tool
 
@@ -56,7 +43,7 @@ def weather_tool():
 def test_langchain_sends_a_tool_history_that_is_answered(server: LiveServer) -> None:
     from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
-    llm = chat_openai(server, max_tokens=6, temperature=0)
+    llm = server.langchain("e2b", max_tokens=6, temperature=0)
     bare = llm.invoke([HumanMessage("Oslo?")])
     reply = llm.bind_tools([weather_tool()]).invoke(
         [
@@ -111,14 +98,15 @@ def test_langchain_bind_tools_round_trip(server: LiveServer) -> None:
     from langchain_core.messages import HumanMessage, ToolMessage
 
     weather = weather_tool()
-    llm = chat_openai(server, max_tokens=120, seed=4)
+    llm = server.langchain("e2b", max_tokens=120, seed=4)
     ask = HumanMessage("Oslo?")
     call_msg = llm.bind_tools([weather], tool_choice="weather").invoke([ask])
     (call,) = call_msg.tool_calls
     assert call["name"] == "weather" and call["id"].startswith("call_")
     jsonschema.validate(call["args"], CITY_SCHEMA)
     result = ToolMessage(weather.invoke(call["args"]), tool_call_id=call["id"])
-    answer = chat_openai(server, max_tokens=8).bind_tools([weather]).invoke([ask, call_msg, result])
+    llm = server.langchain("e2b", max_tokens=8).bind_tools([weather])
+    answer = llm.invoke([ask, call_msg, result])
     assert isinstance(answer.content, str)
 
 
@@ -132,7 +120,7 @@ def test_langchain_with_structured_output_function_calling(server: LiveServer) -
         name: str = Field(max_length=12)
         capital: bool
 
-    structured = chat_openai(server, max_tokens=120, seed=6).with_structured_output(
+    structured = server.langchain("e2b", max_tokens=120, seed=6).with_structured_output(
         City, method="function_calling"
     )
     city = structured.invoke("Name a city.")
@@ -165,7 +153,7 @@ def test_langchain_streams_a_forced_call_and_a_structured_output(server: LiveSer
     from langchain_core.messages import HumanMessage
 
     weather = weather_tool()
-    llm = chat_openai(server, max_tokens=120, seed=4)
+    llm = server.langchain("e2b", max_tokens=120, seed=4)
     chunks = list(llm.bind_tools([weather], tool_choice="weather").stream([HumanMessage("Oslo?")]))
     assert len(chunks) > 1
     message = chunks[0]
@@ -181,7 +169,7 @@ def test_langchain_streams_a_forced_call_and_a_structured_output(server: LiveSer
         name: str = Field(max_length=12)
         capital: bool
 
-    structured = chat_openai(server, max_tokens=120, seed=6).with_structured_output(
+    structured = server.langchain("e2b", max_tokens=120, seed=6).with_structured_output(
         City, method="function_calling"
     )
     parts = list(structured.stream("Name a city."))

@@ -136,6 +136,11 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "structured",
         "the json_schema constraint is not valid JSON",
     ),
+    (
+        {"structured": StructuredOutput("json"), "min_tokens": 3, "max_tokens": 8},
+        "min_tokens",
+        "min_tokens cannot be combined with a structured-output constraint",
+    ),
     ({"logprobs": -1}, "logprobs", "logprobs must be null or an int in [0, 20], got -1"),
     ({"logprobs": True}, "logprobs", "logprobs must be null or an int in [0, 20], got True"),
     ({"logprobs": 2.0}, "logprobs", "logprobs must be null or an int in [0, 20]"),
