@@ -121,8 +121,7 @@ def rank_replicas(
     if not candidates:
         return Decision([], "none")
     if ask.pinned is not None:
-        # What a replica is configured to offer does not change: even a stale report says it.
-        candidates = [c for c in candidates if not _excluded(reports.get(c), ask.pinned)]
+        candidates = [c for c in candidates if may_serve(ask, reports.get(c))]
         if not candidates:
             return Decision([], "pinned-nowhere")
     fresh = {
@@ -167,8 +166,13 @@ def rank_replicas(
     return Decision(ranked(sorted(spare, key=load), sorted(rest, key=load), unknown), "fill")
 
 
-def _excluded(report: ReplicaReport | None, subnet: str) -> bool:
-    return report is not None and report.can_offer is not None and subnet not in report.can_offer
+def may_serve(ask: RouteAsk, report: ReplicaReport | None) -> bool:
+    """Whether the replica may be given the request at all: exactly the replicas some rank of
+    `rank_replicas` holds. Only a pinned subnet rules a replica out, when the replica is
+    configured without it (configuration does not change: even a stale report says it)."""
+    if ask.pinned is None or report is None or report.can_offer is None:
+        return True
+    return ask.pinned in report.can_offer
 
 
 def _best_allowed(ask: RouteAsk, reports) -> str | None:
