@@ -44,10 +44,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def start_fleet(folder: Path, checkpoint: Path, fleet: dict, keys: dict[str, str], port: int):
+def start_fleet(
+    folder: Path, checkpoint: Path, fleet: dict, keys: dict[str, str], port: int, gold_ttft: float
+):
     tiers = {
         "gold": {"priority": 0, "max_concurrent": 64, "requests_per_minute": 10**6,
-                 "tokens_per_minute": 10**9, "target_ttft_s": ARGS.gold_ttft},
+                 "tokens_per_minute": 10**9, "target_ttft_s": gold_ttft},
         "bronze": {"priority": 10, "max_concurrent": 64, "requests_per_minute": 10**6,
                    "tokens_per_minute": 10**9},
     }  # fmt: skip
@@ -193,7 +195,7 @@ def run(name: str, checkpoint: Path, fleet: dict, script: dict | None = None) ->
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc, base = start_fleet(folder, checkpoint, fleet, keys, port)
+        proc, base = start_fleet(folder, checkpoint, fleet, keys, port, ARGS.gold_ttft)
         try:
             out = load(base, keys)
         finally:
