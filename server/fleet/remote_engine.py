@@ -9,10 +9,10 @@ Fault handling: a call that fails before its first output (the replica died, was
 refused it; or, once a replica took it, it went silent: no output and no heartbeat for
 `silence_s`, which is how a replica killed outright sometimes shows) is retried on another
 replica, up to `retries` times. No byte of the response has been sent then (the API waits for
-the first output before it answers), so a retry is invisible to the client. Known gap: a call
-sent to a replica that is killed before it begins may never end (Ray does not always fail it),
-and waits until the client gives up (tests/fleet's fault test, xfail). A failure after the
-first output ends the stream with an error output (a stream gets an error event; a
+the first output before it answers), so a retry is invisible to the client. Until a replica
+takes a call it waits at the router with no deadline of ours: the router serves every waiting
+call (replica_router.py; calls "lost" there after a replica was killed were its bug, not Ray's),
+and the client's own timeout bounds the wait. A failure after the first output ends the stream with an error output (a stream gets an error event; a
 non-streamed response a 500), as a failed step does in one process.
 
 A stream closed by its consumer (client disconnect, drain) cancels the call (the replica aborts
