@@ -12,8 +12,9 @@ replica, up to `retries` times. No byte of the response has been sent then (the 
 the first output before it answers), so a retry is invisible to the client. Until a replica
 takes a call it waits at the router with no deadline of ours: the router serves every waiting
 call (replica_router.py; calls "lost" there after a replica was killed were its bug, not Ray's),
-and the client's own timeout bounds the wait. A failure after the first output ends the stream with an error output (a stream gets an error event; a
-non-streamed response a 500), as a failed step does in one process.
+and the client's own timeout bounds the wait. A failure after the first output ends the stream
+with an error output (a stream gets an error event; a non-streamed response a 500), as a failed
+step does in one process.
 
 A stream closed by its consumer (client disconnect, drain) cancels the call (the replica aborts
 the request and frees its KV) and reports an `abort` output to the observers at once, so the

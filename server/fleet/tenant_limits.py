@@ -9,6 +9,14 @@ Owns two halves of one protocol:
   answer, bounded by `timeout_s`; what only gives back (`release`, the `preparing` counts) is sent
   without waiting (Ray keeps one caller's calls to an actor in order).
 
+A request counts against its tenant's concurrency while it is prepared (`preparing`, see
+server/api/limits.py) and once admitted (in flight), never as both: in one process nothing runs
+between admission and the end of preparing, but across processes another ingress's `peek`
+would see both counts until the "stopped preparing" message arrived (a burst of exactly
+`max_concurrent` requests was refused one, tests/fleet). So admitting moves the request's
+choices out of preparing in the same store call, and the end of preparing gives back only what
+admission did not take (the request's context remembers it).
+
 When the store does not answer in time (its actor is gone, the network is cut), `on_loss` says
 what happens: "closed" refuses with 429 (`limit` "limits_unavailable", Retry-After 1), "open"
 falls back to this ingress's own `Limiter` (per-replica limits: bounded, but not global). Each
@@ -21,6 +29,7 @@ or the engine.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -37,6 +46,11 @@ UNAVAILABLE = Refusal(
     "the tenant limits store does not answer; retry shortly",
     1,
 )
+# The choices the current request still counts as preparing at the store (one per request: its
+# handler's context), so that admitting it moves them to in flight at once.
+_PREPARING: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "concentric_limits_preparing", default=None
+)
 
 
 class LimitsStore:
@@ -45,8 +59,15 @@ class LimitsStore:
     def __init__(self) -> None:
         self.limiter = Limiter()
 
-    def admit(self, tenant: Tenant, tokens: int, requests: int) -> Refusal | None:
-        return self.limiter.admit(tenant, tokens, requests)
+    def admit(
+        self, tenant: Tenant, tokens: int, requests: int, prepared: int = 0
+    ) -> Refusal | None:
+        """Admit, and if admitted, `prepared` choices stop being prepared (one step: no one sees
+        them counted twice)."""
+        refusal = self.limiter.admit(tenant, tokens, requests)
+        if refusal is None and prepared:
+            self.limiter.add_preparing(tenant, -prepared)
+        return refusal
 
     def peek(self, tenant: Tenant, tokens: int, requests: int) -> Refusal | None:
         return self.limiter.peek(tenant, tokens, requests)
@@ -142,9 +163,13 @@ class GlobalLimiter:
         return self._count(refusal)
 
     def admit(self, tenant: Tenant, tokens: int, requests: int = 1) -> Refusal | None:
-        ok, answer = self._ask("admit", tenant, tokens, requests)
+        held = _PREPARING.get()
+        prepared = min(held[0], requests) if held else 0
+        ok, answer = self._ask("admit", tenant, tokens, requests, prepared)
         if not ok:
             return self._lost(tenant, tokens, requests, admit=True)
+        if answer is None and held:
+            held[0] -= prepared  # the store moved them to in flight
         return self._count(answer)
 
     def peek(self, tenant: Tenant, tokens: int, requests: int = 1) -> Refusal | None:
@@ -156,10 +181,14 @@ class GlobalLimiter:
     @contextlib.contextmanager
     def preparing(self, tenant: Tenant, requests: int = 1) -> Iterator[None]:
         self._quietly("prepare", tenant, requests)
+        held = [requests]
+        token = _PREPARING.set(held)
         try:
             yield
         finally:
-            self._quietly("prepare", tenant, -requests)
+            _PREPARING.reset(token)
+            if held[0]:
+                self._quietly("prepare", tenant, -held[0])
 
     def release(self, tenant: Tenant, unused_tokens: int = 0) -> None:
         with self._lock:

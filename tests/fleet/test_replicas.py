@@ -350,8 +350,14 @@ def test_killing_a_replica_loses_no_request_that_had_not_started(fleet: Fleet):
     )
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         again = list(pool.map(lambda _: fleet.chat("bert", max_tokens=2), range(12)))
-    assert [r.status_code for r in again] == [200] * 12
-    # The replacement (rank 1 again, counting from 0) gets traffic: bronze fills it first.
+    assert [r.status_code for r in again] == [200] * 12, [
+        (r.status_code, r.text) for r in again if r.status_code != 200
+    ]
+    # The replacement (rank 1 again) gets traffic: requests for the subnet only it offers.
+    # (Unpinned ones may all go to replica 0 until Serve relays the newcomer's first report.)
+    pinned = fleet.chat("bert", model=ONLY_ON_1)
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.json()["system_fingerprint"] == f"concentric:{ONLY_ON_1}"
     assert fleet.served().get(1, 0) >= 1
     metrics = fleet.fleet_metrics()
     assert re.search(r"^concentric_fleet_calls_retried_total [1-9]", metrics, re.M), metrics

@@ -65,6 +65,22 @@ def test_preparing_counts_against_concurrency_across_ingresses():
     assert b.peek(SOLO, 1) is None
 
 
+def test_an_admitted_request_is_not_also_counted_as_preparing():
+    """Admission moves the request from preparing to in flight in one store call: another
+    ingress never sees it twice (a burst of max_concurrent requests was refused one)."""
+    two = Tenant("two", Tier("two", max_concurrent=2))
+    link = Link(LimitsStore())
+    a, b = ingress(link), ingress(link)
+    with a.preparing(two):
+        assert a.admit(two, 1) is None
+        assert b.peek(two, 1) is None  # 1 in flight, nothing preparing: room for 1 more
+    with b.preparing(two), a.preparing(two):
+        assert a.admit(two, 1) is None  # the second slot
+        assert b.admit(two, 1).limit == "concurrency"  # refused: b still prepares its own
+    limiter = link.store.limiter
+    assert (limiter.in_flight(two), limiter._states["two"].preparing) == (2, 0)
+
+
 def test_losing_the_store_fails_closed():
     link = Link(LimitsStore())
     a = ingress(link, "closed")
