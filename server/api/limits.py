@@ -184,6 +184,16 @@ class Limiter:
             if unused_tokens > 0:
                 s.tokens.give(unused_tokens, now)
 
+    def refund(self, tenant: Tenant, tokens: int, requests: int = 1) -> None:
+        """An admission that never took effect (its caller gave up waiting for the answer, in a
+        store that serves several processes: server/fleet): everything it charged comes back."""
+        with self._lock:
+            now = self.clock()
+            s = self._state(tenant, now)
+            s.in_flight = max(0, s.in_flight - requests)
+            s.requests.give(requests, now)
+            s.tokens.give(tokens, now)
+
     def in_flight(self, tenant: Tenant) -> int:
         with self._lock:
             s = self._states.get(tenant.name)

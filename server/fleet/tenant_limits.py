@@ -17,6 +17,11 @@ would see both counts until the "stopped preparing" message arrived (a burst of 
 choices out of preparing in the same store call, and the end of preparing gives back only what
 admission did not take (the request's context remembers it).
 
+An admission whose answer did not come in time is refused (or decided locally) here, but the
+store may still run it later: it would hold a slot no request ever gives back. So every
+admission carries a ticket, and a lost one is followed by `forget(ticket)`: the store refunds
+what that admission charged, or, if it has not run it yet, refuses it when it comes.
+
 When the store does not answer in time (its actor is gone, the network is cut), `on_loss` says
 what happens: "closed" refuses with 429 (`limit` "limits_unavailable", Retry-After 1), "open"
 falls back to this ingress's own `Limiter` (per-replica limits: bounded, but not global). Each
@@ -32,6 +37,8 @@ import contextlib
 import contextvars
 import logging
 import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,21 +60,47 @@ _PREPARING: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
 )
 
 
+# Tickets of admissions the store remembers, for a `forget` that follows a lost answer (it is
+# sent right after the caller gave up, limits_timeout_s: far fewer admissions than this).
+TICKETS_KEPT = 4096
+
+
 class LimitsStore:
     """The global limit state (a Ray actor's class: every method is one round trip)."""
 
     def __init__(self) -> None:
         self.limiter = Limiter()
+        self.admitted: OrderedDict[str, tuple[Tenant, int, int]] = OrderedDict()
+        self.forgotten: OrderedDict[str, None] = OrderedDict()
 
     def admit(
-        self, tenant: Tenant, tokens: int, requests: int, prepared: int = 0
+        self,
+        tenant: Tenant,
+        tokens: int,
+        requests: int,
+        prepared: int = 0,
+        ticket: str | None = None,
     ) -> Refusal | None:
         """Admit, and if admitted, `prepared` choices stop being prepared (one step: no one sees
-        them counted twice)."""
+        them counted twice). A forgotten ticket is refused (its caller is gone)."""
+        if ticket is not None and ticket in self.forgotten:
+            del self.forgotten[ticket]
+            return UNAVAILABLE
         refusal = self.limiter.admit(tenant, tokens, requests)
-        if refusal is None and prepared:
-            self.limiter.add_preparing(tenant, -prepared)
+        if refusal is None:
+            if prepared:
+                self.limiter.add_preparing(tenant, -prepared)
+            if ticket is not None:
+                _keep(self.admitted, ticket, (tenant, tokens, requests))
         return refusal
+
+    def forget(self, ticket: str) -> None:
+        """The caller of admission `ticket` gave up on its answer: undo it, or refuse it later."""
+        charged = self.admitted.pop(ticket, None)
+        if charged is None:
+            _keep(self.forgotten, ticket, None)
+        else:
+            self.limiter.refund(*charged)
 
     def peek(self, tenant: Tenant, tokens: int, requests: int) -> Refusal | None:
         return self.limiter.peek(tenant, tokens, requests)
@@ -84,6 +117,12 @@ class LimitsStore:
 
     def ping(self) -> bool:
         return True
+
+
+def _keep(kept: OrderedDict, key: str, value) -> None:
+    kept[key] = value
+    while len(kept) > TICKETS_KEPT:
+        kept.popitem(last=False)
 
 
 # call(method, *args) -> the store's answer, or raises (TimeoutError, the actor is gone);
@@ -165,8 +204,10 @@ class GlobalLimiter:
     def admit(self, tenant: Tenant, tokens: int, requests: int = 1) -> Refusal | None:
         held = _PREPARING.get()
         prepared = min(held[0], requests) if held else 0
-        ok, answer = self._ask("admit", tenant, tokens, requests, prepared)
+        ticket = uuid.uuid4().hex
+        ok, answer = self._ask("admit", tenant, tokens, requests, prepared, ticket)
         if not ok:
+            self._quietly("forget", ticket)  # the store may run the admission yet
             return self._lost(tenant, tokens, requests, admit=True)
         if answer is None and held:
             held[0] -= prepared  # the store moved them to in flight

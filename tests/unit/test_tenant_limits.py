@@ -18,12 +18,16 @@ class Link:
     def __init__(self, store: LimitsStore):
         self.store = store
         self.up = True
+        self.late = False  # the store runs calls, but the answers come after the caller gave up
         self.sent: list[str] = []
 
     def call(self, method: str, *args):
         if not self.up:
             raise TimeoutError("no answer")
-        return getattr(self.store, method)(*args)
+        answer = getattr(self.store, method)(*args)
+        if self.late:
+            raise TimeoutError("no answer in time")
+        return answer
 
     def send(self, method: str, *args) -> None:
         if not self.up:
@@ -79,6 +83,26 @@ def test_an_admitted_request_is_not_also_counted_as_preparing():
         assert b.admit(two, 1).limit == "concurrency"  # refused: b still prepares its own
     limiter = link.store.limiter
     assert (limiter.in_flight(two), limiter._states["two"].preparing) == (2, 0)
+
+
+def test_an_admission_whose_answer_came_too_late_holds_nothing():
+    """The store ran it, the ingress had given up (and refused the request): the ticket is
+    forgotten, so the slot and tokens come back instead of staying held for good."""
+    link = Link(LimitsStore())
+    a, b = ingress(link), ingress(link)
+    link.late = True
+    assert a.admit(SOLO, 5).limit == "limits_unavailable"
+    link.late = False
+    assert link.store.in_flight(SOLO) == 0
+    assert b.admit(SOLO, 1) is None  # the one slot is free
+
+
+def test_a_forgotten_admission_that_arrives_later_is_refused():
+    store = LimitsStore()
+    store.forget("t1")  # the caller gave up before the store got to its admission
+    assert store.admit(SOLO, 1, 1, 0, "t1").limit == "limits_unavailable"
+    assert store.in_flight(SOLO) == 0
+    assert store.admit(SOLO, 1, 1, 0, "t2") is None
 
 
 def test_losing_the_store_fails_closed():
