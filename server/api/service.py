@@ -54,11 +54,13 @@ class Choice:
 
 
 class Service:
+    metrics_class: type[Metrics] = Metrics  # a fleet's ingress renders its replicas' too
+
     def __init__(self, config: ServerConfig, checkpoint: Path):
         self.config = config
         self.checkpoint = checkpoint
         self.model_name = config.model_name or checkpoint.name
-        self.metrics = Metrics()
+        self.metrics = self.metrics_class()
         self.limiter = Limiter()
         self.runtime: ElasticRuntime | None = None
         self.engine: AsyncEngine | None = None

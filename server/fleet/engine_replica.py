@@ -35,6 +35,9 @@ from server.fleet.engine_call import HEARTBEAT, HEARTBEAT_S, EngineCall
 from server.fleet.fleet_board import FLEET_BOARD, FleetBoard
 
 NAMESPACE = "concentric"  # the Ray namespace of the fleet's named actors
+# The replica's metrics go to the board every this many reports (every second at the default
+# 0.2 s period): Prometheus scrapes every few seconds, and the text is tens of KB.
+METRICS_EVERY = 5
 
 log = logging.getLogger("concentric.fleet")
 
@@ -169,15 +172,23 @@ class EngineReplica:
         import ray
 
         board = None
+        posts = 0
         while True:
             try:
                 if board is None:
                     board = await asyncio.to_thread(_fleet_board, ray)
                 board.post.remote(self.record_routing_stats())
+                if posts % METRICS_EVERY == 0:
+                    board.post_metrics.remote(self.tag, self.rank, self.metrics_text())
+                posts += 1
             except Exception as e:
                 board = None
                 log.debug("fleet board post failed: %s", e)
             await asyncio.sleep(period_s)
+
+    def metrics_text(self) -> str:
+        """This replica's own metrics (its engine's, as one process exports them)."""
+        return self.service.metrics.render().decode()
 
     def identity(self) -> dict[str, Any]:
         return {"rank": self.rank, "replica": self.tag, "pid": self.pid}

@@ -1,11 +1,14 @@
-"""The fleet's ingress: Concentric's own API (the same FastAPI app, routes, auth, errors,
-validation and tokenization) as a Ray Serve deployment whose engine is the engine deployment.
+"""The fleet's ingress: Concentric's own API (the same FastAPI app, routes, auth, errors, validation
+and tokenization) as a Ray Serve deployment whose engine is the engine deployment.
 
 Owns `FleetService`, the `Service` of an ingress replica: it reads the checkpoint's tokenizer,
 configuration and subnet table but no weights (`CheckpointView`), its engine is a `RemoteEngine`
-over the engine deployment's handle, its limiter a `GlobalLimiter` over the one named limits
-actor, and its /metrics add the fleet view (per-replica reports, routing decisions, the limits
-store's state). `IngressReplica` is the deployment class that builds the app at replica start.
+over the engine deployment's handle, its limiter a `GlobalLimiter` over the one named limits actor,
+and its /metrics add the fleet view (per-replica reports, routing decisions, the limits store's
+state) and every engine replica's own metric families, labelled by replica
+(telemetry/replica_families.py). It does not observe the engine's per-request metrics itself: the
+replicas do, from the same outputs (counting them here too would count every request twice).
+`IngressReplica` is the deployment class that builds the app at replica start.
 
 What a request cannot be checked for here (the engine replica's KV pool size) is checked by the
 replica; a refusal there comes back as an error before any response byte.
@@ -35,6 +38,7 @@ from server.fleet.fleet_view import FLEET
 from server.fleet.remote_engine import RemoteEngine
 from server.fleet.tenant_limits import LIMITS_ACTOR, GlobalLimiter, LimitsStore
 from server.telemetry.fleet_metrics import FleetCollector, FleetSnapshot
+from server.telemetry.replica_families import FleetMetrics
 from server.vocabulary.measured_quality import read_measured_quality
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.subnets import Subnet, SubnetTable, load_subnet_table
@@ -60,6 +64,8 @@ class CheckpointView:
 
 
 class FleetService(Service):
+    metrics_class = FleetMetrics
+
     def __init__(self, config: ServerConfig, checkpoint: Path, fleet: FleetConfig, engines):
         super().__init__(config, checkpoint)
         self.fleet = fleet
@@ -67,6 +73,8 @@ class FleetService(Service):
         self.limiter = _global_limiter(fleet)  # type: ignore[assignment]
         self.metrics.registry.register(FleetCollector(self.fleet_snapshot))
         self.board_reports: dict[str, dict[str, Any]] = {}
+        self.board_metrics: dict[str, tuple[str, str]] = {}  # replica -> (rank, its metrics)
+        self.metrics.replica_texts = lambda: self.board_metrics  # type: ignore[attr-defined]
         self._board_task: asyncio.Task | None = None
 
     async def _load(self) -> None:
@@ -103,14 +111,25 @@ class FleetService(Service):
         import ray
 
         board = None
+        reads = 0
         while True:
             try:
                 if board is None:
                     board = ray.get_actor(FLEET_BOARD, namespace=NAMESPACE)
                 self.board_reports = await board.reports.remote()
+                if reads % 2 == 0:  # replicas post their metrics once a second
+                    self.board_metrics = await board.metrics.remote()
+                reads += 1
             except Exception:  # not created yet (no replica has reported), or restarting
                 board = None
             await asyncio.sleep(0.5)
+
+    def _finished(self, out) -> None:
+        """Only give the request's limits back: its metrics are the replica's (see above)."""
+        held = self.reservations.pop(out.request_id, None)
+        if held is not None:
+            reservation, choice = held
+            reservation.release(choice, out.num_output_tokens)
 
     async def stop(self) -> None:
         if self._board_task is not None:

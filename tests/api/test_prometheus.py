@@ -42,7 +42,11 @@ GRAFANA_VARIABLES = {
     "__rate_interval": "30s",
     "__interval": "5s",
     "__range": "5m",
+    "replica": ".*",  # the replica selector on "All"
 }
+# The fleet panels' metrics: only an ingress in front of engine replicas serves them (their data
+# is checked by tests/fleet against a live fleet), so a single process leaves those panels empty.
+FLEET_METRICS = "concentric_fleet_"
 # What the traffic must have caused, as Prometheus saw it (a comparison keeps only true series).
 EVENTS = {
     "the subnet policy chose a subnet": 'concentric_subnet_choices_total{pinned="false"} > 0',
@@ -324,7 +328,7 @@ def _has_finite_value(result: list[dict[str, Any]]) -> bool:
 
 
 def test_every_dashboard_query_returns_data(server: LiveServer, prometheus: Prometheus) -> None:
-    targets = _targets()
+    targets = [(where, expr) for where, expr in _targets() if FLEET_METRICS not in expr]
     exprs = sorted({promql(expr) for _, expr in targets})
     # A series that first appears in a scrape has no increase yet: rate() needs a later sample
     # that grew. So a first wave creates every labelled series, Prometheus scrapes them, and a

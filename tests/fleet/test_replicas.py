@@ -242,6 +242,46 @@ def test_openai_client_through_the_ingress(fleet: Fleet):
     assert httpx.get(f"{fleet.base_url}/v1/models", timeout=10).status_code == 401
 
 
+def test_the_dashboards_fleet_panels_have_per_replica_data(fleet: Fleet):
+    """Every metric the dashboard's fleet panels query is served, per replica where it is a
+    replica's (the selector's `replica` label on both replicas)."""
+    dashboard = json.loads((REPO / "configs" / "grafana" / "concentric.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "concentric_fleet_replica_info" in variables["replica"]["definition"]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    names = {n for e in exprs for n in re.findall(r"concentric_fleet_\w+", e)}
+    assert len(names) >= 4, names  # headroom, resident level, queue, routing decisions
+    fleet.chat("bert")  # at least one routing decision
+    text = fleet.fleet_metrics()
+    tags = {lb["replica"] for lb, _ in metric_samples(text, "concentric_fleet_replica_info")}
+    assert len(tags) == 2, text
+    for name in sorted(names):
+        samples = metric_samples(text, name)
+        assert samples, f"{name}: no series\n{text}"
+        if name.startswith("concentric_fleet_replica_"):
+            assert {lb["replica"] for lb, _ in samples} == tags, (name, samples)
+    # Each engine replica's own families too, labelled by replica (relayed about once a second):
+    # the selector picks the engine panels' series as well.
+    fleet.wait_for(
+        "every replica's engine metrics, and the request's TTFT, in the ingress's /metrics",
+        lambda: (
+            {
+                lb.get("replica")
+                for lb, _ in metric_samples(fleet.fleet_metrics(), "concentric_engine_up")
+            }
+            == tags
+            and sum(
+                v
+                for _, v in metric_samples(
+                    fleet.fleet_metrics(), "concentric_time_to_first_token_seconds_count"
+                )
+            )
+            >= 1
+        ),
+        10,  # a few relays: replicas post every second, the ingress reads every second
+    )
+
+
 def test_tier_limit_holds_across_the_fleet(fleet: Fleet):
     start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
