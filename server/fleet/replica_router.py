@@ -21,6 +21,9 @@ waiting request of its own chooses for the oldest waiting request (`_waiting`), 
 replica goes to the request it was chosen for, else to the oldest waiting request it may serve
 (`_fulfill_next_pending_request`): never to one whose pinned subnet it is configured without,
 which is why this is not FIFOMixin (it hands the replica to the oldest request, whatever it is).
+This reads Serve's own pending-request queue and overrides its hook, as FIFOMixin does: both are
+private to Serve 2.58 (pinned); tests/fleet/test_router_loop.py runs Serve's real routing loop,
+so an upgrade that changes them fails there.
 
 Deliberately does not know: how the ranking is decided (policies/replica_routing.py).
 """
