@@ -107,17 +107,20 @@ class PenaltyTable:
     def apply(
         self,
         x: torch.Tensor,
-        rows: torch.Tensor,
+        rows: torch.Tensor | None,
         slots: torch.Tensor,
         width: int,
         min_tokens_active: torch.Tensor,
         repetition: torch.Tensor,
         frequency: torch.Tensor,
         presence: torch.Tensor,
-    ) -> None:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adjust x[rows] in place, in the sampler's order: min_tokens, bias, repetition penalty,
         frequency and presence penalties. Per-row tensors are [P] on x's device; `width` bounds
-        every slot's valid entries (the host knows it: entries at registration plus outputs)."""
+        every slot's valid entries (the host knows it: entries at registration plus outputs).
+        `rows` None means every row of x, in order. Returns the ids [P, width] written and x's
+        values there before and after, so that a caller adjusting logits it does not own can
+        put them back."""
         width = max(1, min(width, self.width))
         cols = torch.arange(width, device=x.device)
         n = self.n.index_select(0, slots)
@@ -125,7 +128,8 @@ class PenaltyTable:
         src = torch.where(cols < n[:, None], cols, 0)
         at = (slots[:, None], src)
         ids = self.ids[at]
-        v = gather_rows(x, rows, ids).float()
+        before = gather_rows(x, rows, ids)
+        v = before.float()
         v = torch.where(self.blocked[at] & min_tokens_active[:, None], float("-inf"), v)
         v = v + self.bias[at]
         rep = repetition[:, None]
@@ -136,7 +140,9 @@ class PenaltyTable:
         v = v - (frequency[:, None] * count + presence[:, None] * (count > 0))
         # A tiny repetition penalty can overflow a positive logit to +inf, which would make the
         # weights NaN; the largest float keeps the token on top and the maths finite.
-        scatter_rows_(x, rows, ids, v.clamp(max=_F32_MAX))
+        after = v.clamp(max=_F32_MAX)
+        scatter_rows_(x, rows, ids, after)
+        return ids, before, after
 
     def record(
         self, slots: torch.Tensor, tokens: torch.Tensor, ok: torch.Tensor, width: int

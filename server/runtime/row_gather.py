@@ -29,10 +29,14 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor | None, ids: torch.Tensor) -
 
 
 def scatter_rows_(
-    x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor
+    x: torch.Tensor, rows: torch.Tensor | None, ids: torch.Tensor, values: torch.Tensor
 ) -> None:
-    """x[rows[i], ids[i, j]] = values[i, j], in place. Repeated ids within a row must carry the
-    same value (scatter_ leaves the order of colliding writes unspecified)."""
+    """x[rows[i], ids[i, j]] = values[i, j], in place (`rows` None: every row, in order).
+    Repeated ids within a row must carry the same value (scatter_ leaves the order of colliding
+    writes unspecified)."""
+    if rows is None:
+        x.scatter_(1, ids, values.to(x.dtype))
+        return
     full = _full_index(x, rows, ids)
     current = x.gather(1, full)  # rows not asked for write their column 0 back as it is
     x.scatter_(1, full, current.index_copy_(0, rows, values.to(x.dtype)))

@@ -95,10 +95,10 @@ from dataclasses import dataclass
 
 import torch
 
-from server.runtime.counter_random import MAX_INDEX, race, row_key
+from server.runtime.counter_random import MAX_INDEX, hash32, race, row_key
 from server.runtime.grammar import GrammarMatcher, Grammars
 from server.runtime.penalties import Entry, PenaltyTable
-from server.runtime.row_gather import gather_rows
+from server.runtime.row_gather import gather_rows, scatter_rows_
 from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask_
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.step import SampleResult
@@ -107,6 +107,8 @@ LOG2E = 1.0 / math.log(2.0)
 NEG_INF = float("-inf")
 MAX_BLOCK = 64  # ids per block of the block maxima / block sums (and fan-out of the block race)
 NUCLEUS_CANDIDATES = 64  # top_p without top_k: candidates that usually settle the nucleus
+ENVELOPE_BLOCKS = 64  # whole-distribution rows: blocks weighed exactly in the envelope
+ENVELOPE_PROPOSALS = 8  # whole-distribution rows: proposals per step before the exact path
 _F32_MAX = torch.finfo(torch.float32).max
 _FAIL_MESSAGES = {
     1: "the model's logits contain NaN or +inf",
@@ -163,6 +165,8 @@ class Sampler:
         device: torch.device | str = "cpu",
         nucleus_candidates: int = NUCLEUS_CANDIDATES,
         grammars: Grammars | None = None,
+        envelope_blocks: int = ENVELOPE_BLOCKS,
+        envelope_proposals: int = ENVELOPE_PROPOSALS,
     ) -> None:
         """`grammars` compiles structured-output constraints; without it a request with one
         is refused at `add_request`."""
@@ -174,6 +178,8 @@ class Sampler:
         # The largest power of two up to MAX_BLOCK dividing the vocabulary (Gemma's 262144: 64).
         self.block = math.gcd(text_vocab_size, MAX_BLOCK)
         self.nucleus_candidates = nucleus_candidates
+        self.envelope_blocks = envelope_blocks
+        self.envelope_proposals = envelope_proposals
         self.table = PenaltyTable(self.device)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -240,35 +246,12 @@ class Sampler:
         if constrained:
             raw = self._constrained(raw, states, constrained)
         plan = _plan(states, self.text_vocab_size)
-        dev, B = raw.device, raw.shape[0]
-        raw_bm = self._block_max(raw)
-        raw_max = raw_bm.amax(dim=1).float()
-        # amax propagates NaN, so the row maximum tells NaN / +inf / no finite value apart.
-        fail = torch.where(
-            torch.isnan(raw_max) | (raw_max == math.inf),
-            1,
-            torch.where(raw_max == NEG_INF, 2, 0),
-        )
-        x, bm = self._processed(raw, raw_bm, states, plan)
-        if x is not raw:
-            fail = torch.where((fail == 0) & (bm.amax(dim=1) == NEG_INF), 3, fail)
-        host = torch.tensor([row_key(s.seed, s.num_generated) for s in states], dtype=torch.long)
-        keys = host.to(dev, non_blocking=True)
-        params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
-        tokens = torch.zeros(B, dtype=torch.long, device=dev)
-        step = _Step(x, bm, params, keys[:, 0], keys[:, 1], fail, B)
-
-        if plan.greedy:
-            rows = step.rows(plan.greedy)
-            tokens[rows.index] = _first_argmax(x, bm, rows, self.block)
-        if plan.top_k:
-            rows = step.rows(plan.top_k)
-            k = max(states[r].params.top_k for r in plan.top_k)
-            tokens[rows.index] = self._sample_top_k(step, rows, k)
-        if plan.full or plan.nucleus:
-            self._sample_whole(step, plan, tokens)
-        packed, width = self._pack(raw, raw_bm, raw_max, states, plan, tokens, fail)
-        values = packed.tolist()  # the step's one device->host copy
+        x, adj = self._processed(raw, states, plan)
+        try:
+            values, width, tokens, fail = self._draw(raw, x, adj, states, plan)
+        finally:
+            if adj is not None:  # the caller's logits as they were, also after an error
+                adj.restore(raw)
         # State advances last: a step that raised before here (e.g. out of memory, which the
         # engine retries) has changed nothing.
         if plan.tracked:
@@ -297,12 +280,60 @@ class Sampler:
     ) -> torch.Tensor:
         """Steps 1 and 3-5: [B, text_vocab_size] float32 logits before temperature and filters."""
         raw = self._text_logits(logits, states)
-        x, _ = self._processed(
-            raw, self._block_max(raw), states, _plan(states, self.text_vocab_size)
-        )
-        return x.float().clone()
+        x, adj = self._processed(raw, states, _plan(states, self.text_vocab_size))
+        out = x.float().clone()
+        if adj is not None:
+            adj.restore(raw)
+        return out
 
     # ---- steps -----------------------------------------------------------------------------
+
+    def _draw(self, raw, x, adj: _Adjustment | None, states, plan: _Plan):
+        """Every row's token from x (the processed logits: raw itself when adjusted in place),
+        and the one read-back: (values, logprobs width, tokens, failure codes) on the device."""
+        dev, B = raw.device, raw.shape[0]
+        bm = self._block_max(x)
+        fail = _failures(bm.amax(dim=1).float(), adj)
+        host = torch.tensor([row_key(s.seed, s.num_generated) for s in states], dtype=torch.long)
+        keys = host.to(dev, non_blocking=True)
+        params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
+        tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        step = _Step(x, bm, params, keys[:, 0], keys[:, 1], fail, B, plan.min_p)
+
+        if plan.greedy:
+            rows = step.rows(plan.greedy)
+            tokens[rows.index] = _first_argmax(x, bm, rows, self.block)
+        if plan.top_k:
+            rows = step.rows(plan.top_k)
+            k = max(states[r].params.top_k for r in plan.top_k)
+            tokens[rows.index] = self._sample_top_k(step, rows, k)
+        redraw = None
+        if plan.full:
+            rows = step.rows(plan.full)
+            drawn, redraw = self._sample_envelope(step, rows, bool(plan.min_p & set(plan.full)))
+            tokens[rows.index] = drawn
+        if plan.nucleus:
+            self._sample_whole(step, [], plan.nucleus, tokens)
+        values, width = self._read(raw, bm, adj, states, plan, tokens, fail, redraw)
+        again = [r for r in plan.full if values[r][1] == _REDRAW]
+        if again:  # rare: every proposal of these rows was rejected (one more read)
+            if adj is not None:
+                adj.redo(raw)  # the read restored the raw logits
+            self._sample_whole(step, again, [], tokens)
+            values, width = self._read(raw, bm, adj, states, plan, tokens, fail, None)
+        return values, width, tokens, fail
+
+    def _read(self, raw, bm, adj, states, plan, tokens, fail, redraw):
+        """Pack the results and copy them to the host. Logprobs are of the raw logits, so
+        adjustments made in place are undone first, and the block maxima of adjusted rows
+        with logprobs are taken again."""
+        raw_bm = bm
+        if adj is not None:
+            adj.restore(raw)
+            if set(plan.logprobs) & set(plan.adjusted):
+                raw_bm = self._block_max(raw)
+        packed, width = self._pack(raw, raw_bm, states, plan, tokens, fail, redraw)
+        return packed.tolist(), width  # the step's one device->host copy
 
     def _text_logits(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[0] != len(states):
@@ -368,13 +399,18 @@ class Sampler:
         else:
             w.copy_(x.index_select(0, rows.index))
 
-    def _processed(self, raw, raw_bm, states, plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 3-5 on a float32 copy when any row has adjustments this step; else the raw
-        logits themselves (no copy)."""
+    def _processed(self, raw, states, plan) -> tuple[torch.Tensor, _Adjustment | None]:
+        """Steps 3-5 where any row has adjustments this step. They touch a few ids per row, so
+        float32 logits are adjusted in place (the values before are kept, and `sample` puts
+        them back before it returns); other dtypes on a float32 copy, so that every formula
+        runs in float32. Without adjustments: the raw logits themselves."""
         if not plan.adjusted:
-            return raw, raw_bm
-        x = self._buffer("processed", raw.shape[0], raw.device)
-        x.copy_(raw)
+            return raw, None
+        in_place = raw.dtype == torch.float32
+        x = raw
+        if not in_place:
+            x = self._buffer("processed", raw.shape[0], raw.device)
+            x.copy_(raw)
         adj = [states[r] for r in plan.adjusted]
         per_row = torch.tensor(
             [
@@ -389,9 +425,10 @@ class Sampler:
             ],
             dtype=torch.float64,
         ).to(raw.device, non_blocking=True)
-        self.table.apply(
+        rows = None if len(adj) == raw.shape[0] else _index(plan.adjusted, raw.device)
+        ids, before, after = self.table.apply(
             x,
-            _index(plan.adjusted, raw.device),
+            rows,
             per_row[:, 0].long(),
             max(s.static_entries + s.num_generated for s in adj),
             per_row[:, 1].bool(),
@@ -399,7 +436,7 @@ class Sampler:
             per_row[:, 3].float(),
             per_row[:, 4].float(),
         )
-        return x, self._block_max(x)
+        return x, _Adjustment(rows, ids, before, after, in_place)
 
     def _sample_top_k(self, step: _Step, rows: _Rows, k: int) -> torch.Tensor:
         """Rows with top_k: temperature, top_p, min_p and the draw on their top-k candidates."""
@@ -414,14 +451,90 @@ class Sampler:
         choice = race(torch.where(keep, w, 0.0), lo, hi, _CANDIDATES, ids)
         return ids.gather(1, choice[:, None])[:, 0]
 
-    def _sample_whole(self, step: _Step, plan: _Plan, tokens: torch.Tensor) -> None:
-        """Rows without top_k: temperature, min_p and top_p over the whole vocabulary, weights in
-        one buffer whose rows are: full rows with min_p, full rows without, nucleus rows."""
+    def _sample_envelope(
+        self, step: _Step, rows: _Rows, min_p: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows drawn from their whole tempered distribution (temperature, maybe min_p), without
+        weighing the vocabulary: exact rejection sampling under an envelope read off the block
+        maxima. The envelope gives each of the row's `envelope_blocks` blocks with the highest
+        maxima its exact mass (their tokens are gathered and weighed: for an LM's distribution
+        they hold nearly all of it) and every other block a bound, block size x the weight of
+        its maximum (no token of it weighs more), inflated by 2^-10 so that float rounding of
+        the token weights never exceeds it. Each of `envelope_proposals` proposals picks a block
+        in proportion to its envelope, in two stages so that no CDF spans the blocks (a slot
+        among the exact blocks and groups of 64 bounded blocks, then a block of the group),
+        weighs that block's tokens, and is accepted with probability mass / bound (always, for
+        an exact block); the first accepted proposal's block then races its tokens by weight.
+        Accepted proposals are exact draws whatever the envelope, so a loose one costs only rows
+        where no proposal is accepted: those come back flagged (`redraw`), and `sample` draws
+        them again on the exact whole-vocabulary path (`_sample_whole`) after its read-back.
+
+        min_p (when some row has it) keeps a token when x - (max + T ln min_p) >= -tiny, the
+        test `_sample_whole` makes, so both paths keep the same tokens; a block whose maximum
+        fails it weighs 0."""
+        x, bs, dev = step.x, self.block, step.x.device
+        bm = rows.pick(step.bm).float()
+        R, nb = bm.shape
+        p = rows.pick(step.params)
+        c = p[:, _C, None].float()
+        m = bm.amax(dim=1, keepdim=True)
+        if min_p:  # the threshold; -inf for rows without min_p (x - (-inf) is +inf)
+            floor = torch.where(
+                p[:, _LOG2_MIN_P, None] > NEG_INF, m + p[:, _MIN_P_SHIFT, None].float(), NEG_INF
+            )
+        tiny = -torch.finfo(torch.float32).tiny
+
+        def weigh(values: torch.Tensor) -> torch.Tensor:
+            """Token (or block-maximum) weights exp2((x - max) log2(e) / T), 0 below min_p."""
+            values = values.float()
+            w = torch.exp2((values - m) * c)
+            return torch.where((values - floor) >= tiny, w, 0.0) if min_p else w
+
+        # The exact part: the K blocks with the highest maxima, ties to the lower block (int64
+        # keys), so which blocks are exact never depends on the batch.
+        K = min(self.envelope_blocks, nb)
+        top = _order_keys(bm, torch.arange(nb, device=dev), nb - 1).topk(K, dim=1).indices
+        fan = torch.arange(bs, device=dev)
+        exact = weigh(gather_rows(x, rows.gather_index, (top[:, :, None] * bs + fan).flatten(1)))
+        bound = weigh(bm).mul_(bs * (1.0 + 2.0**-10)).scatter_(1, top, 0.0)
+        groups = torch.nn.functional.pad(bound, (0, -nb % _FAN_OUT)).view(R, -1, _FAN_OUT)
+        G = groups.shape[1]
+        slots = torch.cat([exact.view(R, K, bs).sum(dim=2), groups.sum(dim=2)], dim=1).double()
+        # Random numbers, one hash call: per proposal a slot's u, a block's u and the
+        # acceptance v; then the token race's exponentials (by position within the block).
+        n = self.envelope_proposals
+        lo, hi = rows.pick(step.lo), rows.pick(step.hi)
+        h = hash32(lo, hi, _ENVELOPE, torch.arange(3 * n + bs, device=dev).expand(R, -1))
+        u = (h.double() + 0.5) * 2.0**-32
+        cdf = slots.cumsum(dim=1)
+        slot = torch.searchsorted(cdf, u[:, :n] * cdf[:, -1:], right=True).clamp_(max=K + G - 1)
+        group = (slot - K).clamp_(min=0)
+        within = groups.gather(1, group[:, :, None].expand(R, n, _FAN_OUT)).double().cumsum(dim=2)
+        target = (u[:, n : 2 * n] * within[:, :, -1])[:, :, None]
+        member = torch.searchsorted(within, target, right=True)[:, :, 0].clamp_(max=_FAN_OUT - 1)
+        is_exact = slot < K
+        block = torch.where(
+            is_exact, top.gather(1, slot.clamp(max=K - 1)), (group * _FAN_OUT + member)
+        ).clamp_(max=nb - 1)
+        w = weigh(gather_rows(x, rows.gather_index, (block[:, :, None] * bs + fan).flatten(1)))
+        w = w.view(R, n, bs)
+        accept = is_exact | (u[:, 2 * n : 3 * n] * bound.gather(1, block) < w.sum(dim=2))
+        first = accept.to(torch.uint8).argmax(dim=1)
+        chosen = w.gather(1, first[:, None, None].expand(R, 1, bs))[:, 0].double()
+        j = (chosen / -torch.log(u[:, 3 * n :])).argmax(dim=1)
+        return block.gather(1, first[:, None])[:, 0] * bs + j, ~accept.any(dim=1)
+
+    def _sample_whole(
+        self, step: _Step, full: list[int], nucleus: list[int], tokens: torch.Tensor
+    ) -> None:
+        """Rows without top_k drawn from weights over the whole vocabulary, in one buffer whose
+        rows are: full rows with min_p, full rows without (temperature; here only the rows the
+        envelope could not draw), nucleus rows (top_p)."""
         x, dev, V, bs = step.x, step.x.device, self.text_vocab_size, self.block
-        with_min_p = [r for r in plan.full if r in plan.min_p]
-        order = with_min_p + [r for r in plan.full if r not in plan.min_p] + plan.nucleus
+        with_min_p = [r for r in full if r in step.min_p]
+        order = with_min_p + [r for r in full if r not in step.min_p] + nucleus
         rows = step.rows(order)
-        R, n_min_p, n_full = len(order), len(with_min_p), len(plan.full)
+        R, n_min_p, n_full = len(order), len(with_min_p), len(full)
         p = rows.pick(step.params)
         m = rows.pick(step.bm).amax(dim=1).float()
         w = self._buffer("weights", R, dev)
@@ -445,10 +558,10 @@ class Sampler:
             tokens[rows.index[full]] = _block_race(
                 w[full], None, sums[full], lo[full], hi[full], _FULL, bs
             )
-        if plan.nucleus:
+        if nucleus:
             nuc = slice(n_full, R)
             tokens[rows.index[nuc]] = self._sample_nucleus(
-                step, step.rows(plan.nucleus), w[nuc], sums[nuc], p[nuc], lo[nuc], hi[nuc]
+                step, step.rows(nucleus), w[nuc], sums[nuc], p[nuc], lo[nuc], hi[nuc]
             )
 
     def _sample_nucleus(self, step, rows: _Rows, w, sums, p, lo, hi) -> torch.Tensor:
@@ -541,18 +654,23 @@ class Sampler:
         slots = _index([states[r].slot for r in tracked], dev)  # type: ignore[misc]
         self.table.record(slots, tokens.index_select(0, rows), ok.index_select(0, rows), width)
 
-    def _pack(self, raw, raw_bm, raw_max, states, plan, tokens, fail):
-        """[B, 3 + 2k] float64: token, failure code, chosen logprob, top-k ids, top-k logprobs
-        (float64 holds every id exactly)."""
+    def _pack(self, raw, raw_bm, states, plan, tokens, fail, redraw):
+        """[B, 3 + 2k] float64: token, failure code (or _REDRAW for a healthy full row the
+        envelope did not draw), chosen logprob, top-k ids, top-k logprobs (float64 holds every id
+        exactly)."""
         B, dev = raw.shape[0], raw.device
         k = max([states[r].params.logprobs or 0 for r in plan.logprobs], default=0)
         k = min(k, self.text_vocab_size)
         out = torch.full((B, 3 + 2 * k), math.nan, dtype=torch.float64, device=dev)
         out[:, 0] = tokens
         out[:, 1] = fail
+        if redraw is not None:
+            at = _index(plan.full, dev)
+            again = redraw & (fail.index_select(0, at) == 0)
+            out[at, 1] = torch.where(again, float(_REDRAW), out[at, 1])
         if plan.logprobs:
             rows = _Rows.of(plan.logprobs, B, dev)
-            lse = self._log_normalizer(raw, rows, rows.pick(raw_max))
+            lse = self._log_normalizer(raw, rows, rows.pick(raw_bm).amax(dim=1).float())
             chosen = gather_rows(raw, rows.index, rows.pick(tokens)[:, None])[:, 0].double()
             out[rows.index, 2] = chosen - lse
             if k:
@@ -576,8 +694,9 @@ class Sampler:
 _C, _TOP_K, _TOP_P, _LOG2_MIN_P, _MIN_P_SHIFT = range(5)  # columns of _row_params
 # Random streams (counter_random), one per use so that no two uses share a number. A block race
 # uses stream + level (level < 8): rejection round r uses 2 + 8 (r % 24), whole-vocabulary draws
-# 200, candidate races 1.
-_CANDIDATES, _REJECT, _REJECT_STREAMS, _FULL = 1, 2, 24, 200
+# 200, candidate races 1, the envelope 220.
+_CANDIDATES, _REJECT, _REJECT_STREAMS, _FULL, _ENVELOPE = 1, 2, 24, 200, 220
+_REDRAW = -1  # failure-code column: the envelope drew nothing, draw again on the exact path
 # min_p below float32's smallest normal number is off: it could only drop tokens whose weights
 # float32 cannot hold apart from zero (and 1 / min_p would overflow the shifted weights).
 _MIN_P_FLOOR = 2.0**-126
@@ -641,6 +760,54 @@ def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
     return out
 
 
+@dataclass
+class _Adjustment:
+    """What steps 3-5 changed in one step's logits: rows [P], ids [P, W] and the values there
+    before and after (padded columns repeat a row's first entry, so repeated writes agree)."""
+
+    rows: torch.Tensor | None  # None: every row, in order
+    ids: torch.Tensor
+    before: torch.Tensor
+    after: torch.Tensor
+    in_place: bool  # made in the caller's logits (else in a copy)
+    pending: bool = False  # the caller's logits hold `after` and must get `before` back
+
+    def __post_init__(self) -> None:
+        self.pending = self.in_place
+
+    def restore(self, raw: torch.Tensor) -> None:
+        if self.pending:
+            scatter_rows_(raw, self.rows, self.ids, self.before)
+            self.pending = False
+
+    def redo(self, raw: torch.Tensor) -> None:
+        """Adjust the caller's logits again after `restore` (adjusting in place only)."""
+        if self.in_place and not self.pending:
+            scatter_rows_(raw, self.rows, self.ids, self.after)
+            self.pending = True
+
+
+def _failures(x_max: torch.Tensor, adj: _Adjustment | None) -> torch.Tensor:
+    """Per-row failure codes (0: none; see _FAIL_MESSAGES) from the row maxima of the processed
+    logits and, for adjusted rows, the raw values at the ids adjusting changed: amax propagates
+    NaN, so x_max shows NaN / +inf anywhere processing left alone, and the raw values show them
+    where it did not (a blocked or clamped id hides them). A row whose processed maximum is -inf
+    had no finite raw logit (2) unless one of its adjusted ids had one (3: min_tokens)."""
+    bad = torch.isnan(x_max) | (x_max == math.inf)
+    had_finite = torch.zeros_like(bad)
+    if adj is not None:
+        before = adj.before.float()
+        rows_bad = (torch.isnan(before) | (before == math.inf)).any(dim=1)
+        finite = torch.isfinite(before).any(dim=1)
+        if adj.rows is None:
+            bad, had_finite = bad | rows_bad, finite
+        else:
+            bad = bad.index_copy(0, adj.rows, bad.index_select(0, adj.rows) | rows_bad)
+            had_finite = had_finite.index_copy(0, adj.rows, finite)
+    none = x_max == NEG_INF
+    return torch.where(bad, 1, torch.where(none, torch.where(had_finite, 3, 2), 0))
+
+
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.long).to(device, non_blocking=True)
 
@@ -682,6 +849,7 @@ class _Step:
     hi: torch.Tensor
     fail: torch.Tensor
     batch: int
+    min_p: set[int]  # rows with min_p
 
     def rows(self, positions: Sequence[int]) -> _Rows:
         return _Rows.of(positions, self.batch, self.x.device)

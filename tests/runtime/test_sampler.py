@@ -285,6 +285,47 @@ def test_block_race_over_a_large_vocabulary(params: SamplingParams, candidates: 
     assert chi_square_pvalue(counts, probs) > ALPHA, counts
 
 
+# The envelope with one exact block (block 0: only id 5's 0.2 of the mass): every other block's
+# bound is 64x its one token's weight, so a proposal is accepted with probability ~1/51. With 64
+# proposals about 72% of draws are accepted proposals and the rest are drawn again on the exact
+# path; with one proposal nearly all are drawn again. Both mixtures must be the exact distribution.
+@pytest.mark.parametrize("proposals", [64, 1])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, min_p=0.2)]
+)
+def test_envelope_rejection_and_redraw_are_exact(params: SamplingParams, proposals: int) -> None:
+    sampler = Sampler(BIG_V, envelope_blocks=1, envelope_proposals=proposals)
+    logits = torch.full((BIG_V,), -60.0)
+    logits[BIG_IDS] = torch.tensor(BIG_PROBS).log()
+    probs = oracle(logits, params, eos=(), vocab=BIG_V)
+    counts = draws(logits, params, seeds=40, steps=50, sampler=sampler)
+    assert chi_square_pvalue(counts, probs) > ALPHA, counts
+
+
+def test_a_loose_envelope_costs_one_more_read_only_when_a_row_is_drawn_again() -> None:
+    logits = torch.full((BIG_V,), -60.0)
+    logits[BIG_IDS] = torch.tensor(BIG_PROBS).log()
+    batch = logits.expand(8, -1).contiguous()
+    reads = []
+    for proposals in (4096, 1):  # accepts within 4096 proposals (fails w.p. ~1e-35); rarely in 1
+        sampler = Sampler(BIG_V, envelope_blocks=1, envelope_proposals=proposals)
+        states = [sampler.add_request(SamplingParams(seed=s)) for s in range(8)]
+        tolist, calls = torch.Tensor.tolist, 0
+
+        def counted(self, tolist=tolist):
+            nonlocal calls
+            calls += 1
+            return tolist(self)
+
+        torch.Tensor.tolist = counted  # type: ignore[method-assign]
+        try:
+            sampler.sample(batch, states)
+        finally:
+            torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        reads.append(calls)
+    assert reads == [1, 2]
+
+
 # ---- temperature, top-k, top-p, min-p: which ids survive ----------------------------------------
 
 
@@ -579,6 +620,46 @@ def test_positive_infinity_in_the_logits_is_a_row_failure() -> None:
     with pytest.raises(SamplingError) as info:
         SAMPLER.sample(logits, [state(), state(temperature=0)])
     assert info.value.failures == {0: "the model's logits contain NaN or +inf"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_at_adjusted_ids_are_row_failures(bad: float) -> None:
+    # Adjusting hides what the model wrote at an id (a blocked eos becomes -inf, +inf is
+    # clamped to the largest float): the failure must still be seen, on that row only.
+    logits = rand_row(0)[None].repeat(4, 1)
+    logits[0, EOS] = bad  # blocked by min_tokens
+    logits[1, 7] = bad  # biased
+    logits[2, 3] = bad  # in the prompt, under a repetition penalty
+    states = [
+        state(min_tokens=2, seed=0),
+        state(logit_bias={7: -1.0}, seed=1),
+        state([3], repetition_penalty=1.3, seed=2),
+        state(min_tokens=2, logit_bias={7: 1.0}, seed=3),
+    ]
+    with pytest.raises(SamplingError) as info:
+        SAMPLER.sample(logits, states)
+    assert sorted(info.value.failures) == [0, 1, 2]
+    assert info.value.results[3] is not None
+
+
+def test_adjusting_in_place_leaves_the_callers_logits_as_they_were() -> None:
+    # Penalties, bias and min_tokens are applied to the float32 logits in place and undone
+    # before `sample` returns, also when a row fails and `sample` raises.
+    logits = torch.stack([rand_row(i) for i in range(3)])
+    states = [
+        state([3, 4, 5], repetition_penalty=1.5, presence_penalty=0.7, seed=0, logprobs=2),
+        state(min_tokens=3, logit_bias={9: 5.0, 10: -5.0}, seed=1, temperature=0.7),
+        state([6], frequency_penalty=1.0, logit_bias={2: 3.0}, temperature=0),
+    ]
+    for _ in range(3):
+        before = logits.clone()
+        SAMPLER.sample(logits, states)
+        assert torch.equal(logits, before)
+    logits[2, 11] = float("nan")
+    before = logits.clone()
+    with pytest.raises(SamplingError):
+        SAMPLER.sample(logits, states)
+    assert ((logits == before) | (logits.isnan() & before.isnan())).all()
 
 
 def test_caller_errors() -> None:
