@@ -38,11 +38,20 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     desc, id asc) through int64 keys, so ties break to the lower id whatever the kernel does.
   - top_k rows (k <= vocabulary) work on their top-k candidates only: temperature, top_p over the
     top-k mass, min_p and the draw are [rows, k] operations.
-  - Rows without top_k need the whole distribution: three in-place passes write
-    exp2((x - max) * log2(e) / T) into a reused buffer, and one more its block sums (min_p adds
-    one threshold pass). They draw by an exponential race over levels (a group of blocks in
+  - Rows with neither top_k nor top_p (temperature, maybe min_p) draw without weighing the
+    vocabulary: exact rejection sampling under an envelope read off the block maxima (the 64
+    blocks with the highest maxima weighed exactly, every other block bounded by 64 x the weight
+    of its maximum; see `_sample_envelope`). For an LM's distribution nearly every first proposal
+    is accepted; rows where none of a step's proposals is (flat distributions) are drawn again
+    on the whole-vocabulary path below, after the read-back.
+  - The whole-vocabulary path (top_p without top_k, and those redraws): three in-place passes
+    write exp2((x - max) * log2(e) / T) into a reused buffer, and one more its block sums (min_p
+    adds one threshold pass). They draw by an exponential race over levels (a group of blocks in
     proportion to its mass, a block within it, a token within that): exact, with random numbers
     for about 3 x 64 items per row rather than the vocabulary.
+  - min_tokens, logit_bias and penalties touch a few ids per row: float32 logits are adjusted in
+    place and the values before are written back before `sample` returns (also on an error), so
+    no vocabulary-sized copy is made; other dtypes are adjusted on a float32 copy.
   - top_p without top_k: the top `nucleus_candidates` tokens settle the nucleus when their mass
     reaches top_p of the total (they hold it exactly, and the draw is over them); rows they do not
     settle draw by exact rejection with a moving pivot (FlashInfer's idea, here over the block
@@ -54,7 +63,8 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     in the batch and wherever its row is; unseeded requests get a random seed at registration.
   - One device->host copy per step: ids, failure codes and requested logprobs packed in one
     float64 tensor. Steps with top_p-without-top_k rows read one more flag vector (which rows the
-    candidates settle), and one per rejection round when some row needs them.
+    candidates settle), and one per rejection round when some row needs them; steps where the
+    envelope drew nothing for some row read once more after drawing it again.
 
 Exactness: every path samples exactly the filtered distribution (up to float rounding of the
 weights). Bitwise batch invariance needs each row's arithmetic to be the same whatever the batch:
@@ -299,6 +309,7 @@ class Sampler:
         params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
         tokens = torch.zeros(B, dtype=torch.long, device=dev)
         step = _Step(x, bm, params, keys[:, 0], keys[:, 1], fail, B, plan.min_p)
+        top = None
 
         if plan.greedy:
             rows = step.rows(plan.greedy)
@@ -306,24 +317,40 @@ class Sampler:
         if plan.top_k:
             rows = step.rows(plan.top_k)
             k = max(states[r].params.top_k for r in plan.top_k)
-            tokens[rows.index] = self._sample_top_k(step, rows, k)
-        redraw = None
+            ids, vals = _top_candidates(x, bm, rows, k, self.block)
+            tokens[rows.index] = self._sample_top_k(step, rows, ids, vals)
+            if not set(plan.logprobs) - set(plan.top_k) - set(plan.adjusted):
+                top = (plan.top_k, ids, vals)  # the raw logits' top tokens, for logprobs
+        redraw = nucleus = None
+        if plan.full or plan.nucleus:  # per row: 0, or what the exact path must do (_REDRAW...)
+            redraw = torch.zeros(B, device=dev)
         if plan.full:
             rows = step.rows(plan.full)
-            drawn, redraw = self._sample_envelope(step, rows, bool(plan.min_p & set(plan.full)))
+            drawn, again = self._sample_envelope(step, rows, bool(plan.min_p & set(plan.full)))
             tokens[rows.index] = drawn
+            redraw[rows.index] = torch.where(again, float(_REDRAW), 0.0)
         if plan.nucleus:
-            self._sample_whole(step, [], plan.nucleus, tokens)
-        values, width = self._read(raw, bm, adj, states, plan, tokens, fail, redraw)
-        again = [r for r in plan.full if values[r][1] == _REDRAW]
-        if again:  # rare: every proposal of these rows was rejected (one more read)
+            rows = step.rows(plan.nucleus)
+            nucleus = self._sample_nucleus_envelope(step, rows)
+            tokens[rows.index] = nucleus.token
+            redraw[rows.index] = nucleus.code()
+        values, width = self._read(raw, bm, adj, states, plan, tokens, fail, redraw, top)
+        full = [r for r in plan.full if values[r][1] == _REDRAW]
+        undecided = [i for i, r in enumerate(plan.nucleus) if values[r][1] < 0]
+        if full or undecided:  # rare: rows the envelope left to the exact path (one more read)
             if adj is not None:
                 adj.redo(raw)  # the read restored the raw logits
-            self._sample_whole(step, again, [], tokens)
-            values, width = self._read(raw, bm, adj, states, plan, tokens, fail, None)
+            if full:
+                self._sample_whole(step, full, [], tokens)
+            if undecided:
+                assert nucleus is not None
+                at = [plan.nucleus[i] for i in undecided]
+                count = [i for i, r in enumerate(at) if values[r][1] == _PENDING_UNKNOWN]
+                self._resolve_nucleus(step, at, nucleus.select(undecided), count, tokens)
+            values, width = self._read(raw, bm, adj, states, plan, tokens, fail, None, top)
         return values, width, tokens, fail
 
-    def _read(self, raw, bm, adj, states, plan, tokens, fail, redraw):
+    def _read(self, raw, bm, adj, states, plan, tokens, fail, redraw, top):
         """Pack the results and copy them to the host. Logprobs are of the raw logits, so
         adjustments made in place are undone first, and the block maxima of adjusted rows
         with logprobs are taken again."""
@@ -332,7 +359,7 @@ class Sampler:
             adj.restore(raw)
             if set(plan.logprobs) & set(plan.adjusted):
                 raw_bm = self._block_max(raw)
-        packed, width = self._pack(raw, raw_bm, states, plan, tokens, fail, redraw)
+        packed, width = self._pack(raw, raw_bm, states, plan, tokens, fail, redraw, top)
         return packed.tolist(), width  # the step's one device->host copy
 
     def _text_logits(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
@@ -438,9 +465,9 @@ class Sampler:
         )
         return x, _Adjustment(rows, ids, before, after, in_place)
 
-    def _sample_top_k(self, step: _Step, rows: _Rows, k: int) -> torch.Tensor:
-        """Rows with top_k: temperature, top_p, min_p and the draw on their top-k candidates."""
-        ids, vals = _top_candidates(step.x, step.bm, rows, k, self.block)
+    def _sample_top_k(self, step: _Step, rows: _Rows, ids, vals) -> torch.Tensor:
+        """Rows with top_k: temperature, top_p, min_p and the draw on their top-k candidates
+        (`ids`, `vals`: from `_top_candidates`)."""
         p = rows.pick(step.params)
         z = _tempered(vals, vals[:, :1], p)
         keep = torch.arange(ids.shape[1], device=ids.device) < p[:, _TOP_K, None]
@@ -451,27 +478,25 @@ class Sampler:
         choice = race(torch.where(keep, w, 0.0), lo, hi, _CANDIDATES, ids)
         return ids.gather(1, choice[:, None])[:, 0]
 
-    def _sample_envelope(
-        self, step: _Step, rows: _Rows, min_p: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows drawn from their whole tempered distribution (temperature, maybe min_p), without
-        weighing the vocabulary: exact rejection sampling under an envelope read off the block
-        maxima. The envelope gives each of the row's `envelope_blocks` blocks with the highest
-        maxima its exact mass (their tokens are gathered and weighed: for an LM's distribution
-        they hold nearly all of it) and every other block a bound, block size x the weight of
-        its maximum (no token of it weighs more), inflated by 2^-10 so that float rounding of
-        the token weights never exceeds it. Each of `envelope_proposals` proposals picks a block
-        in proportion to its envelope, in two stages so that no CDF spans the blocks (a slot
-        among the exact blocks and groups of 64 bounded blocks, then a block of the group),
-        weighs that block's tokens, and is accepted with probability mass / bound (always, for
-        an exact block); the first accepted proposal's block then races its tokens by weight.
-        Accepted proposals are exact draws whatever the envelope, so a loose one costs only rows
-        where no proposal is accepted: those come back flagged (`redraw`), and `sample` draws
-        them again on the exact whole-vocabulary path (`_sample_whole`) after its read-back.
+    def _propose(self, step: _Step, rows: _Rows, min_p: bool, race_all: bool) -> _Proposals:
+        """Exact rejection sampling from the whole tempered distribution of some rows, without
+        weighing the vocabulary: proposals under an envelope read off the block maxima. The
+        envelope gives each of the row's `envelope_blocks` blocks with the highest maxima its
+        exact mass (their tokens are gathered and weighed: for an LM's distribution they hold
+        nearly all of it) and every other block a bound, block size x the weight of its maximum
+        (no token of it weighs more), inflated by 2^-10 so that float rounding of the token
+        weights never exceeds it. Each of `envelope_proposals` proposals picks a block in
+        proportion to its envelope, in two stages so that no CDF spans the blocks (a slot among
+        the exact blocks and groups of 64 bounded blocks, then a block of the group), weighs
+        that block's tokens, and is accepted with probability mass / bound (always, for an exact
+        block); an accepted proposal's block then races its tokens by weight. Accepted proposals
+        are independent exact draws whatever the envelope, so a loose one costs only rows where
+        no proposal is accepted, which the caller draws again on the exact whole-vocabulary path.
 
-        min_p (when some row has it) keeps a token when x - (max + T ln min_p) >= -tiny, the
-        test `_sample_whole` makes, so both paths keep the same tokens; a block whose maximum
-        fails it weighs 0."""
+        min_p (when `min_p`, for rows that have it) keeps a token when x - (max + T ln min_p) >=
+        -tiny, the test `_sample_whole` makes, so both paths keep the same tokens; a block whose
+        maximum fails it weighs 0. `race_all`: race the tokens of every proposal's block (else
+        only the first accepted one's)."""
         x, bs, dev = step.x, self.block, step.x.device
         bm = rows.pick(step.bm).float()
         R, nb = bm.shape
@@ -495,16 +520,21 @@ class Sampler:
         K = min(self.envelope_blocks, nb)
         top = _order_keys(bm, torch.arange(nb, device=dev), nb - 1).topk(K, dim=1).indices
         fan = torch.arange(bs, device=dev)
-        exact = weigh(gather_rows(x, rows.gather_index, (top[:, :, None] * bs + fan).flatten(1)))
+        exact_ids = (top[:, :, None] * bs + fan).flatten(1)
+        exact_x = gather_rows(x, rows.gather_index, exact_ids).float()
+        exact = weigh(exact_x)
+        exact_mass = exact.view(R, K, bs).sum(dim=2)
         bound = weigh(bm).mul_(bs * (1.0 + 2.0**-10)).scatter_(1, top, 0.0)
         groups = torch.nn.functional.pad(bound, (0, -nb % _FAN_OUT)).view(R, -1, _FAN_OUT)
         G = groups.shape[1]
-        slots = torch.cat([exact.view(R, K, bs).sum(dim=2), groups.sum(dim=2)], dim=1).double()
+        group_bound = groups.sum(dim=2)
+        slots = torch.cat([exact_mass, group_bound], dim=1).double()
         # Random numbers, one hash call: per proposal a slot's u, a block's u and the
-        # acceptance v; then the token race's exponentials (by position within the block).
+        # acceptance v; then the token races' exponentials (by position within the block).
         n = self.envelope_proposals
         lo, hi = rows.pick(step.lo), rows.pick(step.hi)
-        h = hash32(lo, hi, _ENVELOPE, torch.arange(3 * n + bs, device=dev).expand(R, -1))
+        count = 3 * n + bs * (n if race_all else 1)
+        h = hash32(lo, hi, _ENVELOPE, torch.arange(count, device=dev).expand(R, -1))
         u = (h.double() + 0.5) * 2.0**-32
         cdf = slots.cumsum(dim=1)
         slot = torch.searchsorted(cdf, u[:, :n] * cdf[:, -1:], right=True).clamp_(max=K + G - 1)
@@ -519,17 +549,95 @@ class Sampler:
         w = weigh(gather_rows(x, rows.gather_index, (block[:, :, None] * bs + fan).flatten(1)))
         w = w.view(R, n, bs)
         accept = is_exact | (u[:, 2 * n : 3 * n] * bound.gather(1, block) < w.sum(dim=2))
-        first = accept.to(torch.uint8).argmax(dim=1)
-        chosen = w.gather(1, first[:, None, None].expand(R, 1, bs))[:, 0].double()
-        j = (chosen / -torch.log(u[:, 3 * n :])).argmax(dim=1)
-        return block.gather(1, first[:, None])[:, 0] * bs + j, ~accept.any(dim=1)
+        exponentials = -torch.log(u[:, 3 * n :]).view(R, -1, bs)
+        if race_all:
+            token = block * bs + (w.double() / exponentials).argmax(dim=2)
+        else:
+            first = accept.to(torch.uint8).argmax(dim=1)
+            chosen = w.gather(1, first[:, None, None].expand(R, 1, bs)).double()
+            j = (chosen / exponentials).argmax(dim=2)
+            token = block.gather(1, first[:, None]) * bs + j
+        total_low = exact_mass.double().sum(dim=1)
+        total_high = total_low + group_bound.double().sum(dim=1)
+        return _Proposals(token, accept, exact_ids, exact_x, exact, m, total_low, total_high)
+
+    def _sample_envelope(
+        self, step: _Step, rows: _Rows, min_p: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows with neither top_k nor top_p: the first accepted proposal's token (see
+        `_propose`), and which rows got none (to draw again)."""
+        proposals = self._propose(step, rows, min_p, race_all=False)
+        return proposals.token[:, 0], ~proposals.accept.any(dim=1)
+
+    def _sample_nucleus_envelope(self, step: _Step, rows: _Rows) -> _NucleusDraw:
+        """top_p rows without top_k, without weighing the vocabulary when the envelope settles
+        them. Their draw is rejection sampling too: a proposal j from the tempered distribution
+        (`_propose`, before min_p) is accepted when j passes min_p and the mass strictly before
+        it (logit desc, id asc) is below top_p of the total. The total is known only within
+        bounds (the exact part below, plus the envelope's bounds above); the mass before j is
+        exact when j is one of the top `nucleus_candidates` tokens (all in the exact part), and
+        at least their mass otherwise. So each proposal is surely in, surely out, or ambiguous.
+        The first proposal that is not surely out ends the row's loop: surely in, it is the
+        token; ambiguous, the row is decided exactly after the read-back (`_resolve_nucleus`:
+        the exact total, j accepted or not, and if not an exact draw, which is what the rest
+        of the loop would give). Rows whose proposals all fail go there too, without a j."""
+        P = self._propose(step, rows, min_p=False, race_all=True)
+        p = rows.pick(step.params)
+        V = self.text_vocab_size
+        nc = min(self.nucleus_candidates, P.exact_ids.shape[1])
+        pos = _order_keys(P.exact_x, P.exact_ids, V - 1).topk(nc, dim=1).indices
+        cand = P.exact_ids.gather(1, pos)
+        cw = P.exact_w.gather(1, pos).double()
+        before_cand = torch.cumsum(cw, dim=1) - cw
+        match = cand[:, None, :] == P.token[:, :, None]  # [R, n, nc]
+        known = match.any(dim=2)
+        at = match.to(torch.uint8).argmax(dim=2)
+        before = torch.where(known, before_cand.gather(1, at), cw.sum(dim=1, keepdim=True))
+        top_p = p[:, _TOP_P, None]
+        surely_in = known & (before < top_p * P.total_low[:, None])
+        surely_out = before >= top_p * P.total_high[:, None]
+        xj = gather_rows(step.x, rows.gather_index, P.token).float()
+        passes_min_p = (xj - P.m) * p[:, _C, None].float() >= p[:, _LOG2_MIN_P, None].float()
+        ends = P.accept & passes_min_p & ~surely_out
+        first = ends.to(torch.uint8).argmax(dim=1)[:, None]
+        has_j = ends.any(dim=1)
+        done = has_j & surely_in.gather(1, first)[:, 0]
+        token = P.token.gather(1, first)[:, 0]
+        return _NucleusDraw(
+            token, ~done, has_j & ~done, known.gather(1, first)[:, 0], before.gather(1, first)[:, 0]
+        )
+
+    def _resolve_nucleus(
+        self, step: _Step, at: list[int], draw: _NucleusDraw, count: list[int], tokens
+    ) -> None:
+        """Nucleus rows the envelope left undecided (batch rows `at`; `draw` holds their part of
+        `_sample_nucleus_envelope`'s result): the exact total, the pending j accepted when the
+        mass before it is below top_p of it, else an exact draw from the nucleus. `count`: the
+        positions in `at` whose pending j lies past the candidates, so the mass before it is
+        counted here."""
+        rows = step.rows(at)
+        w, sums = self._sample_whole(step, [], at, tokens)
+        total = sums.double().sum(dim=1)
+        j = draw.token
+        before = draw.before
+        if count:  # rare: the nucleus reaches past the candidates
+            i = _index(count, j.device)
+            x = step.x.index_select(0, rows.index.index_select(0, i)).float()
+            xj = x.gather(1, j.index_select(0, i)[:, None])
+            ids = torch.arange(self.text_vocab_size, device=x.device)
+            ahead = (x > xj) | ((x == xj) & (ids < j.index_select(0, i)[:, None]))
+            ahead = w.index_select(0, i) * ahead
+            mass = ahead.view(len(count), -1, self.block).sum(dim=2).double().sum(dim=1)
+            before = before.index_copy(0, i, mass)
+        inside = draw.has_j & (before < rows.pick(step.params)[:, _TOP_P] * total)
+        tokens[rows.index] = torch.where(inside, j, tokens.index_select(0, rows.index))
 
     def _sample_whole(
         self, step: _Step, full: list[int], nucleus: list[int], tokens: torch.Tensor
-    ) -> None:
-        """Rows without top_k drawn from weights over the whole vocabulary, in one buffer whose
-        rows are: full rows with min_p, full rows without (temperature; here only the rows the
-        envelope could not draw), nucleus rows (top_p)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows without top_k drawn from weights over the whole vocabulary (the rows the
+        envelope did not draw), in one buffer whose rows are: full rows with min_p, full rows
+        without, nucleus rows. Returns the nucleus rows' weights and block sums."""
         x, dev, V, bs = step.x, step.x.device, self.text_vocab_size, self.block
         with_min_p = [r for r in full if r in step.min_p]
         order = with_min_p + [r for r in full if r not in step.min_p] + nucleus
@@ -563,6 +671,7 @@ class Sampler:
             tokens[rows.index[nuc]] = self._sample_nucleus(
                 step, step.rows(nucleus), w[nuc], sums[nuc], p[nuc], lo[nuc], hi[nuc]
             )
+        return w[n_full:], sums[n_full:]
 
     def _sample_nucleus(self, step, rows: _Rows, w, sums, p, lo, hi) -> torch.Tensor:
         """top_p rows without top_k (their unfiltered weights in w): candidates first, then exact
@@ -654,27 +763,32 @@ class Sampler:
         slots = _index([states[r].slot for r in tracked], dev)  # type: ignore[misc]
         self.table.record(slots, tokens.index_select(0, rows), ok.index_select(0, rows), width)
 
-    def _pack(self, raw, raw_bm, states, plan, tokens, fail, redraw):
-        """[B, 3 + 2k] float64: token, failure code (or _REDRAW for a healthy full row the
-        envelope did not draw), chosen logprob, top-k ids, top-k logprobs (float64 holds every id
-        exactly)."""
+    def _pack(self, raw, raw_bm, states, plan, tokens, fail, redraw, top=None):
+        """[B, 3 + 2k] float64: token, failure code (or, for a healthy row the envelope did not
+        decide, the negative code from `redraw` [B]), chosen logprob, top-k ids, top-k logprobs
+        (float64 holds every id exactly). `top` (positions, ids, values): top_k rows'
+        candidates, which hold the top logprobs when every logprobs row is among them
+        unadjusted and asks for no more."""
         B, dev = raw.shape[0], raw.device
         k = max([states[r].params.logprobs or 0 for r in plan.logprobs], default=0)
         k = min(k, self.text_vocab_size)
         out = torch.full((B, 3 + 2 * k), math.nan, dtype=torch.float64, device=dev)
         out[:, 0] = tokens
         out[:, 1] = fail
-        if redraw is not None:
-            at = _index(plan.full, dev)
-            again = redraw & (fail.index_select(0, at) == 0)
-            out[at, 1] = torch.where(again, float(_REDRAW), out[at, 1])
+        if redraw is not None:  # [B]: rows the envelope left to the exact path
+            out[:, 1] = torch.where(fail == 0, redraw.double(), out[:, 1])
         if plan.logprobs:
             rows = _Rows.of(plan.logprobs, B, dev)
             lse = self._log_normalizer(raw, rows, rows.pick(raw_bm).amax(dim=1).float())
             chosen = gather_rows(raw, rows.index, rows.pick(tokens)[:, None])[:, 0].double()
             out[rows.index, 2] = chosen - lse
-            if k:
+            if k and top is not None and k <= top[1].shape[1]:
+                where = {r: i for i, r in enumerate(top[0])}
+                at = _index([where[r] for r in plan.logprobs], dev)
+                ids, vals = top[1].index_select(0, at)[:, :k], top[2].index_select(0, at)[:, :k]
+            elif k:
                 ids, vals = _top_candidates(raw, raw_bm, rows, k, self.block)
+            if k:
                 out[rows.index, 3 : 3 + k] = ids.double()
                 out[rows.index, 3 + k :] = vals.double() - lse[:, None]
         return out, k
@@ -696,7 +810,9 @@ _C, _TOP_K, _TOP_P, _LOG2_MIN_P, _MIN_P_SHIFT = range(5)  # columns of _row_para
 # uses stream + level (level < 8): rejection round r uses 2 + 8 (r % 24), whole-vocabulary draws
 # 200, candidate races 1, the envelope 220.
 _CANDIDATES, _REJECT, _REJECT_STREAMS, _FULL, _ENVELOPE = 1, 2, 24, 200, 220
-_REDRAW = -1  # failure-code column: the envelope drew nothing, draw again on the exact path
+# Failure-code column, rows the envelope left to the exact path: draw again; decide a pending
+# top_p proposal whose mass-before is known, or is not (to be counted).
+_REDRAW, _PENDING_KNOWN, _PENDING_UNKNOWN = -1, -2, -3
 # min_p below float32's smallest normal number is off: it could only drop tokens whose weights
 # float32 cannot hold apart from zero (and 1 / min_p would overflow the shifted weights).
 _MIN_P_FLOOR = 2.0**-126
@@ -758,6 +874,40 @@ def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
     out[:, _C] = out[:, _C].float().double()
     out[:, _LOG2_MIN_P] = out[:, _LOG2_MIN_P].float().double()
     return out
+
+
+@dataclass(frozen=True)
+class _Proposals:
+    """Envelope proposals for some rows (`Sampler._propose`): R rows, n proposals each."""
+
+    token: torch.Tensor  # [R, n] (race_all) or [R, 1] (the first accepted proposal's)
+    accept: torch.Tensor  # [R, n] accepted by the envelope
+    exact_ids: torch.Tensor  # [R, K * block] the exact part's token ids
+    exact_x: torch.Tensor  # their float32 logits
+    exact_w: torch.Tensor  # their weights
+    m: torch.Tensor  # [R, 1] row maximum
+    total_low: torch.Tensor  # [R] float64: the exact part's mass, at most the total
+    total_high: torch.Tensor  # [R] float64: at least the total
+
+
+@dataclass(frozen=True)
+class _NucleusDraw:
+    """`Sampler._sample_nucleus_envelope`'s result for its R rows."""
+
+    token: torch.Tensor  # [R] the token (for pending rows: the pending j)
+    undecided: torch.Tensor  # [R] bool: decided after the read-back
+    has_j: torch.Tensor  # [R] bool: undecided with a pending proposal j
+    known: torch.Tensor  # [R] bool: the mass before j is known (j is a candidate)
+    before: torch.Tensor  # [R] float64: that mass
+
+    def code(self) -> torch.Tensor:
+        """[R] float: 0 when decided, else _REDRAW / _PENDING_KNOWN / _PENDING_UNKNOWN."""
+        pending = torch.where(self.known, float(_PENDING_KNOWN), float(_PENDING_UNKNOWN))
+        return torch.where(self.has_j, pending, torch.where(self.undecided, float(_REDRAW), 0.0))
+
+    def select(self, at: list[int]) -> _NucleusDraw:
+        i = _index(at, self.token.device)
+        return _NucleusDraw(*(t.index_select(0, i) for t in vars(self).values()))
 
 
 @dataclass

@@ -289,12 +289,21 @@ def test_block_race_over_a_large_vocabulary(params: SamplingParams, candidates: 
 # bound is 64x its one token's weight, so a proposal is accepted with probability ~1/51. With 64
 # proposals about 72% of draws are accepted proposals and the rest are drawn again on the exact
 # path; with one proposal nearly all are drawn again. Both mixtures must be the exact distribution.
+# top_p rows: the total is known only within bounds that far apart, so most proposals are
+# ambiguous and are decided after the read-back; with 2 nucleus candidates, a pending proposal
+# past them has its mass-before counted there too.
 @pytest.mark.parametrize("proposals", [64, 1])
 @pytest.mark.parametrize(
-    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, min_p=0.2)]
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, min_p=0.2),
+        SamplingParams(top_p=0.8),
+        SamplingParams(top_p=0.7, temperature=1.3, min_p=0.3),
+    ],
 )
 def test_envelope_rejection_and_redraw_are_exact(params: SamplingParams, proposals: int) -> None:
-    sampler = Sampler(BIG_V, envelope_blocks=1, envelope_proposals=proposals)
+    sampler = Sampler(BIG_V, envelope_blocks=1, envelope_proposals=proposals, nucleus_candidates=2)
     logits = torch.full((BIG_V,), -60.0)
     logits[BIG_IDS] = torch.tensor(BIG_PROBS).log()
     probs = oracle(logits, params, eos=(), vocab=BIG_V)
@@ -564,6 +573,30 @@ def test_logprobs_come_from_the_raw_logits() -> None:
         assert lps == sorted(lps, reverse=True)
         torch.testing.assert_close(
             torch.tensor(lps, dtype=torch.float64), want.topk(5).values, rtol=0, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("top_k", [3, 5, 40])
+def test_top_logprobs_of_top_k_rows(top_k: int) -> None:
+    # A top_k row's sampling candidates are the raw top tokens, reused for its top logprobs
+    # when it asks for no more than top_k of them (3: it asks for more, and they are selected
+    # again); next to a greedy row, which is not a top_k row, and a 4096-id vocabulary.
+    sampler = Sampler(4096)
+    raw = torch.randn(2, 4096, generator=torch.Generator().manual_seed(7)) * 3
+    states = [
+        sampler.add_request(SamplingParams(logprobs=5, top_k=top_k, temperature=0.7, seed=1)),
+        sampler.add_request(SamplingParams(logprobs=2, temperature=0)),
+    ]
+    for row, r in enumerate(sampler.sample(raw, states)):
+        want = torch.log_softmax(raw[row].double(), 0)
+        n = len(r.top_logprobs)
+        assert n == (5, 2)[row]
+        assert [t for t, _ in r.top_logprobs] == want.topk(n).indices.tolist()
+        torch.testing.assert_close(  # float32 logits, float64 normaliser: see above
+            torch.tensor([lp for _, lp in r.top_logprobs], dtype=torch.float64),
+            want.topk(n).values,
+            rtol=0,
+            atol=1e-5,
         )
 
 
@@ -845,14 +878,15 @@ def test_a_step_is_one_batched_pass_with_one_read_back() -> None:
     assert not syncing & set(small)
 
 
-def test_top_p_without_top_k_adds_one_read_back() -> None:
-    # Logits spread by 8: the top 128 of 4096 ids hold the nucleus, so one flag read decides
-    # that no row needs the rejection path (each of whose rounds would read one more).
+def test_top_p_without_top_k_settled_by_the_envelope_adds_no_read() -> None:
+    # 4096 ids are 64 blocks, all in the envelope's exact part: the total is known exactly,
+    # so every top_p proposal is surely in or surely out, decided before the one read-back.
     mix = [*MIX, SamplingParams(top_p=0.9, seed=9)]
-    small, _ = _step_ops(2, mix, scale=8.0)
-    large, _ = _step_ops(8, mix, scale=8.0)
+    small, calls_small = _step_ops(2, mix, scale=8.0)
+    large, calls_large = _step_ops(8, mix, scale=8.0)
     assert small == large
-    assert small["aten.nonzero"] == 1 and "aten._local_scalar_dense" not in small
+    assert calls_small == calls_large == 1
+    assert not {"aten._local_scalar_dense", "aten.nonzero"} & set(small)
 
 
 def test_sampler_state_is_a_plain_record() -> None:
