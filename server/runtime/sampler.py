@@ -108,7 +108,7 @@ import torch
 from server.runtime.counter_random import MAX_INDEX, hash32, race, row_key
 from server.runtime.grammar import GrammarMatcher, Grammars
 from server.runtime.penalties import Entry, PenaltyTable
-from server.runtime.row_gather import gather_rows, scatter_rows_
+from server.runtime.row_gather import gather_blocks, gather_rows, scatter_rows_
 from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask_
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.step import SampleResult
@@ -521,7 +521,7 @@ class Sampler:
         top = _order_keys(bm, torch.arange(nb, device=dev), nb - 1).topk(K, dim=1).indices
         fan = torch.arange(bs, device=dev)
         exact_ids = (top[:, :, None] * bs + fan).flatten(1)
-        exact_x = gather_rows(x, rows.gather_index, exact_ids).float()
+        exact_x = gather_blocks(x, rows.gather_index, top, bs).flatten(1).float()
         exact = weigh(exact_x)
         exact_mass = exact.view(R, K, bs).sum(dim=2)
         bound = weigh(bm).mul_(bs * (1.0 + 2.0**-10)).scatter_(1, top, 0.0)
@@ -546,8 +546,7 @@ class Sampler:
         block = torch.where(
             is_exact, top.gather(1, slot.clamp(max=K - 1)), (group * _FAN_OUT + member)
         ).clamp_(max=nb - 1)
-        w = weigh(gather_rows(x, rows.gather_index, (block[:, :, None] * bs + fan).flatten(1)))
-        w = w.view(R, n, bs)
+        w = weigh(gather_blocks(x, rows.gather_index, block, bs).flatten(1)).view(R, n, bs)
         accept = is_exact | (u[:, 2 * n : 3 * n] * bound.gather(1, block) < w.sum(dim=2))
         exponentials = -torch.log(u[:, 3 * n :]).view(R, -1, bs)
         if race_all:
@@ -1056,7 +1055,7 @@ def _top_candidates(x, bm, rows: _Rows, k: int, bs: int) -> tuple[torch.Tensor, 
     block_keys = _order_keys(rows.pick(bm), torch.arange(nb, device=dev), nb - 1)
     blocks = block_keys.topk(min(k, nb), dim=1).indices
     ids = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
-    vals = gather_rows(x, rows.gather_index, ids).float()
+    vals = gather_blocks(x, rows.gather_index, blocks, bs).flatten(1).float()
     pos = _order_keys(vals, ids, V - 1).topk(k, dim=1).indices
     return ids.gather(1, pos), vals.gather(1, pos)
 
@@ -1067,8 +1066,8 @@ def _first_argmax(x, bm, rows: _Rows, bs: int) -> torch.Tensor:
     b = rows.pick(bm)
     top = b.amax(dim=1, keepdim=True)
     block = (b == top).to(torch.uint8).argmax(dim=1)
-    ids = block[:, None] * bs + torch.arange(bs, device=x.device)
-    first = (gather_rows(x, rows.gather_index, ids) == top).to(torch.uint8).argmax(dim=1)
+    values = gather_blocks(x, rows.gather_index, block[:, None], bs)[:, 0]
+    first = (values == top).to(torch.uint8).argmax(dim=1)
     return block * bs + first
 
 
