@@ -125,18 +125,25 @@ class PenaltyTable:
         cols = torch.arange(width, device=x.device)
         n = self.n.index_select(0, slots)
         # Padded columns read entry 0, so every write in a row at a repeated id is the same value.
-        src = torch.where(cols < n[:, None], cols, 0)
-        at = (slots[:, None], src)
-        ids = self.ids[at]
+        valid = cols < n[:, None]
+
+        def field(table: torch.Tensor) -> torch.Tensor:
+            """The slots' first `width` entries of a field, padded columns as entry 0 (a slice's
+            rows: much cheaper than indexing [P, width] pairs, and than whole rows of a table
+            sized for max_tokens)."""
+            t = table[:, :width].index_select(0, slots)
+            return torch.where(valid, t, t[:, :1])
+
+        ids = field(self.ids)
         before = gather_rows(x, rows, ids)
         v = before.float()
-        v = torch.where(self.blocked[at] & min_tokens_active[:, None], float("-inf"), v)
-        v = v + self.bias[at]
+        v = torch.where(field(self.blocked) & min_tokens_active[:, None], float("-inf"), v)
+        v = v + field(self.bias)
         rep = repetition[:, None]
         # Repetition (HF/vLLM): positive logits divided, negative ones multiplied; 1 is the
         # identity, so rows without it need no mask.
-        v = torch.where(self.seen[at], torch.where(v > 0, v / rep, v * rep), v)
-        count = self.count[at]
+        v = torch.where(field(self.seen), torch.where(v > 0, v / rep, v * rep), v)
+        count = field(self.count)
         v = v - (frequency[:, None] * count + presence[:, None] * (count > 0))
         # A tiny repetition penalty can overflow a positive logit to +inf, which would make the
         # weights NaN; the largest float keeps the token on top and the maths finite.
@@ -154,7 +161,7 @@ class PenaltyTable:
         width = min(width + 1, self.width)
         cols = torch.arange(width, device=tokens.device)
         n = self.n.index_select(0, slots)
-        ids = self.ids[slots[:, None], cols]
+        ids = self.ids[:, :width].index_select(0, slots)
         match = (cols < n[:, None]) & (ids == tokens[:, None])
         found = match.any(dim=1)
         pos = torch.where(found, match.to(torch.uint8).argmax(dim=1), n)
