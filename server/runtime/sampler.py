@@ -166,7 +166,10 @@ class SamplerState:
 
 
 class Sampler:
-    """Samples one token per row; see the module docstring for the order and the method."""
+    """Samples one token per row; see the module docstring for the order and the method.
+
+    Its methods run in inference mode: the runner's logits are inference tensors, which
+    adjusting in place needs, and the sampler's own tables are then only ever changed there."""
 
     def __init__(
         self,
@@ -197,6 +200,7 @@ class Sampler:
 
     # ---- requests --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def add_request(
         self,
         params: SamplingParams,
@@ -247,6 +251,7 @@ class Sampler:
 
     # ---- sampling --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> list[SampleResult]:
         """One token per row of `logits` [B, >= text vocabulary]; advances each sampled state."""
         raw = self._text_logits(logits, states)
@@ -274,6 +279,7 @@ class Sampler:
                     raise RuntimeError(f"row {r}: the grammar refused a token its mask allowed")
         return _results(values, width, states)
 
+    @torch.inference_mode()
     def record(self, states: Sequence[SamplerState], token_ids: Sequence[int]) -> None:
         """Count tokens as generated without sampling them (one per state; e.g. tokens a caller
         forces). `sample` records its own draws."""
@@ -285,6 +291,7 @@ class Sampler:
         for s in states:
             s.num_generated += 1
 
+    @torch.inference_mode()
     def processed_logits(
         self, logits: torch.Tensor, states: Sequence[SamplerState]
     ) -> torch.Tensor:
