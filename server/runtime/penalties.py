@@ -28,6 +28,7 @@ import torch
 from server.runtime.row_gather import gather_rows, scatter_rows_
 
 _F32_MAX = torch.finfo(torch.float32).max
+_F32_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ class PenaltyTable:
         v = before.float()
         v = torch.where(field(self.blocked) & min_tokens_active[:, None], float("-inf"), v)
         v = v + field(self.bias)
-        rep = repetition[:, None]
+        # Within float32's normal range: a penalty that rounds to 0 or inf would turn a blocked
+        # -inf (times 0) or a zero logit (times inf) into NaN.
+        rep = repetition[:, None].clamp(_F32_TINY, _F32_MAX)
         # Repetition (HF/vLLM): positive logits divided, negative ones multiplied; 1 is the
         # identity, so rows without it need no mask.
         v = torch.where(field(self.seen), torch.where(v > 0, v / rep, v * rep), v)

@@ -506,6 +506,18 @@ def test_tiny_repetition_penalty_stays_finite() -> None:
     assert SAMPLER.sample(raw, [s])[0].token_id == 4
 
 
+@pytest.mark.parametrize("penalty", [1e-300, 1e-45, 1e300])
+def test_extreme_repetition_penalties_never_make_nan(penalty: float) -> None:
+    # Beyond float32's range the penalty rounds to 0 or inf: a blocked eos (-inf) times 0, or a
+    # zero logit times inf, would be NaN, which the row would report as the model's fault.
+    raw = torch.zeros(1, V)
+    raw[0, 5] = -2.0
+    s = state(prompt=[EOS, 4, 5], min_tokens=3, repetition_penalty=penalty, seed=0)
+    processed = SAMPLER.processed_logits(raw, [s])[0]
+    assert not processed.isnan().any() and processed[EOS] == float("-inf")
+    assert SAMPLER.sample(raw, [s])[0].token_id != EOS
+
+
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_min_tokens_blocks_eos_and_stop_ids_until_reached(ignore_eos: bool) -> None:
     raw = torch.zeros(1, V + PLACEHOLDERS)
