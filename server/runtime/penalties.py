@@ -28,6 +28,7 @@ import torch
 from server.runtime.row_gather import gather_rows, scatter_rows_
 
 _F32_MAX = torch.finfo(torch.float32).max
+_F32_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -107,36 +108,51 @@ class PenaltyTable:
     def apply(
         self,
         x: torch.Tensor,
-        rows: torch.Tensor,
+        rows: torch.Tensor | None,
         slots: torch.Tensor,
         width: int,
         min_tokens_active: torch.Tensor,
         repetition: torch.Tensor,
         frequency: torch.Tensor,
         presence: torch.Tensor,
-    ) -> None:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adjust x[rows] in place, in the sampler's order: min_tokens, bias, repetition penalty,
         frequency and presence penalties. Per-row tensors are [P] on x's device; `width` bounds
-        every slot's valid entries (the host knows it: entries at registration plus outputs)."""
+        every slot's valid entries (the host knows it: entries at registration plus outputs).
+        `rows` None means every row of x, in order. Returns the ids [P, width] written and x's
+        values there before and after, so that a caller adjusting logits it does not own can
+        put them back."""
         width = max(1, min(width, self.width))
         cols = torch.arange(width, device=x.device)
         n = self.n.index_select(0, slots)
         # Padded columns read entry 0, so every write in a row at a repeated id is the same value.
-        src = torch.where(cols < n[:, None], cols, 0)
-        at = (slots[:, None], src)
-        ids = self.ids[at]
-        v = gather_rows(x, rows, ids).float()
-        v = torch.where(self.blocked[at] & min_tokens_active[:, None], float("-inf"), v)
-        v = v + self.bias[at]
-        rep = repetition[:, None]
+        valid = cols < n[:, None]
+
+        def field(table: torch.Tensor) -> torch.Tensor:
+            """The slots' first `width` entries of a field, padded columns as entry 0 (a slice's
+            rows: much cheaper than indexing [P, width] pairs, and than whole rows of a table
+            sized for max_tokens)."""
+            t = table[:, :width].index_select(0, slots)
+            return torch.where(valid, t, t[:, :1])
+
+        ids = field(self.ids)
+        before = gather_rows(x, rows, ids)
+        v = before.float()
+        v = torch.where(field(self.blocked) & min_tokens_active[:, None], float("-inf"), v)
+        v = v + field(self.bias)
+        # Within float32's normal range: a penalty that rounds to 0 or inf would turn a blocked
+        # -inf (times 0) or a zero logit (times inf) into NaN.
+        rep = repetition[:, None].clamp(_F32_TINY, _F32_MAX)
         # Repetition (HF/vLLM): positive logits divided, negative ones multiplied; 1 is the
         # identity, so rows without it need no mask.
-        v = torch.where(self.seen[at], torch.where(v > 0, v / rep, v * rep), v)
-        count = self.count[at]
+        v = torch.where(field(self.seen), torch.where(v > 0, v / rep, v * rep), v)
+        count = field(self.count)
         v = v - (frequency[:, None] * count + presence[:, None] * (count > 0))
         # A tiny repetition penalty can overflow a positive logit to +inf, which would make the
         # weights NaN; the largest float keeps the token on top and the maths finite.
-        scatter_rows_(x, rows, ids, v.clamp(max=_F32_MAX))
+        after = v.clamp(max=_F32_MAX)
+        scatter_rows_(x, rows, ids, after)
+        return ids, before, after
 
     def record(
         self, slots: torch.Tensor, tokens: torch.Tensor, ok: torch.Tensor, width: int
@@ -148,7 +164,7 @@ class PenaltyTable:
         width = min(width + 1, self.width)
         cols = torch.arange(width, device=tokens.device)
         n = self.n.index_select(0, slots)
-        ids = self.ids[slots[:, None], cols]
+        ids = self.ids[:, :width].index_select(0, slots)
         match = (cols < n[:, None]) & (ids == tokens[:, None])
         found = match.any(dim=1)
         pos = torch.where(found, match.to(torch.uint8).argmax(dim=1), n)

@@ -1,6 +1,6 @@
 """Reading and writing a few columns of some rows of a [B, V] tensor without touching the rest.
 
-Owns two helpers for the sampler's vocabulary-sized tensors. `x[rows[:, None], ids]` (aten::index
+Owns three helpers for the sampler's vocabulary-sized tensors. `x[rows[:, None], ids]` (aten::index
 and index_put) is the obvious way, but on a CPU it costs milliseconds at a 262144-id vocabulary
 even for a few thousand elements (and it copies a non-contiguous `x`, such as logits sliced to the
 text vocabulary, whole). `gather`/`scatter_` along dim 1 index within each row and cost what they
@@ -29,10 +29,27 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor | None, ids: torch.Tensor) -
 
 
 def scatter_rows_(
-    x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor
+    x: torch.Tensor, rows: torch.Tensor | None, ids: torch.Tensor, values: torch.Tensor
 ) -> None:
-    """x[rows[i], ids[i, j]] = values[i, j], in place. Repeated ids within a row must carry the
-    same value (scatter_ leaves the order of colliding writes unspecified)."""
+    """x[rows[i], ids[i, j]] = values[i, j], in place (`rows` None: every row, in order).
+    Repeated ids within a row must carry the same value (scatter_ leaves the order of colliding
+    writes unspecified)."""
+    if rows is None:
+        x.scatter_(1, ids, values.to(x.dtype))
+        return
     full = _full_index(x, rows, ids)
     current = x.gather(1, full)  # rows not asked for write their column 0 back as it is
     x.scatter_(1, full, current.index_copy_(0, rows, values.to(x.dtype)))
+
+
+def gather_blocks(
+    x: torch.Tensor, rows: torch.Tensor | None, blocks: torch.Tensor, size: int
+) -> torch.Tensor:
+    """x[rows[i], blocks[i, j] * size + t] as [R, n, size]: whole blocks of `size` contiguous
+    columns (`rows` None: every row, in order). Indexing a [B, V / size, size] view copies each
+    block as one slice, about twice as fast on a CPU as a per-element gather of the same ids.
+    x's last dimension must be contiguous and a multiple of `size`."""
+    view = x.as_strided((x.shape[0], x.shape[1] // size, size), (x.stride(0), size, 1))
+    if rows is None:
+        rows = torch.arange(x.shape[0], device=x.device)
+    return view[rows[:, None], blocks]

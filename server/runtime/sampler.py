@@ -38,11 +38,20 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     desc, id asc) through int64 keys, so ties break to the lower id whatever the kernel does.
   - top_k rows (k <= vocabulary) work on their top-k candidates only: temperature, top_p over the
     top-k mass, min_p and the draw are [rows, k] operations.
-  - Rows without top_k need the whole distribution: three in-place passes write
-    exp2((x - max) * log2(e) / T) into a reused buffer, and one more its block sums (min_p adds
-    one threshold pass). They draw by an exponential race over levels (a group of blocks in
+  - Rows with neither top_k nor top_p (temperature, maybe min_p) draw without weighing the
+    vocabulary: exact rejection sampling under an envelope read off the block maxima (the 64
+    blocks with the highest maxima weighed exactly, every other block bounded by 64 x the weight
+    of its maximum; see `_sample_envelope`). For an LM's distribution nearly every first proposal
+    is accepted; rows where none of a step's proposals is (flat distributions) are drawn again
+    on the whole-vocabulary path below, after the read-back.
+  - The whole-vocabulary path (top_p without top_k, and those redraws): three in-place passes
+    write exp2((x - max) * log2(e) / T) into a reused buffer, and one more its block sums (min_p
+    adds one threshold pass). They draw by an exponential race over levels (a group of blocks in
     proportion to its mass, a block within it, a token within that): exact, with random numbers
     for about 3 x 64 items per row rather than the vocabulary.
+  - min_tokens, logit_bias and penalties touch a few ids per row: float32 logits are adjusted in
+    place and the values before are written back before `sample` returns (also on an error), so
+    no vocabulary-sized copy is made; other dtypes are adjusted on a float32 copy.
   - top_p without top_k: the top `nucleus_candidates` tokens settle the nucleus when their mass
     reaches top_p of the total (they hold it exactly, and the draw is over them); rows they do not
     settle draw by exact rejection with a moving pivot (FlashInfer's idea, here over the block
@@ -54,7 +63,8 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     in the batch and wherever its row is; unseeded requests get a random seed at registration.
   - One device->host copy per step: ids, failure codes and requested logprobs packed in one
     float64 tensor. Steps with top_p-without-top_k rows read one more flag vector (which rows the
-    candidates settle), and one per rejection round when some row needs them.
+    candidates settle), and one per rejection round when some row needs them; steps where the
+    envelope drew nothing for some row read once more after drawing it again.
 
 Exactness: every path samples exactly the filtered distribution (up to float rounding of the
 weights). Bitwise batch invariance needs each row's arithmetic to be the same whatever the batch:
@@ -95,10 +105,10 @@ from dataclasses import dataclass
 
 import torch
 
-from server.runtime.counter_random import MAX_INDEX, race, row_key
+from server.runtime.counter_random import MAX_INDEX, hash32, race, row_key
 from server.runtime.grammar import GrammarMatcher, Grammars
 from server.runtime.penalties import Entry, PenaltyTable
-from server.runtime.row_gather import gather_rows
+from server.runtime.row_gather import gather_blocks, gather_rows, scatter_rows_
 from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask_
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.step import SampleResult
@@ -107,6 +117,8 @@ LOG2E = 1.0 / math.log(2.0)
 NEG_INF = float("-inf")
 MAX_BLOCK = 64  # ids per block of the block maxima / block sums (and fan-out of the block race)
 NUCLEUS_CANDIDATES = 64  # top_p without top_k: candidates that usually settle the nucleus
+ENVELOPE_BLOCKS = 64  # whole-distribution rows: blocks weighed exactly in the envelope
+ENVELOPE_PROPOSALS = 8  # whole-distribution rows: proposals per step before the exact path
 _F32_MAX = torch.finfo(torch.float32).max
 _FAIL_MESSAGES = {
     1: "the model's logits contain NaN or +inf",
@@ -154,7 +166,10 @@ class SamplerState:
 
 
 class Sampler:
-    """Samples one token per row; see the module docstring for the order and the method."""
+    """Samples one token per row; see the module docstring for the order and the method.
+
+    Its methods run in inference mode: the runner's logits are inference tensors, which
+    adjusting in place needs, and the sampler's own tables are then only ever changed there."""
 
     def __init__(
         self,
@@ -163,6 +178,8 @@ class Sampler:
         device: torch.device | str = "cpu",
         nucleus_candidates: int = NUCLEUS_CANDIDATES,
         grammars: Grammars | None = None,
+        envelope_blocks: int = ENVELOPE_BLOCKS,
+        envelope_proposals: int = ENVELOPE_PROPOSALS,
     ) -> None:
         """`grammars` compiles structured-output constraints; without it a request with one
         is refused at `add_request`."""
@@ -174,6 +191,8 @@ class Sampler:
         # The largest power of two up to MAX_BLOCK dividing the vocabulary (Gemma's 262144: 64).
         self.block = math.gcd(text_vocab_size, MAX_BLOCK)
         self.nucleus_candidates = nucleus_candidates
+        self.envelope_blocks = envelope_blocks
+        self.envelope_proposals = envelope_proposals
         self.table = PenaltyTable(self.device)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -181,6 +200,7 @@ class Sampler:
 
     # ---- requests --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def add_request(
         self,
         params: SamplingParams,
@@ -231,6 +251,7 @@ class Sampler:
 
     # ---- sampling --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> list[SampleResult]:
         """One token per row of `logits` [B, >= text vocabulary]; advances each sampled state."""
         raw = self._text_logits(logits, states)
@@ -240,35 +261,12 @@ class Sampler:
         if constrained:
             raw = self._constrained(raw, states, constrained)
         plan = _plan(states, self.text_vocab_size)
-        dev, B = raw.device, raw.shape[0]
-        raw_bm = self._block_max(raw)
-        raw_max = raw_bm.amax(dim=1).float()
-        # amax propagates NaN, so the row maximum tells NaN / +inf / no finite value apart.
-        fail = torch.where(
-            torch.isnan(raw_max) | (raw_max == math.inf),
-            1,
-            torch.where(raw_max == NEG_INF, 2, 0),
-        )
-        x, bm = self._processed(raw, raw_bm, states, plan)
-        if x is not raw:
-            fail = torch.where((fail == 0) & (bm.amax(dim=1) == NEG_INF), 3, fail)
-        host = torch.tensor([row_key(s.seed, s.num_generated) for s in states], dtype=torch.long)
-        keys = host.to(dev, non_blocking=True)
-        params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
-        tokens = torch.zeros(B, dtype=torch.long, device=dev)
-        step = _Step(x, bm, params, keys[:, 0], keys[:, 1], fail, B)
-
-        if plan.greedy:
-            rows = step.rows(plan.greedy)
-            tokens[rows.index] = _first_argmax(x, bm, rows, self.block)
-        if plan.top_k:
-            rows = step.rows(plan.top_k)
-            k = max(states[r].params.top_k for r in plan.top_k)
-            tokens[rows.index] = self._sample_top_k(step, rows, k)
-        if plan.full or plan.nucleus:
-            self._sample_whole(step, plan, tokens)
-        packed, width = self._pack(raw, raw_bm, raw_max, states, plan, tokens, fail)
-        values = packed.tolist()  # the step's one device->host copy
+        x, adj = self._processed(raw, states, plan)
+        try:
+            values, width, tokens, fail = self._draw(raw, x, adj, states, plan)
+        finally:
+            if adj is not None:  # the caller's logits as they were, also after an error
+                adj.restore(raw)
         # State advances last: a step that raised before here (e.g. out of memory, which the
         # engine retries) has changed nothing.
         if plan.tracked:
@@ -281,6 +279,7 @@ class Sampler:
                     raise RuntimeError(f"row {r}: the grammar refused a token its mask allowed")
         return _results(values, width, states)
 
+    @torch.inference_mode()
     def record(self, states: Sequence[SamplerState], token_ids: Sequence[int]) -> None:
         """Count tokens as generated without sampling them (one per state; e.g. tokens a caller
         forces). `sample` records its own draws."""
@@ -292,17 +291,83 @@ class Sampler:
         for s in states:
             s.num_generated += 1
 
+    @torch.inference_mode()
     def processed_logits(
         self, logits: torch.Tensor, states: Sequence[SamplerState]
     ) -> torch.Tensor:
         """Steps 1 and 3-5: [B, text_vocab_size] float32 logits before temperature and filters."""
         raw = self._text_logits(logits, states)
-        x, _ = self._processed(
-            raw, self._block_max(raw), states, _plan(states, self.text_vocab_size)
-        )
-        return x.float().clone()
+        x, adj = self._processed(raw, states, _plan(states, self.text_vocab_size))
+        out = x.float().clone()
+        if adj is not None:
+            adj.restore(raw)
+        return out
 
     # ---- steps -----------------------------------------------------------------------------
+
+    def _draw(self, raw, x, adj: _Adjustment | None, states, plan: _Plan):
+        """Every row's token from x (the processed logits: raw itself when adjusted in place),
+        and the one read-back: (values, logprobs width, tokens, failure codes) on the device."""
+        dev, B = raw.device, raw.shape[0]
+        bm = self._block_max(x)
+        fail = _failures(bm.amax(dim=1).float(), adj)
+        host = torch.tensor([row_key(s.seed, s.num_generated) for s in states], dtype=torch.long)
+        keys = host.to(dev, non_blocking=True)
+        params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
+        tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        step = _Step(x, bm, params, keys[:, 0], keys[:, 1], fail, B, plan.min_p)
+        top = None
+
+        if plan.greedy:
+            rows = step.rows(plan.greedy)
+            tokens[rows.index] = _first_argmax(x, bm, rows, self.block)
+        if plan.top_k:
+            rows = step.rows(plan.top_k)
+            k = max(states[r].params.top_k for r in plan.top_k)
+            ids, vals = _top_candidates(x, bm, rows, k, self.block)
+            tokens[rows.index] = self._sample_top_k(step, rows, ids, vals)
+            if not set(plan.logprobs) - set(plan.top_k) - set(plan.adjusted):
+                top = (plan.top_k, ids, vals)  # the raw logits' top tokens, for logprobs
+        redraw = nucleus = None
+        if plan.full or plan.nucleus:  # per row: 0, or what the exact path must do (_REDRAW...)
+            redraw = torch.zeros(B, device=dev)
+        if plan.full:
+            rows = step.rows(plan.full)
+            drawn, again = self._sample_envelope(step, rows, bool(plan.min_p & set(plan.full)))
+            tokens[rows.index] = drawn
+            redraw[rows.index] = torch.where(again, float(_REDRAW), 0.0)
+        if plan.nucleus:
+            rows = step.rows(plan.nucleus)
+            nucleus = self._sample_nucleus_envelope(step, rows)
+            tokens[rows.index] = nucleus.token
+            redraw[rows.index] = nucleus.code()
+        values, width = self._read(raw, bm, adj, states, plan, tokens, fail, redraw, top)
+        full = [r for r in plan.full if values[r][1] == _REDRAW]
+        undecided = [i for i, r in enumerate(plan.nucleus) if values[r][1] < 0]
+        if full or undecided:  # rare: rows the envelope left to the exact path (one more read)
+            if adj is not None:
+                adj.redo(raw)  # the read restored the raw logits
+            if full:
+                self._sample_whole(step, full, [], tokens)
+            if undecided:
+                assert nucleus is not None
+                at = [plan.nucleus[i] for i in undecided]
+                count = [i for i, r in enumerate(at) if values[r][1] == _PENDING_UNKNOWN]
+                self._resolve_nucleus(step, at, nucleus.select(undecided), count, tokens)
+            values, width = self._read(raw, bm, adj, states, plan, tokens, fail, None, top)
+        return values, width, tokens, fail
+
+    def _read(self, raw, bm, adj, states, plan, tokens, fail, redraw, top):
+        """Pack the results and copy them to the host. Logprobs are of the raw logits, so
+        adjustments made in place are undone first, and the block maxima of adjusted rows
+        with logprobs are taken again."""
+        raw_bm = bm
+        if adj is not None:
+            adj.restore(raw)
+            if set(plan.logprobs) & set(plan.adjusted):
+                raw_bm = self._block_max(raw)
+        packed, width = self._pack(raw, raw_bm, states, plan, tokens, fail, redraw, top)
+        return packed.tolist(), width  # the step's one device->host copy
 
     def _text_logits(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[0] != len(states):
@@ -368,13 +433,18 @@ class Sampler:
         else:
             w.copy_(x.index_select(0, rows.index))
 
-    def _processed(self, raw, raw_bm, states, plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 3-5 on a float32 copy when any row has adjustments this step; else the raw
-        logits themselves (no copy)."""
+    def _processed(self, raw, states, plan) -> tuple[torch.Tensor, _Adjustment | None]:
+        """Steps 3-5 where any row has adjustments this step. They touch a few ids per row, so
+        float32 logits are adjusted in place (the values before are kept, and `sample` puts
+        them back before it returns); other dtypes on a float32 copy, so that every formula
+        runs in float32. Without adjustments: the raw logits themselves."""
         if not plan.adjusted:
-            return raw, raw_bm
-        x = self._buffer("processed", raw.shape[0], raw.device)
-        x.copy_(raw)
+            return raw, None
+        in_place = raw.dtype == torch.float32
+        x = raw
+        if not in_place:
+            x = self._buffer("processed", raw.shape[0], raw.device)
+            x.copy_(raw)
         adj = [states[r] for r in plan.adjusted]
         per_row = torch.tensor(
             [
@@ -389,9 +459,10 @@ class Sampler:
             ],
             dtype=torch.float64,
         ).to(raw.device, non_blocking=True)
-        self.table.apply(
+        rows = None if len(adj) == raw.shape[0] else _index(plan.adjusted, raw.device)
+        ids, before, after = self.table.apply(
             x,
-            _index(plan.adjusted, raw.device),
+            rows,
             per_row[:, 0].long(),
             max(s.static_entries + s.num_generated for s in adj),
             per_row[:, 1].bool(),
@@ -399,11 +470,11 @@ class Sampler:
             per_row[:, 3].float(),
             per_row[:, 4].float(),
         )
-        return x, self._block_max(x)
+        return x, _Adjustment(rows, ids, before, after, in_place)
 
-    def _sample_top_k(self, step: _Step, rows: _Rows, k: int) -> torch.Tensor:
-        """Rows with top_k: temperature, top_p, min_p and the draw on their top-k candidates."""
-        ids, vals = _top_candidates(step.x, step.bm, rows, k, self.block)
+    def _sample_top_k(self, step: _Step, rows: _Rows, ids, vals) -> torch.Tensor:
+        """Rows with top_k: temperature, top_p, min_p and the draw on their top-k candidates
+        (`ids`, `vals`: from `_top_candidates`)."""
         p = rows.pick(step.params)
         z = _tempered(vals, vals[:, :1], p)
         keep = torch.arange(ids.shape[1], device=ids.device) < p[:, _TOP_K, None]
@@ -414,14 +485,170 @@ class Sampler:
         choice = race(torch.where(keep, w, 0.0), lo, hi, _CANDIDATES, ids)
         return ids.gather(1, choice[:, None])[:, 0]
 
-    def _sample_whole(self, step: _Step, plan: _Plan, tokens: torch.Tensor) -> None:
-        """Rows without top_k: temperature, min_p and top_p over the whole vocabulary, weights in
-        one buffer whose rows are: full rows with min_p, full rows without, nucleus rows."""
+    def _propose(self, step: _Step, rows: _Rows, min_p: bool, race_all: bool) -> _Proposals:
+        """Exact rejection sampling from the whole tempered distribution of some rows, without
+        weighing the vocabulary: proposals under an envelope read off the block maxima. The
+        envelope gives each of the row's `envelope_blocks` blocks with the highest maxima its
+        exact mass (their tokens are gathered and weighed: for an LM's distribution they hold
+        nearly all of it) and every other block a bound, block size x the weight of its maximum
+        (no token of it weighs more), inflated by 2^-10 so that float rounding of the token
+        weights never exceeds it. Each of `envelope_proposals` proposals picks a block in
+        proportion to its envelope, in two stages so that no CDF spans the blocks (a slot among
+        the exact blocks and groups of 64 bounded blocks, then a block of the group), weighs
+        that block's tokens, and is accepted with probability mass / bound (always, for an exact
+        block); an accepted proposal's block then races its tokens by weight. Accepted proposals
+        are independent exact draws whatever the envelope, so a loose one costs only rows where
+        no proposal is accepted, which the caller draws again on the exact whole-vocabulary path.
+
+        min_p (when `min_p`, for rows that have it) keeps a token when x - (max + T ln min_p) >=
+        -tiny, the test `_sample_whole` makes, so both paths keep the same tokens; a block whose
+        maximum fails it weighs 0. `race_all`: race the tokens of every proposal's block (else
+        only the first accepted one's)."""
+        x, bs, dev = step.x, self.block, step.x.device
+        bm = rows.pick(step.bm).float()
+        R, nb = bm.shape
+        p = rows.pick(step.params)
+        c = p[:, _C, None].float()
+        m = bm.amax(dim=1, keepdim=True)
+        if min_p:  # the threshold; -inf for rows without min_p (x - (-inf) is +inf)
+            floor = torch.where(
+                p[:, _LOG2_MIN_P, None] > NEG_INF, m + p[:, _MIN_P_SHIFT, None].float(), NEG_INF
+            )
+        tiny = -torch.finfo(torch.float32).tiny
+
+        def weigh(values: torch.Tensor) -> torch.Tensor:
+            """Token (or block-maximum) weights exp2((x - max) log2(e) / T), 0 below min_p."""
+            values = values.float()
+            w = torch.exp2((values - m) * c)
+            return torch.where((values - floor) >= tiny, w, 0.0) if min_p else w
+
+        # The exact part: the K blocks with the highest maxima, ties to the lower block (int64
+        # keys), so which blocks are exact never depends on the batch.
+        K = min(self.envelope_blocks, nb)
+        top = _order_keys(bm, torch.arange(nb, device=dev), nb - 1).topk(K, dim=1).indices
+        fan = torch.arange(bs, device=dev)
+        exact_ids = (top[:, :, None] * bs + fan).flatten(1)
+        exact_x = gather_blocks(x, rows.gather_index, top, bs).flatten(1).float()
+        exact = weigh(exact_x)
+        exact_mass = exact.view(R, K, bs).sum(dim=2)
+        bound = weigh(bm).mul_(bs * (1.0 + 2.0**-10)).scatter_(1, top, 0.0)
+        groups = torch.nn.functional.pad(bound, (0, -nb % _FAN_OUT)).view(R, -1, _FAN_OUT)
+        G = groups.shape[1]
+        group_bound = groups.sum(dim=2)
+        slots = torch.cat([exact_mass, group_bound], dim=1).double()
+        # Random numbers, one hash call: per proposal a slot's u, a block's u and the
+        # acceptance v; then the token races' exponentials (by position within the block).
+        n = self.envelope_proposals
+        lo, hi = rows.pick(step.lo), rows.pick(step.hi)
+        count = 3 * n + bs * (n if race_all else 1)
+        h = hash32(lo, hi, _ENVELOPE, torch.arange(count, device=dev).expand(R, -1))
+        u = (h.double() + 0.5) * 2.0**-32
+        cdf = slots.cumsum(dim=1)
+        slot = torch.searchsorted(cdf, u[:, :n] * cdf[:, -1:], right=True).clamp_(max=K + G - 1)
+        group = (slot - K).clamp_(min=0)
+        within = groups.gather(1, group[:, :, None].expand(R, n, _FAN_OUT)).double().cumsum(dim=2)
+        target = (u[:, n : 2 * n] * within[:, :, -1])[:, :, None]
+        member = torch.searchsorted(within, target, right=True)[:, :, 0].clamp_(max=_FAN_OUT - 1)
+        is_exact = slot < K
+        block = torch.where(
+            is_exact, top.gather(1, slot.clamp(max=K - 1)), (group * _FAN_OUT + member)
+        ).clamp_(max=nb - 1)
+        w = weigh(gather_blocks(x, rows.gather_index, block, bs).flatten(1)).view(R, n, bs)
+        accept = is_exact | (u[:, 2 * n : 3 * n] * bound.gather(1, block) < w.sum(dim=2))
+        exponentials = -torch.log(u[:, 3 * n :]).view(R, -1, bs)
+        if race_all:
+            token = block * bs + (w.double() / exponentials).argmax(dim=2)
+        else:
+            first = accept.to(torch.uint8).argmax(dim=1)
+            chosen = w.gather(1, first[:, None, None].expand(R, 1, bs)).double()
+            j = (chosen / exponentials).argmax(dim=2)
+            token = block.gather(1, first[:, None]) * bs + j
+        total_low = exact_mass.double().sum(dim=1)
+        total_high = total_low + group_bound.double().sum(dim=1)
+        return _Proposals(token, accept, exact_ids, exact_x, exact, m, total_low, total_high)
+
+    def _sample_envelope(
+        self, step: _Step, rows: _Rows, min_p: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows with neither top_k nor top_p: the first accepted proposal's token (see
+        `_propose`), and which rows got none (to draw again)."""
+        proposals = self._propose(step, rows, min_p, race_all=False)
+        return proposals.token[:, 0], ~proposals.accept.any(dim=1)
+
+    def _sample_nucleus_envelope(self, step: _Step, rows: _Rows) -> _NucleusDraw:
+        """top_p rows without top_k, without weighing the vocabulary when the envelope settles
+        them. Their draw is rejection sampling too: a proposal j from the tempered distribution
+        (`_propose`, before min_p) is accepted when j passes min_p and the mass strictly before
+        it (logit desc, id asc) is below top_p of the total. The total is known only within
+        bounds (the exact part below, plus the envelope's bounds above); the mass before j is
+        exact when j is one of the top `nucleus_candidates` tokens (all in the exact part), and
+        at least their mass otherwise. So each proposal is surely in, surely out, or ambiguous.
+        The first proposal that is not surely out ends the row's loop: surely in, it is the
+        token; ambiguous, the row is decided exactly after the read-back (`_resolve_nucleus`:
+        the exact total, j accepted or not, and if not an exact draw, which is what the rest
+        of the loop would give). Rows whose proposals all fail go there too, without a j."""
+        P = self._propose(step, rows, min_p=False, race_all=True)
+        p = rows.pick(step.params)
+        V = self.text_vocab_size
+        nc = min(self.nucleus_candidates, P.exact_ids.shape[1])
+        pos = _order_keys(P.exact_x, P.exact_ids, V - 1).topk(nc, dim=1).indices
+        cand = P.exact_ids.gather(1, pos)
+        cw = P.exact_w.gather(1, pos).double()
+        before_cand = torch.cumsum(cw, dim=1) - cw
+        match = cand[:, None, :] == P.token[:, :, None]  # [R, n, nc]
+        known = match.any(dim=2)
+        at = match.to(torch.uint8).argmax(dim=2)
+        before = torch.where(known, before_cand.gather(1, at), cw.sum(dim=1, keepdim=True))
+        top_p = p[:, _TOP_P, None]
+        surely_in = known & (before < top_p * P.total_low[:, None])
+        surely_out = before >= top_p * P.total_high[:, None]
+        xj = gather_rows(step.x, rows.gather_index, P.token).float()
+        passes_min_p = (xj - P.m) * p[:, _C, None].float() >= p[:, _LOG2_MIN_P, None].float()
+        ends = P.accept & passes_min_p & ~surely_out
+        first = ends.to(torch.uint8).argmax(dim=1)[:, None]
+        has_j = ends.any(dim=1)
+        done = has_j & surely_in.gather(1, first)[:, 0]
+        token = P.token.gather(1, first)[:, 0]
+        return _NucleusDraw(
+            token, ~done, has_j & ~done, known.gather(1, first)[:, 0], before.gather(1, first)[:, 0]
+        )
+
+    def _resolve_nucleus(
+        self, step: _Step, at: list[int], draw: _NucleusDraw, count: list[int], tokens
+    ) -> None:
+        """Nucleus rows the envelope left undecided (batch rows `at`; `draw` holds their part of
+        `_sample_nucleus_envelope`'s result): the exact total, the pending j accepted when the
+        mass before it is below top_p of it, else an exact draw from the nucleus. `count`: the
+        positions in `at` whose pending j lies past the candidates, so the mass before it is
+        counted here."""
+        rows = step.rows(at)
+        w, sums = self._sample_whole(step, [], at, tokens)
+        total = sums.double().sum(dim=1)
+        j = draw.token
+        before = draw.before
+        if count:  # rare: the nucleus reaches past the candidates
+            i = _index(count, j.device)
+            x = step.x.index_select(0, rows.index.index_select(0, i)).float()
+            xj = x.gather(1, j.index_select(0, i)[:, None])
+            ids = torch.arange(self.text_vocab_size, device=x.device)
+            ahead = (x > xj) | ((x == xj) & (ids < j.index_select(0, i)[:, None]))
+            ahead = w.index_select(0, i) * ahead
+            mass = ahead.view(len(count), -1, self.block).sum(dim=2).double().sum(dim=1)
+            before = before.index_copy(0, i, mass)
+        inside = draw.has_j & (before < rows.pick(step.params)[:, _TOP_P] * total)
+        tokens[rows.index] = torch.where(inside, j, tokens.index_select(0, rows.index))
+
+    def _sample_whole(
+        self, step: _Step, full: list[int], nucleus: list[int], tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows without top_k drawn from weights over the whole vocabulary (the rows the
+        envelope did not draw), in one buffer whose rows are: full rows with min_p, full rows
+        without, nucleus rows. Returns the nucleus rows' weights and block sums."""
         x, dev, V, bs = step.x, step.x.device, self.text_vocab_size, self.block
-        with_min_p = [r for r in plan.full if r in plan.min_p]
-        order = with_min_p + [r for r in plan.full if r not in plan.min_p] + plan.nucleus
+        with_min_p = [r for r in full if r in step.min_p]
+        order = with_min_p + [r for r in full if r not in step.min_p] + nucleus
         rows = step.rows(order)
-        R, n_min_p, n_full = len(order), len(with_min_p), len(plan.full)
+        R, n_min_p, n_full = len(order), len(with_min_p), len(full)
         p = rows.pick(step.params)
         m = rows.pick(step.bm).amax(dim=1).float()
         w = self._buffer("weights", R, dev)
@@ -445,11 +672,12 @@ class Sampler:
             tokens[rows.index[full]] = _block_race(
                 w[full], None, sums[full], lo[full], hi[full], _FULL, bs
             )
-        if plan.nucleus:
+        if nucleus:
             nuc = slice(n_full, R)
             tokens[rows.index[nuc]] = self._sample_nucleus(
-                step, step.rows(plan.nucleus), w[nuc], sums[nuc], p[nuc], lo[nuc], hi[nuc]
+                step, step.rows(nucleus), w[nuc], sums[nuc], p[nuc], lo[nuc], hi[nuc]
             )
+        return w[n_full:], sums[n_full:]
 
     def _sample_nucleus(self, step, rows: _Rows, w, sums, p, lo, hi) -> torch.Tensor:
         """top_p rows without top_k (their unfiltered weights in w): candidates first, then exact
@@ -541,22 +769,32 @@ class Sampler:
         slots = _index([states[r].slot for r in tracked], dev)  # type: ignore[misc]
         self.table.record(slots, tokens.index_select(0, rows), ok.index_select(0, rows), width)
 
-    def _pack(self, raw, raw_bm, raw_max, states, plan, tokens, fail):
-        """[B, 3 + 2k] float64: token, failure code, chosen logprob, top-k ids, top-k logprobs
-        (float64 holds every id exactly)."""
+    def _pack(self, raw, raw_bm, states, plan, tokens, fail, redraw, top=None):
+        """[B, 3 + 2k] float64: token, failure code (or, for a healthy row the envelope did not
+        decide, the negative code from `redraw` [B]), chosen logprob, top-k ids, top-k logprobs
+        (float64 holds every id exactly). `top` (positions, ids, values): top_k rows'
+        candidates, which hold the top logprobs when every logprobs row is among them
+        unadjusted and asks for no more."""
         B, dev = raw.shape[0], raw.device
         k = max([states[r].params.logprobs or 0 for r in plan.logprobs], default=0)
         k = min(k, self.text_vocab_size)
         out = torch.full((B, 3 + 2 * k), math.nan, dtype=torch.float64, device=dev)
         out[:, 0] = tokens
         out[:, 1] = fail
+        if redraw is not None:  # [B]: rows the envelope left to the exact path
+            out[:, 1] = torch.where(fail == 0, redraw.double(), out[:, 1])
         if plan.logprobs:
             rows = _Rows.of(plan.logprobs, B, dev)
-            lse = self._log_normalizer(raw, rows, rows.pick(raw_max))
+            lse = self._log_normalizer(raw, rows, rows.pick(raw_bm).amax(dim=1).float())
             chosen = gather_rows(raw, rows.index, rows.pick(tokens)[:, None])[:, 0].double()
             out[rows.index, 2] = chosen - lse
-            if k:
+            if k and top is not None and k <= top[1].shape[1]:
+                where = {r: i for i, r in enumerate(top[0])}
+                at = _index([where[r] for r in plan.logprobs], dev)
+                ids, vals = top[1].index_select(0, at)[:, :k], top[2].index_select(0, at)[:, :k]
+            elif k:
                 ids, vals = _top_candidates(raw, raw_bm, rows, k, self.block)
+            if k:
                 out[rows.index, 3 : 3 + k] = ids.double()
                 out[rows.index, 3 + k :] = vals.double() - lse[:, None]
         return out, k
@@ -576,8 +814,11 @@ class Sampler:
 _C, _TOP_K, _TOP_P, _LOG2_MIN_P, _MIN_P_SHIFT = range(5)  # columns of _row_params
 # Random streams (counter_random), one per use so that no two uses share a number. A block race
 # uses stream + level (level < 8): rejection round r uses 2 + 8 (r % 24), whole-vocabulary draws
-# 200, candidate races 1.
-_CANDIDATES, _REJECT, _REJECT_STREAMS, _FULL = 1, 2, 24, 200
+# 200, candidate races 1, the envelope 220.
+_CANDIDATES, _REJECT, _REJECT_STREAMS, _FULL, _ENVELOPE = 1, 2, 24, 200, 220
+# Failure-code column, rows the envelope left to the exact path: draw again; decide a pending
+# top_p proposal whose mass-before is known, or is not (to be counted).
+_REDRAW, _PENDING_KNOWN, _PENDING_UNKNOWN = -1, -2, -3
 # min_p below float32's smallest normal number is off: it could only drop tokens whose weights
 # float32 cannot hold apart from zero (and 1 / min_p would overflow the shifted weights).
 _MIN_P_FLOOR = 2.0**-126
@@ -641,6 +882,88 @@ def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class _Proposals:
+    """Envelope proposals for some rows (`Sampler._propose`): R rows, n proposals each."""
+
+    token: torch.Tensor  # [R, n] (race_all) or [R, 1] (the first accepted proposal's)
+    accept: torch.Tensor  # [R, n] accepted by the envelope
+    exact_ids: torch.Tensor  # [R, K * block] the exact part's token ids
+    exact_x: torch.Tensor  # their float32 logits
+    exact_w: torch.Tensor  # their weights
+    m: torch.Tensor  # [R, 1] row maximum
+    total_low: torch.Tensor  # [R] float64: the exact part's mass, at most the total
+    total_high: torch.Tensor  # [R] float64: at least the total
+
+
+@dataclass(frozen=True)
+class _NucleusDraw:
+    """`Sampler._sample_nucleus_envelope`'s result for its R rows."""
+
+    token: torch.Tensor  # [R] the token (for pending rows: the pending j)
+    undecided: torch.Tensor  # [R] bool: decided after the read-back
+    has_j: torch.Tensor  # [R] bool: undecided with a pending proposal j
+    known: torch.Tensor  # [R] bool: the mass before j is known (j is a candidate)
+    before: torch.Tensor  # [R] float64: that mass
+
+    def code(self) -> torch.Tensor:
+        """[R] float: 0 when decided, else _REDRAW / _PENDING_KNOWN / _PENDING_UNKNOWN."""
+        pending = torch.where(self.known, float(_PENDING_KNOWN), float(_PENDING_UNKNOWN))
+        return torch.where(self.has_j, pending, torch.where(self.undecided, float(_REDRAW), 0.0))
+
+    def select(self, at: list[int]) -> _NucleusDraw:
+        i = _index(at, self.token.device)
+        return _NucleusDraw(*(t.index_select(0, i) for t in vars(self).values()))
+
+
+@dataclass
+class _Adjustment:
+    """What steps 3-5 changed in one step's logits: rows [P], ids [P, W] and the values there
+    before and after (padded columns repeat a row's first entry, so repeated writes agree)."""
+
+    rows: torch.Tensor | None  # None: every row, in order
+    ids: torch.Tensor
+    before: torch.Tensor
+    after: torch.Tensor
+    in_place: bool  # made in the caller's logits (else in a copy)
+    pending: bool = False  # the caller's logits hold `after` and must get `before` back
+
+    def __post_init__(self) -> None:
+        self.pending = self.in_place
+
+    def restore(self, raw: torch.Tensor) -> None:
+        if self.pending:
+            scatter_rows_(raw, self.rows, self.ids, self.before)
+            self.pending = False
+
+    def redo(self, raw: torch.Tensor) -> None:
+        """Adjust the caller's logits again after `restore` (adjusting in place only)."""
+        if self.in_place and not self.pending:
+            scatter_rows_(raw, self.rows, self.ids, self.after)
+            self.pending = True
+
+
+def _failures(x_max: torch.Tensor, adj: _Adjustment | None) -> torch.Tensor:
+    """Per-row failure codes (0: none; see _FAIL_MESSAGES) from the row maxima of the processed
+    logits and, for adjusted rows, the raw values at the ids adjusting changed: amax propagates
+    NaN, so x_max shows NaN / +inf anywhere processing left alone, and the raw values show them
+    where it did not (a blocked or clamped id hides them). A row whose processed maximum is -inf
+    had no finite raw logit (2) unless one of its adjusted ids had one (3: min_tokens)."""
+    bad = torch.isnan(x_max) | (x_max == math.inf)
+    had_finite = torch.zeros_like(bad)
+    if adj is not None:
+        before = adj.before.float()
+        rows_bad = (torch.isnan(before) | (before == math.inf)).any(dim=1)
+        finite = torch.isfinite(before).any(dim=1)
+        if adj.rows is None:
+            bad, had_finite = bad | rows_bad, finite
+        else:
+            bad = bad.index_copy(0, adj.rows, bad.index_select(0, adj.rows) | rows_bad)
+            had_finite = had_finite.index_copy(0, adj.rows, finite)
+    none = x_max == NEG_INF
+    return torch.where(bad, 1, torch.where(none, torch.where(had_finite, 3, 2), 0))
+
+
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.long).to(device, non_blocking=True)
 
@@ -682,6 +1005,7 @@ class _Step:
     hi: torch.Tensor
     fail: torch.Tensor
     batch: int
+    min_p: set[int]  # rows with min_p
 
     def rows(self, positions: Sequence[int]) -> _Rows:
         return _Rows.of(positions, self.batch, self.x.device)
@@ -738,7 +1062,7 @@ def _top_candidates(x, bm, rows: _Rows, k: int, bs: int) -> tuple[torch.Tensor, 
     block_keys = _order_keys(rows.pick(bm), torch.arange(nb, device=dev), nb - 1)
     blocks = block_keys.topk(min(k, nb), dim=1).indices
     ids = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
-    vals = gather_rows(x, rows.gather_index, ids).float()
+    vals = gather_blocks(x, rows.gather_index, blocks, bs).flatten(1).float()
     pos = _order_keys(vals, ids, V - 1).topk(k, dim=1).indices
     return ids.gather(1, pos), vals.gather(1, pos)
 
@@ -749,8 +1073,8 @@ def _first_argmax(x, bm, rows: _Rows, bs: int) -> torch.Tensor:
     b = rows.pick(bm)
     top = b.amax(dim=1, keepdim=True)
     block = (b == top).to(torch.uint8).argmax(dim=1)
-    ids = block[:, None] * bs + torch.arange(bs, device=x.device)
-    first = (gather_rows(x, rows.gather_index, ids) == top).to(torch.uint8).argmax(dim=1)
+    values = gather_blocks(x, rows.gather_index, block[:, None], bs)[:, 0]
+    first = (values == top).to(torch.uint8).argmax(dim=1)
     return block * bs + first
 
 

@@ -119,6 +119,37 @@ def test_seeded_sampling_reproduces_across_runs_and_batch_compositions(tiny):
     assert outputs["other"] != alone
 
 
+def test_every_sampling_parameter_runs_on_the_runners_logits(tiny):
+    # The runner's logits are inference tensors, which the sampler adjusts in place for
+    # penalties, bias and min_tokens (and restores): each kind of request, batched together
+    # over several subnets, finishes as it does alone.
+    requests = {
+        "penalties": SamplingParams(
+            max_tokens=8,
+            seed=1,
+            repetition_penalty=1.3,
+            frequency_penalty=0.5,
+            presence_penalty=0.5,
+            logit_bias={300: 1.5},
+        ),
+        "min_tokens": SamplingParams(max_tokens=8, min_tokens=8, seed=2, temperature=0.8),
+        "forced": SamplingParams(max_tokens=4, seed=3, logit_bias={321: 100.0}),
+        "min_p": SamplingParams(max_tokens=8, seed=4, min_p=0.1),
+        "top_p": SamplingParams(max_tokens=8, seed=5, top_p=0.8),
+        "logprobs": SamplingParams(max_tokens=8, seed=6, logprobs=3, top_k=20),
+        "greedy": SamplingParams(max_tokens=8, temperature=0, logit_bias={7: -5.0}),
+    }
+    prompts = {rid: prompt_ids(12 + i, seed=i) for i, rid in enumerate(requests)}
+    subnets = {rid: SUBNETS[i % len(SUBNETS)] for i, rid in enumerate(requests)}
+    arrivals = {0: [(rid, prompts[rid], subnets[rid], p) for rid, p in requests.items()]}
+    outputs, finished = run(engine(tiny), arrivals)
+    assert outputs["forced"] == [321] * 4
+    for rid, params in requests.items():
+        assert finished[rid].finish_reason == "length", (rid, finished[rid])
+        request = GenerationRequest(tiny.subnets[subnets[rid]], prompts[rid], params)
+        assert outputs[rid] == alone(tiny, request).token_ids, rid
+
+
 def test_every_block_returns_after_finishes_aborts_and_preemptions(tiny):
     # A pool so small that the requests cannot all hold their KV: preemption must happen.
     eng = engine(tiny, kv_mb=0.4, max_num_seqs=8)

@@ -285,6 +285,56 @@ def test_block_race_over_a_large_vocabulary(params: SamplingParams, candidates: 
     assert chi_square_pvalue(counts, probs) > ALPHA, counts
 
 
+# The envelope with one exact block (block 0: only id 5's 0.2 of the mass): every other block's
+# bound is 64x its one token's weight, so a proposal is accepted with probability ~1/51. With 64
+# proposals about 72% of draws are accepted proposals and the rest are drawn again on the exact
+# path; with one proposal nearly all are drawn again. Both mixtures must be the exact distribution.
+# top_p rows: the total is known only within bounds that far apart, so most proposals are
+# ambiguous and are decided after the read-back; with 2 nucleus candidates, a pending proposal
+# past them has its mass-before counted there too.
+@pytest.mark.parametrize("proposals", [64, 1])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, min_p=0.2),
+        SamplingParams(top_p=0.8),
+        SamplingParams(top_p=0.7, temperature=1.3, min_p=0.3),
+    ],
+)
+def test_envelope_rejection_and_redraw_are_exact(params: SamplingParams, proposals: int) -> None:
+    sampler = Sampler(BIG_V, envelope_blocks=1, envelope_proposals=proposals, nucleus_candidates=2)
+    logits = torch.full((BIG_V,), -60.0)
+    logits[BIG_IDS] = torch.tensor(BIG_PROBS).log()
+    probs = oracle(logits, params, eos=(), vocab=BIG_V)
+    counts = draws(logits, params, seeds=40, steps=50, sampler=sampler)
+    assert chi_square_pvalue(counts, probs) > ALPHA, counts
+
+
+def test_a_loose_envelope_costs_one_more_read_only_when_a_row_is_drawn_again() -> None:
+    logits = torch.full((BIG_V,), -60.0)
+    logits[BIG_IDS] = torch.tensor(BIG_PROBS).log()
+    batch = logits.expand(8, -1).contiguous()
+    reads = []
+    for proposals in (4096, 1):  # accepts within 4096 proposals (fails w.p. ~1e-35); rarely in 1
+        sampler = Sampler(BIG_V, envelope_blocks=1, envelope_proposals=proposals)
+        states = [sampler.add_request(SamplingParams(seed=s)) for s in range(8)]
+        tolist, calls = torch.Tensor.tolist, 0
+
+        def counted(self, tolist=tolist):
+            nonlocal calls
+            calls += 1
+            return tolist(self)
+
+        torch.Tensor.tolist = counted  # type: ignore[method-assign]
+        try:
+            sampler.sample(batch, states)
+        finally:
+            torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        reads.append(calls)
+    assert reads == [1, 2]
+
+
 # ---- temperature, top-k, top-p, min-p: which ids survive ----------------------------------------
 
 
@@ -456,6 +506,18 @@ def test_tiny_repetition_penalty_stays_finite() -> None:
     assert SAMPLER.sample(raw, [s])[0].token_id == 4
 
 
+@pytest.mark.parametrize("penalty", [1e-300, 1e-45, 1e300])
+def test_extreme_repetition_penalties_never_make_nan(penalty: float) -> None:
+    # Beyond float32's range the penalty rounds to 0 or inf: a blocked eos (-inf) times 0, or a
+    # zero logit times inf, would be NaN, which the row would report as the model's fault.
+    raw = torch.zeros(1, V)
+    raw[0, 5] = -2.0
+    s = state(prompt=[EOS, 4, 5], min_tokens=3, repetition_penalty=penalty, seed=0)
+    processed = SAMPLER.processed_logits(raw, [s])[0]
+    assert not processed.isnan().any() and processed[EOS] == float("-inf")
+    assert SAMPLER.sample(raw, [s])[0].token_id != EOS
+
+
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_min_tokens_blocks_eos_and_stop_ids_until_reached(ignore_eos: bool) -> None:
     raw = torch.zeros(1, V + PLACEHOLDERS)
@@ -526,6 +588,30 @@ def test_logprobs_come_from_the_raw_logits() -> None:
         )
 
 
+@pytest.mark.parametrize("top_k", [3, 5, 40])
+def test_top_logprobs_of_top_k_rows(top_k: int) -> None:
+    # A top_k row's sampling candidates are the raw top tokens, reused for its top logprobs
+    # when it asks for no more than top_k of them (3: it asks for more, and they are selected
+    # again); next to a greedy row, which is not a top_k row, and a 4096-id vocabulary.
+    sampler = Sampler(4096)
+    raw = torch.randn(2, 4096, generator=torch.Generator().manual_seed(7)) * 3
+    states = [
+        sampler.add_request(SamplingParams(logprobs=5, top_k=top_k, temperature=0.7, seed=1)),
+        sampler.add_request(SamplingParams(logprobs=2, temperature=0)),
+    ]
+    for row, r in enumerate(sampler.sample(raw, states)):
+        want = torch.log_softmax(raw[row].double(), 0)
+        n = len(r.top_logprobs)
+        assert n == (5, 2)[row]
+        assert [t for t, _ in r.top_logprobs] == want.topk(n).indices.tolist()
+        torch.testing.assert_close(  # float32 logits, float64 normaliser: see above
+            torch.tensor([lp for _, lp in r.top_logprobs], dtype=torch.float64),
+            want.topk(n).values,
+            rtol=0,
+            atol=1e-5,
+        )
+
+
 def test_logprobs_zero_gives_only_the_chosen_token() -> None:
     raw = rand_row(2)[None]
     r = SAMPLER.sample(raw, [state(logprobs=0, temperature=0)])[0]
@@ -579,6 +665,46 @@ def test_positive_infinity_in_the_logits_is_a_row_failure() -> None:
     with pytest.raises(SamplingError) as info:
         SAMPLER.sample(logits, [state(), state(temperature=0)])
     assert info.value.failures == {0: "the model's logits contain NaN or +inf"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_at_adjusted_ids_are_row_failures(bad: float) -> None:
+    # Adjusting hides what the model wrote at an id (a blocked eos becomes -inf, +inf is
+    # clamped to the largest float): the failure must still be seen, on that row only.
+    logits = rand_row(0)[None].repeat(4, 1)
+    logits[0, EOS] = bad  # blocked by min_tokens
+    logits[1, 7] = bad  # biased
+    logits[2, 3] = bad  # in the prompt, under a repetition penalty
+    states = [
+        state(min_tokens=2, seed=0),
+        state(logit_bias={7: -1.0}, seed=1),
+        state([3], repetition_penalty=1.3, seed=2),
+        state(min_tokens=2, logit_bias={7: 1.0}, seed=3),
+    ]
+    with pytest.raises(SamplingError) as info:
+        SAMPLER.sample(logits, states)
+    assert sorted(info.value.failures) == [0, 1, 2]
+    assert info.value.results[3] is not None
+
+
+def test_adjusting_in_place_leaves_the_callers_logits_as_they_were() -> None:
+    # Penalties, bias and min_tokens are applied to the float32 logits in place and undone
+    # before `sample` returns, also when a row fails and `sample` raises.
+    logits = torch.stack([rand_row(i) for i in range(3)])
+    states = [
+        state([3, 4, 5], repetition_penalty=1.5, presence_penalty=0.7, seed=0, logprobs=2),
+        state(min_tokens=3, logit_bias={9: 5.0, 10: -5.0}, seed=1, temperature=0.7),
+        state([6], frequency_penalty=1.0, logit_bias={2: 3.0}, temperature=0),
+    ]
+    for _ in range(3):
+        before = logits.clone()
+        SAMPLER.sample(logits, states)
+        assert torch.equal(logits, before)
+    logits[2, 11] = float("nan")
+    before = logits.clone()
+    with pytest.raises(SamplingError):
+        SAMPLER.sample(logits, states)
+    assert ((logits == before) | (logits.isnan() & before.isnan())).all()
 
 
 def test_caller_errors() -> None:
@@ -764,14 +890,15 @@ def test_a_step_is_one_batched_pass_with_one_read_back() -> None:
     assert not syncing & set(small)
 
 
-def test_top_p_without_top_k_adds_one_read_back() -> None:
-    # Logits spread by 8: the top 128 of 4096 ids hold the nucleus, so one flag read decides
-    # that no row needs the rejection path (each of whose rounds would read one more).
+def test_top_p_without_top_k_settled_by_the_envelope_adds_no_read() -> None:
+    # 4096 ids are 64 blocks, all in the envelope's exact part: the total is known exactly,
+    # so every top_p proposal is surely in or surely out, decided before the one read-back.
     mix = [*MIX, SamplingParams(top_p=0.9, seed=9)]
-    small, _ = _step_ops(2, mix, scale=8.0)
-    large, _ = _step_ops(8, mix, scale=8.0)
+    small, calls_small = _step_ops(2, mix, scale=8.0)
+    large, calls_large = _step_ops(8, mix, scale=8.0)
     assert small == large
-    assert small["aten.nonzero"] == 1 and "aten._local_scalar_dense" not in small
+    assert calls_small == calls_large == 1
+    assert not {"aten._local_scalar_dense", "aten.nonzero"} & set(small)
 
 
 def test_sampler_state_is_a_plain_record() -> None:
