@@ -2,10 +2,12 @@
 
 Owns one named Ray actor's state (`FLEET_BOARD`): engine replicas post the report they give the
 request router (`record_routing_stats`, every few hundred ms) and, less often, the exposition text
-of their own metrics registry; ingress replicas read all of them for /metrics. A request router only
-sees reports when it routes, and only in its own ingress; the board gives each ingress the whole
-fleet, idle or not. A replica that stops posting (it died) (and its metrics) is dropped after
-`forget_after_s`.
+of their own metrics registry; ingress replicas post their own counters (routing decisions,
+retries, the limits store's state) and read all of it for /metrics, so that a scrape through the
+HTTP proxy, which may reach any ingress, shows every ingress's counters, not one's. A request
+router only sees reports when it routes, and only in its own ingress; the board gives each
+ingress the whole fleet, idle or not. A replica or ingress that stops posting (it died) is
+dropped, with its metrics, after `forget_after_s`.
 
 Deliberately does not know: routing, Ray's API (the ingress and replicas wrap it), or metrics.
 """
@@ -24,6 +26,7 @@ class FleetBoard:
         self.clock = clock
         self._reports: dict[str, tuple[float, dict[str, Any]]] = {}  # replica -> (posted, it)
         self._metrics: dict[str, tuple[str, str]] = {}  # replica -> (rank, exposition text)
+        self._ingresses: dict[str, tuple[float, dict[str, Any]]] = {}  # ingress -> (posted, it)
 
     def post(self, report: dict[str, Any]) -> None:
         if "replica" in report:
@@ -46,3 +49,14 @@ class FleetBoard:
             if now - posted > self.forget_after_s:
                 del self._reports[tag]
         return {tag: report for tag, (_, report) in self._reports.items()}
+
+    def post_ingress(self, ingress: str, state: dict[str, Any]) -> None:
+        self._ingresses[str(ingress)] = (self.clock(), dict(state))
+
+    def ingresses(self) -> dict[str, dict[str, Any]]:
+        """Each ingress's latest counters, for the ingresses that still post."""
+        now = self.clock()
+        for tag, (posted, _) in list(self._ingresses.items()):
+            if now - posted > self.forget_after_s:
+                del self._ingresses[tag]
+        return {tag: state for tag, (_, state) in self._ingresses.items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from server.fleet.fleet_config import FleetConfig
 from server.fleet.fleet_view import FLEET
 from server.fleet.remote_engine import RemoteEngine
 from server.fleet.tenant_limits import LIMITS_ACTOR, GlobalLimiter, LimitsStore
-from server.telemetry.fleet_metrics import FleetCollector, FleetSnapshot
+from server.telemetry.fleet_metrics import FleetCollector, FleetSnapshot, IngressCounters
 from server.telemetry.replica_families import FleetMetrics
 from server.vocabulary.measured_quality import read_measured_quality
 from server.vocabulary.sampling_params import SamplingParams
@@ -74,6 +75,8 @@ class FleetService(Service):
         self.metrics.registry.register(FleetCollector(self.fleet_snapshot))
         self.board_reports: dict[str, dict[str, Any]] = {}
         self.board_metrics: dict[str, tuple[str, str]] = {}  # replica -> (rank, its metrics)
+        self.board_ingresses: dict[str, dict[str, Any]] = {}  # ingress -> its counters
+        self.ingress_id = _ingress_id()
         self.metrics.replica_texts = lambda: self.board_metrics  # type: ignore[attr-defined]
         self._board_task: asyncio.Task | None = None
 
@@ -107,7 +110,8 @@ class FleetService(Service):
             log.error("the ingress failed to start: %s", self.load_error)
 
     async def _read_board(self) -> None:
-        """Every replica's latest report from the fleet board, twice a second (for /metrics)."""
+        """Every replica's latest report from the fleet board, twice a second (for /metrics);
+        this ingress's own counters onto it, and every ingress's off it, as often."""
         import ray
 
         board = None
@@ -116,7 +120,9 @@ class FleetService(Service):
             try:
                 if board is None:
                     board = ray.get_actor(FLEET_BOARD, namespace=NAMESPACE)
+                board.post_ingress.remote(self.ingress_id, vars(self.own_counters()))
                 self.board_reports = await board.reports.remote()
+                self.board_ingresses = await board.ingresses.remote()
                 if reads % 2 == 0:  # replicas post their metrics once a second
                     self.board_metrics = await board.metrics.remote()
                 reads += 1
@@ -149,14 +155,12 @@ class FleetService(Service):
                 f"exceeds the context length {max_len}"
             )
 
-    def fleet_snapshot(self) -> FleetSnapshot:
+    def own_counters(self) -> IngressCounters:
         with FLEET.lock:
             decisions = dict(FLEET.decisions)
-        reports = dict(self.board_reports)
         lim = self.limiter
         engine = self.engine
-        return FleetSnapshot(
-            reports,
+        return IngressCounters(
             decisions,
             limits_connected=getattr(lim, "connected", True),
             limits_on_loss=getattr(lim, "on_loss", "closed"),
@@ -164,6 +168,22 @@ class FleetService(Service):
             retried=getattr(engine, "retried", 0),
             failed=getattr(engine, "failed", 0),
         )
+
+    def fleet_snapshot(self) -> FleetSnapshot:
+        """The board's view, with this ingress's own counters as they are now."""
+        ingresses = {tag: IngressCounters(**c) for tag, c in self.board_ingresses.items()}
+        ingresses[self.ingress_id] = self.own_counters()
+        return FleetSnapshot(dict(self.board_reports), ingresses)
+
+
+def _ingress_id() -> str:
+    """This ingress's Serve replica id (a process's own id outside Serve)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Serve replica (tests of the service alone)
+        return f"pid-{os.getpid()}"
 
 
 def _global_limiter(fleet: FleetConfig) -> GlobalLimiter:

@@ -3,9 +3,10 @@
 Owns the names and labels of the per-replica metrics (`replica`: the Serve replica's id, `rank`:
 its rank), read at scrape time from a `FleetSnapshot` the ingress fills from what its request
 router last saw: each replica's headroom, queue, offered subnets and best offered quality (its
-resident level), KV usage and the age of its report; routing decisions by reason and replica;
-whether the global tenant limits store answers, and what happens when it does not; calls
-retried on another replica and calls that failed.
+resident level), KV usage and the age of its report; and per ingress (`ingress`: every
+ingress's own counts, which it posts to the fleet board, so any ingress shows them all): routing
+decisions by reason and replica, whether the global tenant limits store answers and what happens
+when it does not, calls retried on another replica and calls that failed.
 
 Deliberately does not know: Ray, or how the numbers are produced.
 """
@@ -23,14 +24,21 @@ P = "concentric_fleet_"
 
 
 @dataclass
-class FleetSnapshot:
-    reports: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # replica -> stats
+class IngressCounters:
+    """One ingress process's own counts and state (each ingress posts its own to the board)."""
+
     decisions: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (reason, replica)
     limits_connected: bool = True
     limits_on_loss: str = "closed"
     limits_loss_decisions: int = 0
     retried: int = 0
     failed: int = 0
+
+
+@dataclass
+class FleetSnapshot:
+    reports: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # replica -> stats
+    ingresses: Mapping[str, IngressCounters] = field(default_factory=dict)  # ingress -> counts
 
 
 class FleetCollector:
@@ -110,36 +118,43 @@ class FleetCollector:
             info.add_metric([*lv, str(r.get("pid", ""))], 1.0)
         yield served
         yield info
+        # Per ingress, labelled: a scrape may reach any ingress, and each shows them all.
         decisions = CounterMetricFamily(
             P + "routing_decisions",
-            "Routing decisions of this ingress, by reason and first-choice replica",
-            labels=["reason", "replica"],
+            "Routing decisions by ingress, reason and first-choice replica",
+            labels=["ingress", "reason", "replica"],
         )
-        for (reason, tag), n in sorted(s.decisions.items()):
-            decisions.add_metric([reason, tag], n)
-        yield decisions
-        yield GaugeMetricFamily(
+        connected = GaugeMetricFamily(
             P + "limits_store_connected",
-            "1 while the global tenant limits store answers, 0 after it did not",
-            value=1.0 if s.limits_connected else 0.0,
+            "1 while the global tenant limits store answers an ingress, 0 after it did not",
+            labels=["ingress"],
         )
         mode = GaugeMetricFamily(
             P + "limits_on_loss",
             "What admission does without the limits store (closed: refuse, open: local limits)",
-            labels=["mode"],
+            labels=["ingress", "mode"],
         )
-        mode.add_metric([s.limits_on_loss], 1.0)
-        yield mode
-        yield CounterMetricFamily(
+        loss = CounterMetricFamily(
             P + "limits_loss_decisions",
-            "Admission checks decided without the limits store",
-            value=s.limits_loss_decisions,
+            "Admission checks an ingress decided without the limits store",
+            labels=["ingress"],
         )
-        yield CounterMetricFamily(
-            P + "calls_retried", "Engine calls retried on another replica", value=s.retried
+        retried = CounterMetricFamily(
+            P + "calls_retried",
+            "Engine calls an ingress retried on another replica",
+            labels=["ingress"],
         )
-        yield CounterMetricFamily(
+        failed = CounterMetricFamily(
             P + "calls_failed",
-            "Engine calls that failed after their first output or retries",
-            value=s.failed,
+            "Engine calls that failed after their first output or retries, by ingress",
+            labels=["ingress"],
         )
+        for ingress, c in sorted(s.ingresses.items()):
+            for (reason, tag), n in sorted(c.decisions.items()):
+                decisions.add_metric([ingress, reason, tag], n)
+            connected.add_metric([ingress], 1.0 if c.limits_connected else 0.0)
+            mode.add_metric([ingress, c.limits_on_loss], 1.0)
+            loss.add_metric([ingress], c.limits_loss_decisions)
+            retried.add_metric([ingress], c.retried)
+            failed.add_metric([ingress], c.failed)
+        yield from (decisions, connected, mode, loss, retried, failed)

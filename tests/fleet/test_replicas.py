@@ -252,7 +252,14 @@ def test_the_dashboards_fleet_panels_have_per_replica_data(fleet: Fleet):
     names = {n for e in exprs for n in re.findall(r"concentric_fleet_\w+", e)}
     assert len(names) >= 4, names  # headroom, resident level, queue, routing decisions
     fleet.chat("bert")  # at least one routing decision
+    # The ingress that answers the scrape may not be the one that routed: it shows the other's
+    # counts once they reach it through the fleet board (posted and read twice a second).
+    deadline = time.monotonic() + 10
     text = fleet.fleet_metrics()
+    while not metric_samples(text, "concentric_fleet_routing_decisions_total"):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
+        text = fleet.fleet_metrics()
     tags = {lb["replica"] for lb, _ in metric_samples(text, "concentric_fleet_replica_info")}
     assert len(tags) == 2, text
     for name in sorted(names):
@@ -400,4 +407,6 @@ def test_killing_a_replica_loses_no_request_that_had_not_started(fleet: Fleet):
     assert pinned.json()["system_fingerprint"] == f"concentric:{ONLY_ON_1}"
     assert fleet.served().get(1, 0) >= 1
     metrics = fleet.fleet_metrics()
-    assert re.search(r"^concentric_fleet_calls_retried_total [1-9]", metrics, re.M), metrics
+    # Whichever ingress answers shows every ingress's count (they post them to the fleet board).
+    retried = metric_samples(metrics, "concentric_fleet_calls_retried_total")
+    assert sum(v for _, v in retried) >= 1, metrics
