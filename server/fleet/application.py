@@ -25,8 +25,9 @@ from typing import Any
 
 from server.config import ServerConfig, load_config
 from server.fleet.engine_replica import EngineReplica
+from server.fleet.fleet_actor import NAMESPACE
 from server.fleet.fleet_config import FleetConfig, load_fleet_config
-from server.fleet.ingress import NAMESPACE, IngressReplica
+from server.fleet.ingress import IngressReplica
 
 log = logging.getLogger("concentric.fleet")
 APP_NAME = "concentric"

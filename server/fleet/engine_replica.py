@@ -32,9 +32,9 @@ from server.api.service import Service
 from server.config import ServerConfig
 from server.engine.outputs import RequestOutput
 from server.fleet.engine_call import HEARTBEAT, HEARTBEAT_S, EngineCall
+from server.fleet.fleet_actor import fleet_actor
 from server.fleet.fleet_board import FLEET_BOARD, FleetBoard
 
-NAMESPACE = "concentric"  # the Ray namespace of the fleet's named actors
 # The replica's metrics go to the board every this many reports (every second at the default
 # 0.2 s period): Prometheus scrapes every few seconds, and the text is tens of KB.
 METRICS_EVERY = 5
@@ -258,15 +258,4 @@ class EngineReplica:
 
 def _fleet_board(ray):
     """The fleet board actor, created by whichever replica asks first (blocking: a GCS call)."""
-    return (
-        ray.remote(FleetBoard)
-        .options(
-            name=FLEET_BOARD,
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-            num_cpus=0,
-            max_restarts=-1,
-        )
-        .remote()
-    )
+    return fleet_actor(ray, FleetBoard, FLEET_BOARD)

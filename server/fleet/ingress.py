@@ -32,7 +32,7 @@ from server.api.service import Service
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
 from server.config import ServerConfig
-from server.fleet.engine_replica import NAMESPACE
+from server.fleet.fleet_actor import NAMESPACE, fleet_actor
 from server.fleet.fleet_board import FLEET_BOARD
 from server.fleet.fleet_config import FleetConfig
 from server.fleet.fleet_view import FLEET
@@ -194,18 +194,7 @@ def _global_limiter(fleet: FleetConfig) -> GlobalLimiter:
 
     def actor():
         if "actor" not in state:
-            state["actor"] = (
-                ray.remote(LimitsStore)
-                .options(
-                    name=LIMITS_ACTOR,
-                    namespace=NAMESPACE,
-                    get_if_exists=True,
-                    lifetime="detached",
-                    num_cpus=0,
-                    max_restarts=-1,
-                )
-                .remote()
-            )
+            state["actor"] = fleet_actor(ray, LimitsStore, LIMITS_ACTOR)
         return state["actor"]
 
     def call(method: str, *args):
