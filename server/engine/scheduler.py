@@ -128,10 +128,15 @@ class Scheduler:
             )
 
     def footprint(self, req: Request, num_tokens: int) -> int:
-        """Most blocks the request can hold at once (sliding layers hold only the window)."""
-        bs, layout = self.blocks.block_size, self.blocks.layout
+        """Most blocks the request can hold at once: every block of a full-attention layer; for
+        a sliding layer, during its longest step (a prefill chunk), the window behind the
+        chunk's first query and the chunk itself. (Counting only the window once refused
+        nothing that one prefill chunk could not fit: such a request waited forever.)"""
+        bs, layout, cfg = self.blocks.block_size, self.blocks.layout, self.config
         full = -(-num_tokens // bs)
-        window = min(full, -(-layout.sliding_window // bs) + 1)
+        chunk = min(num_tokens, cfg.max_prefill_chunk, cfg.max_num_batched_tokens)
+        # Positions [start - window + 1, start + chunk) fall in at most this many blocks.
+        window = min(full, -(-(layout.sliding_window - 1 + chunk) // bs) + 1)
         # Before its subnet is chosen, assume the most a subnet can book: every KV layer.
         layers = req.subnet.kv_layers if req.subnet else range(layout.num_kv_layers)
         return sum(window if layer in layout.sliding_layers else full for layer in layers)

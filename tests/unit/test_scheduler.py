@@ -157,6 +157,26 @@ def test_rejects_requests_that_can_never_run():
         make().add(request(FULL, list(range(1000)), max_tokens=100))
 
 
+def test_a_request_is_refused_unless_its_longest_step_fits_the_pool():
+    """A sliding layer's blocks in a prefill step cover the window behind the chunk's first
+    query and the chunk: 8-token blocks, window 32, 32-token chunks. A 41-token prompt's second
+    chunk (positions 32..40) sees keys from position 1: blocks 0..5 of each of 16 sliding
+    layers, while the 4 full-attention layers hold 6 blocks each (48 tokens at the end):
+    96 + 24 = 120 blocks. Counting the window alone (5 blocks per sliding layer: 104) admitted
+    it into a pool of 104..119 blocks, where its second chunk could never be booked."""
+    prompt = list(range(10, 51))
+    with pytest.raises(ValueError, match=r"needs 120 KV blocks"):
+        make(num_blocks=119).add(request(FULL, prompt, max_tokens=7))
+    s = make(num_blocks=120)
+    r = request(FULL, prompt, max_tokens=7)
+    s.add(r)
+    for _ in range(20):
+        if r.is_finished:
+            break
+        run_step(s)
+    assert r.status == RequestStatus.FINISHED_LENGTH and s.blocks.num_free_blocks == 120
+
+
 def test_preempted_requests_resume_first_and_priority_policy_orders():
     waiting = [
         WaitingRequest("a", 1.0, 5, 10, "full", False),
