@@ -14,6 +14,13 @@ the least-queued replica of each rank in turn, as Ray Serve's request routers do
   step time) meets the tier's time-to-first-token target; least loaded first;
 - other tiers fill the rest: first replicas that do not qualify for important work (so the
   headroom stays for it), then the others; least loaded first;
+- prefix-cache affinity by KV class, inside each of those ranks: a replica that holds the
+  longest cached prefix of the prompt in a KV class it would serve the request with (the pinned
+  subnet's class; else the classes of the subnets it offers that the tier allows) is tried
+  first, when that prefix is at least `affinity_min_tokens` long, not every replica of the rank
+  holds as much, and its queue is at most `affinity_max_imbalance` requests longer than the
+  rank's shortest (a hot prefix must not pile every request onto one replica). Affinity never
+  moves a request across ranks: the rules above come first;
 - reports older than `stale_after_s` are not trusted: with no fresh report at all the rule
   falls back to power-of-two choices (two random replicas, the less queued one is tried first).
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 import random
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,9 @@ class ReplicaReport:
     max_num_seqs: int = 1
     step_s: float | None = None  # predicted seconds of one step of its current batch
     kv_usage: float = 0.0  # fraction of KV blocks in use
+    kv_classes: Mapping[str, str] = field(default_factory=dict)  # subnet -> its KV class
+    block_size: int = 0  # tokens per KV block (its prefix cache's granularity)
+    cached: frozenset[int] = frozenset()  # landmark ids of the prefixes in its prefix cache
 
     @property
     def queue_depth(self) -> int:
@@ -56,6 +67,9 @@ class ReplicaReport:
             "max_num_seqs": self.max_num_seqs,
             "step_s": self.step_s,
             "kv_usage": self.kv_usage,
+            "kv_classes": dict(self.kv_classes),
+            "block_size": self.block_size,
+            "cached": list(self.cached),
         }
 
     @classmethod
@@ -78,6 +92,9 @@ class ReplicaReport:
                 max_num_seqs=max(1, int(d.get("max_num_seqs", 1))),
                 step_s=None if d.get("step_s") is None else float(d["step_s"]),
                 kv_usage=float(d.get("kv_usage", 0.0)),
+                kv_classes={str(k): str(v) for k, v in dict(d.get("kv_classes") or {}).items()},
+                block_size=int(d.get("block_size", 0)),
+                cached=frozenset(int(x) for x in d.get("cached") or ()),
             )
         except (TypeError, ValueError):
             return None
@@ -96,17 +113,27 @@ class RouteAsk:
         return "*" in self.allowed or subnet in self.allowed
 
 
+class PrefixProbe(Protocol):
+    """A request's prompt, as landmarks: the ids of its prefixes of 1, 2, 4, ... full blocks of
+    `block_size` tokens in KV class `kv_class` (server/vocabulary/prefix_chain.py)."""
+
+    def landmarks(self, kv_class: str, block_size: int) -> Sequence[int]: ...
+
+
 @dataclass(frozen=True)
 class RoutingRules:
     stale_after_s: float = 2.0
     gold_priority: int = 0  # tiers with priority <= this are routed by headroom
     min_headroom_bytes: int = 0
+    affinity_min_tokens: int = 64  # a shorter cached prefix does not pull a request
+    affinity_max_imbalance: int = 4  # requests more queued than the rank's least queued
 
 
 @dataclass(frozen=True)
 class Decision:
     ranks: list[list[Hashable]]
     reason: str  # "pinned" | "pinned-nowhere" | "gold" | "gold-nowhere" | "fill" | "stale" | "none"
+    prefix: bool = False  # the first rank is a replica holding the prompt's prefix
 
 
 def rank_replicas(
@@ -116,8 +143,10 @@ def rank_replicas(
     now: float,
     rules: RoutingRules = RoutingRules(),
     rng: random.Random | None = None,
+    prompt: PrefixProbe | None = None,
 ) -> Decision:
-    """Ranks of `candidates` (replica ids) for `ask`, best first, and why."""
+    """Ranks of `candidates` (replica ids) for `ask`, best first, and why. With `prompt`,
+    ranks are split by prefix-cache affinity (the module's docstring)."""
     if not candidates:
         return Decision([], "none")
     if ask.pinned is not None:
@@ -140,18 +169,27 @@ def rank_replicas(
     def ranked(*groups: list) -> list[list]:
         return [g for g in groups if g]
 
+    def decided(ranks: list[list], reason: str) -> Decision:
+        if prompt is None:
+            return Decision(ranks, reason)
+        held = {c: cached_tokens(ask, fresh[c], prompt) for c in fresh}
+        out: list[list] = []
+        for rank in ranks:
+            out.extend(_by_affinity(rank, held, fresh, rules))
+        return Decision(out, reason, prefix=len(out) > len(ranks) and out[0] != ranks[0])
+
     if ask.pinned is not None:
         pinned = ask.pinned
         offering = sorted((c for c in fresh if pinned in fresh[c].offered), key=load)
         could = sorted((c for c in fresh if pinned not in fresh[c].offered), key=load)
         ranks = ranked(offering, could, unknown)
-        return Decision(ranks, "pinned" if offering else "pinned-nowhere")
+        return decided(ranks, "pinned" if offering else "pinned-nowhere")
 
     if ask.priority <= rules.gold_priority:
         best = _best_allowed(ask, fresh.values())
         good = sorted((c for c in fresh if _qualifies(fresh[c], best, ask, rules)), key=load)
         rest = sorted((c for c in fresh if c not in good), key=load)
-        return Decision(ranked(good, rest, unknown), "gold" if good else "gold-nowhere")
+        return decided(ranked(good, rest, unknown), "gold" if good else "gold-nowhere")
 
     # Other tiers fill what important work does not need: replicas that would not qualify for it
     # (no headroom, the best subnet not offered) first, while they have room for more.
@@ -163,7 +201,51 @@ def rank_replicas(
         and fresh[c].queue_depth < fresh[c].max_num_seqs
     ]
     rest = [c for c in fresh if c not in spare]
-    return Decision(ranked(sorted(spare, key=load), sorted(rest, key=load), unknown), "fill")
+    return decided(ranked(sorted(spare, key=load), sorted(rest, key=load), unknown), "fill")
+
+
+def cached_tokens(ask: RouteAsk, report: ReplicaReport, prompt: PrefixProbe) -> int:
+    """How much of the prompt `report`'s replica holds in its prefix cache in a KV class it
+    would serve `ask` with: the deepest landmark it holds, in tokens (a lower bound, within a
+    factor of two, of the prefix it would reuse; 0 without the facts)."""
+    if not report.cached or report.block_size < 1:
+        return 0
+    if ask.pinned is not None:
+        subnets: list[str] = [ask.pinned]
+    else:
+        subnets = [n for n in report.offered if ask.allows(n)]
+    classes = {report.kv_classes[n] for n in subnets if n in report.kv_classes}
+    best = 0
+    for kv_class in sorted(classes):
+        depth = 0
+        for j, lid in enumerate(prompt.landmarks(kv_class, report.block_size)):
+            if lid not in report.cached:
+                break  # a deeper prefix cannot be reused without this one
+            depth = 1 << j
+        best = max(best, depth)
+    return best * report.block_size
+
+
+def _by_affinity(
+    rank: list, held: Mapping[Hashable, int], fresh: Mapping[Hashable, ReplicaReport], rules
+) -> list[list]:
+    """`rank` split in two when some of its replicas should be tried first for the prefix."""
+    known = [c for c in rank if c in fresh]
+    if not known:
+        return [rank]
+    most = max(held[c] for c in known)
+    if most < max(1, rules.affinity_min_tokens):
+        return [rank]
+    holders = [c for c in known if held[c] == most]
+    if len(holders) == len(rank):
+        return [rank]  # every replica holds as much: load decides
+    shortest = min(fresh[c].queue_depth for c in known)
+    holders = [
+        c for c in holders if fresh[c].queue_depth <= shortest + rules.affinity_max_imbalance
+    ]
+    if not holders:
+        return [rank]
+    return [holders, [c for c in rank if c not in holders]]
 
 
 def may_serve(ask: RouteAsk, report: ReplicaReport | None) -> bool:

@@ -70,6 +70,8 @@ class _TenantState:
 
 
 class Limiter:
+    asks_elsewhere = False  # decides in this process, at once (see fleet/tenant_limits.py)
+
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._states: dict[str, _TenantState] = {}

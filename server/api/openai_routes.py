@@ -92,7 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     chars = sum(len(m["content"]) for m in messages)
     if render is not None:  # every string of the messages and tools is rendered into the prompt
         chars = _chars(messages) + _chars(tools)
-    with gate(request, body, 1, chars, "messages") as choice:
+    async with gate(request, body, 1, chars, "messages") as choice:
         # Every turn costs the template's markup too, so the message count is bounded before
         # templating (pure Python) runs.
         if len(messages) > tenant.tier.max_prompt_tokens // 2 + 1:
@@ -112,7 +112,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         await compile_constraint(svc, tenant.name, constraint)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         structured = constraint[0] if constraint is not None else None
-        sub = submit(request, body, choice, [prompt_ids], logprobs, "messages", structured)
+        sub = await submit(request, body, choice, [prompt_ids], logprobs, "messages", structured)
     return await _respond(
         request, sub, body, partial(chat_chunks, plan=plan), partial(chat_body, plan=plan)
     )
@@ -220,12 +220,12 @@ async def completions(body: CompletionRequest, request: Request):
         given = [list(p)] if all(isinstance(x, int) for x in p) else [list(x) for x in p]  # type: ignore[arg-type,misc]
     chars = sum(len(t) for t in texts)
     constraint = requested_constraint(body)
-    with gate(request, body, len(texts) or len(given), chars, "prompt") as choice:
+    async with gate(request, body, len(texts) or len(given), chars, "prompt") as choice:
         prompts = await svc.prompts.encode(tenant.name, texts) if texts else given  # type: ignore[union-attr]
         _text_ids(svc, prompts, "prompt")
         await compile_constraint(svc, tenant.name, constraint)
         structured = constraint[0] if constraint is not None else None
-        sub = submit(request, body, choice, prompts, body.logprobs, "prompt", structured)
+        sub = await submit(request, body, choice, prompts, body.logprobs, "prompt", structured)
     if body.echo:
         # The response starts with each prompt: as sent (text), or its ids decoded.
         tok = svc.runtime.tokenizer  # type: ignore[union-attr]

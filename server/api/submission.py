@@ -24,10 +24,11 @@ Deliberately does not know: response shapes (responses.py) or HTTP routing (open
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -70,6 +71,7 @@ class Submission:
     # echo (completions): per prompt, its ids and the text the response starts with
     echo: list[tuple[list[int], str]] | None = None
     score_only: bool = False  # echo with max_tokens 0: the one generated token is dropped
+    prompt_param: str = "prompt"  # the request field that carries the prompt (for 400s)
 
     @property
     def tier(self) -> TierView:
@@ -117,6 +119,8 @@ class Submission:
     def error_of(self, out: RequestOutput) -> APIError:
         if self.cut_short:
             return APIError(503, DRAINING, code="draining", headers={"Retry-After": "1"})
+        if out.refused:  # an engine elsewhere (a fleet's replica) found it could never run
+            return APIError(400, out.error or "the request cannot run", param=self.prompt_param)
         return APIError(500, f"generation failed: {out.error or out.finish_reason}")
 
 
@@ -189,10 +193,20 @@ def _refuse(svc: Service, tier: Tier, refusal: Refusal | None) -> None:
     )
 
 
-@contextlib.contextmanager
-def gate(
+async def decide(svc: Service, decision: Callable[..., Refusal | None], *args) -> Refusal | None:
+    """A limiter's decision (`peek`, `admit`). One that asks a store in another process (a
+    fleet's global limits, up to `limits_timeout_s` when the store does not answer) waits in a
+    worker thread, so this process's event loop goes on serving everyone else meanwhile. A local
+    limiter decides at once: nothing runs between its decision and what follows it."""
+    if getattr(svc.limiter, "asks_elsewhere", False):
+        return await asyncio.to_thread(decision, *args)
+    return decision(*args)
+
+
+@contextlib.asynccontextmanager
+async def gate(
     request: Request, body: SamplingFields, prompts: int, chars: int, prompt_param: str
-) -> Iterator[Choice]:
+) -> AsyncIterator[Choice]:
     """The checks that need no tokens (see the module docstring); the block runs while the
     request counts as being prepared. Yields the subnet choice."""
     svc: Service = request.app.state.service
@@ -224,7 +238,7 @@ def gate(
     requests = prompts * body.n
     # Every choice reserves at least one prompt token and one output token.
     at_least = requests * (1 + (requested or 1))
-    _refuse(svc, tier, svc.limiter.peek(tenant, at_least, requests=requests))
+    _refuse(svc, tier, await decide(svc, svc.limiter.peek, tenant, at_least, requests))
     with svc.limiter.preparing(tenant, requests):
         yield choice
 
@@ -233,7 +247,7 @@ def _uses_completion_tokens(body: SamplingFields) -> bool:
     return getattr(body, "max_completion_tokens", None) is not None
 
 
-def submit(
+async def submit(
     request: Request,
     body: SamplingFields,
     choice: Choice,
@@ -292,9 +306,10 @@ def submit(
             plan.append((ids, max_tokens, params))
 
     tokens = [len(ids) + m for ids, m, _ in plan]
-    _refuse(svc, tier, svc.limiter.admit(tenant, sum(tokens), requests=len(plan)))
+    _refuse(svc, tier, await decide(svc, svc.limiter.admit, tenant, sum(tokens), len(plan)))
     reservation = Reservation(svc.limiter, tenant, tokens, [m for _, m, _ in plan])
     sub = Submission(svc, reservation, choice, [len(ids) for ids in prompts], body.n, tenant)
+    sub.prompt_param = prompt_param
     svc.live.add(sub)
     try:
         for i, (ids, _, params) in enumerate(plan):

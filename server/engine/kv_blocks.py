@@ -8,21 +8,29 @@ positions no future query can see (older than the window), so a long sequence ho
 window/block_size + 1 blocks per sliding layer.
 
 Prefix caching: once a token block (positions [i*bs, (i+1)*bs)) is computed, its layer blocks are
-registered under a chain hash of (previous hash, the subnet's KV layout key, the block's tokens).
-KV contents depend on the widths of the KV-owning layers, so only subnets with the same layout key
-can share them. Freed blocks that carry a hash stay cached (at the back of the free queue) until
-the space is needed; evicting any layer block of a cached token block drops the whole entry.
+registered under the key of its prefix (the chain hash of blocks 0..i) in the subnet's KV class
+(vocabulary/prefix_chain.py). KV contents depend on the widths of the KV-owning layers, so only
+subnets of the same class can share them. Freed blocks that carry a key stay cached (at the back
+of the free queue) until the space is needed; evicting any layer block of a cached token block
+drops the whole entry. The landmarks among the cached keys (prefixes of 1, 2, 4, ... blocks),
+most recently used last, are what a fleet replica reports to its router (`cached_landmarks`).
 
 Deliberately does not know: tensors, scheduling order, or sampling.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from server.engine.request import Request
+from server.vocabulary.prefix_chain import (
+    cache_key,
+    is_landmark,
+    landmark_id,
+    token_chain,
+    usable_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class _Held:
 
     layers: tuple[int, ...]  # the KV-owning layers its subnet keeps
     table: list[list[int]]
-    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full token blocks
+    hashes: list[bytes] = field(default_factory=list)  # token-chain hashes of its full blocks
 
 
 class BlockManager:
@@ -57,7 +65,11 @@ class BlockManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         # Free blocks in reuse order: plain ones first, cached ones after (least recent first).
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self._cache: dict[bytes, dict[int, int]] = {}  # chain hash -> {layer: block}
+        self._cache: dict[bytes, dict[int, int]] = {}  # cache key -> {layer: block}
+        # Landmark id -> None for the cached landmark keys, least recently used first; a plain
+        # dict, so that a reader in another thread copies it whole (`cached_landmarks`).
+        self._landmarks: dict[int, None] = {}
+        self._landmark_of: dict[bytes, int] = {}  # cache key -> its landmark id
         self._held: dict[str, _Held] = {}
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
@@ -105,19 +117,23 @@ class BlockManager:
         # never reads the prefix cache; its blocks still fill it for others).
         if self.enable_prefix_cache and req.params.prompt_logprobs is None:
             tokens = req.all_token_ids
-            # Keep at least one token to compute: its logits are what the step is for.
-            full_blocks = (len(tokens) - 1) // self.block_size
+            kv = req.subnet.kv_key
             parent = b""
-            for i in range(full_blocks):
-                h = self._hash(parent, req.subnet.kv_key, tokens, i)
-                entry = self._cache.get(h)
+            for i in range(usable_blocks(len(tokens), self.block_size)):
+                (chain,) = token_chain(tokens, self.block_size, i + 1, i, parent)
+                key = cache_key(kv, chain)
+                entry = self._cache.get(key)
                 if entry is None or set(entry) != set(layers):
                     break
                 for layer, block in entry.items():
                     self._ref(block)
                     held.table[layer].append(block)
-                held.hashes.append(h)
-                parent = h
+                held.hashes.append(chain)
+                if key in self._landmark_of:  # used again: reported as recent
+                    lid = self._landmark_of[key]
+                    self._landmarks.pop(lid, None)
+                    self._landmarks[lid] = None
+                parent = chain
                 hit += self.block_size
             self.prefix_queries += len(tokens)
             self.prefix_hits += hit
@@ -150,17 +166,32 @@ class BlockManager:
         held = self._held[req.request_id]
         tokens = req.all_token_ids
         full = req.num_computed_tokens // self.block_size
-        while len(held.hashes) < full:
-            i = len(held.hashes)
-            parent = held.hashes[-1] if held.hashes else b""
-            h = self._hash(parent, req.subnet.kv_key, tokens, i)
-            held.hashes.append(h)
+        if len(held.hashes) >= full:
+            return
+        parent = held.hashes[-1] if held.hashes else b""
+        start = len(held.hashes)
+        kv = req.subnet.kv_key
+        for i, chain in enumerate(token_chain(tokens, self.block_size, full, start, parent), start):
+            held.hashes.append(chain)
+            key = cache_key(kv, chain)
             blocks = {layer: held.table[layer][i] for layer in held.layers}
-            if h in self._cache or any(b < 0 or self.block_hash[b] for b in blocks.values()):
+            if key in self._cache or any(b < 0 or self.block_hash[b] for b in blocks.values()):
                 continue  # already cached by someone else, or a block already serves an entry
-            self._cache[h] = blocks
+            self._cache[key] = blocks
             for b in blocks.values():
-                self.block_hash[b] = h
+                self.block_hash[b] = key
+            if is_landmark(i):
+                lid = landmark_id(key)
+                self._landmark_of[key] = lid
+                self._landmarks.pop(lid, None)
+                self._landmarks[lid] = None
+
+    def cached_landmarks(self, limit: int) -> tuple[int, ...]:
+        """The ids of up to `limit` cached landmark keys, most recently used last. Safe to call
+        from another thread than the one booking: copying a dict of ints is one step under
+        CPython's GIL (no Python code runs during it)."""
+        ids = tuple(self._landmarks)
+        return ids[-limit:] if limit > 0 else ()
 
     def free(self, req: Request) -> None:
         """Give back everything a request holds (finish, abort, preemption)."""
@@ -197,10 +228,13 @@ class BlockManager:
 
     def _take(self) -> int:
         block, _ = self._free.popitem(last=False)
-        h = self.block_hash[block]
-        if h is not None:  # evicting a cached block drops its whole token-block entry
-            for b in self._cache.pop(h, {}).values():
+        key = self.block_hash[block]
+        if key is not None:  # evicting a cached block drops its whole token-block entry
+            for b in self._cache.pop(key, {}).values():
                 self.block_hash[b] = None
+            lid = self._landmark_of.pop(key, None)
+            if lid is not None:
+                self._landmarks.pop(lid, None)
         self.ref_count[block] = 1
         return block
 
@@ -216,10 +250,3 @@ class BlockManager:
             self._free[block] = None
             if self.block_hash[block] is None:
                 self._free.move_to_end(block, last=False)  # plain blocks are reused first
-
-    def _hash(self, parent: bytes, kv_key: str, tokens: list[int], i: int) -> bytes:
-        bs = self.block_size
-        chunk = ",".join(map(str, tokens[i * bs : (i + 1) * bs]))
-        return hashlib.blake2b(
-            f"{kv_key}|{chunk}".encode(), key=parent[:64], digest_size=16
-        ).digest()

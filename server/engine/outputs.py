@@ -42,6 +42,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     error: str | None = None
+    # With finish_reason "error": the engine refused the request before it ran, because it
+    # could never run there (too large for the KV pool, say): the client's fault, not a failure.
+    refused: bool = False
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # so far
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -61,6 +61,8 @@ def build_application(config: ServerConfig, checkpoint: Path, fleet: FleetConfig
                 "stale_after_s": fleet.stale_after_s,
                 "gold_priority": fleet.gold_priority,
                 "min_headroom_bytes": fleet.min_headroom_bytes,
+                "affinity_min_tokens": fleet.affinity_min_tokens,
+                "affinity_max_imbalance": fleet.affinity_max_imbalance,
             },
             request_routing_stats_period_s=fleet.routing_stats_period_s,
             request_routing_stats_timeout_s=max(1.0, 5 * fleet.routing_stats_period_s),

@@ -2,9 +2,10 @@
 
 Owns the typed payload of `EngineReplica.generate`: what `AsyncEngine.add_request` takes, with the
 subnet by name (each replica resolves it in its own table), and what the request router reads to
-place it (`route_ask`). Plain, picklable data. Also the heartbeat a replica sends on a quiet
-call, so the ingress can tell a replica that is slow from one that is gone (a call to a replica
-killed outright does not always end with an error).
+place it (`route_ask`, and `landmarks`: the prompt's prefixes for prefix-cache affinity,
+hashed once per call however often the router weighs it). Plain, picklable data. Also the
+heartbeat a replica sends on a quiet call, so the ingress can tell a replica that is slow from
+one that is gone (a call to a replica killed outright does not always end with an error).
 
 Deliberately does not know: Ray, HTTP, or how a replica runs it.
 """
@@ -15,11 +16,21 @@ from dataclasses import dataclass, field
 
 from policies.replica_routing import RouteAsk
 from policies.snapshots import TierView
+from server.vocabulary.prefix_chain import (
+    cache_key,
+    landmark_depths,
+    landmark_id,
+    token_chain,
+    usable_blocks,
+)
 from server.vocabulary.sampling_params import SamplingParams
 
 # What a replica sends while a call has no output to send, every HEARTBEAT_S: it is alive.
 HEARTBEAT = None
 HEARTBEAT_S = 1.0
+# The router hashes at most this many blocks of a prompt (landmarks up to 2,048 blocks: 32k
+# tokens at 16 per block; a deeper shared prefix still counts as this deep).
+MAX_HASHED_BLOCKS = 2048
 
 
 @dataclass(frozen=True)
@@ -40,3 +51,18 @@ class EngineCall:
             allowed=tier.subnets if tier is not None else ("*",),
             target_ttft_s=tier.target_ttft_s if tier is not None else None,
         )
+
+    def landmarks(self, kv_class: str, block_size: int) -> list[int]:
+        """The ids of the prompt's prefixes of 1, 2, 4, ... full blocks in `kv_class` (what
+        replicas report of their prefix caches). The token chain is hashed once per block size
+        and kept on the call (routing weighs a call again each time it retries)."""
+        memo = self.__dict__.setdefault("_chains", {})
+        chain = memo.get(block_size)
+        if chain is None:
+            blocks = min(usable_blocks(len(self.prompt_ids), block_size), MAX_HASHED_BLOCKS)
+            chain = memo[block_size] = token_chain(self.prompt_ids, block_size, blocks)
+        return [landmark_id(cache_key(kv_class, chain[d - 1])) for d in landmark_depths(len(chain))]
+
+    def __getstate__(self) -> dict:
+        """Sent to a replica without the router's memo."""
+        return {k: v for k, v in self.__dict__.items() if k != "_chains"}

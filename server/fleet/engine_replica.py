@@ -5,7 +5,8 @@ Owns, per replica: loading the model and running its `AsyncEngine` (through the 
 one process uses, so residency, elasticity, the subnet policy, SLA accounting and metrics are the
 same), serving `EngineCall`s as streams of `RequestOutput` (`generate`), and the report the
 request router reads every few hundred milliseconds (`record_routing_stats`): the subnets it
-offers now with their quality, memory headroom, queue depth, predicted step time, KV usage.
+offers now with their quality, memory headroom, queue depth, predicted step time, KV usage, and
+the landmarks of its prefix cache with each subnet's KV class (prefix-cache affinity).
 
 Per-replica settings (`FleetConfig.replica_offer`, by replica rank) let an operator run
 heterogeneous replicas: a replica whose `offer` lists subnets runs only those (pinned requests
@@ -38,6 +39,9 @@ from server.fleet.fleet_board import FLEET_BOARD, FleetBoard
 # The replica's metrics go to the board every this many reports (every second at the default
 # 0.2 s period): Prometheus scrapes every few seconds, and the text is tens of KB.
 METRICS_EVERY = 5
+# Landmarks of the prefix cache a report carries at most, most recently used first (8 bytes
+# each; a pool of tens of thousands of blocks holds a few thousand prompts' landmarks).
+REPORTED_LANDMARKS = 4096
 
 log = logging.getLogger("concentric.fleet")
 
@@ -117,6 +121,9 @@ class EngineReplica:
                 finished=True,
                 finish_reason="error",
                 error=str(getattr(e, "message", e)),
+                # A request that can never run here (the KV pool, which the ingress cannot
+                # see) is the client's 400; anything else (not loaded, draining) a failure.
+                refused=isinstance(e, ValueError),
                 tags=dict(call.tags),
             )
             return
@@ -177,7 +184,9 @@ class EngineReplica:
             try:
                 if board is None:
                     board = await asyncio.to_thread(_fleet_board, ray)
-                board.post.remote(self.record_routing_stats())
+                report = self.record_routing_stats()
+                report.pop("cached", None)  # for routing only: the board shows the rest
+                board.post.remote(report)
                 if posts % METRICS_EVERY == 0:
                     board.post_metrics.remote(self.tag, self.rank, self.metrics_text())
                 posts += 1
@@ -222,6 +231,9 @@ class EngineReplica:
             max_num_seqs=sched.config.max_num_seqs,
             step_s=step_s,
             kv_usage=float(sched.blocks.usage),
+            kv_classes={s.name: s.kv_key for s in table},
+            block_size=sched.blocks.block_size,
+            cached=frozenset(sched.blocks.cached_landmarks(REPORTED_LANDMARKS)),
         )
 
     def _headroom(self) -> int | None:

@@ -32,6 +32,15 @@ class FleetConfig:
     max_replicas: int | None = None
     target_ongoing_requests: float = 16.0
     """Autoscaling: the ongoing requests per engine replica it aims for."""
+    upscale_delay_s: float = 30.0
+    """Autoscaling: how long the load must call for more replicas before one is added."""
+    downscale_delay_s: float = 600.0
+    """Autoscaling: how long the load must call for fewer replicas before one is removed."""
+    look_back_period_s: float = 30.0
+    """Autoscaling: the window over which ongoing requests are averaged."""
+    autoscaling_metrics_interval_s: float = 10.0
+    """Autoscaling: how often replicas and callers report their ongoing requests (Ray Serve
+    2.58 reads it from the deployment; the window must be longer)."""
     replica_num_cpus: float = 1.0
     """CPUs each engine replica reserves (on a GPU machine, also one GPU: replica_num_gpus)."""
     replica_num_gpus: float = 0.0
@@ -47,6 +56,11 @@ class FleetConfig:
     """Tiers with priority at most this are routed by headroom (lower is more important)."""
     min_headroom_bytes: int = 0
     """Memory headroom a replica needs to be chosen for such a tier's request."""
+    affinity_min_tokens: int = 64
+    """Prefix-cache affinity: a replica holding at least this much of a prompt's prefix (in a
+    KV class it would serve the request with) is tried first within its routing rank."""
+    affinity_max_imbalance: int = 4
+    """... unless its queue is more than this many requests longer than the rank's shortest."""
     limits_on_loss: str = "closed"
     """When the global tenant limits store does not answer: "closed" (429) or "open" (this
     ingress's own limits)."""
@@ -77,9 +91,24 @@ class FleetConfig:
             raise FleetConfigError("need 1 <= min_replicas <= replicas <= max_replicas")
         if self.limits_on_loss not in LOSS_MODES:
             raise FleetConfigError(f"limits_on_loss must be one of {', '.join(LOSS_MODES)}")
-        for name in ("routing_stats_period_s", "stale_after_s", "limits_timeout_s"):
+        for name in (
+            "routing_stats_period_s",
+            "stale_after_s",
+            "limits_timeout_s",
+            "look_back_period_s",
+            "autoscaling_metrics_interval_s",
+        ):
             if not getattr(self, name) > 0:
                 raise FleetConfigError(f"{name} must be positive")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            if not getattr(self, name) >= 0:
+                raise FleetConfigError(f"{name} must not be negative")
+        if self.look_back_period_s <= self.autoscaling_metrics_interval_s:
+            raise FleetConfigError(
+                "look_back_period_s must be longer than autoscaling_metrics_interval_s"
+            )
+        if self.affinity_min_tokens < 0 or self.affinity_max_imbalance < 0:
+            raise FleetConfigError("affinity_min_tokens and affinity_max_imbalance: >= 0")
         if self.max_ongoing_requests < 1 or self.ingress_replicas < 1 or self.retries < 0:
             raise FleetConfigError("max_ongoing_requests, ingress_replicas >= 1; retries >= 0")
         self.replica_offer = {str(k): list(v) for k, v in (self.replica_offer or {}).items()}
@@ -91,11 +120,21 @@ class FleetConfig:
     def autoscaling(self) -> dict[str, Any] | None:
         if self.max_replicas is None:
             return None
+        # Ray warns that this setting will move to environment variables; set only when asked.
+        interval = (
+            {"metrics_interval_s": self.autoscaling_metrics_interval_s}
+            if self.autoscaling_metrics_interval_s != 10.0
+            else {}
+        )
         return {
+            **interval,
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
             "initial_replicas": self.replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
         }
 
 

@@ -48,9 +48,20 @@ from server.fleet.engine_call import EngineCall
 
 class ConcentricRouter(RequestRouter):
     def initialize_state(
-        self, stale_after_s: float = 2.0, gold_priority: int = 0, min_headroom_bytes: int = 0
+        self,
+        stale_after_s: float = 2.0,
+        gold_priority: int = 0,
+        min_headroom_bytes: int = 0,
+        affinity_min_tokens: int = 64,
+        affinity_max_imbalance: int = 4,
     ) -> None:
-        self.rules = RoutingRules(stale_after_s, gold_priority, min_headroom_bytes)
+        self.rules = RoutingRules(
+            stale_after_s,
+            gold_priority,
+            min_headroom_bytes,
+            affinity_min_tokens,
+            affinity_max_imbalance,
+        )
         self.rng = random.Random()
 
     async def choose_replicas(
@@ -71,14 +82,22 @@ class ConcentricRouter(RequestRouter):
             pending_request, decision = None, None
             for waiting in self._waiting():
                 pending_request = waiting
-                decision = rank_replicas(_ask_of(waiting), list(by_id), reports, now, rules, rng)
+                decision = rank_replicas(
+                    _ask_of(waiting), list(by_id), reports, now, rules, rng, _call_of(waiting)
+                )
                 if decision.ranks:
                     break
             if decision is None:
                 return [list(candidate_replicas)]
         else:
             decision = rank_replicas(
-                _ask_of(pending_request), list(by_id), reports, now, rules, rng
+                _ask_of(pending_request),
+                list(by_id),
+                reports,
+                now,
+                rules,
+                rng,
+                _call_of(pending_request),
             )
         if pending_request is not None:
             # Our ranks already hold every candidate worth trying: when none of them takes the
@@ -90,7 +109,8 @@ class ConcentricRouter(RequestRouter):
         if decision.ranks and decision.ranks[0]:
             with fleet_view.FLEET.lock:
                 # The first rank's least loaded replica is where it most likely goes.
-                fleet_view.FLEET.decisions[(decision.reason, str(decision.ranks[0][0]))] += 1
+                reason = decision.reason + ("-prefix" if decision.prefix else "")
+                fleet_view.FLEET.decisions[(reason, str(decision.ranks[0][0]))] += 1
         return [[by_id[t] for t in rank] for rank in decision.ranks]
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
@@ -119,7 +139,13 @@ class ConcentricRouter(RequestRouter):
         return (p for p in self._pending_requests_to_fulfill if not p.future.done())
 
 
-def _ask_of(pending: PendingRequest | None) -> RouteAsk:
+def _call_of(pending: PendingRequest | None) -> EngineCall | None:
     if pending is not None and pending.args and isinstance(pending.args[0], EngineCall):
-        return pending.args[0].route_ask()
-    return RouteAsk(priority=1 << 30)  # not an engine call (health, metrics): any replica
+        return pending.args[0]
+    return None  # not an engine call (health, metrics)
+
+
+def _ask_of(pending: PendingRequest | None) -> RouteAsk:
+    call = _call_of(pending)
+    # Not an engine call: any replica.
+    return call.route_ask() if call is not None else RouteAsk(priority=1 << 30)

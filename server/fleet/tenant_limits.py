@@ -6,8 +6,9 @@ Owns two halves of one protocol:
   allowance once, not N times;
 - `GlobalLimiter`, what each ingress uses in place of its own `Limiter` (the same interface, so
   submission.py does not change). The checks that decide (`peek`, `admit`) wait for the store's
-  answer, bounded by `timeout_s`; what only gives back (`release`, the `preparing` counts) is sent
-  without waiting (Ray keeps one caller's calls to an actor in order).
+  answer, bounded by `timeout_s`, in a worker thread of the API (`asks_elsewhere`); what only
+  gives back (`release`, the `preparing` counts) is sent without waiting (Ray keeps one caller's
+  calls to an actor in order).
 
 A request counts against its tenant's concurrency while it is prepared (`preparing`, see
 server/api/limits.py) and once admitted (in flight), never as both: in one process nothing runs
@@ -133,6 +134,11 @@ Send = Callable[..., None]
 
 class GlobalLimiter:
     """The `Limiter` interface over a `LimitsStore` somewhere else."""
+
+    # Its decisions wait for another process: the API makes them off its event loop
+    # (server/api/submission.py `decide`), so a slow or lost store stalls only the requests
+    # being decided, not every stream of this ingress.
+    asks_elsewhere = True
 
     def __init__(self, call: Call, send: Send, on_loss: str = "closed"):
         if on_loss not in LOSS_MODES:

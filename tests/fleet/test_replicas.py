@@ -7,6 +7,7 @@ sent a pinned request for a subnet it does not offer would hold it forever (it w
 subnet), so a misrouted pinned request shows up as a timeout. Headroom is scripted through the
 fleet's `headroom_script` file. What each replica served is read from the fleet view in the
 ingress's /metrics (every replica's own count, in its reports), not from the router's decisions.
+The fleet autoscales between 2 and 3 engine replicas; only the last test loads it enough to.
 
 Slow to start (~30-60 s: Ray, Serve, four processes loading the model); every test shares it.
 """
@@ -15,23 +16,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import re
-import secrets
 import signal
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 pytest.importorskip("ray.serve")
 
-from tests.api.live import MODEL, REPO, LiveServer, error_of, free_port, sse_events
+from tests.api.live import MODEL, REPO, error_of, sse_events
+from tests.fleet.live_fleet import Fleet, metric_samples, start_fleet
 
 GOLD_SUBNET = "e2.49b-block"  # offered by both replicas
 ONLY_ON_1 = "e2b"
@@ -56,71 +56,7 @@ TIERS = {
 }
 TENANTS = {"gina": "gold", "tess": "ten", "bert": "bronze"}
 MAX_NUM_SEQS = 4
-PERIOD_S = 0.2  # routing stats period
-
-
-def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    out = []
-    for labels, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
-        out.append((dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
-    return out
-
-
-class Fleet(LiveServer):
-    script: Path
-
-    def fleet_metrics(self) -> str:
-        return httpx.get(f"{self.base_url}/metrics", timeout=10).text
-
-    def by_rank(self, name: str) -> dict[int, float]:
-        return {
-            int(lb["rank"]): v for lb, v in metric_samples(self.fleet_metrics(), name) if lb["rank"]
-        }
-
-    def pids(self) -> dict[int, int]:
-        return {
-            int(lb["rank"]): int(lb["pid"])
-            for lb, _ in metric_samples(self.fleet_metrics(), "concentric_fleet_replica_info")
-        }
-
-    def wait_for(self, what: str, check, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not within {timeout} s\n{self.fleet_metrics()}")
-            time.sleep(0.2)
-
-    def served(self) -> dict[int, float]:
-        """Each replica's count of finished calls, once nothing is in flight and the board
-        (replicas post every 0.2 s, the ingress reads it every 0.5 s) has caught up."""
-        self.wait_for(
-            "the fleet idle",
-            lambda: set(self.by_rank("concentric_fleet_replica_requests_held").values()) == {0},
-            30,
-        )
-        time.sleep(1.5)
-        return self.by_rank("concentric_fleet_replica_served_total")
-
-    def set_headroom(self, **by_rank: int) -> None:
-        tmp = self.script.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k.removeprefix("r"): v for k, v in by_rank.items()}))
-        tmp.replace(self.script)  # atomic: a replica never reads half a file
-        time.sleep(6 * PERIOD_S)  # every replica reported it, the router has seen it
-
-    def chat(self, tenant: str, model: str = MODEL, **kw) -> httpx.Response:
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": 2,
-            "temperature": 0,
-            **kw,
-        }
-        return httpx.post(
-            f"{self.base_url}/v1/chat/completions",
-            json=body,
-            headers=self.headers(tenant),
-            timeout=60,
-        )
+AUTOSCALE_TARGET = 8  # ongoing requests per engine replica
 
 
 @pytest.fixture(scope="module")
@@ -130,85 +66,48 @@ def fleet(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
     folder = tmp_path_factory.mktemp("fleet")
     names = load_subnet_table(CheckpointStore.open(tiny_dir).text, DEFAULT_TABLE_CSV, None).names()
-    (folder / "tiers.yaml").write_text(yaml.safe_dump({"tiers": TIERS}))
-    tenants = {n: {"tier": t, "keys": [{"env": f"K_{n.upper()}"}]} for n, t in TENANTS.items()}
-    (folder / "tenants.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
-    (folder / "server.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "checkpoint": str(tiny_dir),
-                "model_name": MODEL,
-                "kv_cache_bytes": 16 * 1024 * 1024,
-                "max_num_seqs": MAX_NUM_SEQS,
-                "max_num_batched_tokens": 256,
-                "max_model_len": 512,
-                "tenants_file": "tenants.yaml",
-                "tiers_file": "tiers.yaml",
-                "custom_subnets": None,
-                "log_level": "warning",
-            }
-        )
-    )
     script = folder / "headroom.json"
     script.write_text(json.dumps({"0": 10**10, "1": 10**10}))
-    (folder / "fleet.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "replicas": 2,
-                "replica_num_cpus": 0.5,
-                "ingress_replicas": 2,
-                "ingress_num_cpus": 0.25,
-                "routing_stats_period_s": PERIOD_S,
-                "stale_after_s": 2.0,
-                "gold_priority": 0,
-                "min_headroom_bytes": 10**9,
-                "retries": 4,
-                "retry_pause_s": 0.5,
-                "silence_s": 10.0,
-                "headroom_script": str(script),
-                "replica_offer": {
-                    "0": [n for n in names if n != ONLY_ON_1],
-                    "1": [ONLY_ON_1, GOLD_SUBNET],
-                },
-            }
-        )
+    live = start_fleet(
+        folder,
+        server={
+            "checkpoint": str(tiny_dir),
+            "kv_cache_bytes": 16 * 1024 * 1024,
+            "max_num_seqs": MAX_NUM_SEQS,
+            "max_num_batched_tokens": 256,
+            "max_model_len": 512,
+        },
+        fleet={
+            "replicas": 2,
+            # Autoscaling between 2 and 3 replicas on ongoing requests: the other tests keep
+            # under 8 per replica; the last one goes above it (short delays, to see both moves).
+            "min_replicas": 2,
+            "max_replicas": 3,
+            "target_ongoing_requests": AUTOSCALE_TARGET,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 3.0,
+            "look_back_period_s": 1.5,
+            "autoscaling_metrics_interval_s": 0.5,
+            "replica_num_cpus": 0.5,
+            "ingress_replicas": 2,
+            "ingress_num_cpus": 0.25,
+            "stale_after_s": 2.0,
+            "gold_priority": 0,
+            "min_headroom_bytes": 10**9,
+            "retries": 4,
+            "retry_pause_s": 0.5,
+            "silence_s": 10.0,
+            "headroom_script": str(script),
+            "replica_offer": {
+                "0": [n for n in names if n != ONLY_ON_1],
+                "1": [ONLY_ON_1, GOLD_SUBNET],
+            },
+        },
+        tiers=TIERS,
+        tenants=TENANTS,
+        ready=lambda f: set(f.pids()) == {0, 1} and f.chat("bert").status_code == 200,
     )
-    keys = {n: f"sk-{n}-{secrets.token_hex(8)}" for n in TENANTS}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCENTRIC_")}
-    env.update({f"K_{n.upper()}": k for n, k in keys.items()})
-    env.update(
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(REPO),
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    port = free_port()
-    log = folder / "fleet.log"
-    log_file = log.open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "server", "serve",
-            "--config", str(folder / "server.yaml"),
-            "--fleet-config", str(folder / "fleet.yaml"),
-            "--port", str(port),
-        ],
-        cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    live = Fleet(f"http://127.0.0.1:{port}", keys, proc, log, _log_file=log_file)
-    live.script = script
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the fleet exited ({proc.returncode}):\n{live.log_text()}")
-            try:
-                if set(live.pids()) == {0, 1} and live.chat("bert").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the fleet was not ready in 180 s:\n{live.log_text()}")
-            time.sleep(1)
         yield live
     finally:
         live.stop(timeout=60)
@@ -335,6 +234,125 @@ def test_gold_traffic_follows_a_scripted_headroom_change(fleet: Fleet):
         fleet.set_headroom(r0=10**10, r1=10**10)
 
 
+def test_a_prompts_prefix_draws_its_requests_to_the_replica_that_holds_it(fleet: Fleet):
+    """Prefix-cache affinity by KV class: gold requests (one subnet, so one KV class) sharing a
+    long prefix follow the first one's replica, and reuse its cached K/V there. With both
+    replicas equally fit and idle, routing without affinity would put each on either replica
+    (all 8 on the first's: 1 in 256)."""
+    system = "You answer briefly. " + " ".join(f"fact{i}" for i in range(60))
+
+    def ask(question: str) -> httpx.Response:
+        r = fleet.chat(
+            "gina",
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": question},
+            ],
+        )
+        assert r.status_code == 200, r.text
+        return r
+
+    try:
+        fleet.set_headroom(r0=10**10, r1=0)  # the first request can only go to replica 0
+        before = fleet.served()
+        first = ask("first question")
+        assert first.json()["usage"]["prompt_tokens"] >= 2 * 64  # longer than two landmarks
+        fleet.set_headroom(r0=10**10, r1=10**10)  # both fit for gold again
+        after_first = fleet.served()
+        assert after_first[0] - before[0] == 1
+        usages = [ask(f"question {i}").json()["usage"] for i in range(8)]
+        now = fleet.served()
+        assert (now[0] - after_first[0], now[1] - after_first[1]) == (8, 0)
+        # ... and there each reused the shared prefix (at least one 64-token landmark of it).
+        assert all(u["prompt_tokens_details"]["cached_tokens"] >= 64 for u in usages), usages
+        fleet.wait_for(
+            "routing decisions by prefix in the fleet's metrics",
+            lambda: any(
+                lb["reason"] == "gold-prefix" and v >= 1
+                for lb, v in metric_samples(
+                    fleet.fleet_metrics(), "concentric_fleet_routing_decisions_total"
+                )
+            ),
+            10,
+        )
+    finally:
+        fleet.set_headroom(r0=10**10, r1=10**10)
+
+
+def test_a_real_prometheus_sees_every_replica_through_the_ingress(
+    fleet: Fleet, tmp_path_factory: pytest.TempPathFactory
+):
+    """Prometheus scraping the fleet's one port: the dashboard's fleet panels have a series per
+    replica, and its engine panels, with the replica selector on one replica, show that
+    replica's own data (every panel follows the selector)."""
+    from tests.api.test_prometheus import promql, start_prometheus
+
+    dashboard = json.loads((REPO / "configs" / "grafana" / "concentric.json").read_text())
+    targets = {(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])}
+    fleet_exprs = sorted(e for _, e in targets if "concentric_fleet_" in e)
+    engine_exprs = sorted(
+        e
+        for title, e in targets
+        if title in ("Throughput (tokens per second)", "KV cache usage", "Queue and batch")
+        or title.startswith("Time to first token p50")
+    )
+    assert len(fleet_exprs) >= 6 and len(engine_exprs) >= 8
+    assert all('replica=~"$replica"' in e for e in fleet_exprs + engine_exprs)
+
+    def traffic() -> None:  # tokens on both replicas: "full" only on 0, e2b only on 1
+        for model in ("full", ONLY_ON_1):
+            r = fleet.chat("bert", model=model, max_tokens=4, min_tokens=4)
+            assert r.status_code == 200, r.text
+
+    prom = start_prometheus(
+        tmp_path_factory.mktemp("fleet-prometheus"), fleet.base_url.removeprefix("http://")
+    )
+    try:
+        traffic()
+        tags = sorted(
+            lb["replica"]
+            for lb, _ in metric_samples(fleet.fleet_metrics(), "concentric_fleet_replica_info")
+        )
+        assert len(tags) == 2, tags
+
+        def query(expr: str, replica: str) -> list[dict]:
+            """`expr` as Grafana sends it with the selector on `replica` (a regex)."""
+            return prom.query(promql(expr.replace("$replica", replica)))
+
+        def wait(what: str, check, timeout: float = 30) -> None:
+            deadline = time.monotonic() + timeout
+            while not check():
+                assert time.monotonic() < deadline, f"{what}: {prom.target_health()}"
+                time.sleep(0.5)
+
+        wait("Prometheus scraping the ingress", lambda: prom.query('up{job="concentric"} == 1'))
+        # A rate needs a second sample that grew: more traffic once the series exist.
+        wait("every replica's series", lambda: len(query(engine_exprs[0], ".*")) >= 1)
+        traffic()
+
+        def finite(result: list[dict]) -> bool:
+            return any(math.isfinite(float(x["value"][1])) for x in result)
+
+        for expr in fleet_exprs:
+            per_replica = "concentric_fleet_replica_" in expr
+            wait(
+                f"{expr}: a series per replica",
+                lambda e=expr, p=per_replica: (
+                    {x["metric"].get("replica") for x in query(e, ".*")} >= set(tags)
+                    if p
+                    else bool(query(e, ".*"))
+                ),
+            )
+        for tag in tags:
+            for expr in engine_exprs:
+                wait(f"{expr} for replica {tag}", lambda e=expr, t=tag: finite(query(e, t)))
+            # The selector keeps the other replica out.
+            usage = query('concentric_kv_cache_usage_ratio{replica=~"$replica"}', tag)
+            assert {x["metric"]["replica"] for x in usage} == {tag}, usage
+    finally:
+        prom.stop()
+
+
 def test_killing_a_replica_loses_no_request_that_had_not_started(fleet: Fleet):
     pids = fleet.pids()
     victim = pids[1]
@@ -410,3 +428,41 @@ def test_killing_a_replica_loses_no_request_that_had_not_started(fleet: Fleet):
     # Whichever ingress answers shows every ingress's count (they post them to the fleet board).
     retried = metric_samples(metrics, "concentric_fleet_calls_retried_total")
     assert sum(v for _, v in retried) >= 1, metrics
+
+
+def test_the_fleet_grows_under_load_and_shrinks_when_it_is_gone(fleet: Fleet):
+    """Autoscaling on ongoing requests between the bounds (2 and 3 replicas): 40 clients, each
+    sending its next request as soon as it has the last one's answer, against a target of 8
+    ongoing requests per replica, call for a third replica (not all 40 are ongoing at the
+    engine replicas: on this 2-core machine 32 such clients kept about 20 there, the rest being
+    parsed, templated or answered at the ingress; 2 x 8 is the line). The third joins and
+    serves; with the load gone, the fleet is two replicas again. Every request is answered
+    whole. (Runs last: the third replica offers every subnet, which the routing tests above do
+    not expect.)"""
+    assert len(fleet.pids()) == 2
+    stop = threading.Event()
+    answered: list[httpx.Response] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            answered.append(fleet.chat("gina", max_tokens=48, min_tokens=48))
+
+    with concurrent.futures.ThreadPoolExecutor(5 * AUTOSCALE_TARGET) as pool:
+        clients = [pool.submit(client) for _ in range(5 * AUTOSCALE_TARGET)]
+        try:
+            fleet.wait_for("a third replica", lambda: len(fleet.pids()) == 3, 90)
+            fleet.wait_for(
+                "the third replica serving",
+                lambda: fleet.by_rank("concentric_fleet_replica_served_total").get(2, 0) >= 1,
+                90,
+            )
+        finally:
+            stop.set()
+        for c in clients:
+            c.result(timeout=120)
+    assert all(r.status_code == 200 for r in answered), [
+        r.text for r in answered if r.status_code != 200
+    ]
+    assert {r.json()["usage"]["completion_tokens"] for r in answered} == {48}
+    fleet.wait_for("back to two replicas", lambda: len(fleet.pids()) == 2, 90)
+    assert fleet.chat("bert").status_code == 200

@@ -124,3 +124,54 @@ def test_cached_blocks_are_evicted_when_space_is_needed():
     bm.free(big)
     again = request(subnet(TEXT), list(range(100, 124)))
     assert bm.admit(again) == 0  # evicted
+
+
+def _call(prompt: list[int]):
+    from server.fleet.engine_call import EngineCall
+    from server.vocabulary.sampling_params import SamplingParams
+
+    return EngineCall("x", tuple(prompt), None, SamplingParams(max_tokens=1))
+
+
+def test_cached_landmarks_are_what_a_router_computes_for_the_prompt():
+    """A replica reports the landmarks of its prefix cache; the router hashes a prompt the
+    same way (server/fleet/engine_call.py), so a prompt whose prefix is cached finds exactly
+    the landmarks of the blocks `admit` would reuse, and only in the same KV class."""
+    bm = blocks(TEXT, 2000)
+    prompt = list(range(100, 141))  # 41 tokens: 5 full blocks of 8; all 5 may be reused
+    _run_prompt(bm, request(subnet(TEXT), prompt))
+    kv = subnet(TEXT).kv_key
+    cached = set(bm.cached_landmarks(100))
+    assert len(cached) == 3  # blocks 0, 1 and 3: prefixes of 1, 2 and 4 blocks
+    assert _call(prompt).landmarks(kv, 8) == list(bm.cached_landmarks(100))
+    longer = _call(prompt + list(range(500, 600)))  # 17 usable blocks: depths 1, 2, 4, 8, 16
+    marks = longer.landmarks(kv, 8)
+    assert len(marks) == 5 and set(marks[:3]) == cached and not set(marks[3:]) & cached
+    assert bm.admit(request(subnet(TEXT), prompt + list(range(500, 600)))) == 40
+    other = subnet(TEXT, "narrow", width=128).kv_key
+    assert not set(_call(prompt).landmarks(other, 8)) & cached
+    changed = list(prompt)
+    changed[0] = 7  # the first block differs: no prefix in common
+    assert not set(_call(changed).landmarks(kv, 8)) & cached
+
+
+def test_landmarks_leave_with_their_blocks_and_recent_ones_are_reported_last():
+    bm = blocks(TEXT, 100)
+    a = request(subnet(TEXT), list(range(100, 124)))  # 3 blocks x 20 layers = 60 of 100
+    _run_prompt(bm, a)
+    bm.free(a)
+    b = request(subnet(TEXT), list(range(300, 310)))  # 1 block
+    _run_prompt(bm, b)
+    bm.free(b)
+    marks_a = _call(list(range(100, 124))).landmarks(subnet(TEXT).kv_key, 8)
+    (mark_b,) = _call(list(range(300, 310))).landmarks(subnet(TEXT).kv_key, 8)
+    assert bm.cached_landmarks(10) == (*marks_a, mark_b)
+    again = request(subnet(TEXT), list(range(100, 124)))
+    assert bm.admit(again) == 16  # reused: reported as the most recent
+    assert bm.cached_landmarks(10) == (mark_b, *marks_a)
+    assert bm.cached_landmarks(1) == (marks_a[-1],) and bm.cached_landmarks(0) == ()
+    bm.free(again)
+    big = request(subnet(TEXT), list(range(500, 540)))
+    bm.admit(big)
+    assert bm.allocate(big, 40)  # 100 blocks: evicts every cached entry
+    assert bm.cached_landmarks(10) == ()

@@ -133,3 +133,98 @@ def test_reports_round_trip_and_malformed_ones_are_ignored():
 
 def test_no_candidates_no_ranks():
     assert rank_replicas(GOLD, [], {}, NOW, RULES).ranks == []
+
+
+# ---- prefix-cache affinity ----------------------------------------------------------------
+
+KV = {"full": "kv-full", "e2b": "kv-e2b", "mini": "kv-mini"}
+
+
+class Prompt:
+    """A prompt of `blocks` usable blocks whose landmark ids are (KV class, depth index)."""
+
+    def __init__(self, blocks: int, tag: str = "p"):
+        self.blocks, self.tag = blocks, tag
+
+    def landmarks(self, kv_class: str, block_size: int) -> list[int]:
+        n = (self.blocks * 16 // block_size).bit_length()  # depths 1, 2, 4, ... <= blocks
+        return [hash((self.tag, kv_class, j)) for j in range(n)]
+
+
+def holding(prompt: Prompt, kv_class: str, depth_index: int, **kw) -> ReplicaReport:
+    """A replica whose cache holds the prompt's prefix up to landmark `depth_index`."""
+    marks = prompt.landmarks(kv_class, 16)[: depth_index + 1]
+    return report(kv_classes=KV, block_size=16, cached=frozenset(marks), **kw)
+
+
+def test_a_replica_holding_the_prompts_prefix_is_tried_first():
+    p = Prompt(8)  # 128 tokens: landmarks at 1, 2, 4, 8 blocks
+    reports = {
+        "cold": report(kv_classes=KV, block_size=16),
+        "warm": holding(p, "kv-e2b", 2, running=2),  # 4 blocks = 64 tokens, a little busier
+    }
+    d = rank_replicas(BRONZE, ["cold", "warm"], reports, NOW, RULES, prompt=p)
+    assert d.ranks == [["warm"], ["cold"]] and d.prefix and d.reason == "fill"
+    # Without the prompt (or with affinity demanding more than 64 tokens): load decides.
+    assert rank_replicas(BRONZE, ["cold", "warm"], reports, NOW, RULES).ranks == [["cold", "warm"]]
+    strict = RoutingRules(2.0, 0, 1000, affinity_min_tokens=65)
+    d = rank_replicas(BRONZE, ["cold", "warm"], reports, NOW, strict, prompt=p)
+    assert d.ranks == [["cold", "warm"]] and not d.prefix
+
+
+def test_a_prefix_counts_only_in_a_kv_class_the_replica_would_serve_it_with():
+    p = Prompt(8)
+    # Cached under "full"'s class, which bronze may not use: no affinity.
+    reports = {"cold": report(kv_classes=KV, block_size=16), "warm": holding(p, "kv-full", 3)}
+    d = rank_replicas(BRONZE, ["cold", "warm"], reports, NOW, RULES, prompt=p)
+    assert not d.prefix and d.ranks == [["cold", "warm"]]
+    # Pinned to "full": exactly that class counts.
+    pinned = RouteAsk(priority=5, pinned="full")
+    d = rank_replicas(pinned, ["cold", "warm"], reports, NOW, RULES, prompt=p)
+    assert d.ranks == [["warm"], ["cold"]] and d.reason == "pinned" and d.prefix
+    # A class the tier allows but the replica does not offer now: it would not serve it so.
+    narrow = {**reports, "warm": holding(p, "kv-e2b", 3, offered={"mini": 40.0})}
+    d = rank_replicas(BRONZE, ["cold", "warm"], narrow, NOW, RULES, prompt=p)
+    assert not d.prefix
+
+
+def test_the_longest_prefix_wins_and_a_tie_everywhere_leaves_it_to_load():
+    p = Prompt(16)
+    reports = {
+        "short": holding(p, "kv-mini", 2),  # 4 blocks
+        "long": holding(p, "kv-e2b", 4, running=1),  # 16 blocks
+        "none": report(kv_classes=KV, block_size=16),
+    }
+    d = rank_replicas(BRONZE, list(reports), reports, NOW, RULES, prompt=p)
+    assert d.ranks[0] == ["long"] and sorted(d.ranks[1]) == ["none", "short"]
+    both = {"a": holding(p, "kv-e2b", 4, running=1), "b": holding(p, "kv-mini", 4)}
+    d = rank_replicas(BRONZE, ["a", "b"], both, NOW, RULES, prompt=p)
+    assert d.ranks == [["b", "a"]] and not d.prefix
+
+
+def test_a_hot_prefix_does_not_pile_onto_one_replica():
+    p = Prompt(8)
+    reports = {"cold": report(kv_classes=KV, block_size=16), "warm": holding(p, "kv-e2b", 3)}
+    for queued, first in ((4, ["warm"]), (5, ["cold", "warm"])):  # affinity_max_imbalance 4
+        busy = {**reports, "warm": holding(p, "kv-e2b", 3, running=queued)}
+        d = rank_replicas(BRONZE, ["cold", "warm"], busy, NOW, RULES, prompt=p)
+        assert d.ranks[0] == first, queued
+
+
+def test_affinity_never_moves_a_request_across_ranks():
+    p = Prompt(8)
+    reports = {
+        "roomy": report(kv_classes=KV, block_size=16),
+        "warm-no-headroom": holding(p, "kv-full", 3, headroom_bytes=0),
+    }
+    d = rank_replicas(GOLD, list(reports), reports, NOW, RULES, prompt=p)
+    assert d.ranks == [["roomy"], ["warm-no-headroom"]] and not d.prefix
+    # Stale reports: no affinity either (power-of-two over the candidates).
+    old = {c: holding(p, "kv-full", 3, at=NOW - 10) for c in "ab"}
+    d = rank_replicas(GOLD, ["a", "b"], old, NOW, RULES, random.Random(0), prompt=p)
+    assert d.reason == "stale" and not d.prefix
+
+
+def test_reports_with_a_prefix_cache_round_trip():
+    r = holding(Prompt(4), "kv-e2b", 2, step_s=0.02)
+    assert ReplicaReport.from_dict(r.to_dict()) == r
