@@ -18,6 +18,11 @@ Timings are medians over --repeats runs on whatever machine runs this; ratios ar
 by side in the same run. Compiling takes minutes per graph on a CPU; it is excluded from timings
 (and reported).
 
+OpenMP runs with its defaults, as a server does. (This script used to set OMP_WAIT_POLICY=PASSIVE,
+as the test suite does to keep live servers' threads from spinning against each other: then every
+parallel op wakes sleeping threads, ~250 us each at 2 threads, and a tiny-preset step paid ~9 ms
+for its 35 attention calls alone. Its tiny-preset numbers before 2026-12-02 carry that.)
+
     python benchmarks/bench_decode.py [--presets tiny,mini,bench] [--mixed-presets bench]
         [--tokens 32] [--repeats 3]
 """
@@ -28,8 +33,6 @@ import argparse
 import os
 import statistics
 import time
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning OpenMP threads
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
