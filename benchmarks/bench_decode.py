@@ -20,8 +20,8 @@ by side in the same run. Compiling takes minutes per graph on a CPU; it is exclu
 
 OpenMP runs with its defaults, as a server does. (This script used to set OMP_WAIT_POLICY=PASSIVE,
 as the test suite does to keep live servers' threads from spinning against each other: then every
-parallel op wakes sleeping threads, ~250 us each at 2 threads, and a tiny-preset step paid ~9 ms
-for its 35 attention calls alone. Its tiny-preset numbers before 2026-12-02 carry that.)
+parallel op wakes sleeping threads, which dominates a tiny-preset step at 2 threads. Its
+tiny-preset numbers before 2026-12-02 carry that.)
 
     python benchmarks/bench_decode.py [--presets tiny,mini,bench] [--mixed-presets bench]
         [--tokens 32] [--repeats 3]

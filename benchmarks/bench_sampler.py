@@ -23,12 +23,12 @@ Combinations (what a request carries):
   logprobs 5        logprobs 5, with top_k 64 + top_p 0.95 (likewise)
 
 References in the same run: `torch.argmax` over [B, 262144]; one exp2 pass over it into a
-reused buffer; and the cheapest exact normaliser (log-sum-exp) found in torch's CPU ops -- one
+reused buffer; and the sampler's exact normaliser (log-sum-exp, `Sampler._log_normalizer`: one
 fused shift-and-scale pass into a reused buffer, exp2 in place, sums of 64-id blocks then a
-float64 sum of those (a float64 sum of every id converts them all first: 15x slower) -- which every
-request with logprobs needs (logprobs are of the raw distribution, so every id's weight enters).
-"logprobs floor" is (greedy step + that normaliser) / greedy step: the least a logprobs step can
-cost relative to greedy here, before anything else it does.
+float64 sum of those), which every request with logprobs needs (logprobs are of the raw
+distribution, so every id's weight enters). "logprobs floor" is (greedy step + that normaliser) /
+greedy step: the least a logprobs step can cost relative to greedy here, before anything else
+it does.
 
     PYTHONPATH=. python benchmarks/bench_sampler.py [--threads 1] [--repeats 7] [--old-repeats 3]
 """
@@ -43,11 +43,12 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from server.runtime.sampler import Sampler
+from server.runtime.sampler import Sampler, _Rows
 from server.vocabulary.sampling_params import SamplingParams
 
 TEXT_VOCAB = 262144
@@ -73,7 +74,6 @@ COMBINATIONS = {
     "top_p alone, flat": SamplingParams(top_p=0.95),
 }
 HISTORY = 64  # tokens generated before the timed steps, for the penalties
-LOG2E = 1.0 / math.log(2.0)
 
 
 def baseline_module():
@@ -201,13 +201,8 @@ def main() -> None:
         buf = torch.empty(b, TEXT_VOCAB)
         argmax = time_reference(lambda x=x: x.argmax(dim=1), args.repeats) * 1e3
         exp2 = time_reference(lambda x=x, buf=buf: torch.exp2(x, out=buf), args.repeats) * 1e3
-        shift = -x.amax(dim=1, keepdim=True) * LOG2E
-
-        def normaliser(x=x, buf=buf, shift=shift, b=b) -> torch.Tensor:
-            torch.add(shift, x, alpha=LOG2E, out=buf)
-            return buf.exp2_().view(b, -1, 64).sum(dim=2).double().sum(dim=1)
-
-        lse = time_reference(normaliser, args.repeats) * 1e3
+        sampler, rows, m = Sampler(TEXT_VOCAB, EOS), _Rows.of(range(b), b, x.device), x.amax(1)
+        lse = time_reference(partial(sampler._log_normalizer, x, rows, m), args.repeats) * 1e3
         floor = (new_ms["greedy", b] + lse) / new_ms["greedy", b]
         print(
             f"  B={b:<4} torch.argmax {argmax:7.2f}   one exp2 pass {exp2:7.2f}   "

@@ -198,7 +198,7 @@ async def decide(svc: Service, decision: Callable[..., Refusal | None], *args) -
     fleet's global limits, up to `limits_timeout_s` when the store does not answer) waits in a
     worker thread, so this process's event loop goes on serving everyone else meanwhile. A local
     limiter decides at once: nothing runs between its decision and what follows it."""
-    if getattr(svc.limiter, "asks_elsewhere", False):
+    if svc.limiter.asks_elsewhere:
         return await asyncio.to_thread(decision, *args)
     return decision(*args)
 

@@ -69,7 +69,6 @@ class BlockManager:
         # Landmark id -> None for the cached landmark keys, least recently used first; a plain
         # dict, so that a reader in another thread copies it whole (`cached_landmarks`).
         self._landmarks: dict[int, None] = {}
-        self._landmark_of: dict[bytes, int] = {}  # cache key -> its landmark id
         self._held: dict[str, _Held] = {}
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
@@ -129,10 +128,8 @@ class BlockManager:
                     self._ref(block)
                     held.table[layer].append(block)
                 held.hashes.append(chain)
-                if key in self._landmark_of:  # used again: reported as recent
-                    lid = self._landmark_of[key]
-                    self._landmarks.pop(lid, None)
-                    self._landmarks[lid] = None
+                if is_landmark(i):  # used again: reported as recent
+                    self._touch(landmark_id(key))
                 parent = chain
                 hit += self.block_size
             self.prefix_queries += len(tokens)
@@ -181,10 +178,12 @@ class BlockManager:
             for b in blocks.values():
                 self.block_hash[b] = key
             if is_landmark(i):
-                lid = landmark_id(key)
-                self._landmark_of[key] = lid
-                self._landmarks.pop(lid, None)
-                self._landmarks[lid] = None
+                self._touch(landmark_id(key))
+
+    def _touch(self, lid: int) -> None:
+        """A landmark cached or used again: the most recent now."""
+        self._landmarks.pop(lid, None)
+        self._landmarks[lid] = None
 
     def cached_landmarks(self, limit: int) -> tuple[int, ...]:
         """The ids of up to `limit` cached landmark keys, most recently used last. Safe to call
@@ -232,9 +231,7 @@ class BlockManager:
         if key is not None:  # evicting a cached block drops its whole token-block entry
             for b in self._cache.pop(key, {}).values():
                 self.block_hash[b] = None
-            lid = self._landmark_of.pop(key, None)
-            if lid is not None:
-                self._landmarks.pop(lid, None)
+            self._landmarks.pop(landmark_id(key), None)  # if it was one
         self.ref_count[block] = 1
         return block
 

@@ -54,14 +54,21 @@ class EngineCall:
 
     def landmarks(self, kv_class: str, block_size: int) -> list[int]:
         """The ids of the prompt's prefixes of 1, 2, 4, ... full blocks in `kv_class` (what
-        replicas report of their prefix caches). The token chain is hashed once per block size
-        and kept on the call (routing weighs a call again each time it retries)."""
+        replicas report of their prefix caches). The token chain is hashed once per block size,
+        the landmarks once per class, and both kept on the call (routing weighs a call for every
+        replica, and again each time it retries)."""
         memo = self.__dict__.setdefault("_chains", {})
-        chain = memo.get(block_size)
-        if chain is None:
-            blocks = min(usable_blocks(len(self.prompt_ids), block_size), MAX_HASHED_BLOCKS)
-            chain = memo[block_size] = token_chain(self.prompt_ids, block_size, blocks)
-        return [landmark_id(cache_key(kv_class, chain[d - 1])) for d in landmark_depths(len(chain))]
+        marks = memo.get((kv_class, block_size))
+        if marks is None:
+            chain = memo.get(block_size)
+            if chain is None:
+                blocks = min(usable_blocks(len(self.prompt_ids), block_size), MAX_HASHED_BLOCKS)
+                chain = memo[block_size] = token_chain(self.prompt_ids, block_size, blocks)
+            depths = landmark_depths(len(chain))
+            marks = memo[kv_class, block_size] = [
+                landmark_id(cache_key(kv_class, chain[d - 1])) for d in depths
+            ]
+        return marks
 
     def __getstate__(self) -> dict:
         """Sent to a replica without the router's memo."""

@@ -44,19 +44,19 @@ class FleetBoard:
         return dict(self._metrics)
 
     def reports(self) -> dict[str, dict[str, Any]]:
-        now = self.clock()
-        for tag, (posted, _) in list(self._reports.items()):
-            if now - posted > self.forget_after_s:
-                del self._reports[tag]
-        return {tag: report for tag, (_, report) in self._reports.items()}
+        return self._recent(self._reports)
 
     def post_ingress(self, ingress: str, state: dict[str, Any]) -> None:
         self._ingresses[str(ingress)] = (self.clock(), dict(state))
 
     def ingresses(self) -> dict[str, dict[str, Any]]:
         """Each ingress's latest counters, for the ingresses that still post."""
+        return self._recent(self._ingresses)
+
+    def _recent(self, posts: dict[str, tuple[float, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        """The posts not older than `forget_after_s`; older ones are dropped for good."""
         now = self.clock()
-        for tag, (posted, _) in list(self._ingresses.items()):
+        for tag, (posted, _) in list(posts.items()):
             if now - posted > self.forget_after_s:
-                del self._ingresses[tag]
-        return {tag: state for tag, (_, state) in self._ingresses.items()}
+                del posts[tag]
+        return {tag: post for tag, (_, post) in posts.items()}
