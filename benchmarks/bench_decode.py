@@ -90,26 +90,34 @@ def count_outside_graphs(eng) -> None:
         graphs.graphs[shape] = (spec, outside)
 
 
-def decode_tps(eng, rt, prompt: list[int], tokens: int, count: bool = True) -> tuple[float, int]:
-    """(batch-1 decode tok/s after the first token, ops of one decode step). Warm-ups pass
-    count=False: a graph must not be first run under the op counter (it would not compile)."""
+def decode_tps(
+    eng, rt, prompt: list[int], tokens: int, count: bool = True
+) -> tuple[float, int, list[int]]:
+    """(batch-1 decode tok/s after the first token, ops of one decode step, the tokens). Warm-ups
+    pass count=False: a graph must not be first run under the op counter (it would not compile)."""
     eng.add_request("bench", prompt, rt.subnets.full, greedy(tokens))
-    while not any(o.token_ids for o in eng.step()):
-        pass
+    out: list[int] = []
+
+    def step() -> None:
+        for o in eng.step():
+            out.extend(o.token_ids)
+
+    while not out:
+        step()
     ops = OpCount()
     if count:
         with ops:
-            eng.step()
+            step()
     else:
-        eng.step()
+        step()
     t0, n = time.perf_counter(), 1
     while eng.has_work:
-        eng.step()
+        step()
         n += 1
-    return (n - 1) / (time.perf_counter() - t0), ops.n
+    return (n - 1) / (time.perf_counter() - t0), ops.n, out
 
 
-def many(eng, rt, n: int, tokens: int) -> float:
+def many(eng, rt, n: int, tokens: int) -> tuple[float, list[tuple[int, ...]]]:
     # Equal prompt lengths, so most decode steps hold every request (fewer buckets to compile).
     requests = [
         GenerationRequest(rt.subnets[MIX[i % len(MIX)]], prompt_of(28, i), greedy(tokens))
@@ -117,7 +125,8 @@ def many(eng, rt, n: int, tokens: int) -> float:
     ]
     t0 = time.perf_counter()
     out = offline.generate(eng, requests)
-    return sum(len(g.token_ids) for g in out) / (time.perf_counter() - t0)
+    tps = sum(len(g.token_ids) for g in out) / (time.perf_counter() - t0)
+    return tps, [tuple(g.token_ids) for g in out]
 
 
 def hf_model(folder):
@@ -188,12 +197,13 @@ def bench_preset(name: str, args) -> None:
     hf_ops = hf_ops_per_step(model, prompt)
     nbytes, gbs = read_floor(rt)
     floor = gbs * 1e9 / nbytes
-    et, ct, ht = med(x for x, _ in e), med(x for x, _ in c), med(h)
+    et, ct, ht = med(x[0] for x in e), med(x[0] for x in c), med(h)
     print(f"ops per batch-1 decode step: ours eager {e[0][1]}, ours compiled 1 graph call + "
           f"{c[0][1]} around it, transformers {hf_ops:.0f}")  # fmt: skip
     print(f"batch-1 decode tok/s: eager {et:.1f}, compiled {ct:.1f}, transformers {ht:.1f}; "
           f"compiled/eager {ct / et:.2f}x, compiled/transformers {ct / ht:.2f}x, "
           f"eager/transformers {et / ht:.2f}x")  # fmt: skip
+    print(f"compiled greedy tokens are eager's: {all(x[2] == e[0][2] for x in c)}")
     print(f"read floor: {nbytes / 1e6:.1f} MB per token at {gbs:.1f} GB/s = {floor:.0f} tok/s; "
           f"eager {100 * et / floor:.0f}%, compiled {100 * ct / floor:.0f}% of it")  # fmt: skip
     if name in args.mixed_presets.split(","):
@@ -202,8 +212,10 @@ def bench_preset(name: str, args) -> None:
             t0 = time.perf_counter()
             many(cg, rt, n, args.tokens)  # compiles the buckets the runs meet
             compile_s = time.perf_counter() - t0
-            et_n = med(many(eg, rt, n, args.tokens) for _ in range(args.repeats))
-            ct_n = med(many(cg, rt, n, args.tokens) for _ in range(args.repeats))
+            eager_runs = [many(eg, rt, n, args.tokens) for _ in range(args.repeats)]
+            compiled_runs = [many(cg, rt, n, args.tokens) for _ in range(args.repeats)]
+            et_n, ct_n = med(x[0] for x in eager_runs), med(x[0] for x in compiled_runs)
+            same = all(x[1] == eager_runs[0][1] for x in compiled_runs)
             t0 = time.perf_counter()
             for i in range(n):
                 hf_generate(model, prompt_of(28, i), args.tokens)
@@ -211,7 +223,7 @@ def bench_preset(name: str, args) -> None:
             print(f"{n} mixed requests, tok/s: eager {et_n:.1f}, compiled {ct_n:.1f} "
                   f"(compiling {compile_s:.0f} s), transformers one at a time {ht_n:.1f}; "
                   f"compiled/transformers {ct_n / ht_n:.1f}x, eager/transformers "
-                  f"{et_n / ht_n:.1f}x")  # fmt: skip
+                  f"{et_n / ht_n:.1f}x; compiled greedy tokens are eager's: {same}")  # fmt: skip
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ decode step (every sequence computes one token and samples) is planned as a stat
 (batch.py `StaticShape`: rows padded to a bucket, every layer over every row with keep masks,
 every FFN at the resident width with per-row width masks, keys read up to a context bucket), so
 its shape depends on the buckets alone. The device half of the plan and the forward are then
-compiled together with `torch.compile(fullgraph=True)`: inductor on a CPU; on CUDA the same with
+compiled together with `torch.compile(fullgraph=True)`: inductor on a CPU, with products of few rows
+generated as fused loops rather than BLAS calls (narrow_products.py); on CUDA inductor with
 `mode="reduce-overhead"`, which replays the step as a captured CUDA graph (its inputs, the step's
 integers and the per-layer embedding rows gathered on the host, are copied into the graph's
 static buffers before each replay). A graph is compiled once per bucket and resident widths;
@@ -26,6 +27,7 @@ import torch
 from server.runtime.batch import StaticShape, StepSpec, materialize, plan_step, upload
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.kv_cache import KVCache
+from server.runtime.narrow_products import NARROW, inductor_decompositions
 from server.vocabulary.step import StepSequence
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -57,6 +59,7 @@ class DecodeGraphs:
         self.backend = backend
         cuda = model.w.device.type == "cuda"
         self.mode = "reduce-overhead" if cuda and backend == "inductor" else None
+        self.compiler = backend if cuda else cpu_backend(backend)
         self.graphs: dict[StaticShape, tuple[StepSpec, object]] = {}
 
     @staticmethod
@@ -83,7 +86,7 @@ class DecodeGraphs:
             for old in [s for s in self.graphs if s.widths != shape.widths]:
                 del self.graphs[old]
             step = partial(self._step, planned.spec)
-            compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=self.backend,
+            compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=self.compiler,
                                      mode=self.mode)  # fmt: skip
             entry = self.graphs[shape] = (planned.spec, compiled)
         spec, compiled = entry
@@ -99,3 +102,42 @@ class DecodeGraphs:
         batch = materialize(spec, flat, model.text, model.w.dtype)
         batch.ple_rows = ple_rows
         return model.forward(batch, self.kv)
+
+
+# Inductor's CPU wrapper asserts every input's size and stride on every call (~850 Python-level
+# calls per tiny-preset step, more than all its kernels); dynamo's guards have already checked
+# them (static shapes: sizes and strides are guarded) before the graph runs.
+CPU_INDUCTOR = {"size_asserts": False, "alignment_asserts": False}
+
+
+def cpu_backend(name: str):
+    """The torch.compile backend for a CPU step: inductor, or "aot_eager" (the same capture and
+    functionalisation, run eagerly: what tests use), each with the narrow products rewritten.
+
+    AOTAutograd's own cache is off for these graphs: its key does not cover a custom
+    decomposition table, so it would hand back a graph compiled without (or with other) rewrites.
+    Inductor's FX-graph cache, keyed on the rewritten graph, still spares recompiling on restart."""
+    import torch._functorch.config as functorch_config
+
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        def inductor(gm, example_inputs):
+            with functorch_config.patch(enable_autograd_cache=False):
+                return compile_fx(gm, example_inputs, config_patches=CPU_INDUCTOR,
+                                  decompositions=inductor_decompositions())  # fmt: skip
+
+        return inductor
+    if name == "aot_eager":
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_compiler
+
+        nop = make_boxed_compiler(lambda gm, _: gm)
+        aot = aot_autograd(fw_compiler=nop, decompositions=dict(NARROW))
+
+        def aot_eager(gm, example_inputs):
+            with functorch_config.patch(enable_autograd_cache=False):
+                return aot(gm, example_inputs)
+
+        return aot_eager
+    return name

@@ -1,0 +1,74 @@
+"""Narrow products: BLAS vs inductor's fused multiply-reduce, at the rows a decode step has.
+
+For a chain of FFN-shaped projections (the bench preset's: 35 layers x gate, up and down of
+2048 x 512, float32), in one run: the plain read bandwidth of the machine (a sum over 256 MB),
+then, for each row count, the chain compiled with inductor as it is (each product an external
+BLAS call, as `F.linear` runs eagerly too) and compiled with the narrow-product rewrites
+(server/runtime/narrow_products.py), as ms per chain and GB/s of weights read. The rewrites
+apply up to NARROW_ROWS rows; above that both columns are BLAS's (the check that the bound sits
+where the crossover is).
+
+    python benchmarks/bench_narrow_products.py [--threads 2] [--rows 1,2,4,8,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from server.runtime.decode_graph import cpu_backend
+from server.runtime.narrow_products import NARROW_ROWS
+
+HIDDEN, WIDTH, LAYERS = 512, 2048, 35
+
+
+def seconds(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def chain(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [F.linear(x, w) for w in weights]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="1,2,4,8,16,32")
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    weights = [torch.randn(WIDTH, HIDDEN) for _ in range(3 * LAYERS)]
+    nbytes = sum(w.nbytes for w in weights)
+    a = torch.ones(64 * 1024 * 1024)
+    read = a.nbytes / 1e9 / seconds(a.sum, args.repeats)
+    print(f"torch {torch.__version__}, {args.threads} threads, {len(weights)} products of "
+          f"{WIDTH}x{HIDDEN} float32 ({nbytes / 1e6:.0f} MB); plain read {read:.1f} GB/s; "
+          f"narrow up to {NARROW_ROWS} rows; median of {args.repeats}")  # fmt: skip
+    for rows in (int(r) for r in args.rows.split(",")):
+        x = torch.randn(rows, HIDDEN)
+        torch._dynamo.reset()
+        blas = torch.compile(chain, fullgraph=True, dynamic=False)
+        fused = torch.compile(chain, fullgraph=True, dynamic=False, backend=cpu_backend("inductor"))
+        want = blas(x, weights)
+        got = fused(x, weights)
+        # Both are float32 sums of 512 products in different orders.
+        worst = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
+        b = seconds(lambda: blas(x, weights), args.repeats)
+        f = seconds(lambda: fused(x, weights), args.repeats)
+        print(f"rows {rows:3d}: BLAS {1e3 * b:6.1f} ms ({nbytes / 1e9 / b:5.1f} GB/s), "
+              f"narrow-compiled {1e3 * f:6.1f} ms ({nbytes / 1e9 / f:5.1f} GB/s), "
+              f"BLAS/narrow {b / f:.2f}x; largest difference {worst:.1e} of the values' scale")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

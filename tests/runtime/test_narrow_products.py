@@ -1,0 +1,95 @@
+"""Narrow products (server/runtime/narrow_products.py): the rewrites a compiled CPU step uses for
+products of few rows and short inner dimensions.
+
+- each rewrite computes its op: compared in float64, where the only difference is the order of
+  a sum of at most a few hundred terms (relative 1e-12 is ~4,500 float64 ulps: far above that
+  reordering's error, far below any wrong index or transpose);
+- outside its bounds (rows, inner size, scaled forms) it declines, and the op runs as it is;
+- reduced-precision inputs are accumulated in float32 and come back in their dtype;
+- the table given to inductor pickles, and to the same bytes each time: inductor hashes it into
+  its FX-graph cache key, and a table that does not pickle bypasses that cache (every start would
+  recompile every graph).
+
+The compiled step itself, rewrites included, is compared with the eager forward in
+test_decode_graph.py.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from server.runtime import narrow_products as narrow
+
+aten = torch.ops.aten
+
+
+def randn(*shape, dtype=torch.float64):
+    return torch.randn(*shape, generator=GEN, dtype=dtype)
+
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def assert_same(got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("rows", [1, 2, narrow.NARROW_ROWS])
+def test_few_rows_multiply_as_the_product(rows):
+    a, w = randn(rows, 96), randn(160, 96)  # a weight [out, in], used transposed as F.linear does
+    assert_same(narrow.mm(a, w.t()), a @ w.t())
+    bias = randn(160)
+    assert_same(narrow.addmm(bias, a, w.t()), torch.addmm(bias, a, w.t()))
+
+
+@pytest.mark.parametrize("inner", [1, 2, narrow.NARROW_INNER])
+def test_short_inner_batches_multiply_as_the_product(inner):
+    base, b1, b2 = randn(3, 4, 64), randn(3, 4, inner), randn(3, inner, 64)
+    assert_same(narrow.baddbmm(base, b1, b2), torch.baddbmm(base, b1, b2))
+
+
+def test_outside_their_bounds_the_rewrites_decline():
+    wide = randn(narrow.NARROW_ROWS + 1, 8)
+    assert narrow.mm(wide, randn(8, 8)) is NotImplemented
+    assert narrow.addmm(randn(8), wide, randn(8, 8)) is NotImplemented
+    assert narrow.addmm(randn(8), randn(1, 8), randn(8, 8), beta=2) is NotImplemented
+    assert narrow.addmm(randn(8), randn(1, 8), randn(8, 8), alpha=0.5) is NotImplemented
+    b1 = randn(2, 3, narrow.NARROW_INNER + 1)
+    assert narrow.baddbmm(randn(2, 3, 8), b1, randn(2, narrow.NARROW_INNER + 1, 8)) is (
+        NotImplemented
+    )
+    assert narrow.baddbmm(randn(2, 3, 8), randn(2, 3, 2), randn(2, 2, 8), beta=0) is (
+        NotImplemented
+    )
+
+
+def test_bfloat16_accumulates_in_float32():
+    a, w = randn(2, 512, dtype=torch.bfloat16), randn(64, 512, dtype=torch.bfloat16)
+    got = narrow.mm(a, w.t())
+    want = (a.double() @ w.double().t()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    # Summed in float32 then rounded once: within one bfloat16 ulp (2^-8 relative) of the exact
+    # product rounded; a bfloat16 accumulation of 512 terms drifts by several.
+    assert ((got.double() - want.double()).abs() <= want.double().abs() * 2**-8 + 1e-6).all()
+
+
+def test_the_table_puts_the_rewrites_in_front_and_falls_back_to_inductors_own():
+    table = narrow.inductor_decompositions()
+    a, w = randn(1, 32), randn(48, 32)
+    assert_same(table[aten.mm.default](a, w.t()), a @ w.t())
+    x = randn(16, 32)
+    wide = table[aten.mm.default](x, w.t())  # inductor's own decomposition, or none
+    assert wide is NotImplemented or torch.allclose(wide, x @ w.t())
+    assert set(narrow.NARROW) <= set(table)
+
+
+def test_the_table_pickles_to_the_same_bytes():
+    first, second = narrow.inductor_decompositions(), narrow.inductor_decompositions()
+    assert pickle.dumps(first) == pickle.dumps(second)
+    again = pickle.loads(pickle.dumps(first))
+    assert set(again) == set(first)
