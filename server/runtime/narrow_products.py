@@ -9,10 +9,10 @@ vectorised loop fused with the ops around it, instead of an external BLAS call.
 Attention stays the CPU attention kernel: written the same way (two narrow products around a
 softmax) it made a tiny-preset step slower (six times the buffer allocations per step).
 
-Why: a batch-1 projection is a matrix-vector product that must read its weight once. MKL's
-`sgemm`/`sgemv` at 1 to 4 rows read the FFN weights of the bench preset at ~9 GB/s on the
-2-core build machine, where a plain read runs at ~30 GB/s and inductor's fused reduction at
-~26 GB/s (measured side by side; rows 8 and up are BLAS's again). And every external call is a
+Why: a batch-1 projection is a matrix-vector product that must read its weight once. MKL read
+the bench preset's FFN weights at 1 row at ~8 GB/s on the 2-core build machine, the fused loop
+at 26-35 GB/s, about a plain read's speed; at 2 and 4 rows 4x and 1.6x faster, at 8 rows and up
+BLAS is faster (benchmarks/bench_narrow_products.py, results/). And every external call is a
 Python-level call in inductor's CPU wrapper (with its output allocation and operand views),
 which on a small model is most of a step.
 
@@ -32,7 +32,7 @@ import torch
 
 aten = torch.ops.aten
 
-NARROW_ROWS = 4  # measured: 1, 2 and 4 rows faster fused, 8 rows faster through BLAS
+NARROW_ROWS = 4  # 1, 2 and 4 rows run faster fused, 8 and more through BLAS (bench_narrow_products)
 NARROW_INNER = 4  # AltUp's streams
 
 
