@@ -8,7 +8,9 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
   gives the same greedy tokens compiled as eager, and logits equal up to float32 rounding (the
   suite's rule: tests/runtime/conftest.py);
 - after one step per bucket (the warm-up), every subnet in any mix runs with no new compilation:
-  the mix is data (keep and width masks), never a guard.
+  the mix is data (keep and width masks), never a guard. Later steps of a bucket run its code
+  directly, without dynamo (decode_graph.py); here each is first checked against the guards
+  dynamo made for the bucket, and a failed check fails the step.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def engines(tiny):
     per bucket and runner)."""
     budget = kv_bytes_for(tiny, 16 * 64)
     eager = assemble_engine(tiny, budget, ffn_mode="grouped")
-    return eager, assemble_engine(tiny, budget, compile_backend=BACKEND)
+    compiled = assemble_engine(tiny, budget, compile_backend=BACKEND)
+    compiled.runner.graphs.check_guards = True  # every direct step is checked against them
+    return eager, compiled
 
 
 def generate(engine, requests, keep_logits=False):
@@ -88,3 +92,13 @@ def test_no_subnet_mix_recompiles_after_warm_up(tiny, engines):
     assert set(engines[1].runner.graphs.graphs) == {
         shape for shape in engines[1].runner.graphs.graphs if shape.num_rows in (1, 8)
     }
+
+
+def test_a_direct_step_is_checked_against_its_buckets_guards(tiny, engines):
+    request = GenerationRequest(tiny.subnets["full"], prompt_ids(10, seed=7), greedy(3))
+    generate(engines[1], [request])  # compiles (or reuses) the rows-1 bucket
+    graphs = engines[1].runner.graphs
+    [(spec, step)] = [e for shape, e in graphs.graphs.items() if shape.num_rows == 1]
+    flat = torch.zeros(3, dtype=torch.int64)  # not the bucket's plan: its guards fail
+    with pytest.raises(RuntimeError, match="guards failed"):
+        step(flat, torch.zeros(1))
