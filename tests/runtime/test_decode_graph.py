@@ -18,10 +18,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from server.engine import offline
 from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.offline import GenerationRequest, greedy
+from server.runtime.decode_graph import DecodeGraphs
 from tests.runtime.conftest import assert_float32_close, decode_reference, prompt_ids
 
 BACKEND = "aot_eager"
@@ -98,7 +100,10 @@ def test_a_direct_step_is_checked_against_its_buckets_guards(tiny, engines):
     request = GenerationRequest(tiny.subnets["full"], prompt_ids(10, seed=7), greedy(3))
     generate(engines[1], [request])  # compiles (or reuses) the rows-1 bucket
     graphs = engines[1].runner.graphs
-    [(spec, step)] = [e for shape, e in graphs.graphs.items() if shape.num_rows == 1]
+    [(_, step)] = [e for shape, e in graphs.graphs.items() if shape.num_rows == 1]
     flat = torch.zeros(3, dtype=torch.int64)  # not the bucket's plan: its guards fail
     with pytest.raises(RuntimeError, match="guards failed"):
         step(flat, torch.zeros(1))
+    # Dynamo holds no entry for the step's code once it is captured: its recompile limit (8
+    # graphs per code object) can never stop a new bucket from compiling.
+    assert not _debug_get_cache_entry_list(DecodeGraphs._step.__code__)
