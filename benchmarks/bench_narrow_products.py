@@ -14,27 +14,16 @@ columns are both BLAS's, and the forced column shows whether the bound sits at t
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_sampler import time_reference
 from server.runtime.decode_graph import cpu_backend
 from server.runtime.narrow_products import NARROW_ROWS
 
 HIDDEN, WIDTH, LAYERS = 512, 2048, 35
-
-
-def seconds(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def chain(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -56,7 +45,7 @@ def main() -> None:
     weights = [torch.randn(WIDTH, HIDDEN) for _ in range(3 * LAYERS)]
     nbytes = sum(w.nbytes for w in weights)
     a = torch.ones(64 * 1024 * 1024)
-    read = a.nbytes / 1e9 / seconds(a.sum, args.repeats)
+    read = a.nbytes / 1e9 / time_reference(a.sum, args.repeats)
     print(f"torch {torch.__version__}, {args.threads} threads, {len(weights)} products of "
           f"{WIDTH}x{HIDDEN} float32 ({nbytes / 1e6:.0f} MB); plain read {read:.1f} GB/s; "
           f"narrow up to {NARROW_ROWS} rows; median of {args.repeats}")  # fmt: skip
@@ -72,9 +61,9 @@ def main() -> None:
         worst = max(
             ((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want, strict=True)
         )
-        b = seconds(partial(blas, x, weights), args.repeats)
-        f = seconds(partial(fused, x, weights), args.repeats)
-        a = seconds(partial(anyrows, x, weights), args.repeats)
+        b = time_reference(partial(blas, x, weights), args.repeats)
+        f = time_reference(partial(fused, x, weights), args.repeats)
+        a = time_reference(partial(anyrows, x, weights), args.repeats)
         print(f"rows {rows:3d}: BLAS {1e3 * b:6.1f} ms ({nbytes / 1e9 / b:5.1f} GB/s), "
               f"narrow-compiled {1e3 * f:6.1f} ms ({nbytes / 1e9 / f:5.1f} GB/s), "
               f"BLAS/narrow {b / f:.2f}x; the fused form forced {1e3 * a:6.1f} ms "

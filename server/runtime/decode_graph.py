@@ -36,9 +36,9 @@ from server.runtime.narrow_products import NARROW, inductor_decompositions
 from server.vocabulary.step import StepSequence
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MIN_CONTEXT_BUCKET = 64
 # One compile at a time captures its code (the bytecode hook is process-wide).
 _capture_lock = threading.Lock()
-MIN_CONTEXT_BUCKET = 64
 
 
 def row_bucket(n: int) -> int:
@@ -107,7 +107,7 @@ class DecodeGraphs:
         into code that gathers the graph's inputs and calls the graph. That code is kept and
         runs every later step of the bucket directly, as vLLM's model runner does: dynamo's
         per-call work (matching its guards on the ~800 weight and cache tensors the step
-        reads, about a millisecond per tiny-preset step on a CPU) buys nothing here, because a
+        reads: a large share of a tiny-preset step on a CPU) buys nothing here, because a
         bucket's inputs have its shapes by construction (the key holds the rows and context
         buckets and the resident widths; `spec` is checked above). With `check_guards`
         (tests), every direct step is still checked against the guards first."""
