@@ -3,8 +3,11 @@
 One run, the same logits for both: [B, 262400] float32 (262144 text ids + 256 vision/audio
 placeholders), for B in {1, 8, 32, 128} and each combination of parameters below, every row of a
 batch with the same parameters and its own seed. A step is one `sample` call plus, for the old
-sampler, the `record` its runner made after it (the new one records inside `sample`). Reported:
-the median of `--repeats` steps in ms (after one warm-up step), and old / new.
+sampler, the `record` its runner made after it (the new one records inside `sample`). The new
+sampler is timed twice: eager, and with its passes over whole rows compiled
+(`Sampler(compiled=True)`, what a server with `compile: true` runs: row_passes.py; compiled in
+the warm-up step). Reported: the median of `--repeats` steps in ms (after one warm-up step), and
+old / new.
 
 Logits are LM-like: per row, a head of 32 ids at 20 - 2 ln(rank) over a body of N(0, 2^2), at
 random ids (the top token holds ~60% of the mass, the 0.95 nucleus ~12 ids). `top_p alone, flat`
@@ -23,12 +26,12 @@ Combinations (what a request carries):
   logprobs 5        logprobs 5, with top_k 64 + top_p 0.95 (likewise)
 
 References in the same run: `torch.argmax` over [B, 262144]; one exp2 pass over it into a
-reused buffer; and the sampler's exact normaliser (log-sum-exp, `Sampler._log_normalizer`: one
-fused shift-and-scale pass into a reused buffer, exp2 in place, sums of 64-id blocks then a
-float64 sum of those), which every request with logprobs needs (logprobs are of the raw
-distribution, so every id's weight enters). "logprobs floor" is (greedy step + that normaliser) /
-greedy step: the least a logprobs step can cost relative to greedy here, before anything else
-it does.
+reused buffer; and the sampler's exact normaliser (log-sum-exp, `Sampler._log_normalizer`),
+eager (one fused shift-and-scale pass into a reused buffer, exp2 in place, sums of 64-id blocks
+then a float64 sum of those) and compiled (one loop: row_passes.py), which every request
+with logprobs needs (logprobs are of the raw distribution, so every id's weight enters).
+"logprobs floor" is (greedy step + the eager normaliser) / greedy step: the least an eager
+logprobs step can cost relative to greedy here, before anything else it does.
 
     PYTHONPATH=. python benchmarks/bench_sampler.py [--threads 1] [--repeats 7] [--old-repeats 3]
 """
@@ -38,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import math
 import platform
 import statistics
 import sys
@@ -105,8 +107,10 @@ def prompt(seed: int) -> list[int]:
     return torch.randint(107, TEXT_VOCAB, (512,), generator=g).tolist()
 
 
-def time_new(logits: torch.Tensor, params: SamplingParams, repeats: int) -> float:
-    sampler = Sampler(TEXT_VOCAB, EOS)
+def time_new(
+    logits: torch.Tensor, params: SamplingParams, repeats: int, compiled: bool = False
+) -> float:
+    sampler = Sampler(TEXT_VOCAB, EOS, compiled=compiled)
     states = [
         sampler.add_request(dataclasses.replace(params, seed=i), prompt(i))
         for i in range(logits.shape[0])
@@ -114,7 +118,7 @@ def time_new(logits: torch.Tensor, params: SamplingParams, repeats: int) -> floa
     if states[0].tracks_output:
         for t in range(HISTORY):
             sampler.record(states, [(t * 7919 + 13 * i) % TEXT_VOCAB for i in range(len(states))])
-    sampler.sample(logits, states)  # warm-up: buffers, table
+    sampler.sample(logits, states)  # warm-up: buffers, table (and compiling, if compiled)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -176,22 +180,24 @@ def main() -> None:
         f"(old: {args.old_repeats})\n"
     )
     header = f"{'combination':<20}" + "".join(
-        f"{'B=' + str(b) + ' new':>12}{'old':>10}{'x':>7}" for b in batches
+        f"{'B=' + str(b) + ' new':>12}{'compiled':>10}{'old':>10}{'x':>7}" for b in batches
     )
-    print("ms per step" + " " * (len(header) - 11))
+    print("ms per step (new: eager; compiled: Sampler(compiled=True); x: old / new)")
     print(header)
     new_ms: dict[tuple[str, int], float] = {}
+    compiled_ms: dict[tuple[str, int], float] = {}
     for name, params in COMBINATIONS.items():
         cells = []
         for b in batches:
             logits = make_logits(b, flat=name.endswith("flat"))
-            new = time_new(logits, params, args.repeats) * 1e3
-            new_ms[name, b] = new
+            new = new_ms[name, b] = time_new(logits, params, args.repeats) * 1e3
+            fused = compiled_ms[name, b] = time_new(logits, params, args.repeats, True) * 1e3
+            cell = f"{new:>12.2f}{fused:>10.2f}"
             if old is None:
-                cells.append(f"{new:>12.2f}{'':>10}{'':>7}")
+                cells.append(f"{cell}{'':>10}{'':>7}")
             else:
                 was = time_old(old, logits, params, args.old_repeats) * 1e3
-                cells.append(f"{new:>12.2f}{was:>10.1f}{was / new:>7.0f}")
+                cells.append(f"{cell}{was:>10.1f}{was / new:>7.0f}")
             del logits
         print(f"{name:<20}" + "".join(cells), flush=True)
 
@@ -201,36 +207,32 @@ def main() -> None:
         buf = torch.empty(b, TEXT_VOCAB)
         argmax = time_reference(lambda x=x: x.argmax(dim=1), args.repeats) * 1e3
         exp2 = time_reference(lambda x=x, buf=buf: torch.exp2(x, out=buf), args.repeats) * 1e3
-        sampler, rows, m = Sampler(TEXT_VOCAB, EOS), _Rows.of(range(b), b, x.device), x.amax(1)
-        lse = time_reference(partial(sampler._log_normalizer, x, rows, m), args.repeats) * 1e3
+        rows, m = _Rows.of(range(b), b, x.device), x.amax(1)
+        lse, lse_c = (
+            time_reference(partial(sampler._log_normalizer, x, rows, m), args.repeats) * 1e3
+            for sampler in (Sampler(TEXT_VOCAB, EOS), Sampler(TEXT_VOCAB, EOS, compiled=True))
+        )
         floor = (new_ms["greedy", b] + lse) / new_ms["greedy", b]
         print(
             f"  B={b:<4} torch.argmax {argmax:7.2f}   one exp2 pass {exp2:7.2f}   "
-            f"exact normaliser {lse:7.2f}   logprobs floor {floor:4.1f}x greedy"
+            f"exact normaliser {lse:7.2f} (compiled {lse_c:5.2f})   "
+            f"logprobs floor {floor:4.1f}x greedy"
         )
 
-    print("\nnew, relative to greedy at the same B:")
-    for name in COMBINATIONS:
-        ratios = "".join(f"{new_ms[name, b] / new_ms['greedy', b]:>8.1f}" for b in batches)
-        print(f"  {name:<20}{ratios}")
+    for label, ms in (("new", new_ms), ("compiled", compiled_ms)):
+        print(f"\n{label}, relative to greedy at the same B:")
+        for name in COMBINATIONS:
+            ratios = "".join(f"{ms[name, b] / ms['greedy', b]:>8.1f}" for b in batches)
+            print(f"  {name:<20}{ratios}")
     if 32 in batches:
         gk = new_ms["top_k + top_p", 32]
         print(
             f"\ntargets at B=32: top_k + top_p {gk:.1f} ms (<= 40), greedy "
-            f"{new_ms['greedy', 32]:.1f} ms (<= 10); combinations over 3x greedy at any B: "
-            + (
-                ", ".join(
-                    sorted(
-                        {
-                            n
-                            for (n, b), v in new_ms.items()
-                            if v > 3 * new_ms["greedy", b] and not math.isnan(v)
-                        }
-                    )
-                )
-                or "none"
-            )
+            f"{new_ms['greedy', 32]:.1f} ms (<= 10)"
         )
+        for label, ms in (("new", new_ms), ("compiled", compiled_ms)):
+            over = sorted({n for (n, b), v in ms.items() if v > 3 * ms["greedy", b]})
+            print(f"{label}: combinations over 3x greedy at any B: {', '.join(over) or 'none'}")
 
 
 if __name__ == "__main__":

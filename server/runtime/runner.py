@@ -88,9 +88,11 @@ class ModelRunner:
     ):
         """`compile_backend`: compile decode steps (decode_graph.py) with this torch.compile
         backend ("inductor"; "aot_eager" captures the same graphs without generating code);
-        None: every step runs the eager forward. `batch_invariant`: every row's logits are what
-        it gets alone (batch_invariant.py): mixed widths run grouped, each query attends alone,
-        products run row by row; exclusive with compiled steps, which pad rows and widths.
+        None: every step runs the eager forward; with a backend, the sampler's passes over
+        whole rows are compiled too (row_passes.py, inductor). `batch_invariant`: every row's
+        logits are what it gets alone (batch_invariant.py): mixed widths run grouped, each query
+        attends alone, products run row by row; exclusive with compiled steps, which pad rows
+        and widths.
         `grammars`: compiles structured-output constraints (grammar.py); None refuses them."""
         check_choice("ffn_mode", ffn_mode, FFN_MODE_CHOICES)
         if batch_invariant and compile_backend is not None:
@@ -107,6 +109,7 @@ class ModelRunner:
             self.eos_token_ids,
             device=model.w.device,
             grammars=grammars,
+            compiled=compile_backend is not None,
         )
         self.states: dict[str, SamplerState] = {}
         self.keep_logits: set[str] = set()  # requests whose logits rows are returned

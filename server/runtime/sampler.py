@@ -109,11 +109,16 @@ from server.runtime.counter_random import MAX_INDEX, hash32, race, row_key
 from server.runtime.grammar import GrammarMatcher, Grammars
 from server.runtime.penalties import Entry, PenaltyTable
 from server.runtime.row_gather import gather_blocks, gather_rows, scatter_rows_
+from server.runtime.row_passes import (
+    LOG2E,
+    compiled_exp2_block_sums,
+    compiled_order_keys,
+    order_keys,
+)
 from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask_
 from server.vocabulary.sampling_params import SamplingParams
 from server.vocabulary.step import SampleResult
 
-LOG2E = 1.0 / math.log(2.0)
 NEG_INF = float("-inf")
 MAX_BLOCK = 64  # ids per block of the block maxima / block sums (and fan-out of the block race)
 NUCLEUS_CANDIDATES = 64  # top_p without top_k: candidates that usually settle the nucleus
@@ -180,9 +185,11 @@ class Sampler:
         grammars: Grammars | None = None,
         envelope_blocks: int = ENVELOPE_BLOCKS,
         envelope_proposals: int = ENVELOPE_PROPOSALS,
+        compiled: bool = False,
     ) -> None:
         """`grammars` compiles structured-output constraints; without it a request with one
-        is refused at `add_request`."""
+        is refused at `add_request`. `compiled`: order keys and the logprobs normaliser run as
+        one compiled loop each (row_passes.py) rather than several torch passes."""
         if not 1 <= text_vocab_size <= MAX_INDEX:
             raise ValueError(f"text_vocab_size must be in [1, {MAX_INDEX}], got {text_vocab_size}")
         self.text_vocab_size = text_vocab_size
@@ -193,6 +200,8 @@ class Sampler:
         self.nucleus_candidates = nucleus_candidates
         self.envelope_blocks = envelope_blocks
         self.envelope_proposals = envelope_proposals
+        self.compiled = compiled
+        self.keys = compiled_order_keys if compiled else order_keys
         self.table = PenaltyTable(self.device)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -324,7 +333,7 @@ class Sampler:
         if plan.top_k:
             rows = step.rows(plan.top_k)
             k = max(states[r].params.top_k for r in plan.top_k)
-            ids, vals = _top_candidates(x, bm, rows, k, self.block)
+            ids, vals = _top_candidates(x, bm, rows, k, self.block, self.keys)
             tokens[rows.index] = self._sample_top_k(step, rows, ids, vals)
             if not set(plan.logprobs) - set(plan.top_k) - set(plan.adjusted):
                 top = (plan.top_k, ids, vals)  # the raw logits' top tokens, for logprobs
@@ -525,7 +534,7 @@ class Sampler:
         # The exact part: the K blocks with the highest maxima, ties to the lower block (int64
         # keys), so which blocks are exact never depends on the batch.
         K = min(self.envelope_blocks, nb)
-        top = _order_keys(bm, torch.arange(nb, device=dev), nb - 1).topk(K, dim=1).indices
+        top = self.keys(bm, torch.arange(nb, device=dev), nb - 1).topk(K, dim=1).indices
         fan = torch.arange(bs, device=dev)
         exact_ids = (top[:, :, None] * bs + fan).flatten(1)
         exact_x = gather_blocks(x, rows.gather_index, top, bs).flatten(1).float()
@@ -591,7 +600,7 @@ class Sampler:
         p = rows.pick(step.params)
         V = self.text_vocab_size
         nc = min(self.nucleus_candidates, P.exact_ids.shape[1])
-        pos = _order_keys(P.exact_x, P.exact_ids, V - 1).topk(nc, dim=1).indices
+        pos = self.keys(P.exact_x, P.exact_ids, V - 1).topk(nc, dim=1).indices
         cand = P.exact_ids.gather(1, pos)
         cw = P.exact_w.gather(1, pos).double()
         before_cand = torch.cumsum(cw, dim=1) - cw
@@ -682,7 +691,9 @@ class Sampler:
     def _sample_nucleus(self, step, rows: _Rows, w, sums, p, lo, hi) -> torch.Tensor:
         """top_p rows without top_k (their unfiltered weights in w): candidates first, then exact
         rejection for the rows whose nucleus the candidates do not hold."""
-        ids, vals = _top_candidates(step.x, step.bm, rows, self.nucleus_candidates, self.block)
+        ids, vals = _top_candidates(
+            step.x, step.bm, rows, self.nucleus_candidates, self.block, self.keys
+        )
         # The candidates' weights are read from w, so they are the very terms of the total.
         wc = w.gather(1, ids).double()
         total = sums.double().sum(dim=1)
@@ -793,7 +804,7 @@ class Sampler:
                 at = _index([where[r] for r in plan.logprobs], dev)
                 ids, vals = top[1].index_select(0, at)[:, :k], top[2].index_select(0, at)[:, :k]
             elif k:
-                ids, vals = _top_candidates(raw, raw_bm, rows, k, self.block)
+                ids, vals = _top_candidates(raw, raw_bm, rows, k, self.block, self.keys)
             if k:
                 out[rows.index, 3 : 3 + k] = ids.double()
                 out[rows.index, 3 + k :] = vals.double() - lse[:, None]
@@ -804,6 +815,10 @@ class Sampler:
         x log2(e) - m log2(e) come from one fused pass (a separate shift and scale cost a pass
         more over every id); their rounding is float32's at the logits' scale, as the result's."""
         V, bs = self.text_vocab_size, self.block
+        if self.compiled and raw.dtype == torch.float32:
+            x = raw if rows.every else raw.index_select(0, rows.index)
+            sums = compiled_exp2_block_sums(x, m.float() * -LOG2E, bs)
+            return m.double() + torch.log(sums.double().sum(dim=1))
         w = self._buffer("weights", rows.index.numel(), raw.device)
         shift = (m.float() * -LOG2E)[:, None]
         if rows.every:
@@ -1043,22 +1058,9 @@ def _keep_non_negative_(w: torch.Tensor) -> None:
     torch.nn.functional.threshold_(w, -torch.finfo(torch.float32).tiny, NEG_INF)
 
 
-def _order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Tensor:
-    """int64 keys ordered like (value desc, id asc) under a descending sort: the float32 bits
-    made order-preserving, then the id reversed in the low bits. Exact, so ties never depend on
-    a kernel's choice. In place after the first copy (these are the step's largest small tensors).
-    """
-    key = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
-    magnitude = key >> 31  # -1 for negative floats, 0 otherwise
-    magnitude &= 0x7FFFFFFF
-    key ^= magnitude  # negative floats: flip the magnitude bits, so larger floats sort higher
-    key *= 1 << max_id.bit_length()
-    key -= ids
-    key += max_id
-    return key
-
-
-def _top_candidates(x, bm, rows: _Rows, k: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_candidates(
+    x, bm, rows: _Rows, k: int, bs: int, keys=order_keys
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k highest logits of each row in `rows`, ordered by (logit desc, id asc): ids [R, k]
     and float32 values. They lie in the row's k blocks with the highest maxima (ordered the same
     way): each such block holds an element at least as large as any element of a later block."""
@@ -1066,11 +1068,11 @@ def _top_candidates(x, bm, rows: _Rows, k: int, bs: int) -> tuple[torch.Tensor, 
     V = nb * bs
     k = min(k, V)
     dev = x.device
-    block_keys = _order_keys(rows.pick(bm), torch.arange(nb, device=dev), nb - 1)
+    block_keys = keys(rows.pick(bm), torch.arange(nb, device=dev), nb - 1)
     blocks = block_keys.topk(min(k, nb), dim=1).indices
     ids = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
     vals = gather_blocks(x, rows.gather_index, blocks, bs).flatten(1).float()
-    pos = _order_keys(vals, ids, V - 1).topk(k, dim=1).indices
+    pos = keys(vals, ids, V - 1).topk(k, dim=1).indices
     return ids.gather(1, pos), vals.gather(1, pos)
 
 

@@ -612,6 +612,101 @@ def test_top_logprobs_of_top_k_rows(top_k: int) -> None:
         )
 
 
+def test_a_compiled_sampler_keeps_the_logprobs_bound() -> None:
+    # Sampler(compiled=True) (a server with `compile: true`) forms the normaliser in one compiled
+    # loop (row_passes.py): the same float32 block sums and float64 total as the eager passes,
+    # so the same bound against float64 holds; for a batch where every row wants logprobs and
+    # one where some do not (their rows are selected first), logits wider than the vocabulary.
+    vocab = 4096
+    raw = torch.randn(5, vocab + 64, generator=torch.Generator().manual_seed(5)) * 3
+    want = torch.log_softmax(raw[:, :vocab].double(), 1)
+    for asking in ([0, 1, 2, 3, 4], [1, 3]):
+        sampler = Sampler(vocab, compiled=True)
+        states = [
+            sampler.add_request(SamplingParams(logprobs=3 if r in asking else None, temperature=0))
+            for r in range(5)
+        ]
+        for r, result in enumerate(sampler.sample(raw, states)):
+            if r not in asking:
+                assert result.logprob is None
+                continue
+            assert result.logprob == pytest.approx(want[r].max().item(), abs=1e-5)
+            torch.testing.assert_close(  # float32 logits, float64 normaliser: see above
+                torch.tensor([lp for _, lp in result.top_logprobs], dtype=torch.float64),
+                want[r].topk(3).values,
+                rtol=0,
+                atol=1e-5,
+            )
+
+
+def test_the_compiled_row_passes_are_one_graph_and_a_rows_own() -> None:
+    # One graph per pass serves every number of rows (the rows are unbacked), and a row's
+    # results are the same bits whatever rows come with it: neither draws nor logprobs move
+    # with the batch. Order keys are integer arithmetic: exactly the eager ones.
+    from torch._dynamo.utils import counters
+
+    from server.runtime.row_passes import (
+        LOG2E,
+        compiled_exp2_block_sums,
+        compiled_order_keys,
+        order_keys,
+    )
+
+    g = torch.Generator().manual_seed(6)
+    wide = torch.randn(8, 4096 + 64, generator=g) * 3
+    wide[0, :8] = torch.tensor([0.0, -0.0, 1.0, 1.0, -1.0, float("-inf"), 2.0**-149, -(2.0**-149)])
+    x = wide[:, :4096]
+    shift = x.amax(dim=1) * -LOG2E
+    ids = torch.randint(0, 1 << 20, (8, 4096), generator=g)
+    sums = compiled_exp2_block_sums(x, shift, 64)
+    keys = compiled_order_keys(x, torch.arange(4096), 4095)
+    candidate_keys = compiled_order_keys(x, ids, (1 << 20) - 1)
+    assert torch.equal(keys, order_keys(x, torch.arange(4096), 4095))
+    assert torch.equal(candidate_keys, order_keys(x, ids, (1 << 20) - 1))
+    graphs = counters["stats"]["unique_graphs"]
+    for lo, hi in [(1, 4), (0, 8), (2, 3), (5, 7), (7, 8)]:
+        part = slice(lo, hi)
+        assert torch.equal(compiled_exp2_block_sums(x[part], shift[part], 64), sums[part])
+        assert torch.equal(compiled_order_keys(x[part], torch.arange(4096), 4095), keys[part])
+        got = compiled_order_keys(x[part], ids[part], (1 << 20) - 1)
+        assert torch.equal(got, candidate_keys[part])
+    assert counters["stats"]["unique_graphs"] == graphs
+    exact = torch.exp(x.double() + shift.double()[:, None] / LOG2E).view(8, 64, 64).sum(dim=2)
+    # Exponents |x log2 e - m log2 e| <= ~45 rounded to float32 (<= 45 x 2^-24 x ln 2, ~1.9e-6
+    # relative in the exponential) and 64-term float32 sums (<= 63 x 2^-24, ~3.8e-6): < 1e-5.
+    torch.testing.assert_close(sums.double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_k=64, top_p=0.95),
+        SamplingParams(top_p=0.9),
+        SamplingParams(temperature=1.5),
+        SamplingParams(temperature=0, logprobs=4),
+    ],
+    ids=["top_k+top_p", "top_p", "temperature", "greedy+logprobs"],
+)
+def test_a_compiled_sampler_draws_what_the_eager_one_draws(params: SamplingParams) -> None:
+    # The compiled passes change no decision: order keys are the same integers, and the
+    # normaliser only scales reported logprobs. Seeded rows, 4096 ids, a few steps.
+    vocab, rows = 4096, 6
+    raw = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(8)) * 4
+    results = []
+    for compiled in (False, True):
+        sampler = Sampler(vocab, compiled=compiled)
+        states = [sampler.add_request(_with(params, seed=i)) for i in range(rows)]
+        results.append([sampler.sample(raw, states) for _ in range(5)])
+    eager, fused = results
+    assert [[r.token_id for r in step] for step in eager] == [
+        [r.token_id for r in step] for step in fused
+    ]
+    for e, f in zip(eager[0], fused[0], strict=True):
+        assert [t for t, _ in e.top_logprobs] == [t for t, _ in f.top_logprobs]
+        if e.logprob is not None:  # float32 sums in another order: see the bound above
+            assert f.logprob == pytest.approx(e.logprob, abs=1e-5)
+
+
 def test_logprobs_zero_gives_only_the_chosen_token() -> None:
     raw = rand_row(2)[None]
     r = SAMPLER.sample(raw, [state(logprobs=0, temperature=0)])[0]
