@@ -58,6 +58,9 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     race): draw from the remaining mass, accept when the mass strictly before the drawn token is
     below top_p of the total, else keep only the tokens before it and draw again. Each round
     accepts with probability >= top_p.
+  - With `compiled` (a server with `compile: true`), the int64 order keys of top-k selections
+    and the logprobs normaliser's exponentials run as one compiled loop each (row_passes.py)
+    instead of several torch passes; the keys are the same integers, so no draw changes.
   - Randomness is counter-based (counter_random.py): a pure function of (seed, tokens generated so
     far, stream, token or block index), so a seeded request draws the same tokens whatever else is
     in the batch and wherever its row is; unseeded requests get a random seed at registration.
