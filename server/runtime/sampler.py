@@ -1061,12 +1061,11 @@ def _keep_non_negative_(w: torch.Tensor) -> None:
     torch.nn.functional.threshold_(w, -torch.finfo(torch.float32).tiny, NEG_INF)
 
 
-def _top_candidates(
-    x, bm, rows: _Rows, k: int, bs: int, keys=order_keys
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k highest logits of each row in `rows`, ordered by (logit desc, id asc): ids [R, k]
-    and float32 values. They lie in the row's k blocks with the highest maxima (ordered the same
-    way): each such block holds an element at least as large as any element of a later block."""
+def _top_candidates(x, bm, rows: _Rows, k: int, bs: int, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k highest logits of each row in `rows`, ordered by (logit desc, id asc) through `keys`
+    (row_passes.py, eager or compiled): ids [R, k] and float32 values. They lie in the row's k
+    blocks with the highest maxima (ordered the same way): each such block holds an element at
+    least as large as any element of a later block."""
     nb = bm.shape[1]
     V = nb * bs
     k = min(k, V)
