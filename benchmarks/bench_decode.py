@@ -12,7 +12,11 @@ For each dev preset given (default: tiny, mini, bench; float32; made on first us
   the LM head included, the per-layer-embedding table excepted: only its rows are gathered) over
   the measured bandwidth of a plain read, and our tok/s as a share of it;
 - 16 and 32 concurrent requests spread over several subnets, through our engine (eager and
-  compiled) and through transformers one request at a time (tok/s of generated tokens).
+  compiled) and through transformers one request at a time (tok/s of generated tokens);
+- with --paged, batch-1 compiled decode again with paged attention (K/V read where the cache
+  holds them, FlexAttention, rather than gathered: decode_graph.py), in the benchmark's
+  request-sized KV pool and in a server's default one (configs/server.yaml, 256 MiB): the CPU
+  kernel's work grows with the pool it is given.
 
 Timings are medians over --repeats runs on whatever machine runs this; ratios are measured side
 by side in the same run. Compiling takes minutes per graph on a CPU; it is excluded from timings
@@ -24,7 +28,7 @@ parallel op wakes sleeping threads, which dominates a tiny-preset step at 2 thre
 tiny-preset numbers before 2026-12-02 carry that.)
 
     python benchmarks/bench_decode.py [--presets tiny,mini,bench] [--mixed-presets bench]
-        [--tokens 32] [--repeats 3]
+        [--tokens 32] [--repeats 3] [--paged]
 """
 
 from __future__ import annotations
@@ -66,15 +70,19 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def engine(rt: ElasticRuntime, compiled: bool, seqs: int = 1):
+SERVER_KV_BYTES = 256 * 1024 * 1024  # configs/server.yaml's kv_cache_bytes
+
+
+def engine(rt: ElasticRuntime, compiled: bool, seqs: int = 1, paged: bool = False, budget=None):
     config = SchedulerConfig(
         max_num_seqs=max(seqs, 1), max_num_batched_tokens=max(256, seqs),
         max_model_len=rt.store.text.max_position_embeddings,
     )  # fmt: skip
-    budget = kv_bytes_for(rt, seqs * 256)
+    budget = budget or kv_bytes_for(rt, seqs * 256)
     return assemble_engine(
-        rt, budget, config, ffn_mode="auto", compile_backend="inductor" if compiled else None
-    )
+        rt, budget, config, ffn_mode="auto", compile_backend="inductor" if compiled else None,
+        paged_attention=paged,
+    )  # fmt: skip
 
 
 def count_outside_graphs(eng) -> None:
@@ -206,6 +214,22 @@ def bench_preset(name: str, args) -> None:
     print(f"compiled greedy tokens are eager's: {all(x[2] == e[0][2] for x in c)}")
     print(f"read floor: {nbytes / 1e6:.1f} MB per token at {gbs:.1f} GB/s = {floor:.0f} tok/s; "
           f"eager {100 * et / floor:.0f}%, compiled {100 * ct / floor:.0f}% of it")  # fmt: skip
+    if args.paged:
+        for pool, budget in (("request-sized", None), ("server default", SERVER_KV_BYTES)):
+            eng = engine(rt, True, paged=True, budget=budget)
+            t0 = time.perf_counter()
+            decode_tps(eng, rt, prompt, args.tokens, count=False)
+            compile_s = time.perf_counter() - t0
+            runs, gathered = [], []
+            for _ in range(args.repeats):  # alternately, so that drifts hit both alike
+                runs.append(decode_tps(eng, rt, prompt, args.tokens, count=False))
+                gathered.append(decode_tps(compiled, rt, prompt, args.tokens, count=False)[0])
+            pt, gt = med(x[0] for x in runs), med(gathered)
+            blocks = eng.runner.kv.num_blocks
+            print(f"paged, {pool} pool ({blocks} blocks): batch-1 tok/s {pt:.1f} vs gathered "
+                  f"{gt:.1f} (timed alternately): {pt / gt:.2f}x; compiling {compile_s:.0f} s; "
+                  f"{100 * pt / floor:.0f}% of the read floor; greedy tokens are eager's: "
+                  f"{all(x[2] == e[0][2] for x in runs)}")  # fmt: skip
     if name in args.mixed_presets.split(","):
         for n in (16, 32):
             eg, cg = engine(rt, False, n), engine(rt, True, n)
@@ -238,6 +262,7 @@ def main() -> None:
     ap.add_argument(
         "--mixed-presets", default="bench", help="presets also run with 16 and 32 mixed requests"
     )
+    ap.add_argument("--paged", action="store_true", help="also batch-1 with paged attention")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

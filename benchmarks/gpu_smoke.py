@@ -260,18 +260,27 @@ def check_kernels(rt: ElasticRuntime) -> dict[str, Any]:
     return {"ok": True, **decode_step_kernels(rt)}
 
 
-def decode_step_kernels(rt: ElasticRuntime, compile_backend: str | None = None) -> dict[str, Any]:
+def decode_step_kernels(
+    rt: ElasticRuntime, compile_backend: str | None = None, paged_attention: bool = False
+) -> dict[str, Any]:
     """Kernels (CUDA) or operators (CPU) the profiler records in one batch-1 decode step of the
-    full subnet through the engine, after the step's shapes have run once (warm)."""
+    full subnet through the engine, after the step's shapes have run once (warm), and the
+    step's wall time."""
     from torch.profiler import ProfilerActivity, profile
 
-    eng = assemble_engine(rt, kv_bytes_for(rt, 128), compile_backend=compile_backend)
+    eng = assemble_engine(
+        rt, kv_bytes_for(rt, 128), compile_backend=compile_backend, paged_attention=paged_attention
+    )
     eng.add_request("k", _prompt(16, 5), rt.subnets["full"], greedy(8))
     for _ in range(4):  # prefill, then decode steps until compiled and warm
         eng.step()
     cuda = rt.weights.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(rt.weights.device)
+    t0 = time.perf_counter()
+    eng.step()
+    synchronize(rt.weights.device)
+    step_ms = (time.perf_counter() - t0) * 1e3
     with profile(activities=activities) as prof:
         eng.step()
         synchronize(rt.weights.device)
@@ -292,4 +301,4 @@ def decode_step_kernels(rt: ElasticRuntime, compile_backend: str | None = None) 
         count = {"operators": sum(1 for e in events if top_level(e))}
     while eng.has_work:
         eng.step()
-    return {"compiled": compile_backend, **count}
+    return {"compiled": compile_backend, "step_ms": step_ms, **count}

@@ -65,6 +65,10 @@ class ServerConfig:
     compile: bool = False
     """Compile decode steps (torch.compile, inductor; CUDA graphs on a GPU): one graph per batch
     and context bucket, compiled on first use (minutes on a CPU), every subnet mix served."""
+    paged_attention: bool = False
+    """Compiled decode steps read each sequence's K/V where the paged cache holds them
+    (FlexAttention over the block tables) instead of gathering a copy of its context every
+    step. Needs compile. On a CPU no faster and slower to compile (runtime/decode_graph.py)."""
     sampling_defaults: str = "generation_config"
     """What a request gets for sampling fields it leaves unset: generation_config (the
     checkpoint's generation_config.json over OpenAI's defaults, as vLLM does) or openai."""
@@ -182,6 +186,8 @@ class ServerConfig:
             raise ConfigError("oom_cooldown_s and grow_backoff_s must be >= 0")
         if self.batch_invariant and self.compile:
             raise ConfigError("batch_invariant and compile exclude each other (compiled steps pad)")
+        if self.paged_attention and not self.compile:
+            raise ConfigError("paged_attention needs compile: true (it is a compiled step's)")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
             raise ConfigError("memory_budget_bytes must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -150,6 +150,7 @@ class Service:
                 elasticity=self.elasticity,
                 compile_backend="inductor" if self.config.compile else None,
                 batch_invariant=self.config.batch_invariant,
+                paged_attention=self.config.paged_attention,
             )
             if self.config.calibrate:
                 await asyncio.to_thread(calibrate, engine, self.runtime.tokenizer.bos_id)

@@ -51,10 +51,12 @@ def assemble_engine(
     elasticity: Elasticity | None = None,
     compile_backend: str | None = None,
     batch_invariant: bool = False,
+    paged_attention: bool = False,
 ) -> Engine:
     """An engine over a loaded runtime. With `subnet_policy` None every request must name its
     subnet (offline use); otherwise unpinned requests are given one at admission.
     `compile_backend`: compile decode steps with it (runtime/decode_graph.py); None: eager.
+    `paged_attention`: compiled decode steps read K/V in place rather than a gathered copy.
     `batch_invariant`: each row's result independent of the step it shares (runner.py)."""
     text = rt.store.text
     config = config or SchedulerConfig(max_model_len=text.max_position_embeddings)
@@ -84,6 +86,7 @@ def assemble_engine(
         compile_backend,
         batch_invariant,
         grammars=rt.grammars,
+        paged_attention=paged_attention,
     )
     return Engine(
         runner, scheduler, rt.tokenizer, text.vocab_size_per_layer_input, chooser, elasticity

@@ -23,9 +23,12 @@ a layer leaves its rows untouched there, in one of two layouts:
 
 A static step (`StaticShape`: decode steps only) has a shape that depends on buckets alone, not
 on the batch's subnet mix: padded to a bucket of rows, every layer over every row with a keep
-mask, every FFN at the resident width with width masks, one attention group per kind reading a
-bucket of keys. Its spec is the same for every step of that shape, so the device half and the
-forward can be captured once (server/runtime/decode_graph.py) and serve every mix.
+mask, every FFN at the resident width with width masks, one attention group per kind reading up
+to a bucket of keys through the block tables: gathered into a [rows, context] copy (`_group`),
+or, in a paged step, read where the cache holds them (`_paged`: a FlexAttention block mask per
+KV-owning layer; nothing is copied). Its spec is the same for every step of that shape, so the
+device half and the forward can be captured once (server/runtime/decode_graph.py) and serve
+every mix.
 
 Deliberately does not know: weights, the model math (gemma3n.py), or how tokens are chosen.
 """
@@ -36,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
 from server.vocabulary.compute import FFN_MODES
 from server.vocabulary.step import StepSequence
@@ -83,15 +88,20 @@ class FfnPlan:
 
 @dataclass
 class AttentionGroup:
-    """Sequences whose queries are padded into one attention call."""
+    """Sequences whose queries are padded into one attention call: over K/V gathered from the
+    cache (`slots`, `mask`), or, in a static decode step, read where the cache holds them
+    (`paged`)."""
 
     key: tuple  # what identifies it within the step (its K/V reads are shared by this key)
     q_index: torch.Tensor | None  # [G, Q] positions (in the layer's rows) of each query; None: 1:1
     scatter: tuple[torch.Tensor, torch.Tensor] | None  # (dest rows, flat source) of valid queries
-    slots: list[torch.Tensor]  # per KV-owning layer: [G, K] cache slots read
-    mask: torch.Tensor  # [G, 1, rep*Q, K] True where a query may attend a key
+    slots: list[torch.Tensor] | None  # per KV-owning layer: [G, K] cache slots read
+    mask: torch.Tensor | None  # [G, 1, rep*Q, K] True where a query may attend a key
     num_seqs: int
     q_len: int
+    # Per KV-owning layer of the group's kind: the cache blocks each sequence reads, and which
+    # of their slots it attends (one query per sequence); see `_paged`.
+    paged: dict[int, BlockMask] | None = None
 
 
 @dataclass
@@ -139,6 +149,7 @@ class GroupSpec:
     q_len: int
     k_len: int
     num_seqs: int
+    paged: bool = False  # read the cache through the block tables (static decode steps)
 
 
 @dataclass(frozen=True)
@@ -158,16 +169,22 @@ class StepSpec:
     groups: tuple[tuple[tuple, tuple[GroupSpec, ...]], ...]
     writes: tuple[tuple[tuple[int, ...], int], ...]  # (layers, part [layers, rows])
     rope: tuple[tuple[tuple, int | None, int | None], ...]  # (positions key, phase rows, index)
+    # Part [cache blocks]: each block's index in the block table of the sequences that hold it
+    # (paged groups only; see `_paged`).
+    block_index: int | None = None
 
 
 @dataclass(frozen=True)
 class StaticShape:
-    """A decode step's bucketed shape: rows, keys read by full-attention layers, and the
-    resident FFN width of every layer (the masks' widths)."""
+    """A decode step's bucketed shape: rows, keys read by full-attention layers, the resident
+    FFN width of every layer (the masks' widths), and how attention reads K/V: gathered through
+    the block tables into [rows, context] (`_group`), or `paged`, where the cache holds them
+    (`_paged`)."""
 
     num_rows: int
     context: int
     widths: tuple[int, ...]
+    paged: bool = False
 
 
 # ---- building ------------------------------------------------------------------------------------
@@ -249,8 +266,15 @@ def materialize(
             plan.keep = torch.arange(width, device=device) < plan.row_width
         ffn[key] = plan
     tables = sent[spec.tables]  # [S, L_kv, max_blocks]
+    block_index = None if spec.block_index is None else sent[spec.block_index]
     groups = {
-        key: [_group(g, sent, tables, text, spec.block_size) for g in gs] for key, gs in spec.groups
+        key: [
+            _paged(g, sent, tables, block_index, text, spec.block_size)
+            if g.paged
+            else _group(g, sent, tables, text, spec.block_size)
+            for g in gs
+        ]
+        for key, gs in spec.groups
     }
     for layer in range(text.num_hidden_layers):
         key = spec.layer_rows[layer]
@@ -300,6 +324,72 @@ def _group(
         mask=mask.reshape(g.num_seqs, 1, rep * g.q_len, g.k_len),
         num_seqs=g.num_seqs,
         q_len=g.q_len,
+    )
+
+
+def _paged(
+    g: GroupSpec,
+    sent: list[torch.Tensor],
+    tables: torch.Tensor,
+    block_index: torch.Tensor,
+    text: TextConfig,
+    bs: int,
+) -> AttentionGroup:
+    """A group of one query per sequence that reads K/V where the cache holds them: per
+    KV-owning layer of the group's kind, a FlexAttention block mask listing the cache blocks
+    each sequence attends (the blocks of its block table from its first key's to its
+    query's), so no K/V is copied.
+
+    The blocks between the first and the last are attended whole; in the first and the last,
+    `mask_mod` keeps the slots whose positions lie in [low, query]. `mask_mod` says the whole
+    truth for any slot of the pool (the compiled kernel visits the listed blocks only; run
+    eagerly, FlexAttention applies `mask_mod` to every slot): slot s of block b is the row's
+    when the row's table holds b at b's index (`block_index`: a block sits at the same index in
+    every table that holds it, prefix-cached blocks included) and its position is in range.
+    Everything `mask_mod` reads is a view of the step's uploaded integers: the CPU kernel of
+    torch 2.13 reads a tensor computed inside the graph wrongly or not at all."""
+    low, pos = sent[g.low][:, 0], sent[g.q_pos]  # [G]
+    first, last = low // bs, pos // bs  # the table indices of the first and last block read
+    width, pool = tables.shape[2], block_index.shape[0]
+    inner = (first[:, None] + 1 + torch.arange(width, device=tables.device)).clamp(max=width - 1)
+    inner_count = (last - first - 1).clamp(min=0)
+    ends = torch.stack([first, last], dim=1)
+    end_count = torch.where(first == last, 1, 2)
+
+    def listed(count: torch.Tensor, blocks: torch.Tensor):
+        # The kernel checks that the lists could name every block of the pool.
+        padded = F.pad(blocks.to(torch.int32), (0, pool - blocks.shape[1]))
+        return count.to(torch.int32).view(-1, 1, 1), padded.view(g.num_seqs, 1, 1, pool)
+
+    kind = SLIDING if g.window is not None else "full_attention"
+    masks = {}
+    for layer, table in enumerate(tables.unbind(1)):  # [G, width]: one KV-owning layer's blocks
+        if text.layer_types[layer] != kind:
+            continue
+
+        def mask_mod(b, h, q_idx, kv_idx, table=table):
+            block = kv_idx // bs
+            index = block_index[block]
+            position = index * bs + kv_idx % bs
+            return (table[b, index] == block) & (position >= low[b]) & (position <= pos[b])
+
+        masks[layer] = BlockMask.from_kv_blocks(
+            *listed(end_count, table.gather(1, ends)),
+            *listed(inner_count, table.gather(1, inner)),
+            BLOCK_SIZE=(1, bs),
+            mask_mod=mask_mod,
+            seq_lengths=(1, pool * bs),
+            compute_q_blocks=False,  # forward only
+        )
+    return AttentionGroup(
+        key=g.key,
+        q_index=None,
+        scatter=None,
+        slots=None,
+        mask=None,
+        num_seqs=g.num_seqs,
+        q_len=1,
+        paged=masks,
     )
 
 
@@ -570,7 +660,16 @@ class _Planner:
         positions = self.positions + [0] * pad
         subnets = [self.seqs[r].subnet for r in range(n)]
         ids, pos = v.add(self.ids), v.add(positions)
-        tables = v.add(*self._tables(rows, shape.context // bs))
+        width = shape.context // bs
+        tables = v.add(*self._tables(rows, width))
+        block_index = None
+        if shape.paged:
+            block_index = [0] * (self.scratch + 1)  # every block of the pool, the scratch one too
+            for s in self.seqs:
+                for table in s.block_table:
+                    for i, block in enumerate(table[:width]):
+                        if block >= 0:
+                            block_index[block] = i
         every = tuple(range(t.num_hidden_layers))
         keep = [int(s.keeps(layer)) for layer in every for s in subnets]
         keep_parts = _split_rows(v, keep, t.num_hidden_layers, n, pad, 0)
@@ -610,6 +709,7 @@ class _Planner:
                             q_len=1,
                             k_len=k_len,
                             num_seqs=rows,
+                            paged=shape.paged,
                         ),
                     ),
                 )
@@ -630,6 +730,7 @@ class _Planner:
             "groups": tuple(groups),
             "writes": writes,
             "rope": ((key, None, None),),
+            "block_index": None if block_index is None else v.add(block_index),
         }
         return self.planned(spec_fields, n)
 

@@ -13,6 +13,17 @@ static buffers before each replay). A graph is compiled once per bucket and resi
 after that no subnet mix recompiles (the mix is data: masks, not control flow), and the bucket's
 steps run the code dynamo made for it directly, without re-checking dynamo's guards each call.
 
+How attention reads the cache is a choice (`paged`): gathered into a [rows, context bucket] copy
+per KV-owning layer and attended with SDPA (the default), or read where the paged cache holds it,
+with FlexAttention and a block mask built from the block tables (batch.py `_paged`), copying
+nothing. On the 2-core build CPU the paged read is exact but no faster (bench preset, batch 1:
+0.94-1.08x the gathered step, timed alternately, within the run's noise; 16 mixed requests: 97
+tok/s against 99 in runs of two sessions) and slower to compile (a cold bucket 197-270 s against
+125 s at batch 1; 587 s against 79 s at 16 rows): benchmarks/bench_decode.py --paged,
+results/bench_decode.txt. Its gain is for an accelerator at long contexts, where the copy is
+another pass over every key and value the batch attends; the device script
+(benchmarks/gpu_e4b.py) times both there.
+
 Everything else (prefill chunks, steps mixing prefill and decode) runs the eager forward.
 
 Deliberately does not know: sampling, scheduling, or which subnets exist.
@@ -58,12 +69,18 @@ def context_bucket(positions: int, block_size: int) -> int:
 
 class DecodeGraphs:
     def __init__(
-        self, model: Gemma3nModel, kv: KVCache, block_size: int, backend: str = "inductor"
+        self,
+        model: Gemma3nModel,
+        kv: KVCache,
+        block_size: int,
+        backend: str = "inductor",
+        paged: bool = False,
     ):
         self.model = model
         self.kv = kv
         self.block_size = block_size
         self.backend = backend
+        self.paged = paged
         cuda = model.w.device.type == "cuda"
         self.mode = "reduce-overhead" if cuda and backend == "inductor" else None
         self.compiler = backend if cuda else cpu_backend(backend)
@@ -83,6 +100,7 @@ class DecodeGraphs:
             row_bucket(len(seqs)),
             context_bucket(positions, self.block_size),
             w.resident_widths,
+            self.paged,
         )
         planned = plan_step(
             text, seqs, self.block_size, self.kv.scratch_block, "masked", static=shape
@@ -162,8 +180,11 @@ _STEP_GLOBALS = DecodeGraphs._step.__globals__  # where dynamo puts the graphs i
 
 # Inductor's CPU wrapper asserts every input's size and stride on every call (~850 Python-level
 # calls per tiny-preset step, more than all its kernels); dynamo's guards have already checked
-# them (static shapes: sizes and strides are guarded) before the graph runs.
-CPU_INDUCTOR = {"size_asserts": False, "alignment_asserts": False}
+# them (static shapes: sizes and strides are guarded) before the graph runs. Epilogue fusion
+# would fuse ops after attention into the CPU FlexAttention kernel, which does not take them
+# (torch 2.13: "Unsupported for `epilogue_nodes` in CppFlexAttentionTemplate"); nothing else
+# in these graphs is a template (no max-autotune), so it costs nothing.
+CPU_INDUCTOR = {"size_asserts": False, "alignment_asserts": False, "epilogue_fusion": False}
 
 
 def cpu_backend(name: str):

@@ -32,6 +32,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from server.runtime.batch import (
     AttentionGroup,
@@ -278,7 +279,10 @@ class Gemma3nModel:
 
         out = None
         for g in batch.attention[layer]:
-            o = self.attend(g, q, self.read(g, source, layer, batch, kv))
+            if g.paged is not None:
+                o = self.attend_paged(g.paged[source], q, kv, g.num_seqs)
+            else:
+                o = self.attend(g, q, self.read(g, source, layer, batch, kv))
             if g.scatter is None:
                 out = o  # one group, one query per row, rows in order
                 break
@@ -321,6 +325,21 @@ class Gemma3nModel:
         if g.q_index is None:
             return o.view(n, 1, heads * dim)
         return o.view(n, kv_heads, rep, q_len, dim).permute(0, 3, 1, 2, 4)  # [G, Q, kv, rep, d]
+
+    def attend_paged(self, blocks: BlockMask, q: torch.Tensor, kv: KVCache, n: int) -> torch.Tensor:
+        """One query per sequence attending the cache where it lies: FlexAttention over the
+        whole pool, visiting only the blocks `blocks` lists for each sequence (batch.py
+        `_paged`), so no K/V is gathered. Query head h reads KV head h // rep, as above."""
+        t = self.text
+        heads, dim = t.num_attention_heads, t.head_dim
+        keys = kv.k.permute(1, 0, 2)[None].expand(n, -1, -1, -1)  # [n, kv_heads, slots, dim]
+        values = kv.v.permute(1, 0, 2)[None].expand(n, -1, -1, -1)
+        # A product, not a view: inductor (2.13) cannot lower a CPU FlexAttention whose query
+        # is a view of a buffer of another rank ("not enough values to unpack"), and it drops
+        # a clone (or copy) as a no-op; x * 1.0 is exact.
+        query = q.view(n, heads, 1, dim) * 1.0
+        o = flex_attention(query, keys, values, block_mask=blocks, scale=1.0, enable_gqa=True)
+        return o.view(n, 1, heads * dim)
 
     # ---- the elastic FFN --------------------------------------------------------------------
 

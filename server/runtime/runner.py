@@ -85,6 +85,7 @@ class ModelRunner:
         compile_backend: str | None = None,
         batch_invariant: bool = False,
         grammars: Grammars | None = None,
+        paged_attention: bool = False,
     ):
         """`compile_backend`: compile decode steps (decode_graph.py) with this torch.compile
         backend ("inductor"; "aot_eager" captures the same graphs without generating code);
@@ -93,10 +94,14 @@ class ModelRunner:
         logits are what it gets alone (batch_invariant.py): mixed widths run grouped, each query
         attends alone, products run row by row; exclusive with compiled steps, which pad rows
         and widths.
-        `grammars`: compiles structured-output constraints (grammar.py); None refuses them."""
+        `grammars`: compiles structured-output constraints (grammar.py); None refuses them.
+        `paged_attention`: compiled decode steps read K/V where the cache holds them rather than
+        gathering a copy (decode_graph.py); needs a backend."""
         check_choice("ffn_mode", ffn_mode, FFN_MODE_CHOICES)
         if batch_invariant and compile_backend is not None:
             raise ValueError("batch-invariant steps cannot be compiled (static steps pad rows)")
+        if paged_attention and compile_backend is None:
+            raise ValueError("paged attention is a compiled decode step's: it needs a backend")
         self.model = model
         self.device = model.w.device
         text = model.text
@@ -121,7 +126,9 @@ class ModelRunner:
         self.chooser = FfnModeChooser()
         self.graphs = None
         if compile_backend is not None:
-            self.graphs = DecodeGraphs(model, self.kv, block_size, compile_backend)
+            self.graphs = DecodeGraphs(
+                model, self.kv, block_size, compile_backend, paged=paged_attention
+            )
 
     def add_request(
         self,

@@ -10,7 +10,12 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
 - after one step per bucket (the warm-up), every subnet in any mix runs with no new compilation:
   the mix is data (keep and width masks), never a guard. Later steps of a bucket run its code
   directly, without dynamo (decode_graph.py); here each is first checked against the guards
-  dynamo made for the bucket, and a failed check fails the step.
+  dynamo made for the bucket, and a failed check fails the step;
+- a paged step (attention reading K/V where the cache holds them, FlexAttention) gives the same
+  tokens as eager for mixes of subnets, again without recompiling. Run by "aot_eager",
+  FlexAttention attends every slot of the pool through its `mask_mod`, so these engines get a
+  small pool; test_paged_attention.py checks inductor's kernel, which visits only the blocks a
+  block mask lists.
 """
 
 from __future__ import annotations
@@ -39,6 +44,17 @@ def engines(tiny):
     compiled = assemble_engine(tiny, budget, compile_backend=BACKEND)
     compiled.runner.graphs.check_guards = True  # every direct step is checked against them
     return eager, compiled
+
+
+@pytest.fixture(scope="module")
+def paged(tiny):
+    """A compiled engine whose steps read K/V in place; its pool holds what the batches here
+    need (7 sequences of up to 3 blocks) and little more."""
+    engine = assemble_engine(
+        tiny, kv_bytes_for(tiny, 6 * 64), compile_backend=BACKEND, paged_attention=True
+    )
+    engine.runner.graphs.check_guards = True
+    return engine
 
 
 def generate(engine, requests, keep_logits=False):
@@ -107,3 +123,22 @@ def test_a_direct_step_is_checked_against_its_buckets_guards(tiny, engines):
     # Dynamo holds no entry for the step's code once it is captured: its recompile limit (8
     # graphs per code object) can never stop a new bucket from compiling.
     assert not _debug_get_cache_entry_list(DecodeGraphs._step.__code__)
+
+
+def test_a_paged_step_decodes_every_mix_the_same_without_recompiling(tiny, engines, paged):
+    def run(names: list[str], seed: int) -> None:
+        requests = [
+            GenerationRequest(tiny.subnets[n], prompt_ids(9 + 4 * i, seed=seed + i), greedy(5))
+            for i, n in enumerate(names)
+        ]
+        eager = generate(engines[0], requests)
+        compiled = generate(paged, requests)
+        assert paged.last_step.ffn_mode == "compiled"
+        for name, a, b in zip(names, eager, compiled, strict=True):
+            assert b.token_ids == a.token_ids, name
+
+    run(MIX, 50)  # compiles the bucket (8 rows, 64 keys)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    run(list(tiny.subnets.names())[-7:], 400)  # seven other subnets
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert [shape.paged for shape in paged.runner.graphs.graphs] == [True]

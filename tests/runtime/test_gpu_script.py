@@ -66,9 +66,14 @@ def test_small_scale_measures_every_section(tmp_path: Path, work: Path) -> None:
     for section in SECTIONS:
         assert any("skipped" not in r for r in by[section]), (section, by.get(section))
 
-    # Only the host-to-device copy and the compiled step are skipped on a CPU, saying why.
+    # Only the host-to-device copy and the compiled steps (gathered, paged) are skipped on a CPU,
+    # saying why.
     skipped = [(r["section"], r.get("kind") or r.get("mode")) for r in records if "skipped" in r]
-    assert skipped == [("bandwidth", "host to device"), ("kernels", "compiled")]
+    assert skipped == [
+        ("bandwidth", "host to device"),
+        ("kernels", "compiled"),
+        ("kernels", "compiled paged"),
+    ]
 
     # The smoke ran every risky path, and each went right.
     smoke = {r["check"]: r for r in by["smoke"]}
@@ -108,7 +113,7 @@ def test_small_scale_measures_every_section(tmp_path: Path, work: Path) -> None:
     assert grow["predicted_peak_bytes"] == 0 and grow["peak_extra_bytes"] is None
 
     [eager] = [r for r in by["kernels"] if "skipped" not in r]
-    assert eager["mode"] == "eager" and eager["operators"] > 0
+    assert eager["mode"] == "eager" and eager["operators"] > 0 and eager["step_ms"] > 0
 
     for heading in HEADINGS:
         assert heading in table

@@ -120,6 +120,7 @@ def test_file_wrong_types(tmp_path: Path, line: str, fragment: str) -> None:
         ("ffn_mode: fast", "ffn_mode must be"),
         ("log_level: loud", "log_level must be"),
         ("max_num_seqs: 64\nmax_num_batched_tokens: 32", "max_num_batched_tokens must be >="),
+        ("paged_attention: true", "paged_attention needs compile: true"),
     ],
 )
 def test_value_checks(tmp_path: Path, line: str, fragment: str) -> None:
