@@ -149,7 +149,6 @@ class GroupSpec:
     q_len: int
     k_len: int
     num_seqs: int
-    paged: bool = False  # read the cache through the block tables (static decode steps)
 
 
 @dataclass(frozen=True)
@@ -169,8 +168,8 @@ class StepSpec:
     groups: tuple[tuple[tuple, tuple[GroupSpec, ...]], ...]
     writes: tuple[tuple[tuple[int, ...], int], ...]  # (layers, part [layers, rows])
     rope: tuple[tuple[tuple, int | None, int | None], ...]  # (positions key, phase rows, index)
-    # Part [cache blocks]: each block's index in the block table of the sequences that hold it
-    # (paged groups only; see `_paged`).
+    # Part [cache blocks]: each block's index in the block table of the sequences that hold it.
+    # Set in a paged static step only, whose groups read the cache in place (see `_paged`).
     block_index: int | None = None
 
 
@@ -266,16 +265,17 @@ def materialize(
             plan.keep = torch.arange(width, device=device) < plan.row_width
         ffn[key] = plan
     tables = sent[spec.tables]  # [S, L_kv, max_blocks]
-    block_index = None if spec.block_index is None else sent[spec.block_index]
-    groups = {
-        key: [
-            _paged(g, sent, tables, block_index, text, spec.block_size)
-            if g.paged
-            else _group(g, sent, tables, text, spec.block_size)
-            for g in gs
-        ]
-        for key, gs in spec.groups
-    }
+    if spec.block_index is None:
+        groups = {
+            key: [_group(g, sent, tables, text, spec.block_size) for g in gs]
+            for key, gs in spec.groups
+        }
+    else:
+        block_index = sent[spec.block_index]
+        groups = {
+            key: [_paged(g, sent, tables, block_index, text, spec.block_size) for g in gs]
+            for key, gs in spec.groups
+        }
     for layer in range(text.num_hidden_layers):
         key = spec.layer_rows[layer]
         batch.rows.append(None if key is None else rows[key])
@@ -709,7 +709,6 @@ class _Planner:
                             q_len=1,
                             k_len=k_len,
                             num_seqs=rows,
-                            paged=shape.paged,
                         ),
                     ),
                 )
