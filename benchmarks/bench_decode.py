@@ -218,7 +218,7 @@ def bench_preset(name: str, args) -> None:
     h = [hf_decode_tps(model, prompt, args.tokens) for _ in range(args.repeats)]
     hf_ops = hf_ops_per_step(model, prompt)
     nbytes = floor_bytes(rt)
-    # The floor's bandwidth moves with this VM's neighbours (26-49 GB/s between runs, and within
+    # The floor's bandwidth moves with this VM's neighbours (26-51 GB/s between runs, and within
     # a run from minute to minute): each compiled run is paired with a plain read taken right
     # after it, and the share is the median of the pairs' ratios.
     pairs = []
