@@ -10,10 +10,14 @@ For each dev preset given (default: tiny, mini, bench; float32; made on first us
   (the full subnet);
 - the read floor: bytes a batch-1 decode step must read (every weight the full subnet uses once,
   the LM head included, the per-layer-embedding table excepted: only its rows are gathered) over
-  the measured bandwidth of a plain read, and our tok/s as a share of it: --floor-pairs compiled
-  runs, each followed at once by a plain read, and the median of the pairs' shares (this VM's
-  bandwidth moves by up to 1.9x between runs and by tens of percent within one, so a step and a
-  read timed minutes apart do not compare);
+  the measured bandwidth of a plain read of the same kind of memory as the weights (huge pages,
+  as a server places them by default: configs/server.yaml's huge_pages), and our tok/s as a
+  share of it: --floor-pairs compiled runs, each followed at once by a plain read, and the median
+  of the pairs' shares (this VM's bandwidth moves by up to 1.9x between runs and by tens of
+  percent within one, so a step and a read timed minutes apart do not compare);
+- the compiled batch-1 step with its weights in huge pages vs in the checkpoint's 4 KiB
+  page-cache pages (huge_pages: false), timed alternately in --floor-pairs pairs, and a plain
+  read of each kind of memory;
 - 16 and 32 concurrent requests spread over several subnets, through our engine (eager and
   compiled) and through transformers one request at a time (tok/s of generated tokens);
 - with --paged, batch-1 compiled decode again with paged attention (K/V read where the cache
@@ -50,6 +54,7 @@ from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.offline import GenerationRequest
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.elastic import ElasticRuntime
+from server.runtime.huge_pages import HugePageArena
 from server.tools.dev_model import dev_model_cache
 from server.vocabulary.sampling_params import SamplingParams
 
@@ -185,14 +190,41 @@ def floor_bytes(rt: ElasticRuntime) -> int:
     return total
 
 
+def pages_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, want) -> None:
+    """The compiled batch-1 step over the same checkpoint with its weights in the checkpoint's
+    4 KiB page-cache pages, timed alternately with the huge-page one (same graph: from the
+    FX-graph cache)."""
+    med = statistics.median
+    rt4k = ElasticRuntime.open(rt.store.folder, dtype="float32", huge_pages=False)
+    c4k = engine(rt4k, True)
+    decode_tps(c4k, rt4k, prompt, args.tokens, count=False)
+    rows = []
+    for i in range(args.floor_pairs):
+        order = [(compiled, rt), (c4k, rt4k)] if i % 2 == 0 else [(c4k, rt4k), (compiled, rt)]
+        got = {id(r): decode_tps(eng, r, prompt, args.tokens, count=False) for eng, r in order}
+        rows.append((got[id(rt)], got[id(rt4k)], plain_read_gbs(True), plain_read_gbs(False)))
+    ratios = [h[0] / s[0] for h, s, _, _ in rows]
+    huge_tps, small_tps = med(h[0] for h, *_ in rows), med(s[0] for _, s, *_ in rows)
+    huge_gbs, small_gbs = med(r[2] for r in rows), med(r[3] for r in rows)
+    same = all(h[2] == want and s[2] == want for h, s, *_ in rows)
+    print(f"compiled batch-1 tok/s, weights in huge pages vs 4 KiB pages ({len(rows)} pairs, "
+          f"alternated): {huge_tps:.1f} vs {small_tps:.1f}, median pair {med(ratios):.2f}x "
+          f"(pairs {' '.join(f'{x:.2f}' for x in ratios)}); plain read {huge_gbs:.1f} vs "
+          f"{small_gbs:.1f} GB/s; greedy tokens are eager's: {same}")  # fmt: skip
+
+
 @functools.cache
-def _plain() -> torch.Tensor:
-    return torch.ones(64 * 1024 * 1024)  # 256 MiB: far past any cache, like the weights
+def _plain(huge: bool) -> torch.Tensor:
+    n = 64 * 1024 * 1024  # 256 MiB: far past any cache, like the weights
+    if not huge:
+        return torch.ones(n)
+    return HugePageArena(4 * n).copy(torch.ones(n))
 
 
-def plain_read_gbs() -> float:
-    """GB/s of a plain read (a sum over 256 MiB, three times) right now."""
-    a = _plain()
+def plain_read_gbs(huge: bool = False) -> float:
+    """GB/s of a plain read (a sum over 256 MiB, three times) right now, of 4 KiB pages or of
+    huge pages (huge_pages.py, as the weights)."""
+    a = _plain(huge)
     a.sum()
     t0 = time.perf_counter()
     for _ in range(3):
@@ -201,7 +233,8 @@ def plain_read_gbs() -> float:
 
 
 def bench_preset(name: str, args) -> None:
-    rt = ElasticRuntime.open(dev_model_cache(name), dtype="float32")
+    rt = ElasticRuntime.open(dev_model_cache(name), dtype="float32", huge_pages=True)
+    huge = rt.weights.arena is not None  # False where the kernel has huge pages off
     med = statistics.median
     prompt = prompt_of(args.prompt_tokens)
     print(f"\n== preset {name}: {rt.store.folder}")
@@ -224,7 +257,7 @@ def bench_preset(name: str, args) -> None:
     pairs = []
     for _ in range(args.floor_pairs):
         tps = decode_tps(compiled, rt, prompt, args.tokens, count=False)[0]
-        pairs.append((tps, plain_read_gbs()))
+        pairs.append((tps, plain_read_gbs(huge)))
     gbs = med(g for _, g in pairs)
     floor = gbs * 1e9 / nbytes
     shares = [100 * tps * nbytes / (g * 1e9) for tps, g in pairs]
@@ -235,13 +268,16 @@ def bench_preset(name: str, args) -> None:
           f"compiled/eager {ct / et:.2f}x, compiled/transformers {ct / ht:.2f}x, "
           f"eager/transformers {et / ht:.2f}x")  # fmt: skip
     print(f"compiled greedy tokens are eager's: {all(x[2] == e[0][2] for x in c)}")
-    print(f"read floor: {nbytes / 1e6:.1f} MB per token at {gbs:.1f} GB/s (median plain read) "
+    print(f"weights in {'huge' if huge else '4 KiB'} pages; read floor: {nbytes / 1e6:.1f} MB "
+          f"per token at {gbs:.1f} GB/s (median plain read of the same kind of memory) "
           f"= {floor:.0f} tok/s; eager {100 * et / floor:.0f}%, compiled {100 * ct / floor:.0f}% "
           f"of it")  # fmt: skip
     print(f"compiled runs each paired with a plain read right after it ({len(pairs)} pairs): "
           f"tok/s {' '.join(f'{t:.1f}' for t, _ in pairs)}; GB/s "
           f"{' '.join(f'{g:.1f}' for _, g in pairs)}; share of the floor "
           f"{' '.join(f'{x:.0f}%' for x in shares)}, median {med(shares):.0f}%")  # fmt: skip
+    if huge:
+        pages_side_by_side(rt, compiled, prompt, args, e[0][2])
     if args.paged:
         for pool, budget in (("request-sized", None), ("server default", SERVER_KV_BYTES)):
             eng = engine(rt, True, paged=True, budget=budget)

@@ -69,6 +69,11 @@ class ServerConfig:
     """Compiled decode steps read each sequence's K/V where the paged cache holds them
     (FlexAttention over the block tables) instead of gathering a copy of its context every
     step. Needs compile. On a CPU no faster and slower to compile (runtime/decode_graph.py)."""
+    huge_pages: bool = True
+    """On a CPU: the weights copied once, in the compute dtype, into memory backed by 2 MiB
+    transparent huge pages, which a step reads faster than the checkpoint's 4 KiB page-cache
+    pages (private memory the size of the weights; the PLE table stays mapped). Ignored on
+    accelerators; a warning, and 4 KiB pages, where the kernel has huge pages off."""
     sampling_defaults: str = "generation_config"
     """What a request gets for sampling fields it leaves unset: generation_config (the
     checkpoint's generation_config.json over OpenAI's defaults, as vLLM does) or openai."""

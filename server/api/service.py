@@ -231,6 +231,7 @@ class Service:
             self.config.device,
             self._custom(),
             table_csv=self._table_csv(),
+            huge_pages=self.config.huge_pages,
         )
         rt.grammars.prepare()  # structured output's tokenizer description, before traffic
         return rt

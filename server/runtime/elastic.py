@@ -60,12 +60,13 @@ class ElasticRuntime:
         device: str = "cpu",
         custom_subnets: Path | None = DEFAULT_CUSTOM_YAML,
         table_csv: Path | None = DEFAULT_TABLE_CSV,
+        huge_pages: bool = False,
     ) -> ElasticRuntime:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
         bind(device)  # this thread's current device (each step thread enters it too)
         store = CheckpointStore.open(checkpoint)
-        weights = Weights(store, dtype=parse_dtype(dtype), device=device)
+        weights = Weights(store, dtype=parse_dtype(dtype), device=device, huge_pages=huge_pages)
         # The checkpoint's measured quality, when it has one, is every subnet's quality score.
         measured = read_measured_quality(store.folder)
         subnets = load_subnet_table(store.text, table_csv, custom_subnets, measured)

@@ -4,7 +4,10 @@ Owns: taking tensors from the host store into the compute dtype and device ONCE,
 views. When the stored dtype is the compute dtype and the device is the CPU, every tensor here is
 the store's memory-mapped view: the process holds one copy of the checkpoint (the page cache's).
 When a conversion is needed (bf16 on disk, float32 compute), it is made once per tensor at load
-and shared by every subnet, never per subnet.
+and shared by every subnet, never per subnet. On a CPU with `huge_pages`, every tensor here is
+instead copied once, in the compute dtype, into one huge-page arena (huge_pages.py: a step reads
+its weights faster through 2 MiB pages than through the page cache's 4 KiB ones); the FFN
+residency then takes its views of those copies.
 
 A subnet's FFN for layer l at width k is `gate[:k]`, `up[:k]` (contiguous row prefixes) and
 `down[:, :k]` (a strided column prefix that BLAS takes through its leading dimension): views of
@@ -18,6 +21,7 @@ Deliberately does not know: subnets' names or validity, batching, or the forward
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +29,7 @@ import torch
 
 from server.checkpoint.store import CheckpointStore
 from server.runtime.device import on_device
+from server.runtime.huge_pages import HugePageArena, unavailable
 from server.runtime.residency import FfnResidency, PendingResize, ResizeReport
 from server.vocabulary.text_config import TextConfig
 
@@ -64,6 +69,7 @@ class Weights:
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         private_ffn: bool | None = None,
+        huge_pages: bool = False,
     ):
         self.store = store
         self.text: TextConfig = store.text
@@ -71,6 +77,7 @@ class Weights:
         embed_name = "embed_tokens.weight"
         self.stored_dtype = store.dtype(store.config.text_prefix + embed_name)
         self.dtype = dtype or self.stored_dtype
+        self.arena = self._arena() if huge_pages and self.device.type == "cpu" else None
         get = self._load
 
         self.embed = get(embed_name)
@@ -95,12 +102,14 @@ class Weights:
         self.final_norm = get("norm.weight")
         # FFN rows live in resident buffers (residency.py): views of the mapping on a CPU in the
         # stored dtype, the device's own copies otherwise (or when asked, e.g. by tests).
+        # (in the arena, the host rows are already the compute dtype's own copies).
         if private_ffn is None:
-            private_ffn = self.device.type != "cpu" or self.dtype != self.stored_dtype
-        host_ffn = [
-            tuple(
-                store.text_tensor(f"layers.{i}.mlp.{n}_proj.weight") for n in ("gate", "up", "down")
+            private_ffn = self.device.type != "cpu" or (
+                self.dtype != self.stored_dtype and self.arena is None
             )
+        host = self._host
+        host_ffn = [
+            tuple(host(f"layers.{i}.mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
             for i in range(self.text.num_hidden_layers)
         ]
         self.residency = FfnResidency(host_ffn, self.device, self.dtype, private_ffn)
@@ -108,10 +117,33 @@ class Weights:
         self.residency.on_replace = self._replace_ffn
         self._check_altup_clip()
 
+    def _arena(self) -> HugePageArena | None:
+        """An arena for every text tensor but the PLE table, in the compute dtype (tensors never
+        loaded, such as KV-consumer layers' K/V projections, leave pages that are never touched,
+        which cost nothing); None, with a warning, where the kernel has no huge pages."""
+        reason = unavailable()
+        if reason is not None:
+            warnings.warn(f"huge_pages: {reason}; the weights stay in 4 KiB pages", stacklevel=3)
+            return None
+        prefix, itemsize = self.store.config.text_prefix, self.dtype.itemsize
+        skip = prefix + "embed_tokens_per_layer.weight"
+        names = [n for n in self.store.names() if n.startswith(prefix) and n != skip]
+        names += ["lm_head.weight"] if "lm_head.weight" in self.store else []
+        sizes = [math.prod(self.store.shape(n)) * itemsize for n in names]
+        return HugePageArena(sum(-(-b // 64) * 64 for b in sizes))
+
     def _place(self, t: torch.Tensor) -> torch.Tensor:
+        if self.arena is not None:
+            return self.arena.copy(t, self.dtype)
         if t.dtype == self.dtype and t.device == self.device:
             return t  # the store's zero-copy view
         return t.to(device=self.device, dtype=self.dtype)
+
+    def _host(self, relative: str) -> torch.Tensor:
+        """A tensor as host memory holds it for the FFN residency: the arena's copy, or the
+        store's view."""
+        t = self.store.text_tensor(relative)
+        return self.arena.copy(t, self.dtype) if self.arena is not None else t
 
     def _load(self, relative: str) -> torch.Tensor:
         return self._place(self.store.text_tensor(relative))
