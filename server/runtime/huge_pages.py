@@ -8,9 +8,9 @@ huge pages at all, and whether a mapping of this process is eligible for them.
 Why: a batch-1 decode step reads every weight once per token. Read through 4 KiB pages (the
 checkpoint's page cache, or torch's allocator) every 4 KiB of weights is another TLB entry, and
 in a virtual machine each TLB miss walks two page tables. On the 2-vCPU build VM the bench
-preset's compiled batch-1 step ran 1.11-1.19x as fast with its weights here as in the page
-cache (medians of runs paired in one process, the same tokens: benchmarks/bench_decode.py
-prints the ratio), and a plain read of 256 MiB 1.16-1.24x.
+preset's compiled batch-1 step ran 1.11x as fast with its weights here as in the page cache
+(median of runs paired in one process, the same tokens), and a plain read of 256 MiB 1.24x
+(benchmarks/bench_decode.py prints both).
 
 Untouched pages of the mapping cost no memory, so an arena may be sized generously up front.
 The copy is private memory: the checkpoint's page-cache pages stay clean and the kernel may drop
@@ -47,6 +47,11 @@ def unavailable() -> str | None:
 class HugePageArena:
     """`capacity` bytes of advised anonymous memory; `copy` places tensors in it in order."""
 
+    @classmethod
+    def for_sizes(cls, sizes: list[int]) -> HugePageArena:
+        """An arena that holds copies of these many bytes each, placed as `copy` places them."""
+        return cls(sum(_aligned(n) for n in sizes))
+
     def __init__(self, capacity: int):
         reason = unavailable()
         if reason is not None:
@@ -69,8 +74,7 @@ class HugePageArena:
     def copy(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A contiguous copy of CPU tensor `t` (in `dtype`, default its own) inside the arena."""
         dtype = dtype or t.dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = t.numel() * itemsize
+        nbytes = t.numel() * dtype.itemsize
         if self.used + nbytes > self.capacity:
             raise MemoryError(
                 f"huge-page arena of {self.capacity} bytes is full ({self.used} used, "
@@ -78,7 +82,7 @@ class HugePageArena:
             )
         out = self.bytes[self.used : self.used + nbytes].view(dtype).view(t.shape)
         out.copy_(t)
-        self.used += -(-nbytes // ALIGN) * ALIGN
+        self.used += _aligned(nbytes)
         return out
 
     def holds(self, t: torch.Tensor) -> bool:
@@ -101,9 +105,5 @@ class HugePageArena:
         return False
 
 
-def anon_huge_bytes() -> int:
-    """Bytes of this process's anonymous memory backed by huge pages right now."""
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN

@@ -101,8 +101,8 @@ class Weights:
         ]
         self.final_norm = get("norm.weight")
         # FFN rows live in resident buffers (residency.py): views of the mapping on a CPU in the
-        # stored dtype, the device's own copies otherwise (or when asked, e.g. by tests).
-        # (in the arena, the host rows are already the compute dtype's own copies).
+        # stored dtype, or of the arena's copies (already in the compute dtype), the device's own
+        # copies otherwise (or when asked, e.g. by tests).
         if private_ffn is None:
             private_ffn = self.device.type != "cpu" or (
                 self.dtype != self.stored_dtype and self.arena is None
@@ -129,8 +129,7 @@ class Weights:
         skip = prefix + "embed_tokens_per_layer.weight"
         names = [n for n in self.store.names() if n.startswith(prefix) and n != skip]
         names += ["lm_head.weight"] if "lm_head.weight" in self.store else []
-        sizes = [math.prod(self.store.shape(n)) * itemsize for n in names]
-        return HugePageArena(sum(-(-b // 64) * 64 for b in sizes))
+        return HugePageArena.for_sizes([math.prod(self.store.shape(n)) * itemsize for n in names])
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         if self.arena is not None:
@@ -143,7 +142,7 @@ class Weights:
         """A tensor as host memory holds it for the FFN residency: the arena's copy, or the
         store's view."""
         t = self.store.text_tensor(relative)
-        return self.arena.copy(t, self.dtype) if self.arena is not None else t
+        return t if self.arena is None else self._place(t)
 
     def _load(self, relative: str) -> torch.Tensor:
         return self._place(self.store.text_tensor(relative))

@@ -19,12 +19,17 @@ from tests.runtime.conftest import assert_float32_close, prefill_logits, prompt_
 
 
 @pytest.fixture(scope="module")
-def arena_rt(tiny_dir: Path) -> ElasticRuntime:
+def opened(tiny_dir: Path) -> tuple[ElasticRuntime, list[str]]:
+    """The tiny runtime with huge pages, and the warnings opening it gave."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rt = ElasticRuntime.open(tiny_dir, huge_pages=True)
-    rt.open_warnings = [str(w.message) for w in caught]  # type: ignore[attr-defined]
-    return rt
+    return rt, [str(w.message) for w in caught]
+
+
+@pytest.fixture(scope="module")
+def arena_rt(opened: tuple[ElasticRuntime, list[str]]) -> ElasticRuntime:
+    return opened[0]
 
 
 def step_weights(rt: ElasticRuntime) -> list[torch.Tensor]:
@@ -36,14 +41,17 @@ def step_weights(rt: ElasticRuntime) -> list[torch.Tensor]:
     return out
 
 
-def test_every_weight_but_the_ple_table_is_the_arenas_copy(arena_rt: ElasticRuntime) -> None:
+def test_every_weight_but_the_ple_table_is_the_arenas_copy(
+    opened: tuple[ElasticRuntime, list[str]],
+) -> None:
+    arena_rt, opening_warnings = opened
     w = arena_rt.weights
     reason = huge_pages.unavailable()
     if reason is not None:  # this kernel has no huge pages: said once, and nothing changes
         assert w.arena is None
-        assert any(reason in m for m in arena_rt.open_warnings), arena_rt.open_warnings
+        assert any(reason in m for m in opening_warnings), opening_warnings
         return
-    assert w.arena is not None and arena_rt.open_warnings == []
+    assert w.arena is not None and opening_warnings == []
     weights = step_weights(arena_rt)
     outside = [tuple(t.shape) for t in weights if not w.arena.holds(t)]
     assert outside == [], f"weights outside the arena: {outside}"
