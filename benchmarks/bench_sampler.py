@@ -7,7 +7,10 @@ sampler, the `record` its runner made after it (the new one records inside `samp
 sampler is timed twice: eager, and with its passes over whole rows compiled
 (`Sampler(compiled=True)`, what a server with `compile: true` runs: row_passes.py; compiled in
 the warm-up step). Reported: the median of `--repeats` steps in ms (after one warm-up step), and
-old / new.
+old / new; then ops per step at B=1, eager and compiled: the aten ops `sample` calls (an op
+called inside another is not counted again) with each compiled loop counted once, from
+torch.profiler. On an accelerator each is at least one kernel launch (a few microseconds each),
+which at small batches is the step's cost.
 
 Logits are LM-like: per row, a head of 32 ids at 20 - 2 ln(rank) over a body of N(0, 2^2), at
 random ids (the top token holds ~60% of the mass, the 0.95 nucleus ~12 ids). `top_p alone, flat`
@@ -49,6 +52,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.profiler import profile
 
 from server.runtime.sampler import Sampler, _Rows
 from server.vocabulary.sampling_params import SamplingParams
@@ -109,7 +113,8 @@ def prompt(seed: int) -> list[int]:
 
 def time_new(
     logits: torch.Tensor, params: SamplingParams, repeats: int, compiled: bool = False
-) -> float:
+) -> tuple[float, int]:
+    """The median step in seconds, and the ops of one more step (`count_ops`)."""
     sampler = Sampler(TEXT_VOCAB, EOS, compiled=compiled)
     states = [
         sampler.add_request(dataclasses.replace(params, seed=i), prompt(i))
@@ -124,7 +129,25 @@ def time_new(
         t0 = time.perf_counter()
         sampler.sample(logits, states)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), count_ops(lambda: sampler.sample(logits, states))
+
+
+def count_ops(fn) -> int:
+    """Top-level aten ops and compiled regions of one call of fn (torch.profiler): an event is
+    counted unless an enclosing event is an aten op or a compiled region."""
+
+    def counted(event) -> bool:
+        return event.name.startswith("aten::") or event.name.startswith("Torch-Compiled Region")
+
+    with profile() as prof:
+        fn()
+    n = 0
+    for event in prof.events():
+        parent = event.cpu_parent
+        while parent is not None and not counted(parent):
+            parent = parent.cpu_parent
+        n += counted(event) and parent is None
+    return n
 
 
 def time_old(old, logits: torch.Tensor, params: SamplingParams, repeats: int) -> float:
@@ -186,12 +209,17 @@ def main() -> None:
     print(header)
     new_ms: dict[tuple[str, int], float] = {}
     compiled_ms: dict[tuple[str, int], float] = {}
+    ops: dict[tuple[str, int], tuple[int, int]] = {}
     for name, params in COMBINATIONS.items():
         cells = []
         for b in batches:
             logits = make_logits(b, flat=name.endswith("flat"))
-            new = new_ms[name, b] = time_new(logits, params, args.repeats) * 1e3
-            fused = compiled_ms[name, b] = time_new(logits, params, args.repeats, True) * 1e3
+            new, eager_ops = time_new(logits, params, args.repeats)
+            fused, fused_ops = time_new(logits, params, args.repeats, True)
+            new *= 1e3
+            fused *= 1e3
+            new_ms[name, b], compiled_ms[name, b] = new, fused
+            ops[name, b] = eager_ops, fused_ops
             cell = f"{new:>12.2f}{fused:>10.2f}"
             if old is None:
                 cells.append(f"{cell}{'':>10}{'':>7}")
@@ -200,6 +228,11 @@ def main() -> None:
                 cells.append(f"{cell}{was:>10.1f}{was / new:>7.0f}")
             del logits
         print(f"{name:<20}" + "".join(cells), flush=True)
+
+    b = min(batches)
+    print(f"\nops per step at B={b} (eager / compiled; a compiled loop counts once):")
+    for name in COMBINATIONS:
+        print(f"  {name:<20}{ops[name, b][0]:>6} / {ops[name, b][1]:<6}")
 
     print("\nreferences (ms):")
     for b in batches:
