@@ -54,8 +54,9 @@ def gather_blocks(
     sampler holds, and the model's logits sliced to the text vocabulary: 262,400 = 4,100 x 64),
     x is viewed as one [blocks, size] table and the blocks are taken by `index_select`, each one
     contiguous copy: indexing a [B, V / size, size] view (aten::index, with its per-element
-    offsets) costs several times more there from a few rows up, and a per-element gather more
-    still. Elsewhere that indexing is one kernel launch, where the table takes three."""
+    offsets) costs more there from about 8 rows up, several times more from 32, and a
+    per-element gather more still. Elsewhere that indexing is one kernel launch, where the
+    table takes three."""
     per, offset = divmod(x.stride(0), size)
     nb = x.shape[1] // size
     if x.device.type != "cpu" or offset or per < nb:  # (per < nb: overlapping rows, expanded)
