@@ -8,7 +8,12 @@ BLAS call, as `F.linear` runs eagerly too) and compiled with the narrow-product 
 forced at every row count. The rewrites apply up to NARROW_ROWS rows; above that the first two
 columns are both BLAS's, and the forced column shows whether the bound sits at the crossover.
 
-    python benchmarks/bench_narrow_products.py [--threads 2] [--rows 1,2,4,8,16,32]
+With --hand-loop (x86 with AVX2 and a C++ compiler; built on first use), the 1-row chain once
+more through a hand-written loop that keeps four rows' accumulators in flight (FMA, one call for
+the whole chain, OpenMP over rows like inductor's loop): whether a better-pipelined loop than
+inductor's one-accumulator reduction would read the weights faster.
+
+    python benchmarks/bench_narrow_products.py [--threads 2] [--rows 1,2,4,8,16,32] [--hand-loop]
 """
 
 from __future__ import annotations
@@ -35,17 +40,66 @@ def forced(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(x[:, None, :] * w).sum(-1) for w in weights]
 
 
+HAND_LOOP = r"""
+#include <torch/extension.h>
+#include <immintrin.h>
+
+// out[n] = w[n, :] . x for each weight of the chain; rows four at a time, four accumulators.
+std::vector<torch::Tensor> chain(torch::Tensor x, std::vector<torch::Tensor> weights) {
+  std::vector<torch::Tensor> outs;
+  const float* xp = x.data_ptr<float>();
+  for (auto& w : weights) {
+    int64_t n_rows = w.size(0), k = w.size(1);
+    auto out = torch::empty({1, n_rows}, x.options());
+    const float* wp = w.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < n_rows; n += 4) {
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                       _mm256_setzero_ps()};
+      for (int64_t i = 0; i < k; i += 8) {
+        __m256 xv = _mm256_loadu_ps(xp + i);
+        for (int r = 0; r < 4; r++)
+          acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wp + (n + r) * k + i), xv, acc[r]);
+      }
+      for (int r = 0; r < 4; r++) {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc[r]);
+        op[n + r] = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6]
+                    + lanes[7];
+      }
+    }
+    outs.push_back(out);
+  }
+  return outs;
+}
+"""
+
+
+def hand_loop():
+    """The chain as a hand-written C++ loop (None, with the reason, where it cannot be built)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None, f"this CPU runs {torch.backends.cpu.get_cpu_capability()}, not AVX2"
+    from torch.utils.cpp_extension import load_inline
+
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+    module = load_inline("narrow_hand_loop", cpp_sources=HAND_LOOP, functions=["chain"],
+                         extra_cflags=flags, extra_ldflags=["-fopenmp"])  # fmt: skip
+    return module.chain, None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="1,2,4,8,16,32")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--hand-loop", action="store_true", help="the 1-row chain hand-written too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     weights = [torch.randn(WIDTH, HIDDEN) for _ in range(3 * LAYERS)]
     nbytes = sum(w.nbytes for w in weights)
-    a = torch.ones(64 * 1024 * 1024)
-    read = a.nbytes / 1e9 / time_reference(a.sum, args.repeats)
+    plain = torch.ones(64 * 1024 * 1024)
+    read = plain.nbytes / 1e9 / time_reference(plain.sum, args.repeats)
     print(f"torch {torch.__version__}, {args.threads} threads, {len(weights)} products of "
           f"{WIDTH}x{HIDDEN} float32 ({nbytes / 1e6:.0f} MB); plain read {read:.1f} GB/s; "
           f"narrow up to {NARROW_ROWS} rows; median of {args.repeats}")  # fmt: skip
@@ -69,6 +123,30 @@ def main() -> None:
               f"BLAS/narrow {b / f:.2f}x; the fused form forced {1e3 * a:6.1f} ms "
               f"(BLAS/forced {b / a:.2f}x); largest difference {worst:.1e} "
               f"of the values' scale")  # fmt: skip
+    if args.hand_loop:
+        hand, why = hand_loop()
+        if hand is None:
+            print(f"hand-written loop: not run ({why})")
+            return
+        x = torch.randn(1, HIDDEN)
+        torch._dynamo.reset()
+        fused = torch.compile(chain, fullgraph=True, dynamic=False, backend=cpu_backend("inductor"))
+        want = [F.linear(x.double(), w.double()) for w in weights]
+        worst = max(
+            ((g - w).abs().max() / w.abs().max()).item()
+            for g, w in zip(hand(x, weights), want, strict=True)
+        )
+        # Alternated, so that both see the same moments of this machine's bandwidth.
+        h, f, r = [], [], []
+        for _ in range(args.repeats):
+            h.append(time_reference(partial(hand, x, weights), 3))
+            f.append(time_reference(partial(fused, x, weights), 3))
+            r.append(time_reference(plain.sum, 3))
+        h, f, r = (sorted(t)[len(t) // 2] for t in (h, f, r))
+        print(f"rows   1: hand-written loop {1e3 * h:6.1f} ms ({nbytes / 1e9 / h:5.1f} GB/s), "
+              f"narrow-compiled {1e3 * f:6.1f} ms ({nbytes / 1e9 / f:5.1f} GB/s), "
+              f"hand/narrow {f / h:.2f}x, plain read alongside {plain.nbytes / 1e9 / r:.1f} GB/s; "
+              f"largest difference from float64 {worst:.1e} of the values' scale")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ eager (one fused shift-and-scale pass into a reused buffer, exp2 in place, sums 
 then a float64 sum of those) and compiled (one loop: row_passes.py), which every request
 with logprobs needs (logprobs are of the raw distribution, so every id's weight enters).
 "logprobs floor" is (greedy step + the eager normaliser) / greedy step: the least an eager
-logprobs step can cost relative to greedy here, before anything else it does.
+logprobs step can cost relative to greedy here, before anything else it does. The "logprobs 5"
+row also draws with top_k + top_p (the defaults its request gets), so its own floor is that
+draw plus the normaliser: (top_k + top_p step + normaliser) / greedy step, printed eager and
+compiled (each with its own normaliser), next to what the row measured.
 
     PYTHONPATH=. python benchmarks/bench_sampler.py [--threads 1] [--repeats 7] [--old-repeats 3]
 """
@@ -250,6 +253,16 @@ def main() -> None:
             f"  B={b:<4} torch.argmax {argmax:7.2f}   one exp2 pass {exp2:7.2f}   "
             f"exact normaliser {lse:7.2f} (compiled {lse_c:5.2f})   "
             f"logprobs floor {floor:4.1f}x greedy"
+        )
+        drawn = []
+        for label, ms, norm in (("eager", new_ms, lse), ("compiled", compiled_ms, lse_c)):
+            own = (ms["top_k + top_p", b] + norm) / ms["greedy", b]
+            drawn.append(
+                f"{label} {own:4.1f}x (measured {ms['logprobs 5', b] / ms['greedy', b]:4.1f}x)"
+            )
+        print(
+            f"{'':8}logprobs 5's own floor, (top_k + top_p + normaliser) / greedy: "
+            + ", ".join(drawn)
         )
 
     for label, ms in (("new", new_ms), ("compiled", compiled_ms)):

@@ -4,17 +4,26 @@ Owns how a compiled decode step on a CPU computes products with few rows (`mm`/`
 most NARROW_ROWS rows: every projection of a batch of 1 to 4 sequences) or a short inner
 dimension (`baddbmm` over at most NARROW_INNER terms: AltUp's 4x4 stream mixing and its
 per-stream correction): as a broadcast multiply and a sum, which inductor generates as one
-vectorised loop fused with the ops around it, instead of an external BLAS call.
+vectorised loop fused with the ops around it, instead of an external BLAS call; and the
+attention of such a batch (below).
 
-Attention stays the CPU attention kernel: written the same way (two narrow products around a
-softmax) it made a tiny-preset step slower (six times the buffer allocations per step).
+Decode attention of as few sequences runs as two batched products (BLAS) around a softmax that
+inductor fuses into its loops, in place of the CPU attention kernel, whose per-call cost
+(42-94 us for 4 queries over 64 keys on the bench preset, 35 calls a step) outweighs its work:
+a bench-preset batch-1 step 1.01-1.05x as fast, in three paired runs
+(benchmarks/bench_attention_forms.py, results/). Written instead as two narrow products, it
+made the step slower (0.77-0.84x; on the tiny preset, six times the buffer allocations). Nor
+does the 64 x 64 rotation of rotary embedding (an 8-row product at batch 1) gain measurably
+from the fused form. Larger batches keep the kernel: they were not measured faster this way.
 
 Why: a batch-1 projection is a matrix-vector product that must read its weight once. MKL read
 the bench preset's FFN weights at 1 row at ~8 GB/s on the 2-core build machine, the fused loop
 at 26-35 GB/s, about a plain read's speed; at 2 and 4 rows 4x and 1.6x faster, at 8 rows and up
-BLAS is faster (benchmarks/bench_narrow_products.py, results/). And every external call is a
-Python-level call in inductor's CPU wrapper (with its output allocation and operand views),
-which on a small model is most of a step.
+BLAS is faster (benchmarks/bench_narrow_products.py, results/). At 1 row the fused loop reads
+at about a plain read's speed, faster than a hand-written AVX2 loop with four rows'
+accumulators in flight (--hand-loop): the products are not what keeps a compiled step from its
+read floor. And every external call is a Python-level call in inductor's CPU wrapper (with its
+output allocation and operand views), which on a small model is most of a step.
 
 The rewrite is exact up to float32 rounding (the same products, summed in another order), so
 the compiled step's logits stay within the suite's bound of the eager forward's.
@@ -25,6 +34,7 @@ these on CPUs only: on CUDA, cuBLAS's products and a captured graph already do t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +44,7 @@ aten = torch.ops.aten
 
 NARROW_ROWS = 4  # 1, 2 and 4 rows run faster fused, 8 and more through BLAS (bench_narrow_products)
 NARROW_INNER = 4  # AltUp's streams
+DECODE_QUERIES = 16  # query rows per KV head in a decode step (Gemma 3n groups 4 or 2 heads)
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, dim: int, *, a_at: int, b_at: int) -> torch.Tensor:
@@ -63,10 +74,41 @@ def baddbmm(base: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, *, beta=1, a
     return base + _product(b1, b2, 2, a_at=3, b_at=1)
 
 
+def rewrites_attention(query, key, dropout_p=0.0, is_causal=False) -> bool:
+    """Whether `attention` takes this call (else the CPU attention kernel runs)."""
+    return (
+        dropout_p == 0.0 and not is_causal and query.dtype in (torch.float32, torch.float64)
+        and query.shape[0] <= NARROW_ROWS and query.shape[2] <= DECODE_QUERIES
+        and query.shape[1] == key.shape[1]
+    )  # fmt: skip
+
+
+def attention(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """The CPU attention kernel's op (`_scaled_dot_product_flash_attention_for_cpu`: output and
+    log-sum-exp) for a decode step of at most NARROW_ROWS sequences, [N, H, L, D] queries with
+    at most DECODE_QUERIES rows per head (grouped query heads folded into L), float32 or
+    float64: as two batched products around a softmax. Every query row attends at least one key
+    (batch.py gives padded queries key 0), so no row's maximum is -inf."""
+    if not rewrites_attention(query, key, dropout_p, is_causal):
+        return NotImplemented
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(attn_mask.logical_not(), -math.inf)
+        else:
+            scores = scores + attn_mask
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    total = weights.sum(dim=-1, keepdim=True)
+    return torch.matmul(weights / total, value), (top + torch.log(total)).squeeze(-1)
+
+
 NARROW = {
     aten.mm.default: mm,
     aten.addmm.default: addmm,
     aten.baddbmm.default: baddbmm,
+    aten._scaled_dot_product_flash_attention_for_cpu.default: attention,
 }
 
 

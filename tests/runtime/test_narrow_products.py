@@ -6,6 +6,9 @@ products of few rows and short inner dimensions.
   reordering's error, far below any wrong index or transpose);
 - outside its bounds (rows, inner size, scaled forms) it declines, and the op runs as it is;
 - reduced-precision inputs are accumulated in float32 and come back in their dtype;
+- decode attention rewritten as two products around a softmax computes the CPU attention
+  kernel's op (output and log-sum-exp, boolean or additive masks), and prefills, larger
+  batches, reduced precision, dropout and causal calls are left to the kernel;
 - the table given to inductor pickles, and to the same bytes each time: inductor hashes it into
   its FX-graph cache key, and a table that does not pickle bypasses that cache (every start would
   recompile every graph).
@@ -16,6 +19,7 @@ test_decode_graph.py.
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -94,3 +98,39 @@ def test_the_table_pickles_to_the_same_bytes():
     assert pickle.dumps(first) == pickle.dumps(second)
     again = pickle.loads(pickle.dumps(first))
     assert set(again) == set(first)
+
+
+FLASH = aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+@pytest.mark.parametrize("seqs", [1, narrow.NARROW_ROWS])
+@pytest.mark.parametrize("scale", [1.0, None])
+def test_decode_attention_is_the_cpu_attention_kernels_op(seqs, scale):
+    # A decode step's layout: 2 KV heads, 4 grouped queries each, 24 keys; every query attends
+    # at least key 0 (as batch.py arranges), some not the later ones.
+    q, k, v = randn(seqs, 2, 4, 16), randn(seqs, 2, 24, 16), randn(seqs, 2, 24, 16)
+    allowed = torch.rand(seqs, 1, 4, 24, generator=GEN) < 0.7
+    allowed[..., 0] = True
+    additive = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, -math.inf)
+    want, want_lse = FLASH(q, k, v, attn_mask=additive, scale=scale)
+    for mask in (allowed, additive):
+        got, lse = narrow.attention(q, k, v, attn_mask=mask, scale=scale)
+        assert_same(got, want)
+        assert_same(lse, want_lse.view(lse.shape))
+    got, _ = narrow.attention(q, k, v, scale=scale)
+    assert_same(got, FLASH(q, k, v, scale=scale)[0])
+
+
+def test_attention_outside_a_decode_step_is_left_to_the_kernel():
+    def call(q, k, **kw):
+        return narrow.attention(q, k, k, **kw)
+
+    q, k = randn(1, 2, 4, 16), randn(1, 2, 8, 16)
+    assert call(
+        randn(narrow.NARROW_ROWS + 1, 2, 4, 16), randn(narrow.NARROW_ROWS + 1, 2, 8, 16)
+    ) is (NotImplemented)
+    assert call(randn(1, 2, narrow.DECODE_QUERIES + 1, 16), k) is NotImplemented  # a prefill
+    assert call(randn(1, 4, 4, 16), k) is NotImplemented  # query heads not folded onto KV heads
+    assert call(q.to(torch.bfloat16), k.to(torch.bfloat16)) is NotImplemented
+    assert call(q, k, dropout_p=0.1) is NotImplemented
+    assert call(q, k, is_causal=True) is NotImplemented

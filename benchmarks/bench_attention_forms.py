@@ -1,0 +1,105 @@
+"""Attention in a compiled CPU decode step: the CPU attention kernel vs two other forms.
+
+A compiled decode step of at most 4 sequences (inductor) rewrites attention at compile time
+through the decomposition table it uses (narrow_products.py). This builds the same batch-1 step
+three times in one process, once per form of decode attention:
+
+- kernel:  the CPU attention kernel, `_scaled_dot_product_flash_attention_for_cpu`, one external
+           call per layer (the form before the rewrite, and larger batches' form);
+- bmm:     two batched matrix products around a softmax (narrow_products.attention: served);
+- narrow:  scores and output as broadcast multiplies and sums (the narrow-product form), so
+           inductor fuses attention into its own loops with no external call.
+
+Each engine decodes the same greedy request; the runs alternate, each form's tok/s is the median
+of --pairs runs, with its median ratio to the kernel's run of the same round, and whether its
+tokens equal the kernel form's. Compiling takes minutes per form on a CPU (reported, not timed).
+
+    PYTHONPATH=. python benchmarks/bench_attention_forms.py [--preset bench] [--pairs 7]
+        [--forms kernel,bmm,narrow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch._inductor.config as inductor_config
+
+from benchmarks.bench_decode import decode_tps, engine, floor_bytes, plain_read_gbs, prompt_of
+from server.runtime import narrow_products
+from server.runtime.elastic import ElasticRuntime
+from server.tools.dev_model import dev_model_cache
+
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def narrow(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """The served form's calls and softmax, its two products as multiplies and sums."""
+    if not narrow_products.rewrites_attention(query, key, dropout_p, is_causal):
+        return NotImplemented
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    s = (query.unsqueeze(3) * key.unsqueeze(2)).sum(-1) * scale
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - m)
+    total = p.sum(-1, keepdim=True)
+    out = (p.unsqueeze(-1) * value.unsqueeze(2)).sum(-2) / total
+    return out, (m + torch.log(total)).squeeze(-1)
+
+
+FORMS = {"kernel": None, "bmm": narrow_products.attention, "narrow": narrow}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--pairs", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--forms", default=",".join(FORMS), help="kernel and any of the others")
+    args = ap.parse_args()
+    forms = {name: FORMS[name] for name in args.forms.split(",")}
+    if "kernel" not in forms:
+        ap.error("--forms must include kernel (the ratios are to it)")
+    # Each form must compile its own graph: the FX-graph cache is keyed on the rewritten graph,
+    # but it is switched off so that no form can be served another's code.
+    inductor_config.fx_graph_cache = False
+    rt = ElasticRuntime.open(dev_model_cache(args.preset), dtype="float32", huge_pages=True)
+    prompt = prompt_of(16)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, "
+          f"float32, batch 1, {args.tokens} greedy tokens")  # fmt: skip
+    engines, tokens = {}, {}
+    for name, form in forms.items():
+        # The table is read when a step is first compiled: set it, compile, and move on.
+        if form is None:
+            narrow_products.NARROW.pop(FLASH, None)
+        else:
+            narrow_products.NARROW[FLASH] = form
+        eng = engine(rt, compiled=True)
+        t0 = time.perf_counter()
+        tokens[name] = decode_tps(eng, rt, prompt, args.tokens, count=False)[2]
+        print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+        engines[name] = eng
+    narrow_products.NARROW[FLASH] = narrow_products.attention
+    runs: dict[str, list[float]] = {name: [] for name in forms}
+    reads = []
+    for i in range(args.pairs):
+        for name in forms if i % 2 == 0 else reversed(forms):
+            runs[name].append(decode_tps(engines[name], rt, prompt, args.tokens, count=False)[0])
+        reads.append(plain_read_gbs(rt.weights.arena is not None))
+    floor = statistics.median(reads) * 1e9 / floor_bytes(rt)
+    for name in forms:
+        tps = statistics.median(runs[name])
+        ratio = statistics.median(a / b for a, b in zip(runs[name], runs["kernel"], strict=True))
+        print(f"{name:>7}: {tps:5.1f} tok/s ({tps / floor:.0%} of the read floor, "
+              f"{floor:.0f} tok/s), {ratio:.2f}x the kernel form's run of the same round; "
+              f"tokens equal the kernel form's: {tokens[name] == tokens['kernel']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
