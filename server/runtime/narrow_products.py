@@ -1,4 +1,4 @@
-"""Narrow matrix products of a compiled CPU step, as fused multiply-reduce loops.
+"""Narrow matrix products of a compiled CPU step, as fused multiply-reduce loops, and its attention.
 
 Owns how a compiled decode step on a CPU computes products with few rows (`mm`/`addmm` with at
 most NARROW_ROWS rows: every projection of a batch of 1 to 4 sequences) or a short inner
@@ -10,8 +10,8 @@ attention of such a batch (below).
 Decode attention of as few sequences runs as two batched products (BLAS) around a softmax that
 inductor fuses into its loops, in place of the CPU attention kernel, whose per-call cost
 (42-94 us for 4 queries over 64 keys on the bench preset, 35 calls a step) outweighs its work:
-a bench-preset batch-1 step 1.01-1.05x as fast, in three paired runs
-(benchmarks/bench_attention_forms.py, results/). Written instead as two narrow products, it
+a bench-preset batch-1 step 1.05x as fast in each of three paired runs
+(benchmarks/bench_attention_forms.py, results/; 1.01x in a probe before). Written instead as two narrow products, it
 made the step slower (0.77-0.84x; on the tiny preset, six times the buffer allocations). Nor
 does the 64 x 64 rotation of rotary embedding (an 8-row product at batch 1) gain measurably
 from the fused form. Larger batches keep the kernel: they were not measured faster this way.
@@ -19,11 +19,11 @@ from the fused form. Larger batches keep the kernel: they were not measured fast
 Why: a batch-1 projection is a matrix-vector product that must read its weight once. MKL read
 the bench preset's FFN weights at 1 row at ~8 GB/s on the 2-core build machine, the fused loop
 at 26-35 GB/s, about a plain read's speed; at 2 and 4 rows 4x and 1.6x faster, at 8 rows and up
-BLAS is faster (benchmarks/bench_narrow_products.py, results/). At 1 row the fused loop reads
-at about a plain read's speed, faster than a hand-written AVX2 loop with four rows'
-accumulators in flight (--hand-loop): the products are not what keeps a compiled step from its
-read floor. And every external call is a Python-level call in inductor's CPU wrapper (with its
-output allocation and operand views), which on a small model is most of a step.
+BLAS is faster (benchmarks/bench_narrow_products.py, results/). At 1 row it also reads faster
+than a hand-written AVX2 loop with four rows' accumulators in flight (--hand-loop, 0.80x): the
+products are not what keeps a compiled step from its read floor. And every external call is a
+Python-level call in inductor's CPU wrapper (with its output allocation and operand views),
+which on a small model is most of a step.
 
 The rewrite is exact up to float32 rounding (the same products, summed in another order), so
 the compiled step's logits stay within the suite's bound of the eager forward's.
