@@ -8,14 +8,11 @@ vectorised loop fused with the ops around it, instead of an external BLAS call; 
 attention of such a batch (below).
 
 Decode attention of as few sequences runs as two batched products (BLAS) around a softmax that
-inductor fuses into its loops, in place of the CPU attention kernel, whose per-call cost
-(42-94 us for 4 queries over 64 keys on the bench preset, 35 calls a step) outweighs its work:
-a bench-preset batch-1 step 1.05x as fast in each of three paired runs
-(benchmarks/bench_attention_forms.py, results/; 1.01x in a probe before). Written instead as
-two narrow products, it made the step slower (0.77-0.84x; on the tiny preset, six times the
-buffer allocations). Nor does the 64 x 64 rotation of rotary embedding (an 8-row product at
-batch 1) gain measurably from the fused form. Larger batches keep the kernel: they were not
-measured faster this way.
+inductor fuses into its loops, in place of the CPU attention kernel (one external call per
+layer, whose per-call cost outweighs its work for a few queries): a bench-preset batch-1 step
+1.05x as fast in each of three paired runs (benchmarks/bench_attention_forms.py, results/).
+Written instead as two narrow products, it made the step slower (0.83-0.84x there). Larger
+batches keep the kernel: they were not measured faster this way.
 
 Why: a batch-1 projection is a matrix-vector product that must read its weight once. MKL read
 the bench preset's FFN weights at 1 row at ~8 GB/s on the 2-core build machine, the fused loop
