@@ -56,11 +56,29 @@ ensure_prometheus() {
   fi
 }
 
+# With arguments: exactly `pytest ARGS`. Without: the whole suite in two passes. First every test
+# not marked `alone`, on CONCENTRIC_TEST_WORKERS pytest-xdist workers (default 2, this machine's
+# cores; 0 runs them in this process), a whole file per worker, so that a module's fixtures
+# (compiled graphs, live servers) are built once. Most of those tests wait on subprocesses,
+# servers or compilers for much of their time, which the second worker fills. Then the `alone`
+# tests, one at a time with nothing beside them: they time themselves (latency under attack,
+# drain deadlines) or load every core (the fleet's autoscaling), and another worker's load would
+# make them measure it. Both passes always run; the exit status is the first failure's.
+run_tests() {
+  if [ $# -gt 0 ]; then
+    exec python -m pytest "$@"
+  fi
+  local status=0
+  python -m pytest -n "${CONCENTRIC_TEST_WORKERS:-2}" --dist loadfile -m "not alone" || status=$?
+  python -m pytest -m alone || { [ "$status" -ne 0 ] || status=$?; }
+  return "$status"
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   serve) setup; exec concentric serve --open "$@" ;;
   demo)  setup; exec concentric demo "$@" ;;
-  test)  setup; ensure_prometheus; exec python -m pytest "$@" ;;
+  test)  setup; ensure_prometheus; run_tests "$@" ;;
   *) echo "usage: ./dev.sh serve|test [args...]" >&2; exit 2 ;;
 esac

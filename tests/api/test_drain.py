@@ -28,6 +28,9 @@ from tests.api.live import MODEL, LiveServer, error_of, reference, sse_events, s
 if TYPE_CHECKING:
     from server.runtime.elastic import ElasticRuntime
 
+# Deadlines of a second or two (exit within a second of drain_timeout_s): see `alone` in dev.sh.
+pytestmark = pytest.mark.alone
+
 
 @pytest.fixture
 def own_server(tiny_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:

@@ -271,6 +271,8 @@ def test_body_shorter_than_its_length_times_out(server: LiveServer) -> None:
 # ---- prompts: caps, tokenizing, charges ----------------------------------------------------
 
 
+# Compares probe latencies with tokenizing times measured beside them: see `alone` in dev.sh.
+@pytest.mark.alone
 def test_tokenizing_runs_off_the_event_loop(server: LiveServer) -> None:
     # Prompts just under the character cap (262144) but over the tier's 16384 tokens: each is
     # tokenized, then refused. Before, they were tokenized on the event loop, and /health waited
@@ -465,6 +467,8 @@ def _closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:
     return time.monotonic() - start, data
 
 
+# Deadlines checked to within 0.5-1.5 s: see `alone` in dev.sh.
+@pytest.mark.alone
 def test_idle_and_slow_connections_are_closed_on_time(server: LiveServer) -> None:
     limit = 10.0  # all deadlines are 2 s or less; before the fix none of these ever closed
     idle = socket.create_connection(_addr(server))
@@ -657,6 +661,8 @@ def _p95(xs: list[float]) -> float:
     return sorted(xs)[max(0, -(-len(xs) * 95 // 100) - 1)]
 
 
+# Latency percentiles, and an attacker process loading a core: see `alone` in dev.sh.
+@pytest.mark.alone
 def test_soak_a_bystander_keeps_its_latency_while_a_tenant_attacks(server: LiveServer) -> None:
     # bob's requests are ordinary chat on a pinned subnet (the same work in every block).
     victim = {

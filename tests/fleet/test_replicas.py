@@ -33,6 +33,10 @@ pytest.importorskip("ray.serve")
 from tests.api.live import MODEL, REPO, error_of, sse_events
 from tests.fleet.live_fleet import Fleet, metric_samples, start_fleet
 
+# Four server processes on two cores, and an autoscaling test that loads every core with 40
+# clients on 60 s timeouts: see `alone` in dev.sh.
+pytestmark = pytest.mark.alone
+
 GOLD_SUBNET = "e2.49b-block"  # offered by both replicas
 ONLY_ON_1 = "e2b"
 TIERS = {
