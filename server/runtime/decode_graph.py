@@ -37,8 +37,6 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-from torch._dynamo.convert_frame import register_bytecode_hook
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list, remove_from_cache
 
 from server.runtime.batch import StaticShape, StepSpec, materialize, plan_step, upload
 from server.runtime.gemma3n import Gemma3nModel
@@ -129,6 +127,10 @@ class DecodeGraphs:
         bucket's inputs have its shapes by construction (the key holds the rows and context
         buckets and the resident widths; `spec` is checked above). With `check_guards`
         (tests), every direct step is still checked against the guards first."""
+        # Dynamo is imported here, not with the module: its import costs ~2 s of every process
+        # start (server, replica, CLI), and a server without `compile: true` never needs it.
+        from torch._dynamo.convert_frame import register_bytecode_hook
+
         compiled = torch.compile(self._step, fullgraph=True, dynamic=False,
                                  backend=self.compiler, mode=self.mode)  # fmt: skip
 
@@ -150,6 +152,8 @@ class DecodeGraphs:
         return first
 
     def _direct(self, code: types.CodeType, spec: StepSpec):
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list, remove_from_cache
+
         [guards] = [e.guard_manager for e in _debug_get_cache_entry_list(_STEP_CODE)
                     if e.code is code]  # fmt: skip
         # Dynamo keeps at most `recompile_limit` (8) graphs per code object and would stop
