@@ -70,7 +70,7 @@ run_tests() {
   fi
   local status=0
   python -m pytest -n "${CONCENTRIC_TEST_WORKERS:-2}" --dist loadfile -m "not alone" || status=$?
-  python -m pytest -m alone || { [ "$status" -ne 0 ] || status=$?; }
+  python -m pytest -m alone || { local rc=$?; [ "$status" -ne 0 ] || status=$rc; }
   return "$status"
 }
 

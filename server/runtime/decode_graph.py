@@ -127,8 +127,9 @@ class DecodeGraphs:
         bucket's inputs have its shapes by construction (the key holds the rows and context
         buckets and the resident widths; `spec` is checked above). With `check_guards`
         (tests), every direct step is still checked against the guards first."""
-        # Dynamo is imported here, not with the module: its import costs ~2 s of every process
-        # start (server, replica, CLI), and a server without `compile: true` never needs it.
+        # Dynamo is imported here, not with the module: its import is a large share of every
+        # process start (server, replica, CLI), and a server without `compile: true` never
+        # needs it.
         from torch._dynamo.convert_frame import register_bytecode_hook
 
         compiled = torch.compile(self._step, fullgraph=True, dynamic=False,
