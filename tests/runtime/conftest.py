@@ -13,10 +13,12 @@ tensor, a wrong width) moves logits by orders of magnitude more.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from server.engine import offline
 from server.engine.assembly import assemble_engine, kv_bytes_for
@@ -121,3 +123,16 @@ def alone(rt: ElasticRuntime, request: GenerationRequest, keep_logits: bool = Fa
     """One request with nothing else in its batch."""
     [result] = generate(rt, [request], keep_logits)
     return result
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it, by op name (`ops`); on an accelerator each is
+    at least one kernel launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 import pytest
 import torch
 from scipy.stats import chi2
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from server.runtime.sampler import Sampler, SamplerState, SamplingError
 from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
 from server.vocabulary.step import SampleResult
+from tests.runtime.conftest import DispatchedOps
 
 V = 32  # text vocabulary
 PLACEHOLDERS = 8  # ids V .. V+7: vision/audio, never sampled
@@ -928,16 +928,6 @@ def test_greedy_rows_consume_no_randomness() -> None:
 # ---- one batched pass ------------------------------------------------------------------------
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 MIX = [
     SamplingParams(temperature=0),
     SamplingParams(top_k=64, top_p=0.95, seed=1),
@@ -966,7 +956,7 @@ def _step_ops(
 
     torch.Tensor.tolist = counted  # type: ignore[method-assign]
     try:
-        with _CountOps() as mode:
+        with DispatchedOps() as mode:
             sampler.sample(logits, states)
     finally:
         torch.Tensor.tolist = tolist  # type: ignore[method-assign]
