@@ -7,10 +7,13 @@ sampler, the `record` its runner made after it (the new one records inside `samp
 sampler is timed twice: eager, and with its passes over whole rows compiled
 (`Sampler(compiled=True)`, what a server with `compile: true` runs: row_passes.py; compiled in
 the warm-up step). Reported: the median of `--repeats` steps in ms (after one warm-up step), and
-old / new; then ops per step at B=1, eager and compiled: the aten ops `sample` calls (an op
-called inside another is not counted again) with each compiled loop counted once, from
-torch.profiler. On an accelerator each is at least one kernel launch (a few microseconds each),
-which at small batches is the step's cost.
+old / new; each combination's cost relative to greedy twice: from those medians, and paired (a
+greedy step and the combination's timed back to back, `--pairs` times, the median of the
+per-pair ratios: on a shared machine whose speed drifts, the paired number is the one to read);
+then ops per step at B=1, eager and compiled: the aten ops `sample` calls (an op called inside
+another is not counted again) with each compiled loop counted once, from torch.profiler. On an
+accelerator each is at least one kernel launch (a few microseconds each), which at small batches
+is the step's cost.
 
 Logits are LM-like: per row, a head of 32 ids at 20 - 2 ln(rank) over a body of N(0, 2^2), at
 random ids (the top token holds ~60% of the mass, the 0.95 nucleus ~12 ids). `top_p alone, flat`
@@ -40,6 +43,7 @@ draw plus the normaliser: (top_k + top_p step + normaliser) / greedy step, print
 compiled (each with its own normaliser), next to what the row measured.
 
     PYTHONPATH=. python benchmarks/bench_sampler.py [--threads 1] [--repeats 7] [--old-repeats 3]
+        [--pairs 15]
 """
 
 from __future__ import annotations
@@ -114,10 +118,9 @@ def prompt(seed: int) -> list[int]:
     return torch.randint(107, TEXT_VOCAB, (512,), generator=g).tolist()
 
 
-def time_new(
-    logits: torch.Tensor, params: SamplingParams, repeats: int, compiled: bool = False
-) -> tuple[float, int]:
-    """The median step in seconds, and the ops of one more step (`count_ops`)."""
+def new_step(logits: torch.Tensor, params: SamplingParams, compiled: bool = False):
+    """A function running one step of a new sampler whose every row has `params` (its own
+    seed), after a warm-up step (buffers, the penalty table, compiling if compiled)."""
     sampler = Sampler(TEXT_VOCAB, EOS, compiled=compiled)
     states = [
         sampler.add_request(dataclasses.replace(params, seed=i), prompt(i))
@@ -126,13 +129,38 @@ def time_new(
     if states[0].tracks_output:
         for t in range(HISTORY):
             sampler.record(states, [(t * 7919 + 13 * i) % TEXT_VOCAB for i in range(len(states))])
-    sampler.sample(logits, states)  # warm-up: buffers, table (and compiling, if compiled)
+    step = partial(sampler.sample, logits, states)
+    step()
+    return step
+
+
+def time_new(
+    logits: torch.Tensor, params: SamplingParams, repeats: int, compiled: bool = False
+) -> tuple[float, int]:
+    """The median step in seconds, and the ops of one more step (`count_ops`)."""
+    step = new_step(logits, params, compiled)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        sampler.sample(logits, states)
+        step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), count_ops(lambda: sampler.sample(logits, states))
+    return statistics.median(times), count_ops(step)
+
+
+def paired_ratio(step, greedy, pairs: int) -> float:
+    """The median over `pairs` of step time / greedy step time, the two timed back to back
+    (in alternating order): a machine's drift between blocks of steps cancels in each pair."""
+    ratios = []
+    for i in range(pairs):
+        order = (greedy, step) if i % 2 == 0 else (step, greedy)
+        spent = []
+        for fn in order:
+            t0 = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t0)
+        g, s = spent if i % 2 == 0 else spent[::-1]
+        ratios.append(s / g)
+    return statistics.median(ratios)
 
 
 def count_ops(fn) -> int:
@@ -196,6 +224,9 @@ def main() -> None:
     ap.add_argument("--old-repeats", type=int, default=3, help="timed steps of the old one")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--skip-old", action="store_true")
+    ap.add_argument(
+        "--pairs", type=int, default=15, help="steps timed back to back with greedy (0: none)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -212,6 +243,7 @@ def main() -> None:
     print(header)
     new_ms: dict[tuple[str, int], float] = {}
     compiled_ms: dict[tuple[str, int], float] = {}
+    paired: dict[bool, dict[tuple[str, int], float]] = {False: {}, True: {}}
     ops: dict[tuple[str, int], tuple[int, int]] = {}
     for name, params in COMBINATIONS.items():
         cells = []
@@ -223,6 +255,11 @@ def main() -> None:
             fused *= 1e3
             new_ms[name, b], compiled_ms[name, b] = new, fused
             ops[name, b] = eager_ops, fused_ops
+            if args.pairs:
+                for compiled in (False, True):
+                    greedy = new_step(logits, COMBINATIONS["greedy"], compiled)
+                    step = new_step(logits, params, compiled)
+                    paired[compiled][name, b] = paired_ratio(step, greedy, args.pairs)
             cell = f"{new:>12.2f}{fused:>10.2f}"
             if old is None:
                 cells.append(f"{cell}{'':>10}{'':>7}")
@@ -270,6 +307,15 @@ def main() -> None:
         for name in COMBINATIONS:
             ratios = "".join(f"{ms[name, b] / ms['greedy', b]:>8.1f}" for b in batches)
             print(f"  {name:<20}{ratios}")
+    if args.pairs:
+        for compiled, label in ((False, "new"), (True, "compiled")):
+            print(
+                f"\n{label}, paired with a greedy step ({args.pairs} pairs, median of the "
+                "per-pair ratios):"
+            )
+            for name in COMBINATIONS:
+                ratios = "".join(f"{paired[compiled][name, b]:>8.1f}" for b in batches)
+                print(f"  {name:<20}{ratios}")
     if 32 in batches:
         gk = new_ms["top_k + top_p", 32]
         print(
@@ -279,6 +325,11 @@ def main() -> None:
         for label, ms in (("new", new_ms), ("compiled", compiled_ms)):
             over = sorted({n for (n, b), v in ms.items() if v > 3 * ms["greedy", b]})
             print(f"{label}: combinations over 3x greedy at any B: {', '.join(over) or 'none'}")
+    for compiled, label in ((False, "new"), (True, "compiled")):
+        if args.pairs:
+            cells = paired[compiled].items()
+            over = sorted(f"{n} (B={b}: {r:.1f}x)" for (n, b), r in cells if r > 3)
+            print(f"{label}, paired: over 3x greedy: {', '.join(over) or 'none'}")
 
 
 if __name__ == "__main__":

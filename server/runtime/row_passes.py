@@ -18,6 +18,10 @@ unbacked (`mark_unbacked`), so one graph serves every batch, a single row includ
 size would be specialised at 1), and every element's arithmetic is the same whatever the batch:
 a row's keys and sums are the same bits alone or among others (tests/runtime/test_sampler.py).
 
+`compiled_per_row` compiles, the same way, a per-row function the sampler hands over (its top-k
+draw: a few dozen small ops on [rows, k] candidates, each a dispatch eager, and on an accelerator
+a kernel launch).
+
 Deliberately does not know: sampling, which rows want logprobs, or what the values mean.
 """
 
@@ -29,6 +33,9 @@ import threading
 import torch
 
 LOG2E = 1.0 / math.log(2.0)
+# Order keys of at most this many elements are formed eagerly: one row's block keys at Gemma's
+# vocabulary (a batch of one).
+EAGER_KEYS = 4096
 _lock = threading.Lock()
 _compiled: dict[str, object] = {}
 
@@ -49,7 +56,11 @@ def order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Te
 
 
 def compiled_order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Tensor:
-    """`order_keys` [R, n] in one compiled loop (ids [n] shared by every row, or [R, n])."""
+    """`order_keys` [R, n] in one compiled loop (ids [n] shared by every row, or [R, n]); up to
+    EAGER_KEYS elements, eager: the same integers, and a compiled call's fixed cost (dynamo's
+    guards, the graph's wrapper) is more than the eager ops on so few."""
+    if values.numel() <= EAGER_KEYS:
+        return order_keys(values, ids, max_id)
     _rows_unbacked(values, *([ids] if ids.dim() == 2 else []))
     return _compile("order_keys", order_keys)(values, ids, max_id)
 
@@ -70,6 +81,24 @@ def compiled_exp2_block_sums(x: torch.Tensor, shift: torch.Tensor, block: int) -
     shifts = shift.view(rows, 1, 1)
     _rows_unbacked(blocks, shifts)
     return _compile("exp2_block_sums", _exp2_sums)(blocks, shifts)
+
+
+def compiled_per_row(name: str, fn):
+    """`fn` compiled once per process (`torch.compile`, one graph), for functions of [rows, ...]
+    tensors whose every result row depends on its own rows alone. Rows are unbacked (one graph
+    for every batch, a single row included, and the same arithmetic for a row whatever rows come
+    with it); the other dimensions are marked dynamic where they can be (a size of 1 is
+    specialised and compiles once more)."""
+
+    def call(*args):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                torch._dynamo.decorators.mark_unbacked(a, 0)
+                for d in range(1, a.dim()):
+                    torch._dynamo.maybe_mark_dynamic(a, d)
+        return _compile(name, fn)(*args)
+
+    return call
 
 
 def _rows_unbacked(*tensors: torch.Tensor) -> None:

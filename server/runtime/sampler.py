@@ -60,7 +60,11 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     accepts with probability >= top_p.
   - With `compiled` (a server with `compile: true`), the int64 order keys of top-k selections
     and the logprobs normaliser's exponentials run as one compiled loop each (row_passes.py)
-    instead of several torch passes; the keys are the same integers, so no draw changes.
+    instead of several torch passes; the keys are the same integers, so no draw changes. The
+    top-k draw (`_top_k_draw`: temperature, top_p, min_p and the race over [rows, k]
+    candidates) runs as one compiled graph instead of ~50 small ops: the same float64
+    arithmetic, whose sums may round in another order (a draw could change only where a top_p
+    threshold or two racers' ratios tie to within that rounding).
   - Randomness is counter-based (counter_random.py): a pure function of (seed, tokens generated so
     far, stream, token or block index), so a seeded request draws the same tokens whatever else is
     in the batch and wherever its row is; unseeded requests get a random seed at registration.
@@ -103,6 +107,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -116,6 +121,7 @@ from server.runtime.row_passes import (
     LOG2E,
     compiled_exp2_block_sums,
     compiled_order_keys,
+    compiled_per_row,
     order_keys,
 )
 from server.runtime.token_bitmask import allocate_bitmask, apply_bitmask_
@@ -192,7 +198,8 @@ class Sampler:
     ) -> None:
         """`grammars` compiles structured-output constraints; without it a request with one
         is refused at `add_request`. `compiled`: order keys and the logprobs normaliser run as
-        one compiled loop each (row_passes.py) rather than several torch passes."""
+        one compiled loop each (row_passes.py) rather than several torch passes, and the top-k
+        draw as one compiled graph."""
         if not 1 <= text_vocab_size <= MAX_INDEX:
             raise ValueError(f"text_vocab_size must be in [1, {MAX_INDEX}], got {text_vocab_size}")
         self.text_vocab_size = text_vocab_size
@@ -205,6 +212,7 @@ class Sampler:
         self.envelope_proposals = envelope_proposals
         self.compiled = compiled
         self.keys = compiled_order_keys if compiled else order_keys
+        self._top_k_draw = compiled_per_row("top_k_draw", _top_k_draw) if compiled else _top_k_draw
         self.table = PenaltyTable(self.device)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -487,15 +495,8 @@ class Sampler:
     def _sample_top_k(self, step: _Step, rows: _Rows, ids, vals) -> torch.Tensor:
         """Rows with top_k: temperature, top_p, min_p and the draw on their top-k candidates
         (`ids`, `vals`: from `_top_candidates`)."""
-        p = rows.pick(step.params)
-        z = _tempered(vals, vals[:, :1], p)
-        keep = torch.arange(ids.shape[1], device=ids.device) < p[:, _TOP_K, None]
-        w = torch.where(keep, torch.exp2(z), 0.0)
-        keep &= _nucleus_keep(w, w.sum(dim=1, keepdim=True), p)
-        keep &= z >= p[:, _LOG2_MIN_P, None]
-        lo, hi = rows.pick(step.lo), rows.pick(step.hi)
-        choice = race(torch.where(keep, w, 0.0), lo, hi, _CANDIDATES, ids)
-        return ids.gather(1, choice[:, None])[:, 0]
+        p, lo, hi = rows.pick(step.params), rows.pick(step.lo), rows.pick(step.hi)
+        return self._top_k_draw(vals, ids, p, lo, hi)
 
     def _propose(self, step: _Step, rows: _Rows, min_p: bool, race_all: bool) -> _Proposals:
         """Exact rejection sampling from the whole tempered distribution of some rows, without
@@ -900,11 +901,14 @@ def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
         on = p.min_p >= _MIN_P_FLOOR
         lmp = math.log2(p.min_p) if on else NEG_INF
         shift = p.temperature * math.log(p.min_p) if on else 0.0
-        rows.append([c, k, p.top_p, lmp, shift])
-    out = torch.tensor(rows, dtype=torch.float64)
-    out[:, _C] = out[:, _C].float().double()
-    out[:, _LOG2_MIN_P] = out[:, _LOG2_MIN_P].float().double()
-    return out
+        rows.append([_float32(c), k, p.top_p, _float32(lmp), shift])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _float32(v: float) -> float:
+    """v rounded to float32 on the host, to nearest as a cast on the device rounds: rounding the
+    tensor's columns instead costs several ops a step."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 @dataclass(frozen=True)
@@ -1037,6 +1041,20 @@ class _Step:
 
 
 # ---- batched building blocks -------------------------------------------------------------------
+
+
+def _top_k_draw(vals, ids, p, lo, hi) -> torch.Tensor:
+    """One token per row from its candidates (ids [R, k] and float32 values, in (logit desc,
+    id asc) order; parameters p [R, 5]; random keys lo, hi [R]): the first top_k of them,
+    tempered, then top_p and min_p, then the race. Fixed shapes and no host decisions, so a
+    compiled sampler runs it as one graph (`compiled_per_row`)."""
+    z = _tempered(vals, vals[:, :1], p)
+    keep = torch.arange(ids.shape[1], device=ids.device) < p[:, _TOP_K, None]
+    w = torch.where(keep, torch.exp2(z), 0.0)
+    keep &= _nucleus_keep(w, w.sum(dim=1, keepdim=True), p)
+    keep &= z >= p[:, _LOG2_MIN_P, None]
+    choice = race(torch.where(keep, w, 0.0), lo, hi, _CANDIDATES, ids)
+    return ids.gather(1, choice[:, None])[:, 0]
 
 
 def _tempered(vals: torch.Tensor, top: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -677,6 +677,47 @@ def test_the_compiled_row_passes_are_one_graph_and_a_rows_own() -> None:
     torch.testing.assert_close(sums.double(), exact, rtol=1e-5, atol=0)
 
 
+def test_the_compiled_top_k_draw_is_one_graph_and_a_rows_own() -> None:
+    # A compiled sampler draws top_k rows through one graph (compiled_per_row): the same tokens
+    # as the eager draw, one graph for every number of rows and of candidates (the candidates'
+    # count is the batch's largest top_k), and a row's token the same whatever rows come with it.
+    from torch._dynamo.utils import counters
+
+    from server.runtime.row_passes import compiled_per_row
+    from server.runtime.sampler import _row_params, _top_k_draw
+
+    draw = compiled_per_row("top_k_draw", _top_k_draw)
+    sampler = Sampler(4096)
+    params = [
+        SamplingParams(top_k=64, top_p=0.95),
+        SamplingParams(top_k=5, temperature=1.7),
+        SamplingParams(top_k=40, top_p=0.5, temperature=0.3),
+        SamplingParams(top_k=64, min_p=0.2),
+        SamplingParams(top_k=2),
+        SamplingParams(top_k=30, top_p=0.9, min_p=0.01, temperature=2.5),
+        SamplingParams(top_k=64, top_p=0.99),
+        SamplingParams(top_k=3, temperature=0.05),
+    ]
+    p = _row_params([sampler.add_request(q) for q in params], 4096)
+    g = torch.Generator().manual_seed(12)
+    graphs = None
+    for k in (64, 40, 9):
+        vals = torch.sort(torch.randn(8, k, generator=g) * 3, dim=1, descending=True).values
+        ids = torch.randperm(4096, generator=g)[: 8 * k].view(8, k)
+        for step in range(3):
+            lo = torch.randint(0, 2**32, (8,), generator=g)
+            hi = torch.randint(0, 2**32, (8,), generator=g)
+            tokens = draw(vals, ids, p.clone(), lo, hi)
+            assert torch.equal(tokens, _top_k_draw(vals, ids, p, lo, hi)), (k, step)
+            for lo_row, hi_row in [(0, 1), (3, 8), (2, 5), (7, 8)]:
+                part = slice(lo_row, hi_row)
+                alone = draw(vals[part], ids[part], p[part], lo[part], hi[part])
+                assert torch.equal(alone, tokens[part]), (k, step, part)
+        if graphs is None:  # the first count compiles; the others reuse its graph
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 @pytest.mark.parametrize(
     "params",
     [
