@@ -20,7 +20,8 @@ a row's keys and sums are the same bits alone or among others (tests/runtime/tes
 
 `compiled_per_row` compiles, the same way, a per-row function the sampler hands over (its top-k
 draw: a few dozen small ops on [rows, k] candidates, each a dispatch eager, and on an accelerator
-a kernel launch).
+a kernel launch). Once compiled for a kind of input, each runs the code dynamo made for it
+without dynamo's per-call guard checks (`_Compiled`).
 
 Deliberately does not know: sampling, which rows want logprobs, or what the values mean.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
+import types
 
 import torch
 
@@ -37,7 +39,7 @@ LOG2E = 1.0 / math.log(2.0)
 # vocabulary (a batch of one).
 EAGER_KEYS = 4096
 _lock = threading.Lock()
-_compiled: dict[str, object] = {}
+_compiled: dict[str, _Compiled] = {}
 
 
 def order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Tensor:
@@ -57,12 +59,13 @@ def order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Te
 
 def compiled_order_keys(values: torch.Tensor, ids: torch.Tensor, max_id: int) -> torch.Tensor:
     """`order_keys` [R, n] in one compiled loop (ids [n] shared by every row, or [R, n]); up to
-    EAGER_KEYS elements, eager: the same integers, and a compiled call's fixed cost (dynamo's
-    guards, the graph's wrapper) is more than the eager ops on so few."""
+    EAGER_KEYS elements, eager: the same integers, and a compiled call's fixed cost is more than
+    the eager ops on so few."""
     if values.numel() <= EAGER_KEYS:
         return order_keys(values, ids, max_id)
-    _rows_unbacked(values, *([ids] if ids.dim() == 2 else []))
-    return _compile("order_keys", order_keys)(values, ids, max_id)
+    return _compile("order_keys", order_keys, unbacked=(0, 1) if ids.dim() == 2 else (0,))(
+        values, ids, max_id
+    )
 
 
 def _exp2_sums(blocks: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -79,8 +82,7 @@ def compiled_exp2_block_sums(x: torch.Tensor, shift: torch.Tensor, block: int) -
     # graph for the same rows.
     blocks = x.as_strided((rows, width // block, block), (x.stride(0), block, 1))
     shifts = shift.view(rows, 1, 1)
-    _rows_unbacked(blocks, shifts)
-    return _compile("exp2_block_sums", _exp2_sums)(blocks, shifts)
+    return _compile("exp2_block_sums", _exp2_sums, unbacked=(0, 1))(blocks, shifts)
 
 
 def compiled_per_row(name: str, fn):
@@ -91,24 +93,106 @@ def compiled_per_row(name: str, fn):
     specialised and compiles once more)."""
 
     def call(*args):
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                torch._dynamo.decorators.mark_unbacked(a, 0)
-                for d in range(1, a.dim()):
-                    torch._dynamo.maybe_mark_dynamic(a, d)
-        return _compile(name, fn)(*args)
+        return _compile(name, fn, dynamic_columns=True)(*args)
 
     return call
 
 
-def _rows_unbacked(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        torch._dynamo.decorators.mark_unbacked(t, 0)
+class _Compiled:
+    """`fn` through torch.compile, called directly once compiled for a kind of input.
+
+    Dynamo checks its guards (dtypes, ranks, strides, sizes it assumed, global state) on every
+    call, which on a CPU costs more than these passes' own work at small batches. So after the
+    first call for a kind of input (`_kind`: everything those guards test, the sizes of dynamic
+    dimensions aside), the code dynamo made for it runs directly, as decode_graph.py does for
+    the decode step. With `check_guards` (tests), each direct call is checked against the
+    guards first and fails if they would have failed.
+
+    `unbacked`: the positional arguments whose rows (dimension 0) are unbacked;
+    `dynamic_columns`: every other dimension of every tensor argument is dynamic where it can
+    be."""
+
+    check_guards = False
+
+    def __init__(self, fn, unbacked: tuple[int, ...], dynamic_columns: bool) -> None:
+        self.fn = fn
+        self.compiled = torch.compile(fn, fullgraph=True)
+        self.unbacked = unbacked
+        self.dynamic_columns = dynamic_columns
+        self.params = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+        self.direct: dict[tuple, tuple] = {}
+
+    def __call__(self, *args):
+        kind = _kind(args, self.dynamic_columns)
+        made = self.direct.get(kind)
+        if made is None:
+            return self._first(kind, args)
+        run, guards = made
+        if self.check_guards:
+            frame = dict(zip(self.params, args, strict=True))
+            if not guards.check(frame):
+                why = guards.check_verbose(frame).verbose_code_parts
+                raise RuntimeError(f"{self.fn.__name__}: a direct call fails its guards: {why}")
+        return run(*args)
+
+    def _first(self, kind: tuple, args: tuple):
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                if i in self.unbacked or self.dynamic_columns:
+                    torch._dynamo.decorators.mark_unbacked(a, 0)
+                if self.dynamic_columns:
+                    for d in range(1, a.dim()):
+                        torch._dynamo.maybe_mark_dynamic(a, d)
+        with _lock:
+            out = self.compiled(*args)
+            frame = dict(zip(self.params, args, strict=True))
+            for entry in _debug_get_cache_entry_list(self.fn.__code__):
+                if entry.guard_manager.check(frame):
+                    run = types.FunctionType(entry.code, self.fn.__globals__)
+                    self.direct[kind] = (run, entry.guard_manager)
+                    break
+        return out
 
 
-def _compile(name: str, fn):
+def _kind(args: tuple, dynamic_columns: bool) -> tuple:
+    """What dynamo's guards on these arguments test, but for the rows (unbacked: never
+    guarded): for a tensor its dtype, device, grad, inference flag, rank, other sizes and
+    strides (with `dynamic_columns`, a packed tensor's other sizes only as 0, 1 or more, all
+    that the guards of a dynamic size test); the value of anything else; the grad and inference
+    modes. A kind that missed something would fail `check_guards` in the tests."""
+    kind: list = [torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if not _packed(a):
+                layout: tuple = (tuple(a.shape[1:]), a.stride())
+            elif dynamic_columns:
+                layout = tuple(min(n, 2) for n in a.shape[1:])
+            else:
+                layout = tuple(a.shape[1:])
+            kind.append((a.dtype, a.device, a.requires_grad, a.is_inference(), a.dim(), layout))
+        else:
+            kind.append((type(a), a))
+    return tuple(kind)
+
+
+def _packed(t: torch.Tensor) -> bool:
+    """Row-major with no gaps, size-1 dimensions included (`is_contiguous` ignores their strides,
+    which a graph compiled for another such tensor may use)."""
+    expected = 1
+    for n, stride in zip(reversed(t.shape), reversed(t.stride()), strict=True):
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _compile(
+    name: str, fn, unbacked: tuple[int, ...] = (), dynamic_columns: bool = False
+) -> _Compiled:
     """One compiled function per pass and process, made on first use."""
     with _lock:
         if name not in _compiled:
-            _compiled[name] = torch.compile(fn, fullgraph=True)
+            _compiled[name] = _Compiled(fn, unbacked, dynamic_columns)
         return _compiled[name]

@@ -17,6 +17,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+from server.runtime.row_passes import _Compiled
 from server.runtime.sampler import Sampler, SamplerState, SamplingError
 from server.vocabulary.sampling_params import SamplingParams, SamplingParamsError
 from server.vocabulary.step import SampleResult
@@ -32,6 +33,14 @@ REJECTING = Sampler(V, eos_ids=[EOS], nucleus_candidates=2)
 # Chi-square tests accept at p > 0.001: with fixed seeds a correct sampler passes always, and
 # `test_the_frequency_test_has_power` shows a 10% error in temperature is rejected.
 ALPHA = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _compiled_calls_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A compiled pass runs dynamo's code directly once compiled for a kind of input
+    # (row_passes._Compiled); here every such call is first checked against dynamo's guards, and
+    # one that would have failed them fails the test.
+    monkeypatch.setattr(_Compiled, "check_guards", True)
 
 
 def state(prompt: Sequence[int] = (), eos: Sequence[int] | None = None, sampler=SAMPLER, **p):
@@ -716,6 +725,30 @@ def test_the_compiled_top_k_draw_is_one_graph_and_a_rows_own() -> None:
         if graphs is None:  # the first count compiles; the others reuse its graph
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_compiled_pass_runs_dynamos_code_directly_once_compiled_for_a_kind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After the first call for a kind of input, a compiled pass (row_passes._Compiled) runs the
+    # code dynamo made without dynamo, whatever the number of rows (unbacked); a new kind (here
+    # float64 values) goes through dynamo again. Every direct call here is also checked against
+    # dynamo's guards (the autouse fixture above).
+    from server.runtime.row_passes import compiled_order_keys
+
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 4096, generator=g)
+    ids = torch.arange(4096)
+    first = compiled_order_keys(x, ids, 4095)  # compiled for this kind, or already
+
+    def refused(self, kind, args):
+        raise AssertionError("went through dynamo")
+
+    monkeypatch.setattr(_Compiled, "_first", refused)
+    for rows in (2, 5, 6):
+        assert torch.equal(compiled_order_keys(x[:rows], ids, 4095), first[:rows])
+    with pytest.raises(AssertionError, match="through dynamo"):
+        compiled_order_keys(x[:3].double(), ids, 4095)
 
 
 @pytest.mark.parametrize(
