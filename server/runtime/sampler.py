@@ -62,7 +62,7 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     and the logprobs normaliser's exponentials run as one compiled loop each (row_passes.py)
     instead of several torch passes; the keys are the same integers, so no draw changes. The
     top-k draw (`_top_k_draw`: temperature, top_p, min_p and the race over [rows, k]
-    candidates) runs as one compiled graph instead of ~50 small ops: the same float64
+    candidates) runs as one compiled graph instead of dozens of small ops: the same float64
     arithmetic, whose sums may round in another order (a draw could change only where a top_p
     threshold or two racers' ratios tie to within that rounding).
   - Randomness is counter-based (counter_random.py): a pure function of (seed, tokens generated so
