@@ -85,17 +85,13 @@ def compiled_exp2_block_sums(x: torch.Tensor, shift: torch.Tensor, block: int) -
     return _compile("exp2_block_sums", _exp2_sums, unbacked=(0, 1))(blocks, shifts)
 
 
-def compiled_per_row(name: str, fn):
+def compiled_per_row(name: str, fn) -> _Compiled:
     """`fn` compiled once per process (`torch.compile`, one graph), for functions of [rows, ...]
     tensors whose every result row depends on its own rows alone. Rows are unbacked (one graph
     for every batch, a single row included, and the same arithmetic for a row whatever rows come
     with it); the other dimensions are marked dynamic where they can be (a size of 1 is
     specialised and compiles once more)."""
-
-    def call(*args):
-        return _compile(name, fn, dynamic_columns=True)(*args)
-
-    return call
+    return _compile(name, fn, dynamic_columns=True)
 
 
 class _Compiled:
