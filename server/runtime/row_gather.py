@@ -56,10 +56,11 @@ def gather_blocks(
     contiguous copy: indexing a [B, V / size, size] view (aten::index, with its per-element
     offsets) costs more there from about 8 rows up, several times more from 32, and a
     per-element gather more still. Elsewhere that indexing is one kernel launch, where the
-    table takes three."""
-    per, offset = divmod(x.stride(0), size)
+    table takes three; and in a compiled graph it is a loop of loads like any other."""
     nb = x.shape[1] // size
-    if x.device.type != "cpu" or offset or per < nb:  # (per < nb: overlapping rows, expanded)
+    compiled = torch.compiler.is_compiling()
+    per, offset = (0, 0) if compiled else divmod(x.stride(0), size)
+    if compiled or x.device.type != "cpu" or offset or per < nb:  # (per < nb: overlapping rows)
         view = x.as_strided((x.shape[0], nb, size), (x.stride(0), size, 1))
         if rows is None:
             rows = torch.arange(x.shape[0], device=x.device)

@@ -85,13 +85,15 @@ def compiled_exp2_block_sums(x: torch.Tensor, shift: torch.Tensor, block: int) -
     return _compile("exp2_block_sums", _exp2_sums, unbacked=(0, 1))(blocks, shifts)
 
 
-def compiled_per_row(name: str, fn) -> _Compiled:
+def compiled_per_row(name: str, fn, dynamic_columns: bool = True) -> _Compiled:
     """`fn` compiled once per process (`torch.compile`, one graph), for functions of [rows, ...]
     tensors whose every result row depends on its own rows alone. Rows are unbacked (one graph
     for every batch, a single row included, and the same arithmetic for a row whatever rows come
-    with it); the other dimensions are marked dynamic where they can be (a size of 1 is
-    specialised and compiles once more)."""
-    return _compile(name, fn, dynamic_columns=True)
+    with it). With `dynamic_columns` the other dimensions are marked dynamic where they can be
+    (a size of 1 is specialised and compiles once more); without, each of their sizes compiles
+    its own graph (for a function whose sizes are all its caller's constants)."""
+    every = tuple(range(fn.__code__.co_argcount))
+    return _compile(name, fn, unbacked=every, dynamic_columns=dynamic_columns)
 
 
 class _Compiled:

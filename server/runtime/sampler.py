@@ -62,9 +62,11 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     and the logprobs normaliser's exponentials run as one compiled loop each (row_passes.py)
     instead of several torch passes; the keys are the same integers, so no draw changes. The
     top-k draw (`_top_k_draw`: temperature, top_p, min_p and the race over [rows, k]
-    candidates) runs as one compiled graph instead of dozens of small ops: the same float64
-    arithmetic, whose sums may round in another order (a draw could change only where a top_p
-    threshold or two racers' ratios tie to within that rounding).
+    candidates) and the envelope draws of the other rows (`_envelope_draw`,
+    `_nucleus_envelope_draw`) run as one compiled graph each instead of dozens of small ops
+    (on an accelerator, kernel launches): the same arithmetic, whose sums may round in another
+    order (a draw could change only where a top_p threshold, an acceptance test or two racers'
+    ratios tie to within that rounding).
   - Randomness is counter-based (counter_random.py): a pure function of (seed, tokens generated so
     far, stream, token or block index), so a seeded request draws the same tokens whatever else is
     in the batch and wherever its row is; unseeded requests get a random seed at registration.
@@ -110,6 +112,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -199,7 +202,7 @@ class Sampler:
         """`grammars` compiles structured-output constraints; without it a request with one
         is refused at `add_request`. `compiled`: order keys and the logprobs normaliser run as
         one compiled loop each (row_passes.py) rather than several torch passes, and the top-k
-        draw as one compiled graph."""
+        and envelope draws as one compiled graph each."""
         if not 1 <= text_vocab_size <= MAX_INDEX:
             raise ValueError(f"text_vocab_size must be in [1, {MAX_INDEX}], got {text_vocab_size}")
         self.text_vocab_size = text_vocab_size
@@ -213,6 +216,16 @@ class Sampler:
         self.compiled = compiled
         self.keys = compiled_order_keys if compiled else order_keys
         self._top_k_draw = compiled_per_row("top_k_draw", _top_k_draw) if compiled else _top_k_draw
+        self._envelope_draw = (
+            compiled_per_row("envelope_draw", _envelope_draw, dynamic_columns=False)
+            if compiled
+            else _envelope_draw
+        )
+        self._nucleus_envelope_draw = (
+            compiled_per_row("nucleus_envelope_draw", _nucleus_envelope_draw, dynamic_columns=False)
+            if compiled
+            else _nucleus_envelope_draw
+        )
         self.table = PenaltyTable(self.device)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -498,133 +511,31 @@ class Sampler:
         p, lo, hi = rows.pick(step.params), rows.pick(step.lo), rows.pick(step.hi)
         return self._top_k_draw(vals, ids, p, lo, hi)
 
-    def _propose(self, step: _Step, rows: _Rows, min_p: bool, race_all: bool) -> _Proposals:
-        """Exact rejection sampling from the whole tempered distribution of some rows, without
-        weighing the vocabulary: proposals under an envelope read off the block maxima. The
-        envelope gives each of the row's `envelope_blocks` blocks with the highest maxima its
-        exact mass (their tokens are gathered and weighed: for an LM's distribution they hold
-        nearly all of it) and every other block a bound, block size x the weight of its maximum
-        (no token of it weighs more), inflated by 2^-10 so that float rounding of the token
-        weights never exceeds it. Each of `envelope_proposals` proposals picks a block in
-        proportion to its envelope, in two stages so that no CDF spans the blocks (a slot among
-        the exact blocks and groups of 64 bounded blocks, then a block of the group), weighs
-        that block's tokens, and is accepted with probability mass / bound (always, for an exact
-        block); an accepted proposal's block then races its tokens by weight. Accepted proposals
-        are independent exact draws whatever the envelope, so a loose one costs only rows where
-        no proposal is accepted, which the caller draws again on the exact whole-vocabulary path.
-
-        min_p (when `min_p`, for rows that have it) keeps a token when x - (max + T ln min_p) >=
-        -tiny, the test `_sample_whole` makes, so both paths keep the same tokens; a block whose
-        maximum fails it weighs 0. `race_all`: race the tokens of every proposal's block (else
-        only the first accepted one's)."""
-        x, bs, dev = step.x, self.block, step.x.device
-        bm = rows.pick(step.bm).float()
-        R, nb = bm.shape
-        p = rows.pick(step.params)
-        c = p[:, _C, None].float()
-        m = bm.amax(dim=1, keepdim=True)
-        if min_p:  # the threshold; -inf for rows without min_p (x - (-inf) is +inf)
-            floor = torch.where(
-                p[:, _LOG2_MIN_P, None] > NEG_INF, m + p[:, _MIN_P_SHIFT, None].float(), NEG_INF
-            )
-        tiny = -torch.finfo(torch.float32).tiny
-
-        def weigh(values: torch.Tensor) -> torch.Tensor:
-            """Token (or block-maximum) weights exp2((x - max) log2(e) / T), 0 below min_p."""
-            values = values.float()
-            w = torch.exp2((values - m) * c)
-            return torch.where((values - floor) >= tiny, w, 0.0) if min_p else w
-
-        # The exact part: the K blocks with the highest maxima, ties to the lower block (int64
-        # keys), so which blocks are exact never depends on the batch.
-        K = min(self.envelope_blocks, nb)
-        top = self.keys(bm, torch.arange(nb, device=dev), nb - 1).topk(K, dim=1).indices
-        fan = torch.arange(bs, device=dev)
-        exact_ids = (top[:, :, None] * bs + fan).flatten(1)
-        exact_x = gather_blocks(x, rows.gather_index, top, bs).flatten(1).float()
-        exact = weigh(exact_x)
-        exact_mass = exact.view(R, K, bs).sum(dim=2)
-        bound = weigh(bm).mul_(bs * (1.0 + 2.0**-10)).scatter_(1, top, 0.0)
-        groups = torch.nn.functional.pad(bound, (0, -nb % _FAN_OUT)).view(R, -1, _FAN_OUT)
-        G = groups.shape[1]
-        group_bound = groups.sum(dim=2)
-        slots = torch.cat([exact_mass, group_bound], dim=1).double()
-        # Random numbers, one hash call: per proposal a slot's u, a block's u and the
-        # acceptance v; then the token races' exponentials (by position within the block).
-        n = self.envelope_proposals
-        lo, hi = rows.pick(step.lo), rows.pick(step.hi)
-        count = 3 * n + bs * (n if race_all else 1)
-        h = hash32(lo, hi, _ENVELOPE, torch.arange(count, device=dev).expand(R, -1))
-        u = (h.double() + 0.5) * 2.0**-32
-        cdf = slots.cumsum(dim=1)
-        slot = torch.searchsorted(cdf, u[:, :n] * cdf[:, -1:], right=True).clamp_(max=K + G - 1)
-        group = (slot - K).clamp_(min=0)
-        within = groups.gather(1, group[:, :, None].expand(R, n, _FAN_OUT)).double().cumsum(dim=2)
-        target = (u[:, n : 2 * n] * within[:, :, -1])[:, :, None]
-        member = torch.searchsorted(within, target, right=True)[:, :, 0].clamp_(max=_FAN_OUT - 1)
-        is_exact = slot < K
-        block = torch.where(
-            is_exact, top.gather(1, slot.clamp(max=K - 1)), (group * _FAN_OUT + member)
-        ).clamp_(max=nb - 1)
-        w = weigh(gather_blocks(x, rows.gather_index, block, bs).flatten(1)).view(R, n, bs)
-        accept = is_exact | (u[:, 2 * n : 3 * n] * bound.gather(1, block) < w.sum(dim=2))
-        exponentials = -torch.log(u[:, 3 * n :]).view(R, -1, bs)
-        if race_all:
-            token = block * bs + (w.double() / exponentials).argmax(dim=2)
-        else:
-            first = accept.to(torch.uint8).argmax(dim=1)
-            chosen = w.gather(1, first[:, None, None].expand(R, 1, bs)).double()
-            j = (chosen / exponentials).argmax(dim=2)
-            token = block.gather(1, first[:, None]) * bs + j
-        total_low = exact_mass.double().sum(dim=1)
-        total_high = total_low + group_bound.double().sum(dim=1)
-        return _Proposals(token, accept, exact_ids, exact_x, exact, m, total_low, total_high)
-
     def _sample_envelope(
         self, step: _Step, rows: _Rows, min_p: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows with neither top_k nor top_p: the first accepted proposal's token (see
         `_propose`), and which rows got none (to draw again)."""
-        proposals = self._propose(step, rows, min_p, race_all=False)
-        return proposals.token[:, 0], ~proposals.accept.any(dim=1)
+        # A compiled draw always makes min_p's test (a row without min_p has the threshold
+        # -inf, which every token passes), so that one graph serves every batch.
+        return self._envelope_draw(*self._envelope_inputs(step, rows), min_p or self.compiled)
 
     def _sample_nucleus_envelope(self, step: _Step, rows: _Rows) -> _NucleusDraw:
-        """top_p rows without top_k, without weighing the vocabulary when the envelope settles
-        them. Their draw is rejection sampling too: a proposal j from the tempered distribution
-        (`_propose`, before min_p) is accepted when j passes min_p and the mass strictly before
-        it (logit desc, id asc) is below top_p of the total. The total is known only within
-        bounds (the exact part below, plus the envelope's bounds above); the mass before j is
-        exact when j is one of the top `nucleus_candidates` tokens (all in the exact part), and
-        at least their mass otherwise. So each proposal is surely in, surely out, or ambiguous.
-        The first proposal that is not surely out ends the row's loop: surely in, it is the
-        token; ambiguous, the row is decided exactly after the read-back (`_resolve_nucleus`:
-        the exact total, j accepted or not, and if not an exact draw, which is what the rest
-        of the loop would give). Rows whose proposals all fail go there too, without a j."""
-        P = self._propose(step, rows, min_p=False, race_all=True)
-        p = rows.pick(step.params)
-        V = self.text_vocab_size
-        nc = min(self.nucleus_candidates, P.exact_ids.shape[1])
-        pos = self.keys(P.exact_x, P.exact_ids, V - 1).topk(nc, dim=1).indices
-        cand = P.exact_ids.gather(1, pos)
-        cw = P.exact_w.gather(1, pos).double()
-        before_cand = torch.cumsum(cw, dim=1) - cw
-        match = cand[:, None, :] == P.token[:, :, None]  # [R, n, nc]
-        known = match.any(dim=2)
-        at = match.to(torch.uint8).argmax(dim=2)
-        before = torch.where(known, before_cand.gather(1, at), cw.sum(dim=1, keepdim=True))
-        top_p = p[:, _TOP_P, None]
-        surely_in = known & (before < top_p * P.total_low[:, None])
-        surely_out = before >= top_p * P.total_high[:, None]
-        xj = gather_rows(step.x, rows.gather_index, P.token).float()
-        passes_min_p = (xj - P.m) * p[:, _C, None].float() >= p[:, _LOG2_MIN_P, None].float()
-        ends = P.accept & passes_min_p & ~surely_out
-        first = ends.to(torch.uint8).argmax(dim=1)[:, None]
-        has_j = ends.any(dim=1)
-        done = has_j & surely_in.gather(1, first)[:, 0]
-        token = P.token.gather(1, first)[:, 0]
-        return _NucleusDraw(
-            token, ~done, has_j & ~done, known.gather(1, first)[:, 0], before.gather(1, first)[:, 0]
-        )
+        """top_p rows without top_k, drawn without weighing the vocabulary when the envelope
+        settles them (`_nucleus_envelope_draw`)."""
+        nc = min(self.nucleus_candidates, self._envelope_blocks() * self.block)
+        out = self._nucleus_envelope_draw(*self._envelope_inputs(step, rows), nc)
+        return _NucleusDraw(*out)
+
+    def _envelope_blocks(self) -> int:
+        return min(self.envelope_blocks, self.text_vocab_size // self.block)
+
+    def _envelope_inputs(self, step: _Step, rows: _Rows) -> tuple:
+        """The envelope draws' common arguments. Compiled, the rows are always an index (one
+        graph whether or not they are every row)."""
+        index = rows.index if self.compiled else rows.gather_index
+        sizes = (self._envelope_blocks(), self.envelope_proposals, self.block)
+        return (step.x, step.bm, index, step.params, step.lo, step.hi, *sizes)
 
     def _resolve_nucleus(
         self, step: _Step, at: list[int], draw: _NucleusDraw, count: list[int], tokens
@@ -911,9 +822,8 @@ def _float32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
-@dataclass(frozen=True)
-class _Proposals:
-    """Envelope proposals for some rows (`Sampler._propose`): R rows, n proposals each."""
+class _Proposals(NamedTuple):
+    """Envelope proposals for some rows (`_propose`): R rows, n proposals each."""
 
     token: torch.Tensor  # [R, n] (race_all) or [R, 1] (the first accepted proposal's)
     accept: torch.Tensor  # [R, n] accepted by the envelope
@@ -1055,6 +965,140 @@ def _top_k_draw(vals, ids, p, lo, hi) -> torch.Tensor:
     keep &= z >= p[:, _LOG2_MIN_P, None]
     choice = race(torch.where(keep, w, 0.0), lo, hi, _CANDIDATES, ids)
     return ids.gather(1, choice[:, None])[:, 0]
+
+
+def _propose(x, bm, rows, params, lo, hi, K, n, bs, min_p, race_all) -> _Proposals:
+    """Exact rejection sampling from the whole tempered distribution of some rows, without
+    weighing the vocabulary: proposals under an envelope read off the block maxima. The
+    envelope gives each of the row's `envelope_blocks` blocks with the highest maxima its
+    exact mass (their tokens are gathered and weighed: for an LM's distribution they hold
+    nearly all of it) and every other block a bound, block size x the weight of its maximum
+    (no token of it weighs more), inflated by 2^-10 so that float rounding of the token
+    weights never exceeds it. Each of `envelope_proposals` proposals picks a block in
+    proportion to its envelope, in two stages so that no CDF spans the blocks (a slot among
+    the exact blocks and groups of 64 bounded blocks, then a block of the group), weighs
+    that block's tokens, and is accepted with probability mass / bound (always, for an exact
+    block); an accepted proposal's block then races its tokens by weight. Accepted proposals
+    are independent exact draws whatever the envelope, so a loose one costs only rows where
+    no proposal is accepted, which the caller draws again on the exact whole-vocabulary path.
+
+    min_p (when `min_p`, for rows that have it) keeps a token when x - (max + T ln min_p) >=
+    -tiny, the test `_sample_whole` makes, so both paths keep the same tokens; a block whose
+    maximum fails it weighs 0. `race_all`: race the tokens of every proposal's block (else
+    only the first accepted one's).
+
+    x [B, V] the processed logits and bm [B, V / bs] their block maxima, params [B, 5], lo,
+    hi [B] the random keys; `rows` [R] the rows drawn (None: every row, in order); K blocks
+    exact (at most V / bs), n proposals, blocks of bs ids. Sizes are ints, so that this runs
+    as one graph (`compiled_per_row`)."""
+    dev = x.device
+    if rows is not None:
+        bm, params, lo, hi = (t.index_select(0, rows) for t in (bm, params, lo, hi))
+    bm = bm.float()
+    R, nb = bm.shape[0], x.shape[1] // bs
+    p = params
+    c = p[:, _C, None].float()
+    m = bm.amax(dim=1, keepdim=True)
+    if min_p:  # the threshold; -inf for rows without min_p (x - (-inf) is +inf)
+        floor = torch.where(
+            p[:, _LOG2_MIN_P, None] > NEG_INF, m + p[:, _MIN_P_SHIFT, None].float(), NEG_INF
+        )
+    tiny = -torch.finfo(torch.float32).tiny
+
+    def weigh(values: torch.Tensor) -> torch.Tensor:
+        """Token (or block-maximum) weights exp2((x - max) log2(e) / T), 0 below min_p."""
+        values = values.float()
+        w = torch.exp2((values - m) * c)
+        return torch.where((values - floor) >= tiny, w, 0.0) if min_p else w
+
+    # The exact part: the K blocks with the highest maxima, ties to the lower block (int64
+    # keys), so which blocks are exact never depends on the batch.
+    top = order_keys(bm, torch.arange(nb, device=dev), nb - 1).topk(K, dim=1).indices
+    fan = torch.arange(bs, device=dev)
+    exact_ids = (top[:, :, None] * bs + fan).flatten(1)
+    exact_x = gather_blocks(x, rows, top, bs).flatten(1).float()
+    exact = weigh(exact_x)
+    exact_mass = exact.view(R, K, bs).sum(dim=2)
+    bound = weigh(bm).mul_(bs * (1.0 + 2.0**-10)).scatter_(1, top, 0.0)
+    G = -(-nb // _FAN_OUT)
+    groups = torch.nn.functional.pad(bound, (0, G * _FAN_OUT - nb)).view(R, G, _FAN_OUT)
+    group_bound = groups.sum(dim=2)
+    slots = torch.cat([exact_mass, group_bound], dim=1).double()
+    # Random numbers, one hash call: per proposal a slot's u, a block's u and the
+    # acceptance v; then the token races' exponentials (by position within the block).
+    count = 3 * n + bs * (n if race_all else 1)
+    h = hash32(lo, hi, _ENVELOPE, torch.arange(count, device=dev).expand(R, -1))
+    u = (h.double() + 0.5) * 2.0**-32
+    cdf = slots.cumsum(dim=1)
+    slot = torch.searchsorted(cdf, u[:, :n] * cdf[:, -1:], right=True).clamp_(max=K + G - 1)
+    group = (slot - K).clamp_(min=0)
+    within = groups.gather(1, group[:, :, None].expand(R, n, _FAN_OUT)).double().cumsum(dim=2)
+    target = (u[:, n : 2 * n] * within[:, :, -1])[:, :, None]
+    member = torch.searchsorted(within, target, right=True)[:, :, 0].clamp_(max=_FAN_OUT - 1)
+    is_exact = slot < K
+    block = torch.where(
+        is_exact, top.gather(1, slot.clamp(max=K - 1)), (group * _FAN_OUT + member)
+    ).clamp_(max=nb - 1)
+    w = weigh(gather_blocks(x, rows, block, bs).flatten(1)).view(R, n, bs)
+    accept = is_exact | (u[:, 2 * n : 3 * n] * bound.gather(1, block) < w.sum(dim=2))
+    exponentials = -torch.log(u[:, 3 * n :]).view(R, -1, bs)
+    if race_all:
+        token = block * bs + (w.double() / exponentials).argmax(dim=2)
+    else:
+        first = accept.to(torch.uint8).argmax(dim=1)
+        chosen = w.gather(1, first[:, None, None].expand(R, 1, bs)).double()
+        j = (chosen / exponentials).argmax(dim=2)
+        token = block.gather(1, first[:, None]) * bs + j
+    total_low = exact_mass.double().sum(dim=1)
+    total_high = total_low + group_bound.double().sum(dim=1)
+    return _Proposals(token, accept, exact_ids, exact_x, exact, m, total_low, total_high)
+
+
+def _envelope_draw(x, bm, rows, params, lo, hi, K, n, bs, min_p):
+    """Rows with neither top_k nor top_p: [R] the first accepted proposal's token (see
+    `_propose`), [R] bool: the rows that got none (to draw again). Arguments as `_propose`'s.
+    """
+    P = _propose(x, bm, rows, params, lo, hi, K, n, bs, min_p, race_all=False)
+    return P.token[:, 0], ~P.accept.any(dim=1)
+
+
+def _nucleus_envelope_draw(x, bm, rows, params, lo, hi, K, n, bs, nc):
+    """top_p rows without top_k, without weighing the vocabulary when the envelope settles
+    them. Their draw is rejection sampling too: a proposal j from the tempered distribution
+    (`_propose`, before min_p) is accepted when j passes min_p and the mass strictly before
+    it (logit desc, id asc) is below top_p of the total. The total is known only within
+    bounds (the exact part below, plus the envelope's bounds above); the mass before j is
+    exact when j is one of the top `nucleus_candidates` tokens (all in the exact part), and
+    at least their mass otherwise. So each proposal is surely in, surely out, or ambiguous.
+    The first proposal that is not surely out ends the row's loop: surely in, it is the
+    token; ambiguous, the row is decided exactly after the read-back (`_resolve_nucleus`:
+    the exact total, j accepted or not, and if not an exact draw, which is what the rest
+    of the loop would give). Rows whose proposals all fail go there too, without a j.
+
+    Arguments as `_propose`'s, and nc candidates (at most K * bs). Returns `_NucleusDraw`'s
+    fields."""
+    P = _propose(x, bm, rows, params, lo, hi, K, n, bs, min_p=False, race_all=True)
+    p = params if rows is None else params.index_select(0, rows)
+    pos = order_keys(P.exact_x, P.exact_ids, x.shape[1] - 1).topk(nc, dim=1).indices
+    cand = P.exact_ids.gather(1, pos)
+    cw = P.exact_w.gather(1, pos).double()
+    before_cand = torch.cumsum(cw, dim=1) - cw
+    match = cand[:, None, :] == P.token[:, :, None]  # [R, n, nc]
+    known = match.any(dim=2)
+    at = match.to(torch.uint8).argmax(dim=2)
+    before = torch.where(known, before_cand.gather(1, at), cw.sum(dim=1, keepdim=True))
+    top_p = p[:, _TOP_P, None]
+    surely_in = known & (before < top_p * P.total_low[:, None])
+    surely_out = before >= top_p * P.total_high[:, None]
+    xj = gather_rows(x, rows, P.token).float()
+    passes_min_p = (xj - P.m) * p[:, _C, None].float() >= p[:, _LOG2_MIN_P, None].float()
+    ends = P.accept & passes_min_p & ~surely_out
+    first = ends.to(torch.uint8).argmax(dim=1)[:, None]
+    has_j = ends.any(dim=1)
+    done = has_j & surely_in.gather(1, first)[:, 0]
+    token = P.token.gather(1, first)[:, 0]
+    known, before = known.gather(1, first)[:, 0], before.gather(1, first)[:, 0]
+    return token, ~done, has_j & ~done, known, before
 
 
 def _tempered(vals: torch.Tensor, top: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

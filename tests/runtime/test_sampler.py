@@ -727,6 +727,59 @@ def test_the_compiled_top_k_draw_is_one_graph_and_a_rows_own() -> None:
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_the_compiled_envelope_draws_are_one_graph_each_and_a_rows_own() -> None:
+    # Rows without top_k (temperature, min_p, top_p alone) are drawn under the envelope; a
+    # compiled sampler runs each envelope draw as one graph (compiled_per_row, its sizes the
+    # sampler's constants): the same tokens and decisions as the eager draw, one graph for any
+    # rows of the batch, and a row's results the same whatever rows come with it. The compiled
+    # draw always makes min_p's test, which a row without min_p passes: the same tokens.
+    from torch._dynamo.utils import counters
+
+    from server.runtime.row_passes import compiled_per_row
+    from server.runtime.sampler import _envelope_draw, _nucleus_envelope_draw, _row_params
+
+    vocab, bs = 4096, 64
+    sampler = Sampler(vocab)
+    params = [
+        SamplingParams(temperature=0.8),
+        SamplingParams(min_p=0.1),
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_p=0.5, temperature=1.5, min_p=0.02),
+        SamplingParams(temperature=2.5),
+        SamplingParams(top_p=0.99, temperature=0.3),
+    ]
+    p = _row_params([sampler.add_request(q) for q in params], vocab)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(6, vocab + 64, generator=g)[:, :vocab] * 2  # sliced, as the model's logits
+    x[:, :32] += 20 - 2 * torch.arange(32).log1p()  # an LM-like head (see bench_sampler.py)
+    bm = x.reshape(6, vocab // bs, bs).amax(dim=2)
+    envelope = compiled_per_row("envelope_draw", _envelope_draw, dynamic_columns=False)
+    nucleus = compiled_per_row("nucleus_envelope_draw", _nucleus_envelope_draw, False)
+    graphs = None
+    for step in range(3):
+        lo = torch.randint(0, 2**32, (6,), generator=g)
+        hi = torch.randint(0, 2**32, (6,), generator=g)
+        sizes = (16, 8, bs)  # exact blocks, proposals, block size
+        every = torch.arange(6)
+        want = _envelope_draw(x, bm, None, p, lo, hi, *sizes, True)
+        assert all(map(torch.equal, envelope(x, bm, every, p, lo, hi, *sizes, True), want))
+        assert torch.equal(
+            _envelope_draw(x, bm, None, p, lo, hi, *sizes, False)[0][[0, 2]], want[0][[0, 2]]
+        )  # rows without min_p: the same tokens
+        want_nucleus = _nucleus_envelope_draw(x, bm, None, p, lo, hi, *sizes, 64)
+        got = nucleus(x, bm, every, p, lo, hi, *sizes, 64)
+        assert all(map(torch.equal, got, want_nucleus)), step
+        for part in ([1], [3, 4], [0, 2, 5], [5]):
+            rows = torch.tensor(part)
+            alone = envelope(x, bm, rows, p, lo, hi, *sizes, True)
+            assert all(torch.equal(a, w[rows]) for a, w in zip(alone, want, strict=True))
+            alone = nucleus(x, bm, rows, p, lo, hi, *sizes, 64)
+            assert all(torch.equal(a, w[rows]) for a, w in zip(alone, want_nucleus, strict=True))
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_compiled_pass_runs_dynamos_code_directly_once_compiled_for_a_kind(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -757,9 +810,10 @@ def test_a_compiled_pass_runs_dynamos_code_directly_once_compiled_for_a_kind(
         SamplingParams(top_k=64, top_p=0.95),
         SamplingParams(top_p=0.9),
         SamplingParams(temperature=1.5),
+        SamplingParams(min_p=0.05, temperature=1.2),
         SamplingParams(temperature=0, logprobs=4),
     ],
-    ids=["top_k+top_p", "top_p", "temperature", "greedy+logprobs"],
+    ids=["top_k+top_p", "top_p", "temperature", "min_p", "greedy+logprobs"],
 )
 def test_a_compiled_sampler_draws_what_the_eager_one_draws(params: SamplingParams) -> None:
     # The compiled passes change no decision: order keys are the same integers, and the
