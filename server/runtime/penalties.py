@@ -8,11 +8,13 @@ min_tokens blocks it (an eos or stop id). Applying them is one gather, one eleme
 and one scatter over [rows, entries] -- never over the vocabulary -- and recording a step's
 tokens updates the table in place from the device tensor of sampled ids, with no host round trip.
 
-Layout: `ids/bias/seen/blocked/count` are [slots, width]; `n` [slots] counts a slot's valid
-entries, which come first. A slot's entries are distinct ids. Entries past `n` hold zeros, and a
-gather over a fixed width reads them as copies of entry 0 (see `apply`), so padded columns write
-back exactly what entry 0 writes. Slots are reused after `free`; the table doubles in slots or
-width when a new request needs more, which is rare and happens at registration, not per step.
+Layout: `entries` [slots, 5, width] float32, five planes: the id (exact: ids are below 2^24),
+its bias, seen (0/1), blocked (0/1) and count; one tensor, so that reading a slot's entries is one
+index, not one per field. `n` [slots] counts a slot's valid entries, which come first. A slot's
+entries are distinct ids. Entries past `n` hold zeros, and a gather over a fixed width reads them
+as copies of entry 0 (see `apply`), so padded columns write back exactly what entry 0 writes.
+Slots are reused after `free`; the table doubles in slots or width when a new request needs more,
+which is rare and happens at registration, not per step.
 
 Deliberately does not know: sampling parameters beyond the numbers it is given, or which rows of a
 step belong to which request (the sampler maps rows to slots).
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from server.runtime.row_gather import gather_rows, scatter_rows_
+from server.runtime.row_passes import compiled_per_row
 
 _F32_MAX = torch.finfo(torch.float32).max
 _F32_TINY = torch.finfo(torch.float32).tiny
@@ -41,41 +44,41 @@ class Entry:
     blocked: bool = False  # an eos or stop id while min_tokens is not reached
 
 
+_ID, _BIAS, _SEEN, _BLOCKED, _COUNT = range(5)  # planes of PenaltyTable.entries
+# The per-row columns `PenaltyTable.apply` reads, in order.
+ROW_COLUMNS = ("slot", "min_tokens active", "repetition", "frequency", "presence")
+
+
 class PenaltyTable:
-    def __init__(self, device: torch.device) -> None:
+    """`compiled`: the per-step adjustment (`adjusted`: the entries' lookup and formula) runs as
+    one compiled graph (row_passes.compiled_per_row) instead of a few dozen small ops."""
+
+    def __init__(self, device: torch.device, compiled: bool = False) -> None:
         self.device = device
         self._free: list[int] = []
+        self._adjusted = compiled_per_row("penalties", adjusted) if compiled else adjusted
         self._alloc(0, 0)
 
     @property
     def slots(self) -> int:
-        return self.ids.shape[0]
+        return self.entries.shape[0]
 
     @property
     def width(self) -> int:
-        return self.ids.shape[1]
+        return self.entries.shape[2]
 
     def _alloc(self, slots: int, width: int) -> None:
-        old = getattr(self, "ids", None)
-        new = {
-            "ids": torch.zeros(slots, width, dtype=torch.long, device=self.device),
-            "bias": torch.zeros(slots, width, dtype=torch.float32, device=self.device),
-            "seen": torch.zeros(slots, width, dtype=torch.bool, device=self.device),
-            "blocked": torch.zeros(slots, width, dtype=torch.bool, device=self.device),
-            "count": torch.zeros(slots, width, dtype=torch.float32, device=self.device),
-        }
+        old = getattr(self, "entries", None)
+        entries = torch.zeros(slots, 5, width, dtype=torch.float32, device=self.device)
         n = torch.zeros(slots, dtype=torch.long, device=self.device)
         if old is not None:
-            s, w = old.shape
-            for name, t in new.items():
-                t[:s, :w] = getattr(self, name)
+            s, _, w = old.shape
+            entries[:s, :, :w] = old
             n[:s] = self.n
             self._free.extend(range(slots - 1, s - 1, -1))
         else:
             self._free = list(range(slots - 1, -1, -1))
-        for name, t in new.items():
-            setattr(self, name, t)
-        self.n = n
+        self.entries, self.n = entries, n
 
     def allocate(self, entries: Sequence[Entry], capacity: int) -> int:
         """A slot holding `entries` (distinct ids) with room for `capacity` entries in all."""
@@ -85,15 +88,11 @@ class PenaltyTable:
         if not self._free:
             self._alloc(max(4, 2 * self.slots), self.width)
         slot = self._free.pop()
-        for name in ("ids", "bias", "seen", "blocked", "count"):
-            getattr(self, name)[slot].zero_()
+        self.entries[slot].zero_()
         k = len(entries)
-        if k:
-            # One host->device copy per field, at registration only.
-            self.ids[slot, :k] = torch.tensor([e.token_id for e in entries], dtype=torch.long)
-            self.bias[slot, :k] = torch.tensor([e.bias for e in entries], dtype=torch.float32)
-            self.seen[slot, :k] = torch.tensor([e.seen for e in entries], dtype=torch.bool)
-            self.blocked[slot, :k] = torch.tensor([e.blocked for e in entries], dtype=torch.bool)
+        if k:  # one host->device copy, at registration only
+            planes = [[e.token_id, e.bias, e.seen, e.blocked, 0.0] for e in entries]
+            self.entries[slot, :, :k] = torch.tensor(planes, dtype=torch.float32).T
         self.n[slot] = k
         return slot
 
@@ -106,51 +105,22 @@ class PenaltyTable:
         self._free.append(slot)
 
     def apply(
-        self,
-        x: torch.Tensor,
-        rows: torch.Tensor | None,
-        slots: torch.Tensor,
-        width: int,
-        min_tokens_active: torch.Tensor,
-        repetition: torch.Tensor,
-        frequency: torch.Tensor,
-        presence: torch.Tensor,
+        self, x: torch.Tensor, rows: torch.Tensor | None, per_row: torch.Tensor, width: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adjust x[rows] in place, in the sampler's order: min_tokens, bias, repetition penalty,
-        frequency and presence penalties. Per-row tensors are [P] on x's device; `width` bounds
-        every slot's valid entries (the host knows it: entries at registration plus outputs).
-        `rows` None means every row of x, in order. Returns the ids [P, width] written and x's
+        frequency and presence penalties. `per_row` [P, 5] float64 on x's device holds each
+        row's slot, whether min_tokens is still active (0/1) and its repetition, frequency and
+        presence penalties (`ROW_COLUMNS`, one upload for all); `width` bounds every slot's
+        valid entries (the host knows it: entries at registration plus outputs). `rows` None
+        means every row of x, in order. Returns the ids [P, W] written (W: `width`
+        rounded up to a power of two, so that a compiled adjustment meets few shapes) and x's
         values there before and after, so that a caller adjusting logits it does not own can
         put them back."""
-        width = max(1, min(width, self.width))
-        cols = torch.arange(width, device=x.device)
-        n = self.n.index_select(0, slots)
-        # Padded columns read entry 0, so every write in a row at a repeated id is the same value.
-        valid = cols < n[:, None]
-
-        def field(table: torch.Tensor) -> torch.Tensor:
-            """The slots' first `width` entries of a field, padded columns as entry 0 (a slice's
-            rows: much cheaper than indexing [P, width] pairs, and than whole rows of a table
-            sized for max_tokens)."""
-            t = table[:, :width].index_select(0, slots)
-            return torch.where(valid, t, t[:, :1])
-
-        ids = field(self.ids)
-        before = gather_rows(x, rows, ids)
-        v = before.float()
-        v = torch.where(field(self.blocked) & min_tokens_active[:, None], float("-inf"), v)
-        v = v + field(self.bias)
-        # Within float32's normal range: a penalty that rounds to 0 or inf would turn a blocked
-        # -inf (times 0) or a zero logit (times inf) into NaN.
-        rep = repetition[:, None].clamp(_F32_TINY, _F32_MAX)
-        # Repetition (HF/vLLM): positive logits divided, negative ones multiplied; 1 is the
-        # identity, so rows without it need no mask.
-        v = torch.where(field(self.seen), torch.where(v > 0, v / rep, v * rep), v)
-        count = field(self.count)
-        v = v - (frequency[:, None] * count + presence[:, None] * (count > 0))
-        # A tiny repetition penalty can overflow a positive logit to +inf, which would make the
-        # weights NaN; the largest float keeps the token on top and the maths finite.
-        after = v.clamp(max=_F32_MAX)
+        width = min(1 << max(width - 1, 0).bit_length(), self.width)
+        # A slice's rows: much cheaper than indexing [P, W] pairs, and than whole rows of a
+        # table sized for max_tokens.
+        entries = self.entries[:, :, :width]
+        ids, before, after = self._adjusted(x, rows, entries, self.n, per_row)
         scatter_rows_(x, rows, ids, after)
         return ids, before, after
 
@@ -164,13 +134,51 @@ class PenaltyTable:
         width = min(width + 1, self.width)
         cols = torch.arange(width, device=tokens.device)
         n = self.n.index_select(0, slots)
-        ids = self.ids[:, :width].index_select(0, slots)
+        ids = self.entries[:, _ID, :width].index_select(0, slots)
         match = (cols < n[:, None]) & (ids == tokens[:, None])
         found = match.any(dim=1)
         pos = torch.where(found, match.to(torch.uint8).argmax(dim=1), n)
-        at = (slots, pos)
         # Slots are distinct, so these read-modify-writes never collide.
-        self.ids[at] = torch.where(ok, tokens, self.ids[at])
-        self.count[at] = self.count[at] + ok.float()
-        self.seen[at] = self.seen[at] | ok
+        entry = self.entries[slots, :, pos]  # [P, 5]
+        counted = torch.stack(
+            (
+                tokens.float(),
+                entry[:, _BIAS],
+                torch.ones_like(entry[:, _SEEN]),
+                entry[:, _BLOCKED],
+                entry[:, _COUNT] + 1,
+            ),
+            dim=1,
+        )
+        self.entries[slots, :, pos] = torch.where(ok[:, None], counted, entry)
         self.n[slots] = n + (ok & ~found).long()
+
+
+def adjusted(x, rows, entries, n, per_row):
+    """The adjustment of x[rows] (`rows` None: every row) by the entries ([slots, 5, W] planes,
+    of which `n` [slots] are valid) of the slots in `per_row` (see `PenaltyTable.apply`):
+    (ids [P, W], x's values there before, float32 values after). Padded columns read entry 0,
+    so every write in a row at a repeated id is the same value."""
+    W = entries.shape[2]
+    slots = per_row[:, 0].long()
+    min_tokens_active = per_row[:, 1] > 0
+    repetition, frequency, presence = per_row[:, 2:].float().unbind(dim=1)
+    e = entries.index_select(0, slots)
+    valid = torch.arange(W, device=e.device) < n.index_select(0, slots)[:, None]
+    e = torch.where(valid[:, None], e, e[:, :, :1])
+    ids = e[:, _ID].long()
+    before = gather_rows(x, rows, ids)
+    v = before.float()
+    blocked = (e[:, _BLOCKED] > 0) & min_tokens_active[:, None]
+    v = torch.where(blocked, float("-inf"), v) + e[:, _BIAS]
+    # Within float32's normal range: a penalty that rounds to 0 or inf would turn a blocked
+    # -inf (times 0) or a zero logit (times inf) into NaN.
+    rep = repetition[:, None].clamp(_F32_TINY, _F32_MAX)
+    # Repetition (HF/vLLM): positive logits divided, negative ones multiplied; 1 is the
+    # identity, so rows without it need no mask.
+    v = torch.where(e[:, _SEEN] > 0, torch.where(v > 0, v / rep, v * rep), v)
+    count = e[:, _COUNT]
+    v = v - (frequency[:, None] * count + presence[:, None] * (count > 0))
+    # A tiny repetition penalty can overflow a positive logit to +inf, which would make the
+    # weights NaN; the largest float keeps the token on top and the maths finite.
+    return ids, before, v.clamp(max=_F32_MAX)

@@ -226,7 +226,7 @@ class Sampler:
             if compiled
             else _nucleus_envelope_draw
         )
-        self.table = PenaltyTable(self.device)
+        self.table = PenaltyTable(self.device, compiled)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
         self._bitmask = allocate_bitmask(0, text_vocab_size)  # host, grown to the largest batch
@@ -479,7 +479,7 @@ class Sampler:
             x = self._buffer("processed", raw.shape[0], raw.device)
             x.copy_(raw)
         adj = [states[r] for r in plan.adjusted]
-        per_row = torch.tensor(
+        per_row = torch.tensor(  # penalties.ROW_COLUMNS
             [
                 [
                     s.slot,
@@ -493,16 +493,8 @@ class Sampler:
             dtype=torch.float64,
         ).to(raw.device, non_blocking=True)
         rows = None if len(adj) == raw.shape[0] else _index(plan.adjusted, raw.device)
-        ids, before, after = self.table.apply(
-            x,
-            rows,
-            per_row[:, 0].long(),
-            max(s.static_entries + s.num_generated for s in adj),
-            per_row[:, 1].bool(),
-            per_row[:, 2].float(),
-            per_row[:, 3].float(),
-            per_row[:, 4].float(),
-        )
+        width = max(s.static_entries + s.num_generated for s in adj)
+        ids, before, after = self.table.apply(x, rows, per_row, width)
         return x, _Adjustment(rows, ids, before, after, in_place)
 
     def _sample_top_k(self, step: _Step, rows: _Rows, ids, vals) -> torch.Tensor:

@@ -812,20 +812,31 @@ def test_a_compiled_pass_runs_dynamos_code_directly_once_compiled_for_a_kind(
         SamplingParams(temperature=1.5),
         SamplingParams(min_p=0.05, temperature=1.2),
         SamplingParams(temperature=0, logprobs=4),
+        SamplingParams(
+            top_k=40,
+            repetition_penalty=1.3,
+            frequency_penalty=0.8,
+            presence_penalty=0.5,
+            logit_bias={7: 4.0, 9: -100.0},
+            min_tokens=2,
+        ),
     ],
-    ids=["top_k+top_p", "top_p", "temperature", "min_p", "greedy+logprobs"],
+    ids=["top_k+top_p", "top_p", "temperature", "min_p", "greedy+logprobs", "penalties"],
 )
 def test_a_compiled_sampler_draws_what_the_eager_one_draws(params: SamplingParams) -> None:
-    # The compiled passes change no decision: order keys are the same integers, and the
-    # normaliser only scales reported logprobs. Seeded rows, 4096 ids, a few steps.
+    # The compiled passes change no decision: order keys are the same integers, the penalties'
+    # formula is the same float32 arithmetic, and the normaliser only scales reported logprobs.
+    # Seeded rows, 4096 ids, a few steps (penalties count the tokens drawn), prompts.
     vocab, rows = 4096, 6
     raw = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(8)) * 4
-    results = []
+    results, processed = [], []
     for compiled in (False, True):
         sampler = Sampler(vocab, compiled=compiled)
-        states = [sampler.add_request(_with(params, seed=i)) for i in range(rows)]
+        states = [sampler.add_request(_with(params, seed=i), [3 * i, 9, 7]) for i in range(rows)]
         results.append([sampler.sample(raw, states) for _ in range(5)])
+        processed.append(sampler.processed_logits(raw, states))
     eager, fused = results
+    assert torch.equal(processed[0], processed[1])
     assert [[r.token_id for r in step] for step in eager] == [
         [r.token_id for r in step] for step in fused
     ]
