@@ -703,18 +703,24 @@ class Sampler:
             out[:, 1] = torch.where(fail == 0, redraw.double(), out[:, 1])
         if plan.logprobs:
             rows = _Rows.of(plan.logprobs, B, dev)
-            lse = self._log_normalizer(raw, rows, rows.pick(raw_bm).amax(dim=1).float())
-            chosen = gather_rows(raw, rows.index, rows.pick(tokens)[:, None])[:, 0].double()
-            out[rows.index, 2] = chosen - lse
+            lse = self._log_normalizer(raw, rows, rows.pick(raw_bm).amax(dim=1).float())[:, None]
+            chosen = gather_rows(raw, rows.gather_index, rows.pick(tokens)[:, None])
+            columns = [chosen.double() - lse]
             if k and top is not None and k <= top[1].shape[1]:
-                where = {r: i for i, r in enumerate(top[0])}
-                at = _index([where[r] for r in plan.logprobs], dev)
-                ids, vals = top[1].index_select(0, at)[:, :k], top[2].index_select(0, at)[:, :k]
+                ids, vals = top[1][:, :k], top[2][:, :k]
+                if top[0] != plan.logprobs:
+                    where = {r: i for i, r in enumerate(top[0])}
+                    at = _index([where[r] for r in plan.logprobs], dev)
+                    ids, vals = ids.index_select(0, at), vals.index_select(0, at)
             elif k:
                 ids, vals = _top_candidates(raw, raw_bm, rows, k, self.block, self.keys)
             if k:
-                out[rows.index, 3 : 3 + k] = ids.double()
-                out[rows.index, 3 + k :] = vals.double() - lse[:, None]
+                columns += [ids.double(), vals.double() - lse]
+            logprobs = torch.cat(columns, dim=1)
+            if rows.every:
+                out[:, 2:] = logprobs
+            else:
+                out[rows.index, 2:] = logprobs
         return out, k
 
     def _log_normalizer(self, raw, rows: _Rows, m) -> torch.Tensor:

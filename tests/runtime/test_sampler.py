@@ -1064,6 +1064,23 @@ def test_greedy_rows_consume_no_randomness() -> None:
     assert rows[0] == rows[1]
 
 
+def test_top_logprobs_of_some_top_k_rows() -> None:
+    # The top_k rows' candidates serve the rows among them that ask for logprobs (here not the
+    # first): each row gets its own row's top logprobs.
+    sampler = Sampler(4096)
+    raw = torch.randn(3, 4096, generator=torch.Generator().manual_seed(9)) * 3
+    asks = [None, 5, 2]
+    states = [sampler.add_request(SamplingParams(logprobs=n, top_k=8, seed=1)) for n in asks]
+    for row, r in enumerate(sampler.sample(raw, states)):
+        want = torch.log_softmax(raw[row].double(), 0)
+        assert len(r.top_logprobs) == (asks[row] or 0)
+        if asks[row]:
+            assert [t for t, _ in r.top_logprobs] == want.topk(asks[row]).indices.tolist()
+            got = torch.tensor([lp for _, lp in r.top_logprobs], dtype=torch.float64)
+            # float32 logits, float64 normaliser: see above
+            torch.testing.assert_close(got, want.topk(asks[row]).values, rtol=0, atol=1e-5)
+
+
 # ---- one batched pass ------------------------------------------------------------------------
 
 
