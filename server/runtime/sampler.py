@@ -226,6 +226,11 @@ class Sampler:
             if compiled
             else _nucleus_envelope_draw
         )
+        self._ahead_sums = (
+            compiled_per_row("ahead_sums", _ahead_sums, dynamic_columns=False)
+            if compiled
+            else _ahead_sums
+        )
         self.table = PenaltyTable(self.device, compiled)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -613,68 +618,54 @@ class Sampler:
         unsettled = (wc.sum(dim=1) < p[:, _TOP_P] * total) & (rows.pick(step.fail) == 0)
         todo = unsettled.nonzero()[:, 0]
         if todo.numel():  # the host read named in the module docstring
-            at = rows.index.index_select(0, todo)
-            out[todo] = self._reject(
-                step.x,
-                at,
-                w.index_select(0, todo),
-                ids.index_select(0, todo),
-                p.index_select(0, todo),
-                total.index_select(0, todo),
-                lo.index_select(0, todo),
-                hi.index_select(0, todo),
-            )
+            every = rows.every and todo.numel() == rows.index.numel()
+            picked = (t.index_select(0, todo) for t in (sums, ids, p, total, lo, hi))
+            out[todo] = self._reject(step, rows.index[todo], every, w, todo, *picked)
         return out
 
-    def _reject(self, x, at, w0, candidates, p, total, lo, hi) -> torch.Tensor:
-        """Exact top_p (and min_p) draws for batch rows `at` whose nucleus holds all their
+    def _reject(self, step, at, every, w, w_rows, sums, candidates, p, total, lo, hi):
+        """Exact top_p (and min_p) draws for batch rows `at` [U] whose nucleus holds all their
         candidates and more: draw j in proportion to the weights; accept when j passes min_p and
         the mass strictly before j (logit desc, id asc) is below top_p * total; else narrow the
         weights to the tokens before j, which still hold the accepted set, and draw again. Each
         round accepts with probability >= top_p, and the top token is always accepted, so the
-        loop ends. w0 holds the rows' unfiltered weights."""
-        U, V, bs, dev = at.numel(), self.text_vocab_size, self.block, x.device
-        xs = self._buffer("reject_x", U, dev)
-        if x.dtype == torch.float32:
-            torch.index_select(x, 0, at, out=xs)
-        else:
-            xs.copy_(x.index_select(0, at))
-        ws, spare = self._buffer("reject_w", U, dev), self._buffer("reject_spare", U, dev)
-        ws.copy_(w0)
-        before = self._buffer("reject_before", U, dev, torch.bool)
-        tie = self._buffer("reject_tie", U, dev, torch.bool)
-        ids = torch.arange(V, device=dev)
-        m = xs.amax(dim=1, keepdim=True)
+        loop ends. Rows `w_rows` [U] of w hold the rows' unfiltered weights, and `sums` their
+        block sums; `every`: `at` is every row of the batch, in order, and `w_rows` every row
+        of w. A narrowed row's weights are those where the token is ahead of its pivot (the
+        last j it rejected), never written out: a round reads x and w once, for the block sums
+        ahead of its j (`_ahead_sums`: the mass before j, and the next round's block sums)."""
+        x, V, bs, dev = step.x, self.text_vocab_size, self.block, step.x.device
+        U = at.numel()
+        m = step.bm.index_select(0, at).amax(dim=1, keepdim=True)
+        fan = torch.arange(bs, device=dev)
         out = torch.zeros(U, dtype=torch.long, device=dev)
-        live = torch.arange(U, device=dev)  # batch position of each buffer row still drawing
+        live = torch.arange(U, device=dev)  # the rows still drawing: positions in `at`
+        pivot = None  # per live row (x, id) of the last j it rejected; None: not narrowed yet
         for round_ in range(V + 1):
-            n = live.numel()
-            xl, wl, bl, tl = xs[:n], ws[:n], before[:n], tie[:n]
-            sums = wl.view(n, V // bs, bs).sum(dim=2)
             # A stream per round; past the streams available, the key's low bits carry the round.
             stream = _REJECT + 8 * (round_ % _REJECT_STREAMS)
-            salt = round_ // _REJECT_STREAMS
-            j = _block_race(wl, None, sums, lo ^ salt, hi, stream, bs)
-            xj = xl.gather(1, j[:, None])
-            # before = x > x_j, or x == x_j at a lower id: the tokens ahead of j.
-            torch.gt(xl, xj, out=bl)
-            torch.eq(xl, xj, out=tl)
-            tl &= ids < j[:, None]
-            bl |= tl
-            narrowed = torch.mul(wl, bl, out=spare[:n])
-            mass = narrowed.view(n, V // bs, bs).sum(dim=2).double().sum(dim=1)
-            zj = _tempered(xj, m[:n], p)[:, 0]
-            in_candidates = (candidates == j[:, None]).any(dim=1)
+            key = lo ^ (round_ // _REJECT_STREAMS)
+            rows, wl = at.index_select(0, live), w_rows.index_select(0, live)
+            tokens = _race_blocks(sums, key, hi, stream)[:, None] * bs + fan
+            wt = gather_rows(w, wl, tokens)
+            if pivot is not None:
+                wt = torch.where(_ahead(gather_rows(x, rows, tokens), tokens, *pivot), wt, 0.0)
+            j = tokens.gather(1, race(wt.double(), key, hi, stream, tokens)[:, None])
+            xj = gather_rows(x, rows, j)
+            if every and round_ == 0 and not self.compiled:  # no copies of whole rows
+                ahead = _ahead_sums(x, None, w, None, xj, j, bs)
+            else:
+                ahead = self._ahead_sums(x, rows, w, wl, xj, j, bs)
+            mass = ahead.double().sum(dim=1)
+            zj = _tempered(xj, m.index_select(0, live), p)[:, 0]
+            in_candidates = (candidates == j).any(dim=1)
             accept = (in_candidates | (mass < p[:, _TOP_P] * total)) & (zj >= p[:, _LOG2_MIN_P])
-            out[live] = torch.where(accept, j, out[live])
+            out[live] = torch.where(accept, j[:, 0], out[live])
             again = (~accept).nonzero()[:, 0]
             if not again.numel():
                 break
-            # Rows drawing again move to the front of the buffers, with their narrowed weights.
-            xs[: again.numel()] = xl.index_select(0, again)
-            ws[: again.numel()] = narrowed.index_select(0, again)
-            m = m.index_select(0, again)
-            live, lo, hi = live[again], lo[again], hi[again]
+            live, sums, pivot = live[again], ahead[again], (xj[again], j[again])
+            lo, hi = lo[again], hi[again]
             candidates, p, total = candidates[again], p[again], total[again]
         return out
 
@@ -1159,6 +1150,13 @@ def _block_race(w, sel, sums, lo, hi, stream: int, bs: int) -> torch.Tensor:
     wins with probability w_i / sum(w). `sums` [S, V / bs] are the rows' block sums; `sel` [S]
     picks w's rows (None: all, in order). Random numbers: stream + level, indexed by global block
     or token id."""
+    tokens = _race_blocks(sums, lo, hi, stream)[:, None] * bs + torch.arange(bs, device=w.device)
+    mass = gather_rows(w, sel, tokens).double()
+    return tokens.gather(1, race(mass, lo, hi, stream, tokens)[:, None])[:, 0]
+
+
+def _race_blocks(sums, lo, hi, stream: int) -> torch.Tensor:
+    """The block of each row that `_block_race` draws from its block sums [S, V / bs]."""
     S, dev = sums.shape[0], sums.device
     levels = [sums.double()]
     while levels[-1].shape[1] > _FAN_OUT:
@@ -1175,9 +1173,23 @@ def _block_race(w, sel, sums, lo, hi, stream: int, bs: int) -> torch.Tensor:
         inside = children.clamp(max=s.shape[1] - 1)
         mass = torch.where(children < s.shape[1], s.gather(1, inside), 0.0)
         node = children.gather(1, race(mass, lo, hi, stream + level + 1, children)[:, None])[:, 0]
-    tokens = node[:, None] * bs + torch.arange(bs, device=dev)
-    mass = gather_rows(w, sel, tokens).double()
-    return tokens.gather(1, race(mass, lo, hi, stream, tokens)[:, None])[:, 0]
+    return node
+
+
+def _ahead(x: torch.Tensor, ids: torch.Tensor, x_pivot: torch.Tensor, pivot: torch.Tensor):
+    """Whether each token (logit x, id) comes before the pivot's in (logit desc, id asc) order;
+    x_pivot, pivot [R, 1]."""
+    return (x > x_pivot) | ((x == x_pivot) & (ids < pivot))
+
+
+def _ahead_sums(x, rows, w, live, x_pivot, pivot, bs: int) -> torch.Tensor:
+    """[R, V / bs] float32 block sums of the weights w[live] [R, V] of the tokens ahead of each
+    row's pivot (`_ahead`) in x[rows] (`rows`, `live`: None for every row, in order)."""
+    xs = x if rows is None else x.index_select(0, rows)
+    ws = w if live is None else w.index_select(0, live)
+    ids = torch.arange(w.shape[1], device=w.device)
+    ahead = torch.where(_ahead(xs, ids, x_pivot, pivot), ws, 0.0)
+    return ahead.view(ws.shape[0], w.shape[1] // bs, bs).sum(dim=2)
 
 
 def _results(values: list[list[float]], k: int, states: Sequence[SamplerState]):

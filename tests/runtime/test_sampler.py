@@ -780,6 +780,40 @@ def test_the_compiled_envelope_draws_are_one_graph_each_and_a_rows_own() -> None
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_the_compiled_sums_ahead_of_a_pivot_are_one_graph_and_a_rows_own() -> None:
+    # A top_p rejection round's one pass (_ahead_sums: block sums of the weights of the tokens
+    # ahead of the row's pivot), compiled: one graph for any rows, a row's sums the same bits
+    # whatever rows come with it, and the exact sums to float32's rounding of 64-term sums.
+    from torch._dynamo.utils import counters
+
+    from server.runtime.row_passes import compiled_per_row
+    from server.runtime.sampler import _ahead_sums
+
+    g = torch.Generator().manual_seed(15)
+    x = (torch.randn(6, 4096 + 64, generator=g) * 2).round()[:, :4096]  # ties between ids
+    w = torch.rand(5, 4096, generator=g)
+    pivot = torch.randint(0, 4096, (6, 1), generator=g)
+    x_pivot = x.gather(1, pivot)
+    rows, live = torch.tensor([5, 0, 2, 3]), torch.tensor([1, 4, 0, 3])
+    ahead_sums = compiled_per_row("ahead_sums", _ahead_sums, dynamic_columns=False)
+    sums = ahead_sums(x, rows, w, live, x_pivot[rows], pivot[rows], 64)
+    graphs = counters["stats"]["unique_graphs"]
+    for part in ([0], [1, 3], [3, 2, 0]):
+        i = torch.tensor(part)
+        got = ahead_sums(x, rows[i], w, live[i], x_pivot[rows[i]], pivot[rows[i]], 64)
+        assert torch.equal(got, sums[i])
+    assert counters["stats"]["unique_graphs"] == graphs
+    ids = torch.arange(4096)
+    xs, ws = x[rows].double(), w[live].double()
+    keep = (xs > x_pivot[rows]) | ((xs == x_pivot[rows]) & (ids < pivot[rows]))
+    exact = (ws * keep).view(4, 64, 64).sum(dim=2)
+    # Non-negative terms: a 64-term float32 sum is within 63 x 2^-24 (< 4e-6) of the exact one,
+    # relative, whatever order the kernel adds them in.
+    torch.testing.assert_close(sums.double(), exact, rtol=4e-6, atol=0)
+    eager = _ahead_sums(x, rows, w, live, x_pivot[rows], pivot[rows], 64)
+    torch.testing.assert_close(eager.double(), exact, rtol=4e-6, atol=0)
+
+
 def test_a_compiled_pass_runs_dynamos_code_directly_once_compiled_for_a_kind(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
