@@ -226,11 +226,7 @@ class Sampler:
             if compiled
             else _nucleus_envelope_draw
         )
-        self._ahead_sums = (
-            compiled_per_row("ahead_sums", _ahead_sums, dynamic_columns=False)
-            if compiled
-            else _ahead_sums
-        )
+        self._ahead_sums = compiled_per_row("ahead_sums", _ahead_sums, dynamic_columns=False)
         self.table = PenaltyTable(self.device, compiled)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -652,10 +648,11 @@ class Sampler:
                 wt = torch.where(_ahead(gather_rows(x, rows, tokens), tokens, *pivot), wt, 0.0)
             j = tokens.gather(1, race(wt.double(), key, hi, stream, tokens)[:, None])
             xj = gather_rows(x, rows, j)
-            if every and round_ == 0 and not self.compiled:  # no copies of whole rows
-                ahead = _ahead_sums(x, None, w, None, xj, j, bs)
-            else:
+            if self.compiled:
                 ahead = self._ahead_sums(x, rows, w, wl, xj, j, bs)
+            else:  # no copies of whole rows where they are every row of x and of w
+                whole = every and round_ == 0
+                ahead = self._ahead_sums_eager(x, None if whole else rows, w, wl, xj, j, whole)
             mass = ahead.double().sum(dim=1)
             zj = _tempered(xj, m.index_select(0, live), p)[:, 0]
             in_candidates = (candidates == j).any(dim=1)
@@ -668,6 +665,26 @@ class Sampler:
             lo, hi = lo[again], hi[again]
             candidates, p, total = candidates[again], p[again], total[again]
         return out
+
+    def _ahead_sums_eager(self, x, rows, w, w_rows, x_pivot, pivot, whole: bool):
+        """`_ahead_sums` eager: the same predicate (`_ahead`) and sums, each pass written into
+        a reused buffer (`_buffer`: fresh [rows, vocabulary] tensors would cost page faults).
+        `whole`: w's rows are every row, in order (`w_rows` unused)."""
+        R, V, dev = x_pivot.shape[0], self.text_vocab_size, x_pivot.device
+        xs = x
+        if rows is not None:
+            xs = self._buffer("ahead_x", R, dev)
+            self._copy_rows(xs, x, _Rows(rows, False))
+        ws = w if whole else torch.index_select(w, 0, w_rows, out=self._buffer("ahead_w", R, dev))
+        ahead, tie = (self._buffer(name, R, dev, torch.bool) for name in ("ahead", "tie"))
+        torch.gt(xs, x_pivot, out=ahead)
+        torch.eq(xs, x_pivot, out=tie)
+        tie &= torch.lt(
+            torch.arange(V, device=dev), pivot, out=self._buffer("lt", R, dev, torch.bool)
+        )
+        ahead |= tie
+        weights = torch.mul(ws, ahead, out=self._buffer("ahead_weights", R, dev))
+        return weights.view(R, V // self.block, self.block).sum(dim=2)
 
     def _record(self, states, tracked: list[int], tokens, ok) -> None:
         """Count this step's tokens in the penalty table (device, in place)."""

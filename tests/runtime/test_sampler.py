@@ -812,6 +812,13 @@ def test_the_compiled_sums_ahead_of_a_pivot_are_one_graph_and_a_rows_own() -> No
     torch.testing.assert_close(sums.double(), exact, rtol=4e-6, atol=0)
     eager = _ahead_sums(x, rows, w, live, x_pivot[rows], pivot[rows], 64)
     torch.testing.assert_close(eager.double(), exact, rtol=4e-6, atol=0)
+    # The eager sampler's form, into reused buffers: the same passes, the same bits.
+    buffered = Sampler(4096)._ahead_sums_eager
+    assert torch.equal(buffered(x, rows, w, live, x_pivot[rows], pivot[rows], False), eager)
+    assert torch.equal(  # every row of x and of w, in order: no copies
+        buffered(x[:5], None, w, None, x_pivot[:5], pivot[:5], True),
+        _ahead_sums(x[:5], None, w, None, x_pivot[:5], pivot[:5], 64),
+    )
 
 
 def test_a_compiled_pass_runs_dynamos_code_directly_once_compiled_for_a_kind(
