@@ -328,7 +328,7 @@ def main() -> None:
     for compiled, label in ((False, "new"), (True, "compiled")):
         if args.pairs:
             cells = paired[compiled].items()
-            over = sorted(f"{n} (B={b}: {r:.1f}x)" for (n, b), r in cells if r > 3)
+            over = [f"{n} (B={b}: {r:.1f}x)" for (n, b), r in sorted(cells) if r > 3]
             print(f"{label}, paired: over 3x greedy: {', '.join(over) or 'none'}")
 
 
