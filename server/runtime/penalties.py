@@ -50,13 +50,15 @@ ROW_COLUMNS = ("slot", "min_tokens active", "repetition", "frequency", "presence
 
 
 class PenaltyTable:
-    """`compiled`: the per-step adjustment (`adjusted`: the entries' lookup and formula) runs as
-    one compiled graph (row_passes.compiled_per_row) instead of a few dozen small ops."""
+    """`compiled`: the arithmetic of each step's adjustment (`adjusted`: the entries' lookup and
+    formula) and of its recording (`counted`) runs as one compiled graph each
+    (row_passes.compiled_per_row) instead of a few dozen small ops."""
 
     def __init__(self, device: torch.device, compiled: bool = False) -> None:
         self.device = device
         self._free: list[int] = []
         self._adjusted = compiled_per_row("penalties", adjusted) if compiled else adjusted
+        self._counted = compiled_per_row("penalty_counts", counted) if compiled else counted
         self._alloc(0, 0)
 
     @property
@@ -116,10 +118,9 @@ class PenaltyTable:
         rounded up to a power of two, so that a compiled adjustment meets few shapes) and x's
         values there before and after, so that a caller adjusting logits it does not own can
         put them back."""
-        width = min(1 << max(width - 1, 0).bit_length(), self.width)
         # A slice's rows: much cheaper than indexing [P, W] pairs, and than whole rows of a
         # table sized for max_tokens.
-        entries = self.entries[:, :, :width]
+        entries = self.entries[:, :, : self._columns(width)]
         ids, before, after = self._adjusted(x, rows, entries, self.n, per_row)
         scatter_rows_(x, rows, ids, after)
         return ids, before, after
@@ -131,27 +132,33 @@ class PenaltyTable:
         marked seen; a new id is appended. Rows with ok False (failed) change nothing. `width`
         bounds every slot's valid entries before this call; the caller has ensured room for one
         more."""
-        width = min(width + 1, self.width)
-        cols = torch.arange(width, device=tokens.device)
-        n = self.n.index_select(0, slots)
-        ids = self.entries[:, _ID, :width].index_select(0, slots)
-        match = (cols < n[:, None]) & (ids == tokens[:, None])
-        found = match.any(dim=1)
-        pos = torch.where(found, match.to(torch.uint8).argmax(dim=1), n)
-        # Slots are distinct, so these read-modify-writes never collide.
-        entry = self.entries[slots, :, pos]  # [P, 5]
-        counted = torch.stack(
-            (
-                tokens.float(),
-                entry[:, _BIAS],
-                torch.ones_like(entry[:, _SEEN]),
-                entry[:, _BLOCKED],
-                entry[:, _COUNT] + 1,
-            ),
-            dim=1,
-        )
-        self.entries[slots, :, pos] = torch.where(ok[:, None], counted, entry)
-        self.n[slots] = n + (ok & ~found).long()
+        entries = self.entries[:, :, : self._columns(width + 1)]
+        pos, entry, n = self._counted(entries, self.n, slots, tokens, ok)
+        # Slots are distinct, so these writes never collide.
+        self.entries[slots, :, pos] = entry
+        self.n[slots] = n
+
+    def _columns(self, width: int) -> int:
+        """`width` rounded up to a power of two (at most the table's): the columns a step reads,
+        so that a compiled sampler's graphs meet few shapes."""
+        return min(1 << max(width - 1, 0).bit_length(), self.width)
+
+
+def counted(entries, n, slots, tokens, ok):
+    """`PenaltyTable.record`'s arithmetic: per slot, the column of its token (its entry's, or
+    the first free one), that entry's five planes after counting (unchanged where not `ok`),
+    and the slot's count of valid entries after."""
+    W = entries.shape[2]
+    n = n.index_select(0, slots)
+    ids = entries[:, _ID].index_select(0, slots)
+    match = (torch.arange(W, device=ids.device) < n[:, None]) & (ids == tokens[:, None])
+    found = match.any(dim=1)
+    pos = torch.where(found, match.to(torch.uint8).argmax(dim=1), n)
+    entry = entries[slots, :, pos]  # [P, 5]
+    seen = torch.ones_like(entry[:, _SEEN])
+    after = (tokens.float(), entry[:, _BIAS], seen, entry[:, _BLOCKED], entry[:, _COUNT] + 1)
+    entry = torch.where(ok[:, None], torch.stack(after, dim=1), entry)
+    return pos, entry, n + (ok & ~found).long()
 
 
 def adjusted(x, rows, entries, n, per_row):
