@@ -974,19 +974,19 @@ def _top_k_draw(vals, ids, p, lo, hi) -> torch.Tensor:
 
 
 def _propose(x, bm, rows, params, lo, hi, K, n, bs, min_p, race_all) -> _Proposals:
-    """Exact rejection sampling from the whole tempered distribution of some rows, without
-    weighing the vocabulary: proposals under an envelope read off the block maxima. The
-    envelope gives each of the row's `envelope_blocks` blocks with the highest maxima its
-    exact mass (their tokens are gathered and weighed: for an LM's distribution they hold
-    nearly all of it) and every other block a bound, block size x the weight of its maximum
-    (no token of it weighs more), inflated by 2^-10 so that float rounding of the token
-    weights never exceeds it. Each of `envelope_proposals` proposals picks a block in
-    proportion to its envelope, in two stages so that no CDF spans the blocks (a slot among
-    the exact blocks and groups of 64 bounded blocks, then a block of the group), weighs
-    that block's tokens, and is accepted with probability mass / bound (always, for an exact
-    block); an accepted proposal's block then races its tokens by weight. Accepted proposals
-    are independent exact draws whatever the envelope, so a loose one costs only rows where
-    no proposal is accepted, which the caller draws again on the exact whole-vocabulary path.
+    """Exact rejection sampling from the whole tempered distribution of some rows, without weighing
+    the vocabulary: proposals under an envelope read off the block maxima. The envelope gives
+    each of the row's K blocks with the highest maxima its exact mass (their tokens are gathered
+    and weighed: for an LM's distribution they hold nearly all of it) and every other block a
+    bound, block size x the weight of its maximum (no token of it weighs more), inflated by
+    2^-10 so that float rounding of the token weights never exceeds it. Each of n proposals
+    picks a block in proportion to its envelope, in two stages so that no CDF spans the blocks
+    (a slot among the exact blocks and groups of 64 bounded blocks, then a block of the group),
+    weighs that block's tokens, and is accepted with probability mass / bound (always, for an
+    exact block); an accepted proposal's block then races its tokens by weight. Accepted
+    proposals are independent exact draws whatever the envelope, so a loose one costs only rows
+    where no proposal is accepted, which the caller draws again on the exact whole-vocabulary
+    path.
 
     min_p (when `min_p`, for rows that have it) keeps a token when x - (max + T ln min_p) >=
     -tiny, the test `_sample_whole` makes, so both paths keep the same tokens; a block whose
@@ -997,12 +997,11 @@ def _propose(x, bm, rows, params, lo, hi, K, n, bs, min_p, race_all) -> _Proposa
     hi [B] the random keys; `rows` [R] the rows drawn (None: every row, in order); K blocks
     exact (at most V / bs), n proposals, blocks of bs ids. Sizes are ints, so that this runs
     as one graph (`compiled_per_row`)."""
-    dev = x.device
+    dev, p = x.device, params
     if rows is not None:
-        bm, params, lo, hi = (t.index_select(0, rows) for t in (bm, params, lo, hi))
+        bm, p, lo, hi = (t.index_select(0, rows) for t in (bm, params, lo, hi))
     bm = bm.float()
     R, nb = bm.shape[0], x.shape[1] // bs
-    p = params
     c = p[:, _C, None].float()
     m = bm.amax(dim=1, keepdim=True)
     if min_p:  # the threshold; -inf for rows without min_p (x - (-inf) is +inf)
@@ -1074,7 +1073,7 @@ def _nucleus_envelope_draw(x, bm, rows, params, lo, hi, K, n, bs, nc):
     (`_propose`, before min_p) is accepted when j passes min_p and the mass strictly before
     it (logit desc, id asc) is below top_p of the total. The total is known only within
     bounds (the exact part below, plus the envelope's bounds above); the mass before j is
-    exact when j is one of the top `nucleus_candidates` tokens (all in the exact part), and
+    exact when j is one of the top nc tokens (all in the exact part: the candidates), and
     at least their mass otherwise. So each proposal is surely in, surely out, or ambiguous.
     The first proposal that is not surely out ends the row's loop: surely in, it is the
     token; ambiguous, the row is decided exactly after the read-back (`_resolve_nucleus`:
