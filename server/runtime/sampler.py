@@ -57,13 +57,15 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     settle draw by exact rejection with a moving pivot (FlashInfer's idea, here over the block
     race): draw from the remaining mass, accept when the mass strictly before the drawn token is
     below top_p of the total, else keep only the tokens before it and draw again. Each round
-    accepts with probability >= top_p.
+    accepts with probability >= top_p, and reads the logits and weights once (the block sums
+    ahead of the drawn token: its mass before, and the next round's narrowed block sums).
   - With `compiled` (a server with `compile: true`), the int64 order keys of top-k selections
     and the logprobs normaliser's exponentials run as one compiled loop each (row_passes.py)
     instead of several torch passes; the keys are the same integers, so no draw changes. The
     top-k draw (`_top_k_draw`: temperature, top_p, min_p and the race over [rows, k]
-    candidates) and the envelope draws of the other rows (`_envelope_draw`,
-    `_nucleus_envelope_draw`) run as one compiled graph each instead of dozens of small ops
+    candidates), the envelope draws of the other rows (`_envelope_draw`,
+    `_nucleus_envelope_draw`), a rejection round's pass (`_ahead_sums`) and the penalties'
+    arithmetic (penalties.py) run as one compiled graph each instead of dozens of small ops
     (on an accelerator, kernel launches): the same arithmetic, whose sums may round in another
     order (a draw could change only where a top_p threshold, an acceptance test or two racers'
     ratios tie to within that rounding).
@@ -201,8 +203,8 @@ class Sampler:
     ) -> None:
         """`grammars` compiles structured-output constraints; without it a request with one
         is refused at `add_request`. `compiled`: order keys and the logprobs normaliser run as
-        one compiled loop each (row_passes.py) rather than several torch passes, and the top-k
-        and envelope draws as one compiled graph each."""
+        one compiled loop each (row_passes.py) rather than several torch passes, and the draws'
+        and penalties' arithmetic as compiled graphs (see the module docstring)."""
         if not 1 <= text_vocab_size <= MAX_INDEX:
             raise ValueError(f"text_vocab_size must be in [1, {MAX_INDEX}], got {text_vocab_size}")
         self.text_vocab_size = text_vocab_size
