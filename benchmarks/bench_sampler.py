@@ -15,6 +15,10 @@ another is not counted again) with each compiled loop counted once, from torch.p
 accelerator each is at least one kernel launch (a few microseconds each), which at small batches
 is the step's cost.
 
+The process keeps the memory a step frees, as a runtime on a CPU does (host_heap.py: glibc
+otherwise maps and faults in again, every step, tensors of a few megabytes and up);
+`--default-heap` leaves glibc's policy as it is, to measure what that costs.
+
 Logits are LM-like: per row, a head of 32 ids at 20 - 2 ln(rank) over a body of N(0, 2^2), at
 random ids (the top token holds ~60% of the mass, the 0.95 nucleus ~12 ids). `top_p alone, flat`
 repeats top_p on N(0, 4^2) logits, where the nucleus holds thousands of ids (random-weight dev
@@ -43,7 +47,7 @@ draw plus the normaliser: (top_k + top_p step + normaliser) / greedy step, print
 compiled (each with its own normaliser), next to what the row measured.
 
     PYTHONPATH=. python benchmarks/bench_sampler.py [--threads 1] [--repeats 7] [--old-repeats 3]
-        [--pairs 15]
+        [--pairs 15] [--default-heap]
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from pathlib import Path
 import torch
 from torch.profiler import profile
 
+from server.runtime.host_heap import keep_freed_memory
 from server.runtime.sampler import Sampler, _Rows
 from server.vocabulary.sampling_params import SamplingParams
 
@@ -227,14 +232,20 @@ def main() -> None:
     ap.add_argument(
         "--pairs", type=int, default=15, help="steps timed back to back with greedy (0: none)"
     )
+    ap.add_argument(
+        "--default-heap",
+        action="store_true",
+        help="leave glibc's heap policy as it is (a CPU runtime keeps freed memory: host_heap.py)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    heap = "glibc's default" if args.default_heap else keep_freed_memory() or "freed memory kept"
     batches = [int(b) for b in args.batches.split(",")]
     old = None if args.skip_old else baseline_module()
     print(
         f"torch {torch.__version__}  {platform.machine()}  threads {args.threads}  float32 "
         f"logits [B, {WIDTH}] ({TEXT_VOCAB} text ids)  median of {args.repeats} steps "
-        f"(old: {args.old_repeats})\n"
+        f"(old: {args.old_repeats})  host heap: {heap}\n"
     )
     header = f"{'combination':<20}" + "".join(
         f"{'B=' + str(b) + ' new':>12}{'compiled':>10}{'old':>10}{'x':>7}" for b in batches

@@ -11,6 +11,7 @@ Deliberately does not know: requests, scheduling, HTTP.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,6 +25,7 @@ from server.runtime.batch import plan_step
 from server.runtime.device import bind
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.grammar import Grammars
+from server.runtime.host_heap import keep_freed_memory
 from server.runtime.kv_cache import KVCache
 from server.runtime.weights import Weights
 from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
@@ -70,7 +72,12 @@ class ElasticRuntime:
         # The checkpoint's measured quality, when it has one, is every subnet's quality score.
         measured = read_measured_quality(store.folder)
         subnets = load_subnet_table(store.text, table_csv, custom_subnets, measured)
-        return cls(store, weights, Gemma3nModel(weights), subnets, TextTokenizer(store.folder))
+        runtime = cls(store, weights, Gemma3nModel(weights), subnets, TextTokenizer(store.folder))
+        if weights.device.type == "cpu":  # steps allocate on this host: keep what they free
+            why = keep_freed_memory()
+            if why is not None:
+                warnings.warn(f"freed host memory goes back to the kernel: {why}", stacklevel=2)
+        return runtime
 
     @cached_property
     def grammars(self) -> Grammars:

@@ -682,8 +682,39 @@ def test_the_compiled_row_passes_are_one_graph_and_a_rows_own() -> None:
     assert counters["stats"]["unique_graphs"] == graphs
     exact = torch.exp(x.double() + shift.double()[:, None] / LOG2E).view(8, 64, 64).sum(dim=2)
     # Exponents |x log2 e - m log2 e| <= ~45 rounded to float32 (<= 45 x 2^-24 x ln 2, ~1.9e-6
-    # relative in the exponential) and 64-term float32 sums (<= 63 x 2^-24, ~3.8e-6): < 1e-5.
+    # relative in the exponential), the exponential's own 3 ulps (polynomial_exp2, below: ~1.8e-7)
+    # and 64-term float32 sums (<= 63 x 2^-24, ~3.8e-6): < 1e-5. -inf's block sum is its other ids'.
     torch.testing.assert_close(sums.double(), exact, rtol=1e-5, atol=0)
+
+
+def test_the_polynomial_exp2_keeps_its_error_bound_and_flushes_below_its_range() -> None:
+    # The compiled normaliser's exponential (row_passes.polynomial_exp2), eager and compiled the
+    # way the normaliser compiles it (multiply-adds contracted), on a dense grid of exponents
+    # whose results are normal floats, and near the ends and middle of the polynomial's range
+    # [-1/2, 1/2]. Bound: the fit's 1.0e-7 relative, plus Horner's rounding, at most 2 x 10
+    # roundings of 2^-24 (the terms' magnitudes sum to at most 2^(1/2) / 2^(-1/2) = 2 times the
+    # value); the product by 2^n is exact for a normal result: < 1.4e-6 < 2^-19, contracted or
+    # not, on any CPU. (A degree-4 polynomial's fit alone is 2.7e-6 off.) Below 2^-126.5: 0.
+    from server.runtime.row_passes import polynomial_exp2
+
+    fused = torch.compile(
+        polynomial_exp2, options={"cpp.enable_floating_point_contract_flag": "fast"}
+    )
+    grid = torch.cat(
+        [
+            torch.linspace(-125.0, 0.0, 400_001),
+            torch.linspace(-0.5, -0.4999, 1000),
+            torch.linspace(-1e-4, 1e-4, 1001),
+            torch.linspace(0.4999, 0.5, 1000),
+        ]
+    )
+    exact = torch.exp2(grid.double())
+    for exp2 in (polynomial_exp2, fused):
+        got = exp2(grid).double()
+        assert ((got - exact).abs() / exact).max().item() <= 2.0**-19
+        assert exp2(torch.zeros(8)).eq(1.0).all()  # the max of a row weighs exactly 1
+        edge = exp2(torch.tensor([-127.0, -130.0, -1e30, float("-inf"), float("nan")]))
+        assert edge[:4].eq(0.0).all() and edge[4].isnan()
 
 
 def test_the_compiled_top_k_draw_is_one_graph_and_a_rows_own() -> None:
