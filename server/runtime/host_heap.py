@@ -48,10 +48,11 @@ def _apply() -> str:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        # glibc's own symbol first: mallopt's parameter numbers are glibc's.
-        mallopt, malloc_trim = libc.gnu_get_libc_version and libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError, TypeError):
+    except OSError as e:
+        return f"the C library ({name}) cannot be loaded: {e}"
+    if not hasattr(libc, "gnu_get_libc_version"):  # mallopt's parameter numbers are glibc's
         return f"the C library ({name}) is not glibc"
+    mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     malloc_trim(0)
