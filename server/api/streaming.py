@@ -1,10 +1,11 @@
 """Server-sent events, merging several choices' streams, and noticing clients that go away.
 
-Owns the mechanics under the routes: SSE framing (`data: <json>` per event, `data: [DONE]` at the
-end), interleaving the outputs of `n` engine requests as they come, and aborting every engine
-request of an API request the moment its client disconnects. For a streaming response the server
-framework cancels the generator on disconnect, which closes the engine streams (each aborts
-itself when closed early); a non-streaming request is watched for disconnects while it runs.
+Owns the mechanics under the routes: SSE framing (`data: <json>` per event, one line whatever
+the text holds, `data: [DONE]` at the end), interleaving the outputs of `n` engine requests as
+they come, and aborting every engine request of an API request the moment its client
+disconnects. For a streaming response the server framework cancels the generator on disconnect,
+which closes the engine streams (each aborts itself when closed early); a non-streaming request
+is watched for disconnects while it runs.
 `ClosingStream` runs a callback when a streamed response is over, however it ended: also when
 the client left before the body began, when the generator never runs at all.
 
@@ -31,8 +32,16 @@ T = TypeVar("T")
 _DONE = object()
 
 
+# Characters that Python's str.splitlines, and so httpx's `iter_lines`, take for line ends besides
+# CR and LF, and that JSON leaves as they are (it escapes the other controls). Escaped in an event,
+# so that a client reading the stream line by line with either never cuts an event in two.
+_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    """One event: `data: <json>` on one line, whatever the text holds (UTF-8 otherwise)."""
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).translate(_LINE_ENDS)
+    return f"data: {data}\n\n"
 
 
 async def merge_streams(
