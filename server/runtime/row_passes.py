@@ -102,6 +102,12 @@ def polynomial_exp2(t: torch.Tensor) -> torch.Tensor:
     return p * ((n.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
+# The block sums' loop contracted to fused multiply-adds (the polynomial's steps, the exponents):
+# fewer instructions in a loop whose cost is its arithmetic. Only there: other passes promise the
+# eager passes' bits.
+_CONTRACTED = {"cpp.enable_floating_point_contract_flag": "fast"}
+
+
 def _exp2_sums(blocks: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     t = blocks * LOG2E + shift
     return (polynomial_exp2(t) if t.is_cpu else torch.exp2(t)).sum(dim=2)
@@ -117,10 +123,9 @@ def compiled_exp2_block_sums(x: torch.Tensor, shift: torch.Tensor, block: int) -
     # graph for the same rows.
     blocks = x.as_strided((rows, width // block, block), (x.stride(0), block, 1))
     shifts = shift.view(rows, 1, 1)
-    # Contracted to fused multiply-adds (the polynomial's steps, the exponents): a third of the
-    # loop's time on a CPU. Only here: other passes promise the eager passes' bits.
-    fused = {"cpp.enable_floating_point_contract_flag": "fast"}
-    return _compile("exp2_block_sums", _exp2_sums, unbacked=(0, 1), options=fused)(blocks, shifts)
+    return _compile("exp2_block_sums", _exp2_sums, unbacked=(0, 1), options=_CONTRACTED)(
+        blocks, shifts
+    )
 
 
 def compiled_per_row(name: str, fn, dynamic_columns: bool = True) -> _Compiled:
