@@ -1,21 +1,23 @@
-"""Attention in a compiled CPU decode step: the CPU attention kernel vs two other forms.
+"""Attention in a compiled CPU decode step: the CPU attention kernel vs other forms.
 
 A compiled decode step of at most 4 sequences (inductor) rewrites attention at compile time
 through the decomposition table it uses (narrow_products.py). This builds the same batch-1 step
-three times in one process, once per form of decode attention:
+once per form of decode attention, in one process:
 
 - kernel:  the CPU attention kernel, `_scaled_dot_product_flash_attention_for_cpu`, one external
            call per layer (the form before the rewrite, and larger batches' form);
 - bmm:     two batched matrix products around a softmax (narrow_products.attention: served);
 - narrow:  scores and output as broadcast multiplies and sums (the narrow-product form), so
-           inductor fuses attention into its own loops with no external call.
+           inductor fuses attention into its own loops with no external call;
+- rotary-blas: bmm, with the queries' rotary product `q @ R` (8 query rows at batch 1) through
+           BLAS, as before small products were fused (narrow_products.SMALL_PRODUCT).
 
 Each engine decodes the same greedy request; the runs alternate, each form's tok/s is the median
-of --pairs runs, with its median ratio to the kernel's run of the same round, and whether its
-tokens equal the kernel form's. Compiling takes minutes per form on a CPU (reported, not timed).
+of --pairs runs, with its median ratio to the --base form's run of the same round, and whether
+its tokens equal the base form's. Compiling takes minutes per form on a CPU (reported, not timed).
 
     PYTHONPATH=. python benchmarks/bench_attention_forms.py [--preset bench] [--pairs 7]
-        [--forms kernel,bmm,narrow]
+        [--forms kernel,bmm,narrow,rotary-blas] [--base kernel]
 """
 
 from __future__ import annotations
@@ -51,7 +53,22 @@ def narrow(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None,
     return out, (m + torch.log(total)).squeeze(-1)
 
 
-FORMS = {"kernel": None, "bmm": narrow_products.attention, "narrow": narrow}
+def rows_only_mm(a, b):
+    """The narrow `mm` as it was before small products: fused up to NARROW_ROWS rows only."""
+    if a.shape[0] > narrow_products.NARROW_ROWS:
+        return NotImplemented
+    return narrow_products.mm(a, b)
+
+
+SERVED_MM = narrow_products.mm
+# Each form: (the attention rewrite, None for the kernel; the `mm` rewrite).
+FORMS = {
+    "kernel": (None, SERVED_MM),
+    "bmm": (narrow_products.attention, SERVED_MM),
+    "narrow": (narrow, SERVED_MM),
+    "rotary-blas": (narrow_products.attention, rows_only_mm),
+}
+MM = torch.ops.aten.mm.default
 
 
 def main() -> None:
@@ -61,11 +78,13 @@ def main() -> None:
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--forms", default=",".join(FORMS), help="kernel and any of the others")
+    ap.add_argument("--forms", default=",".join(FORMS), help="any of them, the base included")
+    ap.add_argument("--base", default="kernel", help="the form the ratios are to")
     args = ap.parse_args()
     forms = {name: FORMS[name] for name in args.forms.split(",")}
-    if "kernel" not in forms:
-        ap.error("--forms must include kernel (the ratios are to it)")
+    if args.base not in forms:
+        ap.error("--forms must include --base (the ratios are to it)")
+    base = args.base
     # Each form must compile its own graph: the FX-graph cache is keyed on the rewritten graph,
     # but it is switched off so that no form can be served another's code.
     inductor_config.fx_graph_cache = False
@@ -74,31 +93,35 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, "
           f"float32, batch 1, {args.tokens} greedy tokens")  # fmt: skip
     engines, tokens = {}, {}
-    for name, form in forms.items():
+    for name, (form, mm) in forms.items():
         # The table is read when a step is first compiled: set it, compile, and move on.
         if form is None:
             narrow_products.NARROW.pop(FLASH, None)
         else:
             narrow_products.NARROW[FLASH] = form
+        narrow_products.NARROW[MM] = mm
         eng = engine(rt, compiled=True)
         t0 = time.perf_counter()
         tokens[name] = decode_tps(eng, rt, prompt, args.tokens, count=False)[2]
         print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         engines[name] = eng
     narrow_products.NARROW[FLASH] = narrow_products.attention
+    narrow_products.NARROW[MM] = SERVED_MM
     runs: dict[str, list[float]] = {name: [] for name in forms}
     reads = []
     for i in range(args.pairs):
         for name in forms if i % 2 == 0 else reversed(forms):
             runs[name].append(decode_tps(engines[name], rt, prompt, args.tokens, count=False)[0])
         reads.append(plain_read_gbs(rt.weights.arena is not None))
+        print(f"round {i}: " + ", ".join(f"{n} {runs[n][-1]:.1f}" for n in forms)
+              + f" tok/s; plain read {reads[-1]:.1f} GB/s", flush=True)  # fmt: skip
     floor = statistics.median(reads) * 1e9 / floor_bytes(rt)
     for name in forms:
         tps = statistics.median(runs[name])
-        ratio = statistics.median(a / b for a, b in zip(runs[name], runs["kernel"], strict=True))
-        print(f"{name:>7}: {tps:5.1f} tok/s ({tps / floor:.0%} of the read floor, "
-              f"{floor:.0f} tok/s), {ratio:.2f}x the kernel form's run of the same round; "
-              f"tokens equal the kernel form's: {tokens[name] == tokens['kernel']}")  # fmt: skip
+        ratio = statistics.median(a / b for a, b in zip(runs[name], runs[base], strict=True))
+        print(f"{name:>11}: {tps:5.1f} tok/s ({tps / floor:.0%} of the read floor, "
+              f"{floor:.0f} tok/s), {ratio:.2f}x the {base} form's run of the same round; "
+              f"tokens equal the {base} form's: {tokens[name] == tokens[base]}")  # fmt: skip
 
 
 if __name__ == "__main__":

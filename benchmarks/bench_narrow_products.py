@@ -13,7 +13,14 @@ more through a hand-written loop that keeps four rows' accumulators in flight (F
 the whole chain, OpenMP over rows like inductor's loop): whether a better-pipelined loop than
 inductor's one-accumulator reduction would read the weights faster.
 
+With --rotary, small products instead: the rotary's `q @ R` (R the 64 x 64 half rotation, q one
+row per query head: 8 rows for a bench-preset sequence), 35 of them per call as in a step's
+layers, each inside `q * cos + (q @ R) * sin` as the model writes it, compiled with inductor as
+it is (a BLAS call each) and with the rewrites (fused up to SMALL_PRODUCT multiply-adds, forced
+here at every row count), alternated: where the SMALL_PRODUCT bound belongs.
+
     python benchmarks/bench_narrow_products.py [--threads 2] [--rows 1,2,4,8,16,32] [--hand-loop]
+    python benchmarks/bench_narrow_products.py --rotary [--rotary-rows 8,16,32,64]
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_sampler import time_reference
+from server.runtime import narrow_products
 from server.runtime.decode_graph import cpu_backend
-from server.runtime.narrow_products import NARROW_ROWS
+from server.runtime.gemma3n import half_rotation
+from server.runtime.narrow_products import NARROW_ROWS, SMALL_PRODUCT
 
 HIDDEN, WIDTH, LAYERS = 512, 2048, 35
 
@@ -38,6 +47,52 @@ def chain(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
 def forced(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """The rewrite's form at any row count (where the bound would not apply it)."""
     return [(x[:, None, :] * w).sum(-1) for w in weights]
+
+
+def rotations(qs: torch.Tensor, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return [torch.addcmul(q * cos, q @ r, sin) for q in qs.unbind(0)]
+
+
+def rotary(args) -> None:
+    """Fused vs BLAS small products at each of --rotary-rows (see the module's docstring)."""
+    r = half_rotation(64, torch.float32, torch.device("cpu"))
+    fuse_any = {torch.ops.aten.mm.default: partial(narrow_products._product, a_at=2, b_at=0, dim=1)}
+    print(f"torch {torch.__version__}, {args.threads} threads, {LAYERS} rotations q @ R of "
+          f"[rows x 64] @ [64 x 64] per call, float32; fused up to {SMALL_PRODUCT} "
+          f"multiply-adds when served; median of {args.repeats} alternated")  # fmt: skip
+    for rows in (int(n) for n in args.rotary_rows.split(",")):
+        qs, cos, sin = torch.randn(LAYERS, rows, 64), torch.randn(rows, 64), torch.randn(rows, 64)
+        torch._dynamo.reset()
+        blas = torch.compile(rotations, fullgraph=True, dynamic=False)
+        with _narrow_table(fuse_any):
+            fused = torch.compile(rotations, fullgraph=True, dynamic=False,
+                                  backend=cpu_backend("inductor"))  # fmt: skip
+            got = fused(qs, r, cos, sin)
+        # q @ R is each input times +-1: exact, so any difference is a wrong product.
+        same = all(torch.equal(g, w) for g, w in zip(got, blas(qs, r, cos, sin), strict=True))
+        b, f = [], []
+        for _ in range(args.repeats):
+            b.append(time_reference(partial(blas, qs, r, cos, sin), 50))
+            f.append(time_reference(partial(fused, qs, r, cos, sin), 50))
+        b, f = (sorted(t)[len(t) // 2] for t in (b, f))
+        served = "fused" if rows * 64 * 64 <= SMALL_PRODUCT else "BLAS"
+        print(f"rows {rows:3d} ({rows * 64 * 64:7d} multiply-adds, served {served:>5}): BLAS "
+              f"{1e6 * b:6.1f} us, fused {1e6 * f:6.1f} us, fused/BLAS {f / b:.2f}x; "
+              f"equal: {same}")  # fmt: skip
+
+
+class _narrow_table:
+    """NARROW with some rewrites replaced while a graph compiles (inductor reads it then)."""
+
+    def __init__(self, rewrites):
+        self.rewrites, self.saved = rewrites, {}
+
+    def __enter__(self):
+        self.saved = {op: narrow_products.NARROW[op] for op in self.rewrites}
+        narrow_products.NARROW.update(self.rewrites)
+
+    def __exit__(self, *exc):
+        narrow_products.NARROW.update(self.saved)
 
 
 HAND_LOOP = r"""
@@ -94,8 +149,13 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,16,32")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--hand-loop", action="store_true", help="the 1-row chain hand-written too")
+    ap.add_argument("--rotary", action="store_true", help="small products (the rotary's) only")
+    ap.add_argument("--rotary-rows", default="8,16,32,64")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.rotary:
+        rotary(args)
+        return
     weights = [torch.randn(WIDTH, HIDDEN) for _ in range(3 * LAYERS)]
     nbytes = sum(w.nbytes for w in weights)
     plain = torch.ones(64 * 1024 * 1024)

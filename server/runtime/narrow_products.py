@@ -1,8 +1,9 @@
 """Narrow matrix products of a compiled CPU step, as fused multiply-reduce loops, and its attention.
 
 Owns how a compiled decode step on a CPU computes products with few rows (`mm`/`addmm` with at
-most NARROW_ROWS rows: every projection of a batch of 1 to 4 sequences) or a short inner
-dimension (`baddbmm` over at most NARROW_INNER terms: AltUp's 4x4 stream mixing and its
+most NARROW_ROWS rows: every projection of a batch of 1 to 4 sequences), small products (at most
+SMALL_PRODUCT multiply-adds: the rotary's `q @ R`, one row per query head, of such a batch) or a
+short inner dimension (`baddbmm` over at most NARROW_INNER terms: AltUp's 4x4 stream mixing and its
 per-stream correction): as a broadcast multiply and a sum, which inductor generates as one
 vectorised loop fused with the ops around it, instead of an external BLAS call; and the
 attention of such a batch (below).
@@ -23,6 +24,14 @@ products are not what keeps a compiled step from its read floor. And every exter
 Python-level call in inductor's CPU wrapper (with its output allocation and operand views),
 which on a small model is most of a step.
 
+A small product's operands sit in the first-level cache, so a BLAS call's fixed cost is most of
+what it costs: the rotary's [8 x 64] @ [64 x 64] of a bench-preset batch of 1 (8 query rows,
+past NARROW_ROWS) was one such call per layer. Fused, 35 such rotations take 0.28x BLAS's time
+at 8 rows, 0.51x at 16, 0.88x at 32 and 1.22x at 64 (bench_narrow_products.py --rotary), so
+the bound is 32 rows' worth: 2^17 multiply-adds. A whole batch-1 step gains little from it:
+1.00x and 1.01x the step with BLAS's rotation, medians of 9 and 15 alternated rounds whose
+single rounds spread +-10% (bench_attention_forms.py --base rotary-blas, results/).
+
 The rewrite is exact up to float32 rounding (the same products, summed in another order), so
 the compiled step's logits stay within the suite's bound of the eager forward's.
 
@@ -41,6 +50,7 @@ import torch
 aten = torch.ops.aten
 
 NARROW_ROWS = 4  # 1, 2 and 4 rows run faster fused, 8 and more through BLAS (bench_narrow_products)
+SMALL_PRODUCT = 1 << 17  # multiply-adds: the rotary's 32 x 64 x 64 (bench_narrow_products --rotary)
 NARROW_INNER = 4  # AltUp's streams
 DECODE_QUERIES = 16  # query rows per KV head in a decode step (Gemma 3n groups 4 or 2 heads)
 
@@ -52,15 +62,21 @@ def _product(a: torch.Tensor, b: torch.Tensor, dim: int, *, a_at: int, b_at: int
     return (a.to(wide).unsqueeze(a_at) * b.to(wide).unsqueeze(b_at)).sum(dim).to(a.dtype)
 
 
+def fuses(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether [M, K] @ [K, N] runs fused: M <= NARROW_ROWS, or M * K * N <= SMALL_PRODUCT."""
+    rows, inner = a.shape
+    return rows <= NARROW_ROWS or rows * inner * b.shape[1] <= SMALL_PRODUCT
+
+
 def mm(a: torch.Tensor, b: torch.Tensor) -> Any:
-    """[M, K] @ [K, N] -> [M, N] as one multiply-reduce over K, for M <= NARROW_ROWS."""
-    if a.shape[0] > NARROW_ROWS:
+    """[M, K] @ [K, N] -> [M, N] as one multiply-reduce over K, for a product that `fuses`."""
+    if not fuses(a, b):
         return NotImplemented
     return _product(a, b, 1, a_at=2, b_at=0)
 
 
 def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alpha=1) -> Any:
-    if a.shape[0] > NARROW_ROWS or beta != 1 or alpha != 1:
+    if not fuses(a, b) or beta != 1 or alpha != 1:
         return NotImplemented
     return bias + _product(a, b, 1, a_at=2, b_at=0)
 

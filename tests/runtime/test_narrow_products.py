@@ -4,7 +4,9 @@ products of few rows and short inner dimensions.
 - each rewrite computes its op: compared in float64, where the only difference is the order of
   a sum of at most a few hundred terms (relative 1e-12 is ~4,500 float64 ulps: far above that
   reordering's error, far below any wrong index or transpose);
-- outside its bounds (rows, inner size, scaled forms) it declines, and the op runs as it is;
+- small products fuse at any row count, up to SMALL_PRODUCT multiply-adds;
+- outside its bounds (rows and size, inner size, scaled forms) it declines, and the op runs as
+  it is;
 - reduced-precision inputs are accumulated in float32 and come back in their dtype;
 - decode attention rewritten as two products around a softmax computes the CPU attention
   kernel's op (output and log-sum-exp, boolean or additive masks), and prefills, larger
@@ -51,6 +53,18 @@ def test_few_rows_multiply_as_the_product(rows):
     assert_same(narrow.addmm(bias, a, w.t()), torch.addmm(bias, a, w.t()))
 
 
+def test_small_products_fuse_at_any_row_count_up_to_their_bound():
+    rows = narrow.SMALL_PRODUCT // (64 * 64)  # the rotary's q @ R: [rows x 64] @ [64 x 64]
+    assert rows > narrow.NARROW_ROWS
+    q, r = randn(rows, 64), randn(64, 64)
+    assert_same(narrow.mm(q, r), q @ r)
+    bias = randn(64)
+    assert_same(narrow.addmm(bias, q, r), torch.addmm(bias, q, r))
+    # One row more is one product of 64 x 64 multiply-adds past the bound.
+    assert narrow.mm(randn(rows + 1, 64), r) is NotImplemented
+    assert narrow.addmm(bias, randn(rows + 1, 64), r) is NotImplemented
+
+
 @pytest.mark.parametrize("inner", [1, 2, narrow.NARROW_INNER])
 def test_short_inner_batches_multiply_as_the_product(inner):
     base, b1, b2 = randn(3, 4, 64), randn(3, 4, inner), randn(3, inner, 64)
@@ -58,9 +72,11 @@ def test_short_inner_batches_multiply_as_the_product(inner):
 
 
 def test_outside_their_bounds_the_rewrites_decline():
-    wide = randn(narrow.NARROW_ROWS + 1, 8)
-    assert narrow.mm(wide, randn(8, 8)) is NotImplemented
-    assert narrow.addmm(randn(8), wide, randn(8, 8)) is NotImplemented
+    # More rows than NARROW_ROWS and more multiply-adds than SMALL_PRODUCT.
+    wide, b = randn(narrow.NARROW_ROWS + 1, 256), randn(256, 128)
+    assert (narrow.NARROW_ROWS + 1) * 256 * 128 > narrow.SMALL_PRODUCT
+    assert narrow.mm(wide, b) is NotImplemented
+    assert narrow.addmm(randn(128), wide, b) is NotImplemented
     assert narrow.addmm(randn(8), randn(1, 8), randn(8, 8), beta=2) is NotImplemented
     assert narrow.addmm(randn(8), randn(1, 8), randn(8, 8), alpha=0.5) is NotImplemented
     b1 = randn(2, 3, narrow.NARROW_INNER + 1)
@@ -86,10 +102,11 @@ def test_the_table_puts_the_rewrites_in_front_and_falls_back_to_inductors_own():
     table = narrow.inductor_decompositions()
     a, w = randn(1, 32), randn(48, 32)
     assert_same(table[aten.mm.default](a, w.t()), a @ w.t())
-    # 8 rows: the narrow form declines; inductor's own turns this outer product into a multiply.
-    column, row = randn(8, 1), randn(1, 3)
-    assert narrow.mm(column, row) is NotImplemented
-    assert_same(table[aten.mm.default](column, row), column @ row)
+    # A scaled form: the narrow one declines; inductor's own turns this dot product into a sum.
+    bias, row, column = randn(1, 1), randn(1, 8), randn(8, 1)
+    assert narrow.addmm(bias, row, column, beta=2) is NotImplemented
+    got = table[aten.addmm.default](bias, row, column, beta=2)
+    assert_same(got, torch.addmm(bias, row, column, beta=2))
     assert set(narrow.NARROW) <= set(table)
 
 
