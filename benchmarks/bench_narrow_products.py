@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,8 @@ def rotations(qs: torch.Tensor, r: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def rotary(args) -> None:
     """Fused vs BLAS small products at each of --rotary-rows (see the module's docstring)."""
     r = half_rotation(64, torch.float32, torch.device("cpu"))
-    fuse_any = {torch.ops.aten.mm.default: partial(narrow_products._product, a_at=2, b_at=0, dim=1)}
+    # The rewrite's form at any row count (as `forced` above), in place of the bounded one.
+    fuse_any = {torch.ops.aten.mm.default: lambda a, b: (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)}
     print(f"torch {torch.__version__}, {args.threads} threads, {LAYERS} rotations q @ R of "
           f"[rows x 64] @ [64 x 64] per call, float32; fused up to {SMALL_PRODUCT} "
           f"multiply-adds when served; median of {args.repeats} alternated")  # fmt: skip
@@ -64,7 +66,7 @@ def rotary(args) -> None:
         qs, cos, sin = torch.randn(LAYERS, rows, 64), torch.randn(rows, 64), torch.randn(rows, 64)
         torch._dynamo.reset()
         blas = torch.compile(rotations, fullgraph=True, dynamic=False)
-        with _narrow_table(fuse_any):
+        with patch.dict(narrow_products.NARROW, fuse_any):  # inductor reads it as it compiles
             fused = torch.compile(rotations, fullgraph=True, dynamic=False,
                                   backend=cpu_backend("inductor"))  # fmt: skip
             got = fused(qs, r, cos, sin)
@@ -79,20 +81,6 @@ def rotary(args) -> None:
         print(f"rows {rows:3d} ({rows * 64 * 64:7d} multiply-adds, served {served:>5}): BLAS "
               f"{1e6 * b:6.1f} us, fused {1e6 * f:6.1f} us, fused/BLAS {f / b:.2f}x; "
               f"equal: {same}")  # fmt: skip
-
-
-class _narrow_table:
-    """NARROW with some rewrites replaced while a graph compiles (inductor reads it then)."""
-
-    def __init__(self, rewrites):
-        self.rewrites, self.saved = rewrites, {}
-
-    def __enter__(self):
-        self.saved = {op: narrow_products.NARROW[op] for op in self.rewrites}
-        narrow_products.NARROW.update(self.rewrites)
-
-    def __exit__(self, *exc):
-        narrow_products.NARROW.update(self.saved)
 
 
 HAND_LOOP = r"""

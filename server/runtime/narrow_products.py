@@ -26,11 +26,12 @@ which on a small model is most of a step.
 
 A small product's operands sit in the first-level cache, so a BLAS call's fixed cost is most of
 what it costs: the rotary's [8 x 64] @ [64 x 64] of a bench-preset batch of 1 (8 query rows,
-past NARROW_ROWS) was one such call per layer. Fused, 35 such rotations take 0.28x BLAS's time
-at 8 rows, 0.51x at 16, 0.88x at 32 and 1.22x at 64 (bench_narrow_products.py --rotary), so
-the bound is 32 rows' worth: 2^17 multiply-adds. A whole batch-1 step gains little from it:
-1.00x and 1.01x the step with BLAS's rotation, medians of 9 and 15 alternated rounds whose
-single rounds spread +-10% (bench_attention_forms.py --base rotary-blas, results/).
+past NARROW_ROWS) was one such call per layer. Fused, 35 such rotations take 0.28-0.34x BLAS's
+time at 8 rows, 0.51-0.77x at 16, 0.88-0.96x at 32 and 1.22-1.39x at 64 (two runs of
+bench_narrow_products.py --rotary), so the bound is 32 rows' worth: 2^17 multiply-adds. A
+whole batch-1 step gains little from it: 1.00x and 1.01x the step with BLAS's rotation, medians
+of 9 and 15 alternated rounds whose single rounds spread +-10% (bench_attention_forms.py
+--base rotary-blas, results/).
 
 The rewrite is exact up to float32 rounding (the same products, summed in another order), so
 the compiled step's logits stay within the suite's bound of the eager forward's.
