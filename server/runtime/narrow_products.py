@@ -24,7 +24,7 @@ products are not what keeps a compiled step from its read floor. And every exter
 Python-level call in inductor's CPU wrapper (with its output allocation and operand views),
 which on a small model is most of a step.
 
-A small product's operands sit in the first-level cache, so a BLAS call's fixed cost is most of
+A small product is a few microseconds of arithmetic, so a BLAS call's fixed cost is most of
 what it costs: the rotary's [8 x 64] @ [64 x 64] of a bench-preset batch of 1 (8 query rows,
 past NARROW_ROWS) was one such call per layer. Fused, 35 such rotations take 0.28-0.34x BLAS's
 time at 8 rows, 0.51-0.77x at 16, 0.88-0.96x at 32 and 1.22-1.39x at 64 (two runs of
