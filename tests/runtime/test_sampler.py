@@ -695,11 +695,9 @@ def test_the_polynomial_exp2_keeps_its_error_bound_and_flushes_below_its_range()
     # roundings of 2^-24 (the terms' magnitudes sum to at most 2^(1/2) / 2^(-1/2) = 2 times the
     # value); the product by 2^n is exact for a normal result: < 1.4e-6 < 2^-19, contracted or
     # not, on any CPU. (A degree-4 polynomial's fit alone is 2.7e-6 off.) Below 2^-126.5: 0.
-    from server.runtime.row_passes import polynomial_exp2
+    from server.runtime.row_passes import _CONTRACTED, polynomial_exp2
 
-    fused = torch.compile(
-        polynomial_exp2, options={"cpp.enable_floating_point_contract_flag": "fast"}
-    )
+    fused = torch.compile(polynomial_exp2, options=_CONTRACTED)
     grid = torch.cat(
         [
             torch.linspace(-125.0, 0.0, 400_001),
