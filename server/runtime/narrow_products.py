@@ -12,8 +12,9 @@ Decode attention of as few sequences runs as two batched products (BLAS) around 
 inductor fuses into its loops, in place of the CPU attention kernel (one external call per
 layer, whose per-call cost outweighs its work for a few queries): a bench-preset batch-1 step
 1.05x as fast in each of three paired runs (benchmarks/bench_attention_forms.py, results/).
-Written instead as two narrow products, it made the step slower (0.83-0.84x there). Larger
-batches keep the kernel: they were not measured faster this way.
+Written instead as two narrow products, it made the step slower (0.83-0.84x there; 0.69x
+once small products fused too, when inductor made the whole step 4 kernels). Larger batches keep
+the kernel: they were not measured faster this way.
 
 Why: a batch-1 projection is a matrix-vector product that must read its weight once. MKL read
 the bench preset's FFN weights at 1 row at ~8 GB/s on the 2-core build machine, the fused loop
