@@ -42,6 +42,7 @@ from server.runtime.batch import StaticShape, StepSpec, materialize, plan_step, 
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.kv_cache import KVCache
 from server.runtime.narrow_products import NARROW, inductor_decompositions
+from server.runtime.object_heap import freeze_long_lived
 from server.vocabulary.step import StepSequence
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -148,6 +149,9 @@ class DecodeGraphs:
                 if len(made) != 1:
                     raise RuntimeError(f"compiling a step of {shape} made {len(made)} frames")
                 self.graphs[shape] = (spec, self._direct(made[0], spec))
+                # Compiling leaves hundreds of thousands of objects alive: frozen, no full
+                # garbage collection walks them in a later step.
+                freeze_long_lived()
             return out
 
         return first

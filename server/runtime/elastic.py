@@ -27,6 +27,7 @@ from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.grammar import Grammars
 from server.runtime.host_heap import keep_freed_memory
 from server.runtime.kv_cache import KVCache
+from server.runtime.object_heap import freeze_long_lived
 from server.runtime.weights import Weights
 from server.vocabulary.compute import COMPUTE_DTYPES, check_choice
 from server.vocabulary.measured_quality import read_measured_quality
@@ -77,6 +78,7 @@ class ElasticRuntime:
             why = keep_freed_memory()
             if why is not None:
                 warnings.warn(f"freed host memory goes back to the kernel: {why}", stacklevel=2)
+        freeze_long_lived()  # no full garbage collection walks the loaded model mid-step
         return runtime
 
     @cached_property

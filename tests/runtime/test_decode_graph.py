@@ -11,6 +11,8 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
   the mix is data (keep and width masks), never a guard. Later steps of a bucket run its code
   directly, without dynamo (decode_graph.py); here each is first checked against the guards
   dynamo made for the bucket, and a failed check fails the step;
+- compiling a bucket leaves its code (and what dynamo made with it) frozen out of the garbage
+  collector's full passes (object_heap.py), so that no later step stalls walking it;
 - a paged step (attention reading K/V where the cache holds them, FlexAttention) gives the same
   tokens as eager for mixes of subnets, again without recompiling. Run by "aot_eager",
   FlexAttention attends every slot of the pool through its `mask_mod`, so these engines get a
@@ -19,6 +21,8 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
 """
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -123,6 +127,15 @@ def test_a_direct_step_is_checked_against_its_buckets_guards(tiny, engines):
     # Dynamo holds no entry for the step's code once it is captured: its recompile limit (8
     # graphs per code object) can never stop a new bucket from compiling.
     assert not _debug_get_cache_entry_list(DecodeGraphs._step.__code__)
+
+
+def test_a_compiled_bucket_is_frozen_out_of_full_collections(tiny):
+    gc.unfreeze()  # what earlier tests froze: only this compile may freeze the new code
+    engine = assemble_engine(tiny, kv_bytes_for(tiny, 64), compile_backend=BACKEND)
+    generate(engine, [GenerationRequest(tiny.subnets["full"], prompt_ids(8), greedy(2))])
+    [(_, step)] = engine.runner.graphs.graphs.values()
+    # A full collection visits every object in the collector's generations: not these.
+    assert not any(o is step or o is step.func for o in gc.get_objects())
 
 
 def test_a_paged_step_decodes_every_mix_the_same_without_recompiling(tiny, engines, paged):
