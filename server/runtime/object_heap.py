@@ -1,15 +1,16 @@
 """Python's object heap in a serving process: what is alive once the server is set up is kept out
 of the cyclic garbage collector's full passes.
 
-Owns `freeze_long_lived`, which the runtime calls once its model is loaded and the decode graphs
-call after compiling a bucket. CPython's collector walks every tracked object in its oldest
-generation on a full pass, and a full pass starts on whichever allocation crosses its thresholds:
-in the middle of a step, holding the GIL, so every stream in flight stalls. A loaded
-bench-preset runtime tracks ~240,000 objects (the libraries' and the model's), and one with a
-compiled bucket ~640,000 (dynamo's and inductor's). On the 2-core build machine one full pass
-over the first took 96-98 ms, over the second 337-343 ms, and 0.01 ms or less once they were
-frozen (benchmarks/bench_collector.py, results/). vLLM (once its model is compiled and warmed
-up) and SGLang (its `freeze_gc`) freeze their startup heap for the same reason.
+Owns `freeze_long_lived`, which the runtime calls once its model is loaded, and the decode
+graphs and the sampler's row passes after each compile. CPython's collector walks every tracked
+object in its oldest generation on a full pass, and a full pass starts on whichever allocation
+crosses its thresholds: in the middle of a step, holding the GIL, so every stream in flight
+stalls. A loaded bench-preset runtime tracks ~240,000 objects (the libraries' and the model's),
+and one with a compiled bucket ~640,000 (dynamo's and inductor's). On the 2-core build machine
+one full pass over the first took 96-98 ms, over the second 337-343 ms, and 0.01 ms or less
+once they were frozen (benchmarks/bench_collector.py, results/). vLLM (once its model is
+compiled and warmed up) and SGLang (its `freeze_gc`) freeze their startup heap for the same
+reason.
 
 Frozen objects are never collected as cycles (reference counting still frees the rest). A
 resize drops the graphs of the old widths; so each call first thaws what an earlier call froze

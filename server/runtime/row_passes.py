@@ -38,6 +38,8 @@ import types
 
 import torch
 
+from server.runtime.object_heap import freeze_long_lived
+
 LOG2E = 1.0 / math.log(2.0)
 # Order keys of at most this many elements are formed eagerly: one row's block keys at Gemma's
 # vocabulary (a batch of one).
@@ -196,6 +198,7 @@ class _Compiled:
                     run = types.FunctionType(entry.code, self.fn.__globals__)
                     self.direct[kind] = (run, entry.guard_manager)
                     break
+            freeze_long_lived()  # what compiling left alive: out of later full collections
         return out
 
 
