@@ -9,6 +9,11 @@ once per form of decode attention, in one process:
 - bmm:     two batched matrix products around a softmax (narrow_products.attention: served);
 - narrow:  scores and output as broadcast multiplies and sums (the narrow-product form), so
            inductor fuses attention into its own loops with no external call;
+- realized: narrow, with the queries, keys, values and softmax weights each stored once before
+           the products read them. Without that, inductor inlines the operands' producers into
+           the products' loops: the queries' norm and rotary (with its pow, cos and sin) are
+           recomputed for every key, and the keys and values gathered through the block table
+           element by element for every query head (the weights it stores by itself);
 - rotary-blas: bmm, with the queries' rotary product `q @ R` (8 query rows at batch 1) through
            BLAS, as before small products were fused (narrow_products.SMALL_PRODUCT).
 
@@ -17,7 +22,7 @@ of --pairs runs, with its median ratio to the --base form's run of the same roun
 its tokens equal the base form's. Compiling takes minutes per form on a CPU (reported, not timed).
 
     PYTHONPATH=. python benchmarks/bench_attention_forms.py [--preset bench] [--pairs 7]
-        [--forms kernel,bmm,narrow,rotary-blas] [--base kernel]
+        [--forms kernel,bmm,narrow,realized,rotary-blas] [--base kernel]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from unittest.mock import patch
 
 import torch
 import torch._inductor.config as inductor_config
+from torch._inductor import inductor_prims
 
 from benchmarks.bench_decode import decode_tps, engine, floor_bytes, plain_read_gbs, prompt_of
 from server.runtime import narrow_products
@@ -39,19 +45,33 @@ from server.tools.dev_model import dev_model_cache
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
-def narrow(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
-    """The served form's calls and softmax, its two products as multiplies and sums."""
+def narrow(
+    query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None, store=None
+):
+    """The served form's calls and softmax, its two products as multiplies and sums. `store`, if
+    given, is applied to the operands and the softmax weights before the products read them."""
     if not narrow_products.rewrites_attention(query, key, dropout_p, is_causal):
         return NotImplemented
+    store = store or (lambda t: t)
+    query, key, value = store(query), store(key), store(value)
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
     s = (query.unsqueeze(3) * key.unsqueeze(2)).sum(-1) * scale
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask
     m = s.amax(-1, keepdim=True)
-    p = torch.exp(s - m)
+    p = store(torch.exp(s - m))
     total = p.sum(-1, keepdim=True)
     out = (p.unsqueeze(-1) * value.unsqueeze(2)).sum(-2) / total
     return out, (m + torch.log(total)).squeeze(-1)
+
+
+def realized(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """The narrow form with its operands and softmax weights each stored as a buffer before the
+    products read them (inductor's `force_stride_order` makes one of what it would inline)."""
+    return narrow(
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale,
+        store=lambda t: inductor_prims.force_stride_order(t, t.stride()),
+    )  # fmt: skip
 
 
 def rows_only_mm(a, b):
@@ -67,6 +87,7 @@ FORMS = {
     "kernel": (None, SERVED_MM),
     "bmm": (narrow_products.attention, SERVED_MM),
     "narrow": (narrow, SERVED_MM),
+    "realized": (realized, SERVED_MM),
     "rotary-blas": (narrow_products.attention, rows_only_mm),
 }
 MM = torch.ops.aten.mm.default

@@ -12,9 +12,13 @@ Decode attention of as few sequences runs as two batched products (BLAS) around 
 inductor fuses into its loops, in place of the CPU attention kernel (one external call per
 layer, whose per-call cost outweighs its work for a few queries): a bench-preset batch-1 step
 1.05x as fast in each of three paired runs (benchmarks/bench_attention_forms.py, results/).
-Written instead as two narrow products, it made the step slower (0.83-0.84x there; 0.69x
-once small products fused too, when inductor made the whole step 4 kernels). Larger batches keep
-the kernel: they were not measured faster this way.
+Written instead as two narrow products, it made the step slower (0.83-0.84x there; 0.69-0.72x
+once small products fused too, when inductor made the whole step 4 kernels): inductor inlines
+what the products read into their loops, so the queries' norm and rotary (pow, cos, sin) ran
+once per key, the keys and values were gathered through the block table element by element
+once per query head. With the operands stored first (the benchmark's `realized` form) it ran
+at 0.95x: no gain over the batched products, whose external calls need their operands stored
+anyway. Larger batches keep the kernel: they were not measured faster this way.
 
 Why: a batch-1 projection is a matrix-vector product that must read its weight once. MKL read
 the bench preset's FFN weights at 1 row at ~8 GB/s on the 2-core build machine, the fused loop
