@@ -35,6 +35,7 @@ Deliberately does not know: weights, the model math (gemma3n.py), or how tokens 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -126,7 +127,7 @@ class PlannedStep:
 
     spec: StepSpec
     values: list[int]
-    host_ids: torch.Tensor  # [N] (the per-layer embedding rows are gathered on the host)
+    host_ids: list[int]  # [N] (the per-layer embedding rows are gathered on the host)
     order: list[int]  # batch index -> index in the caller's list
     segments: list[Segment]
     num_real_rows: int  # rows before a static step's padding
@@ -415,6 +416,13 @@ class _Values:
         self.shapes.append(shape or (len(values),))
         return len(self.shapes) - 1
 
+    def add_parts(self, values: Sequence[int], shapes: Sequence[tuple[int, ...]]) -> list[int]:
+        """Consecutive parts at once: `values` is theirs, one after another."""
+        first = len(self.shapes)
+        self.flat.extend(values)
+        self.shapes.extend(shapes)
+        return list(range(first, len(self.shapes)))
+
 
 class _Planner:
     def __init__(self, text, seqs, block_size, scratch_block, layout, per_query=False):
@@ -450,8 +458,7 @@ class _Planner:
 
     def planned(self, spec_fields: dict, num_real_rows: int) -> PlannedStep:
         spec = StepSpec(block_size=self.bs, shapes=tuple(self.v.shapes), **spec_fields)
-        host_ids = torch.tensor(self.ids, dtype=torch.long)
-        return PlannedStep(spec, self.v.flat, host_ids, self.order, self.segments, num_real_rows)
+        return PlannedStep(spec, self.v.flat, self.ids, self.order, self.segments, num_real_rows)
 
     # ---- any step -----------------------------------------------------------------------------
 
@@ -671,13 +678,9 @@ class _Planner:
                         if block >= 0:
                             block_index[block] = i
         every = tuple(range(t.num_hidden_layers))
-        keep = [int(s.keeps(layer)) for layer in every for s in subnets]
-        keep_parts = _split_rows(v, keep, t.num_hidden_layers, n, pad, 0)
-        widths = [s.width_of(layer) or shape.widths[layer] for layer in every for s in subnets]
-        width_parts = [
-            v.add(widths[layer * n : (layer + 1) * n] + [shape.widths[layer]] * pad, (rows, 1, 1))
-            for layer in every
-        ]
+        keep, widths = _static_layer_flags(tuple(subnets), pad, shape.widths)
+        keep_parts = v.add_parts(keep, [(rows,)] * len(every))
+        width_parts = v.add_parts(widths, [(rows, 1, 1)] * len(every))
         slots = []
         n_kv = t.first_kv_shared_layer
         for layer in range(n_kv):
@@ -740,6 +743,19 @@ def _positions_key(rows_key: tuple, index: int | None) -> tuple:
     return rows_key[:1] if index is None else rows_key
 
 
-def _split_rows(v: _Values, flat: list[int], layers: int, n: int, pad: int, fill: int) -> list[int]:
-    """One part per layer: its n values, then `pad` fills."""
-    return [v.add(flat[layer * n : (layer + 1) * n] + [fill] * pad) for layer in range(layers)]
+@functools.lru_cache(maxsize=256)
+def _static_layer_flags(
+    subnets: tuple[Subnet, ...], pad: int, resident: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A static step's per-layer row flags, layer after layer: whether each row keeps the layer
+    (pad rows: no), and each row's FFN width there (a skipped layer's and pad rows': the resident
+    width). They depend on the batch's subnets alone, which stay the same from one decode step
+    to the next until a request joins or leaves: computed once for them (35 layers x rows
+    Python-level lookups a step otherwise)."""
+    keep: list[int] = []
+    widths: list[int] = []
+    for layer, resident_width in enumerate(resident):
+        keep.extend([int(s.keeps(layer)) for s in subnets] + [0] * pad)
+        widths.extend([s.width_of(layer) or resident_width for s in subnets])
+        widths.extend([resident_width] * pad)
+    return tuple(keep), tuple(widths)

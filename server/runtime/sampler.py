@@ -114,6 +114,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -347,16 +348,22 @@ class Sampler:
         dev, B = raw.device, raw.shape[0]
         bm = self._block_max(x)
         fail = _failures(bm.amax(dim=1).float(), adj)
-        host = torch.tensor([row_key(s.seed, s.num_generated) for s in states], dtype=torch.long)
-        keys = host.to(dev, non_blocking=True)
-        params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
-        tokens = torch.zeros(B, dtype=torch.long, device=dev)
-        step = _Step(x, bm, params, keys[:, 0], keys[:, 1], fail, B, plan.min_p)
+        step = _Step(x, bm, fail, B, plan.min_p)
+        if plan.top_k or plan.nucleus or plan.full:  # rows that draw at random
+            host = [row_key(s.seed, s.num_generated) for s in states]
+            keys = torch.tensor(host, dtype=torch.long).to(dev, non_blocking=True)
+            step.params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
+            step.lo, step.hi = keys[:, 0], keys[:, 1]
         top = None
 
-        if plan.greedy:
-            rows = step.rows(plan.greedy)
-            tokens[rows.index] = _first_argmax(x, bm, rows, self.block)
+        greedy = step.rows(plan.greedy)
+        first = _first_argmax(x, bm, greedy, self.block) if plan.greedy else None
+        if greedy.every:  # every row greedy: no other path writes a token
+            tokens = first
+        else:
+            tokens = torch.zeros(B, dtype=torch.long, device=dev)
+            if plan.greedy:
+                tokens[greedy.index] = first
         if plan.top_k:
             rows = step.rows(plan.top_k)
             k = max(states[r].params.top_k for r in plan.top_k)
@@ -459,15 +466,15 @@ class Sampler:
         if rows.every:
             torch.sub(x, shift[:, None], out=w)
             return
-        self._copy_rows(w, x, rows)
+        self._copy_rows(w, x, rows.index)
         w.sub_(shift[:, None])
 
     @staticmethod
-    def _copy_rows(w: torch.Tensor, x: torch.Tensor, rows: _Rows) -> None:
+    def _copy_rows(w: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> None:
         if x.dtype == torch.float32:
-            torch.index_select(x, 0, rows.index, out=w)
+            torch.index_select(x, 0, index, out=w)
         else:
-            w.copy_(x.index_select(0, rows.index))
+            w.copy_(x.index_select(0, index))
 
     def _processed(self, raw, states, plan) -> tuple[torch.Tensor, _Adjustment | None]:
         """Steps 3-5 where any row has adjustments this step. They touch a few ids per row, so
@@ -616,7 +623,7 @@ class Sampler:
         unsettled = (wc.sum(dim=1) < p[:, _TOP_P] * total) & (rows.pick(step.fail) == 0)
         todo = unsettled.nonzero()[:, 0]
         if todo.numel():  # the host read named in the module docstring
-            every = rows.every and todo.numel() == rows.index.numel()
+            every = rows.every and todo.numel() == len(rows.positions)
             picked = (t.index_select(0, todo) for t in (sums, ids, p, total, lo, hi))
             out[todo] = self._reject(step, rows.index[todo], every, w, todo, *picked)
         return out
@@ -676,7 +683,7 @@ class Sampler:
         xs = x
         if rows is not None:
             xs = self._buffer("ahead_x", R, dev)
-            self._copy_rows(xs, x, _Rows(rows, False))
+            self._copy_rows(xs, x, rows)
         ws = w if whole else torch.index_select(w, 0, w_rows, out=self._buffer("ahead_w", R, dev))
         ahead, tie = (self._buffer(name, R, dev, torch.bool) for name in ("ahead", "tie"))
         torch.gt(xs, x_pivot, out=ahead)
@@ -742,12 +749,12 @@ class Sampler:
             x = raw if rows.every else raw.index_select(0, rows.index)
             sums = compiled_exp2_block_sums(x, m.float() * -LOG2E, bs)
             return m.double() + torch.log(sums.double().sum(dim=1))
-        w = self._buffer("weights", rows.index.numel(), raw.device)
+        w = self._buffer("weights", len(rows.positions), raw.device)
         shift = (m.float() * -LOG2E)[:, None]
         if rows.every:
             torch.add(shift, raw, alpha=LOG2E, out=w)
         else:
-            self._copy_rows(w, raw, rows)
+            self._copy_rows(w, raw, rows.index)
             torch.add(shift, w, alpha=LOG2E, out=w)
         w.exp2_()
         total = w.view(-1, V // bs, bs).sum(dim=2).double().sum(dim=1)
@@ -897,17 +904,17 @@ def _failures(x_max: torch.Tensor, adj: _Adjustment | None) -> torch.Tensor:
     where it did not (a blocked or clamped id hides them). A row whose processed maximum is -inf
     had no finite raw logit (2) unless one of its adjusted ids had one (3: min_tokens)."""
     bad = torch.isnan(x_max) | (x_max == math.inf)
-    had_finite = torch.zeros_like(bad)
-    if adj is not None:
-        before = adj.before.float()
-        rows_bad = (torch.isnan(before) | (before == math.inf)).any(dim=1)
-        finite = torch.isfinite(before).any(dim=1)
-        if adj.rows is None:
-            bad, had_finite = bad | rows_bad, finite
-        else:
-            bad = bad.index_copy(0, adj.rows, bad.index_select(0, adj.rows) | rows_bad)
-            had_finite = had_finite.index_copy(0, adj.rows, finite)
     none = x_max == NEG_INF
+    if adj is None:
+        return torch.where(bad, 1, torch.where(none, 2, 0))
+    before = adj.before.float()
+    rows_bad = (torch.isnan(before) | (before == math.inf)).any(dim=1)
+    finite = torch.isfinite(before).any(dim=1)
+    if adj.rows is None:
+        bad, had_finite = bad | rows_bad, finite
+    else:
+        bad = bad.index_copy(0, adj.rows, bad.index_select(0, adj.rows) | rows_bad)
+        had_finite = torch.zeros_like(bad).index_copy(0, adj.rows, finite)
     return torch.where(bad, 1, torch.where(none, torch.where(had_finite, 3, 2), 0))
 
 
@@ -917,42 +924,49 @@ def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Rows:
-    """Some rows of the batch: the device index, and whether it is every row in order (then
-    per-row tensors are used as they are, with no index_select)."""
+    """Some rows of the batch: their positions, whether they are every row in order (then
+    per-row tensors are used as they are, with no index_select), and their device index, made
+    (one upload) the first time a path needs it: a batch of greedy rows never does."""
 
-    index: torch.Tensor
+    positions: tuple[int, ...]
     every: bool
+    device: torch.device
 
     @classmethod
     def of(cls, positions: Sequence[int], batch: int, device: torch.device) -> _Rows:
-        return cls(_index(positions, device), list(positions) == list(range(batch)))
+        positions = tuple(positions)
+        return cls(positions, positions == tuple(range(batch)), device)
+
+    @cached_property
+    def index(self) -> torch.Tensor:
+        return _index(self.positions, self.device)
 
     def pick(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.every else t.index_select(0, self.index)
 
     def split(self, start: int, stop: int) -> _Rows:
         """The rows at positions [start, stop) of this set (every row only if that is all)."""
-        whole = self.every and start == 0 and stop == self.index.numel()
-        return _Rows(self.index[start:stop], whole)
+        whole = self.every and start == 0 and stop == len(self.positions)
+        return _Rows(self.positions[start:stop], whole, self.device)
 
     @property
     def gather_index(self) -> torch.Tensor | None:
         return None if self.every else self.index
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Step:
-    """What every path of one step reads: processed logits, their block maxima, per-row
-    parameters and random keys, failure codes."""
+    """What every path of one step reads: processed logits, their block maxima, failure codes,
+    and, where a row draws at random, per-row parameters and random keys."""
 
     x: torch.Tensor
     bm: torch.Tensor
-    params: torch.Tensor
-    lo: torch.Tensor
-    hi: torch.Tensor
     fail: torch.Tensor
     batch: int
     min_p: set[int]  # rows with min_p
+    params: torch.Tensor | None = None  # [B, 5]: _row_params
+    lo: torch.Tensor | None = None  # [B] random keys
+    hi: torch.Tensor | None = None
 
     def rows(self, positions: Sequence[int]) -> _Rows:
         return _Rows.of(positions, self.batch, self.x.device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -245,14 +246,13 @@ class Weights:
         layer = self.layers[i]
         layer.gate, layer.up, layer.down = buffers
 
-    def ple_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def ple_rows(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Per-layer-embedding rows for `token_ids`, gathered from host memory: [N, L*d].
 
         Ids outside the PLE vocabulary (vision/audio placeholders) read row 0, as transformers
-        does."""
-        ids = token_ids.to("cpu")
-        in_table = (ids >= 0) & (ids < self.text.vocab_size_per_layer_input)
-        ids = torch.where(in_table, ids, torch.zeros_like(ids))
+        does: decided here, on the host, where the ids are (no tensor ops for it)."""
+        size = self.text.vocab_size_per_layer_input
+        ids = torch.tensor([i if 0 <= i < size else 0 for i in token_ids], dtype=torch.long)
         if self.device.type != "cuda":
             return self.ple_table.index_select(0, ids).to(dtype=self.dtype)
         # Gather into a reusable pinned buffer, so the copy to the device is asynchronous (it

@@ -13,6 +13,8 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
   dynamo made for the bucket, and a failed check fails the step;
 - compiling a bucket leaves its code (and what dynamo made with it) frozen out of the garbage
   collector's full passes (object_heap.py), so that no later step stalls walking it;
+- a greedy batch-1 step dispatches at most AROUND_GRAPH ops around its graph (planning, the
+  upload, the per-layer embedding rows, sampling): on an accelerator each is a launch;
 - a paged step (attention reading K/V where the cache holds them, FlexAttention) gives the same
   tokens as eager for mixes of subnets, again without recompiling. Run by "aot_eager",
   FlexAttention attends every slot of the pool through its `mask_mod`, so these engines get a
@@ -28,14 +30,22 @@ import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch.utils._python_dispatch import _disable_current_modes
 
 from server.engine import offline
 from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.offline import GenerationRequest, greedy
 from server.runtime.decode_graph import DecodeGraphs
 from tests.runtime.conftest import assert_float32_close, decode_reference, prompt_ids
+from tests.runtime.test_decode_step import Ops
 
 BACKEND = "aot_eager"
+# Ops a greedy batch-1 step dispatches around its graph: 40 with torch 2.13 (the plan's upload 1,
+# the per-layer embedding rows 2, the logits' slice 1, the sampler's block maxima, failure codes,
+# first maxima and its one read-back 36). It was 61 while greedy rows built random keys and
+# parameters they never use and the embedding ids were checked with tensor ops: a step that
+# starts doing such per-row work again fails here.
+AROUND_GRAPH = 40
 MIX = ["full", "e2b", "skip-3-7", "mix-0.75", "e2.98b-layer", "skip-30-33", "e2b"]
 
 
@@ -114,6 +124,31 @@ def test_no_subnet_mix_recompiles_after_warm_up(tiny, engines):
     assert set(engines[1].runner.graphs.graphs) == {
         shape for shape in engines[1].runner.graphs.graphs if shape.num_rows in (1, 8)
     }
+
+
+def test_a_greedy_step_dispatches_few_ops_around_its_graph(tiny, engines):
+    engine = engines[1]
+    engine.add_request("around", prompt_ids(10, seed=5), tiny.subnets["full"], greedy(6))
+    for _ in range(3):  # the prefill, then decode steps (compiling the rows-1 bucket, or not)
+        engine.step()
+    graphs = engine.runner.graphs.graphs
+    [shape] = [s for s in graphs if s.num_rows == 1]
+    spec, step = graphs[shape]
+
+    def uncounted(*args):
+        with _disable_current_modes():
+            return step(*args)
+
+    ops = Ops()
+    graphs[shape] = (spec, uncounted)
+    try:
+        with ops:
+            [out] = engine.step()
+    finally:
+        graphs[shape] = (spec, step)
+    while not out.finished:
+        [out] = engine.step()
+    assert ops.count <= AROUND_GRAPH, f"{ops.count} ops around the graph (budget {AROUND_GRAPH})"
 
 
 def test_a_direct_step_is_checked_against_its_buckets_guards(tiny, engines):
