@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from unittest.mock import patch
 
@@ -37,7 +36,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch._inductor import inductor_prims
 
-from benchmarks.bench_decode import decode_tps, engine, floor_bytes, plain_read_gbs, prompt_of
+from benchmarks.bench_decode import alternated, decode_tps, engine, prompt_of
 from server.runtime import narrow_products
 from server.runtime.elastic import ElasticRuntime
 from server.tools.dev_model import dev_model_cache
@@ -126,21 +125,7 @@ def main() -> None:
             tokens[name] = decode_tps(eng, rt, prompt, args.tokens, count=False)[2]
         print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         engines[name] = eng
-    runs: dict[str, list[float]] = {name: [] for name in forms}
-    reads = []
-    for i in range(args.pairs):
-        for name in forms if i % 2 == 0 else reversed(forms):
-            runs[name].append(decode_tps(engines[name], rt, prompt, args.tokens, count=False)[0])
-        reads.append(plain_read_gbs(rt.weights.arena is not None))
-        print(f"round {i}: " + ", ".join(f"{n} {runs[n][-1]:.1f}" for n in forms)
-              + f" tok/s; plain read {reads[-1]:.1f} GB/s", flush=True)  # fmt: skip
-    floor = statistics.median(reads) * 1e9 / floor_bytes(rt)
-    for name in forms:
-        tps = statistics.median(runs[name])
-        ratio = statistics.median(a / b for a, b in zip(runs[name], runs[base], strict=True))
-        print(f"{name:>11}: {tps:5.1f} tok/s ({tps / floor:.0%} of the read floor, "
-              f"{floor:.0f} tok/s), {ratio:.2f}x the {base} form's run of the same round; "
-              f"tokens equal the {base} form's: {tokens[name] == tokens[base]}")  # fmt: skip
+    alternated(rt, engines, tokens, base, args.pairs, prompt, args.tokens)
 
 
 if __name__ == "__main__":

@@ -232,6 +232,36 @@ def plain_read_gbs(huge: bool = False) -> float:
     return 3 * a.nbytes / 1e9 / (time.perf_counter() - t0)
 
 
+def alternated(
+    rt: ElasticRuntime,
+    engines: dict,
+    tokens: dict,
+    base: str,
+    pairs: int,
+    prompt: list[int],
+    new_tokens: int,
+) -> None:
+    """Batch-1 compiled engines built different ways (each already compiled, `tokens` its greedy
+    tokens), timed in turn over `pairs` rounds whose order alternates, a plain read after each
+    round; prints every round, then each engine's median tok/s, its share of the read floor,
+    its median ratio to `base`'s run of the same round, and whether its tokens equal `base`'s."""
+    runs: dict[str, list[float]] = {name: [] for name in engines}
+    reads = []
+    for i in range(pairs):
+        for name in engines if i % 2 == 0 else reversed(engines):
+            runs[name].append(decode_tps(engines[name], rt, prompt, new_tokens, count=False)[0])
+        reads.append(plain_read_gbs(rt.weights.arena is not None))
+        print(f"round {i}: " + ", ".join(f"{n} {runs[n][-1]:.1f}" for n in engines)
+              + f" tok/s; plain read {reads[-1]:.1f} GB/s", flush=True)  # fmt: skip
+    floor = statistics.median(reads) * 1e9 / floor_bytes(rt)
+    for name in engines:
+        tps = statistics.median(runs[name])
+        ratio = statistics.median(a / b for a, b in zip(runs[name], runs[base], strict=True))
+        print(f"{name:>11}: {tps:5.1f} tok/s ({tps / floor:.0%} of the read floor, "
+              f"{floor:.0f} tok/s), {ratio:.2f}x the {base} run of the same round; "
+              f"tokens equal the {base} run's: {tokens[name] == tokens[base]}")  # fmt: skip
+
+
 def bench_preset(name: str, args) -> None:
     rt = ElasticRuntime.open(dev_model_cache(name), dtype="float32", huge_pages=True)
     huge = rt.weights.arena is not None  # False where the kernel has huge pages off

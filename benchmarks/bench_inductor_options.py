@@ -1,0 +1,81 @@
+"""Inductor's options for a compiled CPU decode step: the served ones vs others, side by side.
+
+A server's compiled CPU step is compiled with decode_graph.CPU_INDUCTOR over inductor's defaults.
+This builds the same batch-1 step once as served and once per variant (each an extra set of
+inductor options, on top of the served ones), in one process, and times them alternately
+(bench_decode.alternated): tok/s, share of the read floor, ratio to the served step's run of the
+same round, tokens equal, and how long each took to compile. Variants:
+
+- cpp-wrapper:  the graph's wrapper (what calls the kernels, allocates the buffers between them
+                and views them: ~800 Python-level calls per bench-preset step) generated as C++
+                and compiled with the kernels into one library (`cpp_wrapper`);
+- cpp-separate: the same, its wrapper compiled apart from the kernels, at a lower optimisation
+                level (`cpp_wrapper_build_separate`: meant to cut cpp-wrapper's compile time);
+- chunk-8k:     loops with fewer than 8192 elements' work run on one thread (`cpp.min_chunk_size`,
+                default 512): fewer parallel loops, each ending in a barrier;
+- realize-8:    pointwise expressions of more than 8 ops stored before their users read them
+                (`realize_opcount_threshold`, CPU default 50): e.g. the normalised input of a
+                projection computed once, not again for each output row.
+
+The FX-graph cache is off, so that every variant builds its own graph; the C++ it generates is
+still looked up in inductor's build cache, so a compile time printed here is a cold one only where
+that cache is empty (`TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)`). Cold, on the 2-core build machine,
+the cpp-wrapper build is the slow one: all kernels and the wrapper in one translation unit.
+
+    PYTHONPATH=. python benchmarks/bench_inductor_options.py [--preset bench] [--pairs 9]
+        [--variants served,cpp-wrapper,cpp-separate,chunk-8k,realize-8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch._inductor.config as inductor_config
+
+from benchmarks.bench_decode import alternated, decode_tps, engine, prompt_of
+from server.runtime.elastic import ElasticRuntime
+from server.tools.dev_model import dev_model_cache
+
+VARIANTS = {
+    "served": {},
+    "cpp-wrapper": {"cpp_wrapper": True},
+    "cpp-separate": {"cpp_wrapper": True, "cpp_wrapper_build_separate": True},
+    "chunk-8k": {"cpp.min_chunk_size": 8192},
+    "realize-8": {"realize_opcount_threshold": 8},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--pairs", type=int, default=9)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="any of them, served included")
+    args = ap.parse_args()
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    if "served" not in variants:
+        ap.error("--variants must include served (the ratios are to it)")
+    inductor_config.fx_graph_cache = False
+    rt = ElasticRuntime.open(dev_model_cache(args.preset), dtype="float32", huge_pages=True)
+    prompt = prompt_of(16)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, "
+          f"float32, batch 1, {args.tokens} greedy tokens")  # fmt: skip
+    engines, tokens = {}, {}
+    for name, options in variants.items():
+        # The options hold while the step's first run compiles it; the compiled code keeps them.
+        with inductor_config.patch(options):
+            eng = engine(rt, compiled=True)
+            t0 = time.perf_counter()
+            tokens[name] = decode_tps(eng, rt, prompt, args.tokens, count=False)[2]
+        print(f"{name}: {options or 'decode_graph.CPU_INDUCTOR alone'}; compiled in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        engines[name] = eng
+    alternated(rt, engines, tokens, "served", args.pairs, prompt, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
