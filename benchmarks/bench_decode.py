@@ -18,6 +18,11 @@ For each dev preset given (default: tiny, mini, bench; float32; made on first us
 - the compiled batch-1 step with its weights in huge pages vs in the checkpoint's 4 KiB
   page-cache pages (huge_pages: false), timed alternately in --floor-pairs pairs, and a plain
   read of each kind of memory;
+- where the share goes: the compiled batch-1 step at 1 thread vs at all of them, timed alternately
+  in --floor-pairs pairs, each with a plain read at the same thread count right after it: each
+  count's share of its own read. A step whose kernels were purely memory-bound would keep its
+  share as threads are added; what it loses is the parallel overhead inside its kernels
+  (barriers between loops, single-thread sections), which the read does not have;
 - 16 and 32 concurrent requests spread over several subnets, through our engine (eager and
   compiled) and through transformers one request at a time (tok/s of generated tokens);
 - with --paged, batch-1 compiled decode again with paged attention (K/V read where the cache
@@ -213,6 +218,30 @@ def pages_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, wa
           f"{small_gbs:.1f} GB/s; greedy tokens are eager's: {same}")  # fmt: skip
 
 
+def threads_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, want) -> None:
+    """The compiled batch-1 step and a plain read at 1 thread and at all of them, alternated."""
+    med, nbytes, most = statistics.median, floor_bytes(rt), torch.get_num_threads()
+    counts = (1, most)
+    rows: dict[int, list[tuple[float, float, bool]]] = {n: [] for n in counts}
+    try:
+        for i in range(args.floor_pairs):
+            for n in counts if i % 2 == 0 else reversed(counts):
+                torch.set_num_threads(n)
+                tps, _, got = decode_tps(compiled, rt, prompt, args.tokens, count=False)
+                rows[n].append((tps, plain_read_gbs(rt.weights.arena is not None), got == want))
+    finally:
+        torch.set_num_threads(most)
+    parts = []
+    for n in counts:
+        share = med(100 * tps * nbytes / (g * 1e9) for tps, g, _ in rows[n])
+        tps, gbs = med(r[0] for r in rows[n]), med(r[1] for r in rows[n])
+        parts.append(f"{n} thread{'s' * (n > 1)}: {tps:.1f} tok/s, plain read {gbs:.1f} GB/s, "
+                     f"median pair share {share:.0f}%")  # fmt: skip
+    same = all(r[2] for n in counts for r in rows[n])
+    print(f"compiled batch-1 by thread count ({args.floor_pairs} pairs each, alternated): "
+          f"{'; '.join(parts)}; greedy tokens are eager's: {same}")  # fmt: skip
+
+
 @functools.cache
 def _plain(huge: bool) -> torch.Tensor:
     n = 64 * 1024 * 1024  # 256 MiB: far past any cache, like the weights
@@ -308,6 +337,8 @@ def bench_preset(name: str, args) -> None:
           f"{' '.join(f'{x:.0f}%' for x in shares)}, median {med(shares):.0f}%")  # fmt: skip
     if huge:
         pages_side_by_side(rt, compiled, prompt, args, e[0][2])
+    if torch.get_num_threads() > 1:
+        threads_side_by_side(rt, compiled, prompt, args, e[0][2])
     if args.paged:
         for pool, budget in (("request-sized", None), ("server default", SERVER_KV_BYTES)):
             eng = engine(rt, True, paged=True, budget=budget)
