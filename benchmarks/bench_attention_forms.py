@@ -28,18 +28,16 @@ its tokens equal the base form's. Compiling takes minutes per form on a CPU (rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-import time
+from functools import partial
 from unittest.mock import patch
 
 import torch
-import torch._inductor.config as inductor_config
 from torch._inductor import inductor_prims
 
-from benchmarks.bench_decode import alternated, decode_tps, engine, prompt_of
+from benchmarks.bench_decode import builds_side_by_side
 from server.runtime import narrow_products
-from server.runtime.elastic import ElasticRuntime
-from server.tools.dev_model import dev_model_cache
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -92,6 +90,16 @@ FORMS = {
 MM = torch.ops.aten.mm.default
 
 
+@contextlib.contextmanager
+def form_table(form, mm):
+    """The narrow-product table with the form's attention and `mm` entries (no attention entry:
+    the CPU kernel), while a step compiles; the served table after it."""
+    with patch.dict(narrow_products.NARROW, {FLASH: form, MM: mm}):
+        if form is None:
+            del narrow_products.NARROW[FLASH]
+        yield
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,26 +114,8 @@ def main() -> None:
     if args.base not in forms:
         ap.error("--forms must include --base (the ratios are to it)")
     base = args.base
-    # Each form must compile its own graph: the FX-graph cache is keyed on the rewritten graph,
-    # but it is switched off so that no form can be served another's code.
-    inductor_config.fx_graph_cache = False
-    rt = ElasticRuntime.open(dev_model_cache(args.preset), dtype="float32", huge_pages=True)
-    prompt = prompt_of(16)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, "
-          f"float32, batch 1, {args.tokens} greedy tokens")  # fmt: skip
-    engines, tokens = {}, {}
-    for name, (form, mm) in forms.items():
-        # The table is read when a step is first compiled: the form's entries hold while its
-        # graph compiles, and the served table is back after it.
-        with patch.dict(narrow_products.NARROW, {FLASH: form, MM: mm}):
-            if form is None:
-                del narrow_products.NARROW[FLASH]
-            eng = engine(rt, compiled=True)
-            t0 = time.perf_counter()
-            tokens[name] = decode_tps(eng, rt, prompt, args.tokens, count=False)[2]
-        print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
-        engines[name] = eng
-    alternated(rt, engines, tokens, base, args.pairs, prompt, args.tokens)
+    builds = {name: partial(form_table, *forms[name]) for name in forms}
+    builds_side_by_side(args.preset, builds, base, args.pairs, args.tokens)
 
 
 if __name__ == "__main__":

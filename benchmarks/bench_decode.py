@@ -261,19 +261,28 @@ def plain_read_gbs(huge: bool = False) -> float:
     return 3 * a.nbytes / 1e9 / (time.perf_counter() - t0)
 
 
-def alternated(
-    rt: ElasticRuntime,
-    engines: dict,
-    tokens: dict,
-    base: str,
-    pairs: int,
-    prompt: list[int],
-    new_tokens: int,
-) -> None:
-    """Batch-1 compiled engines built different ways (each already compiled, `tokens` its greedy
-    tokens), timed in turn over `pairs` rounds whose order alternates, a plain read after each
-    round; prints every round, then each engine's median tok/s, its share of the read floor,
+def builds_side_by_side(preset: str, builds: dict, base: str, pairs: int, new_tokens: int) -> None:
+    """Batch-1 compiled engines of one preset built different ways, timed side by side. `builds`
+    maps a name to a context (a zero-argument callable returning one: inductor options, a rewrite
+    table) that holds while that engine's first step compiles it; the compiled code keeps what
+    it saw. The FX-graph cache is off, so that no build is served another's code. Then the
+    engines run in turn over `pairs` rounds whose order alternates, a plain read after each
+    round; printed: every round, then each engine's median tok/s, its share of the read floor,
     its median ratio to `base`'s run of the same round, and whether its tokens equal `base`'s."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    rt = ElasticRuntime.open(dev_model_cache(preset), dtype="float32", huge_pages=True)
+    prompt = prompt_of(16)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {preset}, "
+          f"float32, batch 1, {new_tokens} greedy tokens")  # fmt: skip
+    engines, tokens = {}, {}
+    for name, context in builds.items():
+        with context():
+            engines[name] = engine(rt, compiled=True)
+            t0 = time.perf_counter()
+            tokens[name] = decode_tps(engines[name], rt, prompt, new_tokens, count=False)[2]
+        print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     runs: dict[str, list[float]] = {name: [] for name in engines}
     reads = []
     for i in range(pairs):

@@ -3,8 +3,8 @@
 A server's compiled CPU step is compiled with decode_graph.CPU_INDUCTOR over inductor's defaults.
 This builds the same batch-1 step once as served and once per variant (each an extra set of
 inductor options, on top of the served ones), in one process, and times them alternately
-(bench_decode.alternated): tok/s, share of the read floor, ratio to the served step's run of the
-same round, tokens equal, and how long each took to compile. Variants:
+(bench_decode.builds_side_by_side): tok/s, share of the read floor, ratio to the served step's
+run of the same round, tokens equal, and how long each took to compile. Variants:
 
 - cpp-wrapper:  the graph's wrapper (what calls the kernels, allocates the buffers between them
                 and views them: ~800 Python-level calls per bench-preset step) generated as C++
@@ -29,14 +29,11 @@ the cpp-wrapper build is the slow one: all kernels and the wrapper in one transl
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 
-import torch
 import torch._inductor.config as inductor_config
 
-from benchmarks.bench_decode import alternated, decode_tps, engine, prompt_of
-from server.runtime.elastic import ElasticRuntime
-from server.tools.dev_model import dev_model_cache
+from benchmarks.bench_decode import builds_side_by_side
 
 VARIANTS = {
     "served": {},
@@ -59,22 +56,8 @@ def main() -> None:
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     if "served" not in variants:
         ap.error("--variants must include served (the ratios are to it)")
-    inductor_config.fx_graph_cache = False
-    rt = ElasticRuntime.open(dev_model_cache(args.preset), dtype="float32", huge_pages=True)
-    prompt = prompt_of(16)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, "
-          f"float32, batch 1, {args.tokens} greedy tokens")  # fmt: skip
-    engines, tokens = {}, {}
-    for name, options in variants.items():
-        # The options hold while the step's first run compiles it; the compiled code keeps them.
-        with inductor_config.patch(options):
-            eng = engine(rt, compiled=True)
-            t0 = time.perf_counter()
-            tokens[name] = decode_tps(eng, rt, prompt, args.tokens, count=False)[2]
-        print(f"{name}: {options or 'decode_graph.CPU_INDUCTOR alone'}; compiled in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-        engines[name] = eng
-    alternated(rt, engines, tokens, "served", args.pairs, prompt, args.tokens)
+    builds = {name: partial(inductor_config.patch, options) for name, options in variants.items()}
+    builds_side_by_side(args.preset, builds, "served", args.pairs, args.tokens)
 
 
 if __name__ == "__main__":
