@@ -9,6 +9,7 @@ forced choices (constrained by the grammar engine) return calls whose arguments 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -20,6 +21,24 @@ from tests.api.live import LiveServer
 
 # LiteLLM fetches its model price list from the internet at import unless told not to.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def close_litellm_event_loop():
+    """Close the event loop LiteLLM leaves behind. Its synchronous `completion` logs through
+    `asyncio.get_event_loop()`, which makes and sets a loop on this thread that nothing closes;
+    the garbage collector then warns of it ("unclosed event loop", a ResourceWarning) during
+    whichever later test it happens to run in, on this xdist worker."""
+    yield
+    policy = asyncio.get_event_loop_policy()
+    try:
+        loop = policy.get_event_loop()
+    except RuntimeError:  # no loop set (and newer Pythons make none)
+        return
+    if not loop.is_running():
+        loop.close()
+    policy.set_event_loop(None)
+
 
 CITY_SCHEMA = {
     "type": "object",
