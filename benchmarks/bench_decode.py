@@ -18,11 +18,13 @@ For each dev preset given (default: tiny, mini, bench; float32; made on first us
 - the compiled batch-1 step with its weights in huge pages vs in the checkpoint's 4 KiB
   page-cache pages (huge_pages: false), timed alternately in --floor-pairs pairs, and a plain
   read of each kind of memory;
-- where the share goes: the compiled batch-1 step at 1 thread vs at all of them, timed alternately
-  in --floor-pairs pairs, each with a plain read at the same thread count right after it: each
-  count's share of its own read. A step whose kernels were purely memory-bound would keep its
-  share as threads are added; what it loses is the parallel overhead inside its kernels
-  (barriers between loops, single-thread sections), which the read does not have;
+- where the share goes: the compiled batch-1 step timed in parts (time_split: inductor's kernels,
+  its external calls, the rest of its Python wrapper, the engine's host work outside the graph;
+  and the kernels' own read rate against a plain read), and the step at 1 thread vs at all of
+  them, timed alternately in --floor-pairs pairs, each with a plain read at the same thread count
+  right after it: each count's share of its own read. A share lost as threads are added is lost
+  to whatever does not speed up with them: the serial Python around the kernels (wrapper, host)
+  as much as the kernels' parallel overhead; the parts tell them apart;
 - 16 and 32 concurrent requests spread over several subnets, through our engine (eager and
   compiled) and through transformers one request at a time (tok/s of generated tokens);
 - with --paged, batch-1 compiled decode again with paged attention (K/V read where the cache
@@ -46,12 +48,14 @@ tiny-preset numbers before 2026-12-02 carry that.)
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import os
 import statistics
 import time
 
 import torch
+from torch._inductor.codecache import PyCodeCache
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from server.engine import offline
@@ -242,6 +246,95 @@ def threads_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, 
           f"{'; '.join(parts)}; greedy tokens are eager's: {same}")  # fmt: skip
 
 
+def time_split(rt: ElasticRuntime, compiled, prompt: list[int], args) -> None:
+    """Where a compiled batch-1 step's wall time goes, each decode step split by perf_counter
+    timers (no profiler) into: inductor's generated kernels (every `cpp_fused_*` call of the
+    compiled graph modules), its external calls (`extern_kernels.*`: the attention's batched
+    products), the rest of the graph call (inductor's Python wrapper: buffer reuse, tensor views,
+    argument passing), and the engine step outside the graph (scheduling, planning, uploads,
+    sampling). The kernels' read rate is the floor's bytes over their time (they read every
+    weight), next to a plain read right after. --floor-pairs rounds; the timers are then removed.
+    """
+    med, nbytes = statistics.median, floor_bytes(rt)
+    total: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+
+    def timed(fn, key: str):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                total[key] += time.perf_counter() - t0
+                calls[key] += 1
+
+        return call
+
+    class Externs:  # a graph module's `extern_kernels`, each call timed
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str):
+            return timed(getattr(self.inner, name), "extern")
+
+    undo = []
+    for module in PyCodeCache.modules:
+        found = {n: f for n, f in vars(module).items() if n.startswith("cpp_fused")}
+        if hasattr(module, "extern_kernels"):
+            found["extern_kernels"] = module.extern_kernels
+        for n, f in found.items():
+            undo.append((module, n, f))
+            setattr(module, n, Externs(f) if n == "extern_kernels" else timed(f, "kernels"))
+    graphs = compiled.runner.graphs.graphs
+    saved = dict(graphs)
+    graphs.update({shape: (spec, timed(fn, "graph")) for shape, (spec, fn) in saved.items()})
+    step = compiled.step
+
+    def step_with_graph():  # prefill steps run no graph: they are left out
+        n, t0 = calls["graph"], time.perf_counter()
+        out = step()
+        if calls["graph"] > n:
+            total["step"] += time.perf_counter() - t0
+        return out
+
+    compiled.step = step_with_graph
+    rows = []
+    try:
+        for _ in range(args.floor_pairs):
+            total.clear()
+            calls.clear()
+            tps = decode_tps(compiled, rt, prompt, args.tokens, count=False)[0]
+            gbs = plain_read_gbs(rt.weights.arena is not None)
+            ms = {k: 1e3 * v / calls["graph"] for k, v in total.items()}
+            rows.append(
+                (tps, gbs, ms, calls["kernels"] / calls["graph"], calls["extern"] / calls["graph"])
+            )
+    finally:
+        del compiled.step
+        graphs.update(saved)
+        for module, n, f in undo:
+            setattr(module, n, f)
+    if not rows[0][3]:
+        print("time split: no inductor kernel was called (not an inductor CPU graph)")
+        return
+    step_ms = med(r[2]["step"] for r in rows)
+    parts = {
+        "kernels": med(r[2]["kernels"] for r in rows),
+        "extern calls": med(r[2].get("extern", 0.0) for r in rows),
+        "graph wrapper": med(
+            r[2]["graph"] - r[2]["kernels"] - r[2].get("extern", 0.0) for r in rows
+        ),
+        "host outside the graph": med(r[2]["step"] - r[2]["graph"] for r in rows),
+    }
+    read = med(nbytes / (r[2]["kernels"] / 1e3) / (r[1] * 1e9) for r in rows)
+    tps = med(r[0] for r in rows)
+    print(f"compiled batch-1 step, timed in parts ({len(rows)} rounds, medians; {tps:.1f} tok/s "
+          f"with the timers): step {step_ms:.2f} ms = "
+          + ", ".join(f"{k} {v:.2f} ms ({100 * v / step_ms:.0f}%)" for k, v in parts.items())
+          + f"; {rows[0][3]:.0f} kernel and {rows[0][4]:.0f} extern calls per step; the kernels "
+          f"read the floor's bytes at {100 * read:.0f}% of the plain read after them")  # fmt: skip
+
+
 @functools.cache
 def _plain(huge: bool) -> torch.Tensor:
     n = 64 * 1024 * 1024  # 256 MiB: far past any cache, like the weights
@@ -344,6 +437,7 @@ def bench_preset(name: str, args) -> None:
           f"tok/s {' '.join(f'{t:.1f}' for t, _ in pairs)}; GB/s "
           f"{' '.join(f'{g:.1f}' for _, g in pairs)}; share of the floor "
           f"{' '.join(f'{x:.0f}%' for x in shares)}, median {med(shares):.0f}%")  # fmt: skip
+    time_split(rt, compiled, prompt, args)
     if huge:
         pages_side_by_side(rt, compiled, prompt, args, e[0][2])
     if torch.get_num_threads() > 1:
