@@ -27,7 +27,6 @@ its tokens equal the base form's. Compiling takes minutes per form on a CPU (rep
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from functools import partial
@@ -36,7 +35,7 @@ from unittest.mock import patch
 import torch
 from torch._inductor import inductor_prims
 
-from benchmarks.bench_decode import builds_side_by_side
+from benchmarks.bench_decode import side_by_side_main
 from server.runtime import narrow_products
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -101,21 +100,8 @@ def form_table(form, mm):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="bench")
-    ap.add_argument("--pairs", type=int, default=7)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--forms", default=",".join(FORMS), help="any of them, the base included")
-    ap.add_argument("--base", default="kernel", help="the form the ratios are to")
-    args = ap.parse_args()
-    forms = {name: FORMS[name] for name in args.forms.split(",")}
-    if args.base not in forms:
-        ap.error("--forms must include --base (the ratios are to it)")
-    base = args.base
-    builds = {name: partial(form_table, *forms[name]) for name in forms}
-    builds_side_by_side(args.preset, builds, base, args.pairs, args.tokens)
+    builds = {name: partial(form_table, *form) for name, form in FORMS.items()}
+    side_by_side_main(__doc__, builds, "forms", "kernel", pairs=7)
 
 
 if __name__ == "__main__":

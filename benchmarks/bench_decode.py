@@ -393,6 +393,29 @@ def builds_side_by_side(preset: str, builds: dict, base: str, pairs: int, new_to
               f"tokens equal the {base} run's: {tokens[name] == tokens[base]}")  # fmt: skip
 
 
+def side_by_side_main(doc: str, builds: dict, flag: str, base: str, pairs: int) -> None:
+    """The command line of a benchmark that builds batch-1 engines different ways (`builds`: a
+    name to its context, as builds_side_by_side takes) and times them side by side: --preset,
+    --pairs, --tokens, --<flag> (which builds, comma-separated) and --base (the ratios' build)."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--pairs", type=int, default=pairs)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument(f"--{flag}", default=",".join(builds), help="any of them, the base included")
+    ap.add_argument("--base", default=base, help="the build the ratios are to")
+    args = ap.parse_args()
+    names = getattr(args, flag).split(",")
+    unknown = [n for n in names if n not in builds]
+    if unknown:
+        ap.error(f"--{flag}: unknown {', '.join(unknown)} (known: {', '.join(builds)})")
+    if args.base not in names:
+        ap.error(f"--{flag} must include --base (the ratios are to it)")
+    chosen = {n: builds[n] for n in names}
+    builds_side_by_side(args.preset, chosen, args.base, args.pairs, args.tokens)
+
+
 def bench_preset(name: str, args) -> None:
     rt = ElasticRuntime.open(dev_model_cache(name), dtype="float32", huge_pages=True)
     huge = rt.weights.arena is not None  # False where the kernel has huge pages off

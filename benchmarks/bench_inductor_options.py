@@ -23,17 +23,16 @@ that cache is empty (`TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)`). Cold, on the 2-cor
 the cpp-wrapper build is the slow one: all kernels and the wrapper in one translation unit.
 
     PYTHONPATH=. python benchmarks/bench_inductor_options.py [--preset bench] [--pairs 9]
-        [--variants served,cpp-wrapper,cpp-separate,chunk-8k,realize-8]
+        [--variants served,cpp-wrapper,cpp-separate,chunk-8k,realize-8] [--base served]
 """
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import torch._inductor.config as inductor_config
 
-from benchmarks.bench_decode import builds_side_by_side
+from benchmarks.bench_decode import side_by_side_main
 
 VARIANTS = {
     "served": {},
@@ -45,19 +44,8 @@ VARIANTS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="bench")
-    ap.add_argument("--pairs", type=int, default=9)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="any of them, served included")
-    args = ap.parse_args()
-    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
-    if "served" not in variants:
-        ap.error("--variants must include served (the ratios are to it)")
-    builds = {name: partial(inductor_config.patch, options) for name, options in variants.items()}
-    builds_side_by_side(args.preset, builds, "served", args.pairs, args.tokens)
+    builds = {name: partial(inductor_config.patch, options) for name, options in VARIANTS.items()}
+    side_by_side_main(__doc__, builds, "variants", "served", pairs=9)
 
 
 if __name__ == "__main__":
