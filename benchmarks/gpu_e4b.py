@@ -11,26 +11,31 @@ section, so a run cut short still leaves what it measured:
    solo runs in each FFN layout and in batch-invariant mode, and the eager decode step's kernels;
 1. copy bandwidth: a large device-to-device copy (bytes read + written over time), and pinned
    host-to-device on an accelerator;
-2. resident FFN widths at E4B's sizes: shrinking to the level that still serves E2B (the device's
-   free memory before and after the cached rows are released) and growing back as elasticity
-   does (built in the background, then committed), with the grow's measured peak against the
-   peak elasticity budgets for;
-3. batch-1 greedy decode of the full and E2B subnets through the runtime, against the
+2. batch-1 greedy decode of the full and E2B subnets through the runtime, against the
    memory-bandwidth floor: bytes of weights one token reads (effective params + the vocab x hidden
    LM head, in the compute dtype) over the measured copy bandwidth;
-4. throughput of 16 and 64 concurrent requests spread over four subnets (full, e3.39b-layer,
-   e2.98b-block, e2b) through the real `Engine` (continuous batching, greedy, eos ignored), with
-   each pure decode step against the floor of the widest weights it reads;
-5. the kernels the profiler sees in one batch-1 decode step, eager and compiled (CUDA graphs),
+3. the decode step users get with `compile: true` (inductor, replayed as a captured CUDA graph)
+   against the eager step on the same requests: batch 1 (full subnet) and 32 rows over four
+   subnets, every other one sampled; step time, tok/s against the floor, the profiler's kernels
+   per step, and whether the two give the same tokens;
+4. the kernels the profiler sees in one batch-1 decode step, eager and compiled (CUDA graphs),
    the compiled step with K/V gathered and paged (read in place);
-6. transformers `generate()` on the same weights, full subnet (our tokens against its tokens).
+5. transformers `generate()` on the same weights, full subnet (our tokens against its tokens);
+6. throughput of 16 and 64 concurrent requests spread over four subnets (full, e3.39b-layer,
+   e2.98b-block, e2b) through the real `Engine` (continuous batching, greedy, eos ignored, eager),
+   with each pure decode step against the floor of the widest weights it reads;
+7. resident FFN widths at E4B's sizes: shrinking to the level that still serves E2B (the device's
+   free memory before and after the cached rows are released) and growing back as elasticity
+   does (built in the background, then committed), with the grow's measured peak against the
+   peak elasticity budgets for.
 
 The E4B checkpoint is generated after the smoke, in the real layout, with random weights drawn on
 the device (`server.tools.dev_model.TorchDraws`; 13.75 GB in bf16, no vision/audio towers) and
 written to `--work` (not under `--out`: only the small result files travel back). A checkpoint
 already in `--work` is reused, so an immediate rerun on a warm machine skips straight to
 measuring. `--scale small` (the `tiny` dev preset's shapes) runs every section on a CPU in
-seconds (the compiled kernel count excepted); that is how the script is tested
+seconds (the compiled steps through "aot_eager", section 4's compiled ones skipped); that is how
+the script is tested
 (tests/runtime/test_gpu_script.py).
 
     python benchmarks/gpu_e4b.py --scale e4b --device cuda --dtype bfloat16 --out $OUT
@@ -62,7 +67,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.gpu_smoke import decode_step_kernels, run_smoke
+from benchmarks.gpu_smoke import decode_step_kernels, profiled_step, run_smoke
 from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.device import allocator_bytes, device_uuid, release_cached
@@ -85,18 +90,24 @@ from server.vocabulary.subnets import Subnet, effective_params
 
 SCALES: dict[str, Preset] = {"e4b": E4B, "small": PRESETS["tiny"], "mini": PRESETS["mini"]}
 ENGINE_SUBNETS = ("full", "e3.39b-layer", "e2.98b-block", "e2b")
-SECTIONS = ("smoke", "bandwidth", "residency", "decode", "engine", "kernels", "transformers")
+# In the order they run: what issue 12 asks of a device first, then the rest.
+SECTIONS = (
+    "smoke", "bandwidth", "decode", "compiled", "kernels", "transformers", "engine", "residency"
+)  # fmt: skip
 TITLES = {
     "smoke": "0. Smoke: every risky path once, tiny scale, bfloat16, on the device",
     "bandwidth": "1. Copy bandwidth",
-    "residency": "2. Resident FFN widths: shrink to E2B's level and grow back",
-    "decode": "3. Batch-1 decode vs the memory-bandwidth floor",
-    "engine": "4. Concurrent mixed-subnet requests through the engine",
-    "kernels": "5. Kernels in one batch-1 decode step, eager and compiled",
-    "transformers": "6. transformers generate() on the same weights",
+    "decode": "2. Batch-1 decode vs the memory-bandwidth floor",
+    "compiled": "3. Compiled decode steps (captured CUDA graphs) against eager, batch 1 and mixed",
+    "kernels": "4. Kernels in one batch-1 decode step, eager and compiled",
+    "transformers": "5. transformers generate() on the same weights",
+    "engine": "6. Concurrent mixed-subnet requests through the engine (eager)",
+    "residency": "7. Resident FFN widths: shrink to E2B's level and grow back",
 }
 SMOKE_S = 40.0  # what the smoke needs at most (about 20 s on an H200)
-COMPILE_S = 180.0  # compiling one decode bucket (35 layers) and capturing its CUDA graph
+# Compiling one decode bucket (35 layers) and capturing its CUDA graph: a guess until the first
+# compile is timed (State.compile_s).
+COMPILE_S = 120.0
 JSONL, TABLE = "gpu_e4b.jsonl", "gpu_e4b.md"
 GB, GIB = 1e9, 1024**3
 # The dev tokenizer is sized apart from the model: random weights need only that ids fit, and a
@@ -172,6 +183,7 @@ class State:
     checkpoint: Path | None = None
     copy_gbps: float | None = None
     pace_tps: float = 10.0  # batch-1 tokens/s of the full subnet (guessed, then measured)
+    compile_s: float = COMPILE_S  # one bucket's compile (guessed, then measured)
     write_gbps: float = 0.5  # disk write speed seen while generating (guessed until then)
     ours_tokens: dict[str, list[int]] = field(default_factory=dict)
     ours_tps: dict[str, float] = field(default_factory=dict)
@@ -445,6 +457,143 @@ def measure_decode(state: State) -> None:
         )
 
 
+# ---- 4. compiled decode steps against eager --------------------------------------------------
+
+
+def compiled_load(state: State, rows: int) -> list[tuple[str, str, list[int], SamplingParams]]:
+    """`rows` requests of one prompt length and one output length, so that every decode step
+    holds all of them and reads keys in one context bucket. One row: the full subnet, greedy.
+    More: round-robin over the four subnets, every other request sampled (seeded, so that eager
+    and compiled can be held against each other token for token)."""
+    a, rt = state.args, state.rt
+    assert rt is not None
+    vocab = rt.store.text.vocab_size_per_layer_input
+    load = []
+    for i in range(rows):
+        greedy = rows == 1 or i % 2 == 0
+        params = SamplingParams(
+            max_tokens=a.compiled_tokens,
+            temperature=0.0 if greedy else 0.8,
+            top_p=1.0 if greedy else 0.95,
+            top_k=0 if greedy else 64,
+            seed=None if greedy else 1000 + i,
+            ignore_eos=True,
+        )
+        subnet = "full" if rows == 1 else ENGINE_SUBNETS[i % len(ENGINE_SUBNETS)]
+        load.append((f"c{i}", subnet, prompt_ids(a.prompt_tokens, vocab, seed=100 + i), params))
+    return load
+
+
+def decode_pass(eng, state: State, load, tag: str, profile_step: int | None = None):
+    """The load through the engine once: the wall time of each step that decoded every request,
+    each request's tokens, the profiler's kernels in one such step (the one after
+    `profile_step` of them; not timed), and the errors requests ended with."""
+    rt = state.rt
+    assert rt is not None
+    for rid, subnet, prompt, params in load:
+        eng.add_request(f"{tag}-{rid}", prompt, rt.subnets[subnet], params)
+    tokens: dict[str, list[int]] = {f"{tag}-{rid}": [] for rid, *_ in load}
+    errors: dict[str, int] = {}  # a request's error (e.g. non-finite logits): how many had it
+    steps: list[float] = []
+    kernels: dict[str, Any] = {}
+    decoding = False  # the last step decoded every request: so will this one, until they end
+    state.sync()
+    while eng.has_work:
+        profile = decoding and not kernels and len(steps) == profile_step
+        t = time.perf_counter()
+        kernels, outs = profiled_step(eng) if profile else (kernels, eng.step())
+        dt = time.perf_counter() - t
+        s = eng.last_step
+        decoding = s.num_seqs == s.num_decodes == len(load)
+        if decoding and not profile:
+            steps.append(dt)
+        for o in outs:
+            tokens[o.request_id].extend(o.token_ids)
+            if o.error:
+                errors[o.error] = errors.get(o.error, 0) + 1
+    return steps, [tokens[f"{tag}-{rid}"] for rid, *_ in load], kernels, errors
+
+
+def measure_compiled(state: State) -> None:
+    """The decode step as users get it with `compile: true`, against the eager step, on the same
+    requests: batch 1 (full subnet) and a batch of four subnets mixed (greedy and sampled). On
+    CUDA the compiled step is inductor's (or --compiled-backend's), replayed as a captured CUDA
+    graph, and again uncaptured (what the capture saves); on a CPU, where inductor takes
+    minutes, "aot_eager" checks the section's own code, untimed in spirit. The step time is the
+    wall time of an engine step that decodes every request (tokens sampled and on the host);
+    the floor is the weights those subnets read at least (per layer the widest width) over the
+    copy bandwidth; kernels per step from the profiler."""
+    a, r, rt = state.args, state.results, state.rt
+    assert rt is not None
+    cuda = state.device.type == "cuda"
+    bandwidth = (state.copy_gbps or math.nan) * GB
+    for rows in a.compiled_rows:
+        load = compiled_load(state, rows)
+        floor_tps = rows * bandwidth / union_bytes(state, sorted({s for _, s, _, _ in load}))
+        done: dict[str, dict[str, Any]] = {}
+        backend = a.compiled_backend or ("inductor" if cuda else "aot_eager")
+        modes = [("eager", None, False), ("compiled", backend, cuda)]
+        if cuda:
+            modes.append(("compiled, uncaptured", backend, False))
+        for mode, backend, capture in modes:
+            # two passes (the first compiles and warms), each of prefill + tokens steps, a
+            # batched step costing up to a few batch-1 steps
+            passes = 2 * (a.compiled_tokens + 2) * (1 + rows / 16) / state.pace_tps
+            need = passes + (state.compile_s if backend else 0) + 2
+            if reason := state.budget.shortfall(need):
+                r.skip("compiled", reason, rows=rows, mode=mode)
+                continue
+            kv_tokens = rows * (a.prompt_tokens + a.compiled_tokens + 16)
+            config = SchedulerConfig(
+                max_num_seqs=rows,
+                max_num_batched_tokens=max(rows * a.prompt_tokens, a.engine_batched_tokens),
+                max_prefill_chunk=a.prompt_tokens,
+                max_model_len=rt.store.text.max_position_embeddings,
+            )
+            eng = assemble_engine(rt, kv_bytes_for(rt, kv_tokens), config, compile_backend=backend)
+            if backend:
+                eng.runner.graphs.capture = capture
+            t0 = time.perf_counter()
+            decode_pass(eng, state, load, "warm")  # compiles the bucket (rows, context)
+            warm_s = time.perf_counter() - t0
+            if backend:
+                state.compile_s = warm_s
+            steps, tokens, kernels, errors = decode_pass(
+                eng, state, load, "timed", profile_step=a.compiled_tokens // 2
+            )
+            step_s = statistics.median(steps) if steps else math.nan
+            done[mode] = r.add(
+                "compiled",
+                rows=rows,
+                mode=mode,
+                backend=backend,
+                subnets=sorted({s for _, s, _, _ in load}),
+                sampled=sum(p.temperature > 0 for *_, p in load),
+                steps=len(steps),
+                step_ms=step_s * 1e3,
+                tps=rows / step_s,
+                floor_tps=floor_tps,
+                fraction=rows / step_s / floor_tps if state.copy_gbps else None,
+                warm_pass_s=warm_s,
+                graphs=len(eng.runner.graphs.graphs) if backend else None,
+                uncaptured=list(eng.runner.graphs.uncaptured.values()) if capture else None,
+                errors=errors,
+                tokens=tokens,
+                **kernels,
+            )
+        for mode in [m for m in done if m != "eager"] if "eager" in done else []:
+            e, c = done["eager"], done[mode]
+            r.add(
+                "compiled",
+                rows=rows,
+                mode=f"{mode} / eager",
+                speedup=e["step_ms"] / c["step_ms"],
+                requests_equal=sum(x == y for x, y in zip(e["tokens"], c["tokens"], strict=True)),
+                requests=rows,
+            )
+        free_device_memory(state)
+
+
 # ---- 4. concurrent mixed-subnet requests ---------------------------------------------------
 
 
@@ -583,7 +732,7 @@ def measure_kernels(state: State) -> None:
         if state.device.type != "cuda":
             r.skip("kernels", "no accelerator: compiled steps take minutes on a CPU", mode=mode)
             continue
-        if reason := state.budget.shortfall(COMPILE_S):
+        if reason := state.budget.shortfall(state.compile_s):
             r.skip("kernels", reason, mode=mode)
             continue
         t0 = time.perf_counter()
@@ -876,6 +1025,43 @@ COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, 
             _detail(r),
         ),
     ),
+    "compiled": (
+        (
+            "rows",
+            "step",
+            "subnets (sampled rows)",
+            "step ms (median)",
+            "tok/s",
+            "floor tok/s",
+            "of floor",
+            "kernels / launches / graph launches",
+            "first pass s (compile)",
+            "against eager; errors",
+        ),
+        lambda r: (
+            str(r["rows"]),
+            r["mode"] + (f" ({r['backend']})" if r.get("backend") else ""),
+            f"{len(r['subnets'])} ({r['sampled']})" if "subnets" in r else "-",
+            _num(r.get("step_ms"), ".2f"),
+            _num(r.get("tps")),
+            _num(r.get("floor_tps")),
+            _num(r.get("fraction"), ".1%"),
+            " / ".join(str(r.get(k, "-")) for k in ("kernels", "launches", "graph_launches"))
+            if "kernels" in r
+            else f"{r['operators']} operators"
+            if "operators" in r
+            else "-",
+            _num(r.get("warm_pass_s")),
+            f"{_num(r['speedup'], '.2f')}x eager's speed; {r['requests_equal']} of {r['requests']} "
+            "requests' tokens equal"
+            if "speedup" in r
+            else "; ".join(
+                [f"{n} ended: {e}" for e, n in (r.get("errors") or {}).items()]
+                + [f"uncaptured: {u}" for u in r.get("uncaptured") or []]
+            )
+            or "-",
+        ),
+    ),
     "kernels": (
         (
             "decode step (batch 1, full)",
@@ -1004,6 +1190,12 @@ COLUMNS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, 
 }
 
 
+def _skipped_what(r: dict[str, Any]) -> str:
+    """What a skipped record would have measured, as its section names it."""
+    what = r.get("subnet") or r.get("requests") or r.get("kind") or r.get("mode") or ""
+    return f"{r['rows']} rows, {what}" if "rows" in r else str(what)
+
+
 def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -1019,8 +1211,8 @@ def render_table(records: list[dict[str, Any]]) -> str:
         f"Scale `{env.get('scale')}`, {env.get('dtype')} on {env.get('device_name')}; torch "
         f"{env.get('torch')} (CUDA {env.get('cuda')}), transformers {env.get('transformers')}, "
         f"python {env.get('python')}; time budget {env.get('time_budget_s')} s. Random weights "
-        "in the real layout (benchmarks/gpu_e4b.py); eager PyTorch except section 5's "
-        "compiled step.",
+        "in the real layout (benchmarks/gpu_e4b.py); eager PyTorch except the compiled steps "
+        "of sections 3 and 4.",
         "",
     ]
     if "skipped" in env:
@@ -1054,9 +1246,7 @@ def render_table(records: list[dict[str, Any]]) -> str:
             f"- {f'{what}: ' if what else ''}skipped: {r['skipped']}"
             for r in of(section)
             if "skipped" in r
-            for what in [
-                r.get("subnet") or r.get("requests") or r.get("kind") or r.get("mode") or ""
-            ]
+            for what in [_skipped_what(r)]
         ]
         if not of(section):
             skipped.append("- skipped: not reached (the run ended before this section)")
@@ -1091,7 +1281,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"])
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-out")
     ap.add_argument("--work", help="checkpoint and export folder (default /tmp/concentric-gpu)")
-    ap.add_argument("--time-budget-s", type=float, default=300.0)
+    ap.add_argument("--time-budget-s", type=float, default=420.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--copy-mb", type=int, help="bytes per copy (default 4096 on cuda, else 256)")
     ap.add_argument("--copy-repeats", type=int, default=20)
@@ -1099,6 +1289,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-tokens", type=int, help="default 64 at e4b, else 16")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--decode-subnets", default="full,e2b")
+    ap.add_argument("--compiled-rows", default="1,32", help="batch sizes of section 3")
+    ap.add_argument("--compiled-backend", help="section 3's (default inductor; CPU: aot_eager)")
+    ap.add_argument(
+        "--compiled-tokens", type=int, help="tokens per request (default 24 at e4b, else 6)"
+    )
     ap.add_argument("--engine-requests", default="16,64")
     ap.add_argument("--engine-prompt", default="24:96", help="prompt lengths, min:max")
     ap.add_argument("--engine-output", help="output lengths, min:max (default 32:128 at e4b)")
@@ -1117,6 +1312,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.decode_tokens = a.decode_tokens or (64 if big else 16)
     a.hf_tokens = a.hf_tokens or a.decode_tokens
     a.engine_requests = [int(n) for n in a.engine_requests.split(",") if n]
+    a.compiled_rows = [int(n) for n in a.compiled_rows.split(",") if n]
+    a.compiled_tokens = a.compiled_tokens or (24 if big else 6)
     a.engine_prompt = _span(a.engine_prompt)
     a.engine_output = _span(a.engine_output or ("16:64" if big else "4:12"))
     on_gpu = a.device == "cuda"
@@ -1181,11 +1378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if state.checkpoint is not None:
         guarded(state, "load", lambda: open_runtime(state))
     sections: list[tuple[str, Callable[[State], None]]] = [
-        ("residency", measure_residency),
         ("decode", measure_decode),
-        ("engine", measure_engine),
+        ("compiled", measure_compiled),
         ("kernels", measure_kernels),
         ("transformers", measure_transformers),
+        ("engine", measure_engine),
+        ("residency", measure_residency),
     ]
     for name, run in sections:
         if state.rt is None:

@@ -260,45 +260,52 @@ def check_kernels(rt: ElasticRuntime) -> dict[str, Any]:
     return {"ok": True, **decode_step_kernels(rt)}
 
 
+def profiled_step(eng) -> tuple[dict[str, int], list]:
+    """One engine step under the profiler: the kernels it ran on CUDA (those a captured graph
+    replays included), the launches the host made and the graphs it replayed; on a CPU, the
+    operators the step called (not the ones they call in turn). And the step's outputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = eng.runner.model.w.device
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        outs = eng.step()
+        synchronize(device)
+    events = prof.events()
+    if cuda:
+        kernels = sum(1 for e in events if e.device_type.name == "CUDA")
+        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel"))
+        graphs = sum(1 for e in events if "GraphLaunch" in e.name)
+        return {"kernels": kernels, "launches": launches, "graph_launches": graphs}, outs
+
+    def top_level(e) -> bool:
+        parent = e.cpu_parent
+        return e.name.startswith("aten::") and (
+            parent is None or not parent.name.startswith("aten::")
+        )
+
+    return {"operators": sum(1 for e in events if top_level(e))}, outs
+
+
 def decode_step_kernels(
     rt: ElasticRuntime, compile_backend: str | None = None, paged_attention: bool = False
 ) -> dict[str, Any]:
     """Kernels (CUDA) or operators (CPU) the profiler records in one batch-1 decode step of the
     full subnet through the engine, after the step's shapes have run once (warm), and the
     step's wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
     eng = assemble_engine(
         rt, kv_bytes_for(rt, 128), compile_backend=compile_backend, paged_attention=paged_attention
     )
     eng.add_request("k", _prompt(16, 5), rt.subnets["full"], greedy(8))
     for _ in range(4):  # prefill, then decode steps until compiled and warm
         eng.step()
-    cuda = rt.weights.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(rt.weights.device)
     t0 = time.perf_counter()
     eng.step()
     synchronize(rt.weights.device)
     step_ms = (time.perf_counter() - t0) * 1e3
-    with profile(activities=activities) as prof:
-        eng.step()
-        synchronize(rt.weights.device)
-    events = prof.events()
-    if cuda:
-        kernels = sum(1 for e in events if e.device_type.name == "CUDA")
-        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel"))
-        graphs = sum(1 for e in events if "GraphLaunch" in e.name)
-        count = {"kernels": kernels, "launches": launches, "graph_launches": graphs}
-    else:  # operators the step calls, not the ones they call in turn
-
-        def top_level(e) -> bool:
-            parent = e.cpu_parent
-            return e.name.startswith("aten::") and (
-                parent is None or not parent.name.startswith("aten::")
-            )
-
-        count = {"operators": sum(1 for e in events if top_level(e))}
+    count, _ = profiled_step(eng)
     while eng.has_work:
         eng.step()
     return {"compiled": compile_backend, "step_ms": step_ms, **count}

@@ -6,10 +6,14 @@ decode step (every sequence computes one token and samples) is planned as a stat
 every FFN at the resident width with per-row width masks, keys read up to a context bucket), so
 its shape depends on the buckets alone. The device half of the plan and the forward are then
 compiled together with `torch.compile(fullgraph=True)`: inductor on a CPU, with products of few rows
-generated as fused loops rather than BLAS calls (narrow_products.py); on CUDA inductor with
-`mode="reduce-overhead"`, which replays the step as a captured CUDA graph (its inputs, the step's
-integers and the per-layer embedding rows gathered on the host, are copied into the graph's
-static buffers before each replay). A graph is compiled once per bucket and resident widths;
+generated as fused loops rather than BLAS calls (narrow_products.py); on CUDA inductor, whose step
+is then captured as one CUDA graph (`torch.cuda.CUDAGraph`, as vLLM's model runner does) and
+replayed: its two inputs, the step's integers and the per-layer embedding rows gathered on the
+host, are copied into the graph's static buffers before each replay; the weights and the cache
+are read and written where they are. Not inductor's `mode="reduce-overhead"`: its CUDA graph
+trees copy every input that is not an nn.Module's parameter (here: all ~800 weight tensors, GBs at
+E4B's sizes) into static buffers before each replay, and stop capturing a graph that writes an
+input (the cache). A graph is compiled once per bucket and resident widths;
 after that no subnet mix recompiles (the mix is data: masks, not control flow), and the bucket's
 steps run the code dynamo made for it directly, without re-checking dynamo's guards each call.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import threading
 import types
+import warnings
 from collections.abc import Sequence
 from functools import partial
 
@@ -81,10 +86,12 @@ class DecodeGraphs:
         self.backend = backend
         self.paged = paged
         cuda = model.w.device.type == "cuda"
-        self.mode = "reduce-overhead" if cuda and backend == "inductor" else None
         self.compiler = backend if cuda else cpu_backend(backend)
         self.graphs: dict[StaticShape, tuple[StepSpec, object]] = {}
         self.check_guards = False  # tests: check dynamo's guards before every direct step
+        self.capture = cuda  # record each bucket's step as a CUDA graph (benchmarks may not)
+        self.uncaptured: dict[StaticShape, str] = {}  # buckets whose capture failed, and why
+        self._pool = None  # the graphs' one memory pool: their steps never run concurrently
 
     @staticmethod
     def applies(seqs: Sequence[StepSequence]) -> bool:
@@ -134,7 +141,7 @@ class DecodeGraphs:
         from torch._dynamo.convert_frame import register_bytecode_hook
 
         compiled = torch.compile(self._step, fullgraph=True, dynamic=False,
-                                 backend=self.compiler, mode=self.mode)  # fmt: skip
+                                 backend=self.compiler)  # fmt: skip
 
         def first(flat: torch.Tensor, ple_rows: torch.Tensor) -> torch.Tensor:
             with _capture_lock:
@@ -148,7 +155,10 @@ class DecodeGraphs:
                     hook.remove()
                 if len(made) != 1:
                     raise RuntimeError(f"compiling a step of {shape} made {len(made)} frames")
-                self.graphs[shape] = (spec, self._direct(made[0], spec))
+                step = self._direct(made[0], spec)
+                if self.capture:
+                    step = self._captured(shape, step, flat, ple_rows)
+                self.graphs[shape] = (spec, step)
                 # Compiling leaves hundreds of thousands of objects alive: frozen, no full
                 # garbage collection walks them in a later step.
                 freeze_long_lived()
@@ -175,6 +185,40 @@ class DecodeGraphs:
             return run(flat, ple_rows)
 
         return checked
+
+    def _captured(self, shape: StaticShape, run, flat: torch.Tensor, ple_rows: torch.Tensor):
+        """`run` recorded as one CUDA graph over static copies of its two inputs; each later step
+        copies its inputs in and replays it, one launch for the whole step. The step writes only
+        the cache slots its inputs name (and rewriting one with the same values changes nothing),
+        so the warm-up runs that must precede a capture are harmless. A capture that fails (an
+        operation CUDA graphs cannot record) leaves the bucket uncaptured, said in a warning."""
+        device = flat.device
+        static_flat, static_ple = flat.clone(), ple_rows.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # lazy initialisations (cuBLAS workspaces) happen here
+            for _ in range(2):
+                run(static_flat, static_ple)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: a background grow's uploads on another thread may run meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = run(static_flat, static_ple)
+        except RuntimeError as e:
+            self.uncaptured[shape] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"decode step {shape} runs uncaptured: {e}", stacklevel=2)
+            return run
+
+        def replay(flat: torch.Tensor, ple_rows: torch.Tensor) -> torch.Tensor:
+            static_flat.copy_(flat, non_blocking=True)
+            static_ple.copy_(ple_rows, non_blocking=True)
+            graph.replay()
+            return out
+
+        return replay
 
     def _step(self, spec: StepSpec, flat: torch.Tensor, ple_rows: torch.Tensor) -> torch.Tensor:
         model = self.model

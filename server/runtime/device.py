@@ -65,9 +65,19 @@ def allocation_failure(exc: BaseException) -> str | None:
     return None
 
 
+def resolve(device: torch.device | str) -> torch.device:
+    """`device` with its index: "cuda" alone names the calling thread's current device, which
+    another thread (a step thread, a background grow) would read as its own; and
+    `torch.cuda.set_device` refuses a device without one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def bind(device: torch.device | str) -> None:
     """Make `device` the calling thread's current CUDA device (no-op elsewhere)."""
-    device = torch.device(device)
+    device = resolve(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 

@@ -22,7 +22,7 @@ import torch
 from server.checkpoint.store import CheckpointStore
 from server.checkpoint.tokenizer import TextTokenizer
 from server.runtime.batch import plan_step
-from server.runtime.device import bind
+from server.runtime.device import bind, resolve
 from server.runtime.gemma3n import Gemma3nModel
 from server.runtime.grammar import Grammars
 from server.runtime.host_heap import keep_freed_memory
@@ -67,6 +67,7 @@ class ElasticRuntime:
     ) -> ElasticRuntime:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
+        device = str(resolve(device))  # "cuda" pinned to an index: every thread reads it alike
         bind(device)  # this thread's current device (each step thread enters it too)
         store = CheckpointStore.open(checkpoint)
         weights = Weights(store, dtype=parse_dtype(dtype), device=device, huge_pages=huge_pages)

@@ -317,5 +317,8 @@ class FfnResidency:
             self._staged.synchronize()  # the last non-blocking copy has read the buffer
         n = shape.numel()
         if self._staging is None or self._staging.numel() < n:
-            self._staging = torch.empty(n, dtype=self.dtype, pin_memory=True)
+            # A normal tensor even when made in an inference-mode step: written in place later,
+            # perhaps outside that mode, where an inference tensor refuses in-place updates.
+            with torch.inference_mode(False):
+                self._staging = torch.empty(n, dtype=self.dtype, pin_memory=True)
         return self._staging[:n].view(shape)

@@ -263,9 +263,13 @@ class Weights:
             self._ple_copied.synchronize()
         with on_device(self.device):
             if self._ple_staging is None or self._ple_staging.shape[0] < n:
-                self._ple_staging = torch.empty(
-                    (max(n, 256), width), dtype=self.ple_table.dtype, pin_memory=True
-                )
+                # A normal tensor, though eager steps (inference mode) make it: compiled steps
+                # (no_grad) gather into it too, and an inference tensor refuses in-place writes
+                # outside inference mode (the first H200 run: every compiled step failed so).
+                with torch.inference_mode(False):
+                    self._ple_staging = torch.empty(
+                        (max(n, 256), width), dtype=self.ple_table.dtype, pin_memory=True
+                    )
             staged = self._ple_staging[:n]
             torch.index_select(self.ple_table, 0, ids, out=staged)
             rows = staged.to(device=self.device, dtype=self.dtype, non_blocking=True)

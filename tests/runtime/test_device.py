@@ -6,8 +6,9 @@ cuDNN and CUDA runtime RuntimeErrors, and one re-raised from those) is classifie
 else is; through the real runner and engine, a cuBLAS or cuDNN allocation failure in a step
 shrinks and retries instead of failing requests; NVML is asked for the device CUDA calls `cuda:N`
 by its UUID, so with CUDA_VISIBLE_DEVICES remapping indices each engine follows its own device
-(two simulated devices); inside a container (no PID of ours in NVML's list) this process's share
-is its allocator's; a CUDA server whose NVML does not answer fails at start with the fix.
+(two simulated devices); a plain "cuda" is bound as the index it names; inside a container (no
+PID of ours in NVML's list) this process's share is its allocator's; a CUDA server whose NVML does
+not answer fails at start with the fix.
 """
 
 from __future__ import annotations
@@ -191,3 +192,24 @@ def test_device_helpers_are_no_ops_off_cuda():
         pass
     with pytest.raises(ValueError, match="not a CUDA device"):
         device_uuid("cpu")
+
+
+def test_plain_cuda_is_pinned_to_an_index_before_it_is_bound(monkeypatch):
+    """`--device cuda` names the opening thread's current device; torch.cuda.set_device refuses a
+    device without an index (the first H200 run: every runtime failed to open so), and a step
+    thread must bind the same device, not its own default."""
+    bound = []
+
+    def set_device(device):  # torch's own check, which the CPU build never reaches
+        if torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index, but got:{device}")
+        bound.append(torch.device(device))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    assert dev.resolve("cuda") == torch.device("cuda", 3)
+    assert dev.resolve("cuda:1") == torch.device("cuda", 1)
+    assert dev.resolve("cpu") == torch.device("cpu")
+    dev.bind("cuda")
+    dev.bind("cuda:1")
+    assert bound == [torch.device("cuda", 3), torch.device("cuda", 1)]

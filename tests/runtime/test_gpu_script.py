@@ -18,22 +18,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_e4b.py"
-SECTIONS = ("smoke", "bandwidth", "residency", "decode", "engine", "kernels", "transformers")
-TIMED = ("smoke", "residency", "decode", "engine", "kernels", "transformers")  # need a budget
+SECTIONS = (
+    "smoke", "bandwidth", "decode", "compiled", "kernels", "transformers", "engine", "residency"
+)  # fmt: skip
+TIMED = tuple(s for s in SECTIONS if s != "bandwidth")  # each needs a budget
 HEADINGS = (
     "## 0. Smoke: every risky path once",
     "## 1. Copy bandwidth",
-    "## 2. Resident FFN widths",
-    "## 3. Batch-1 decode vs the memory-bandwidth floor",
-    "## 4. Concurrent mixed-subnet requests through the engine",
-    "## 5. Kernels in one batch-1 decode step",
-    "## 6. transformers generate() on the same weights",
+    "## 2. Batch-1 decode vs the memory-bandwidth floor",
+    "## 3. Compiled decode steps (captured CUDA graphs) against eager",
+    "## 4. Kernels in one batch-1 decode step",
+    "## 5. transformers generate() on the same weights",
+    "## 6. Concurrent mixed-subnet requests through the engine",
+    "## 7. Resident FFN widths",
 )
 QUICK = [
     "--scale", "small", "--device", "cpu", "--dtype", "float32", "--threads", "1",
     "--copy-mb", "16", "--copy-repeats", "3", "--prompt-tokens", "12", "--decode-tokens", "6",
     "--repeats", "1", "--hf-tokens", "6", "--engine-prompt", "8:24", "--engine-output", "2:4",
-    "--hf-subnets", "full,e2b",
+    "--hf-subnets", "full,e2b", "--compiled-rows", "2",
 ]  # fmt: skip
 
 
@@ -111,6 +114,20 @@ def test_small_scale_measures_every_section(tmp_path: Path, work: Path) -> None:
     assert grow["shrink_check"].endswith("equal to before")
     # float32 on a CPU: the resident rows are views of the mapping, nothing for a grow to hold
     assert grow["predicted_peak_bytes"] == 0 and grow["peak_extra_bytes"] is None
+
+    # The compiled step (aot_eager on a CPU) against eager on the same two requests, one greedy
+    # and one sampled: every decode step timed, nothing failed, one graph, and the greedy
+    # request's float32 tokens equal (the sampled one's draw may flip on a last-bit difference).
+    compiled = {r["mode"]: r for r in by["compiled"]}
+    assert set(compiled) == {"eager", "compiled", "compiled / eager"}
+    for mode in ("eager", "compiled"):
+        r = compiled[mode]
+        assert r["rows"] == 2 and r["sampled"] == 1 and r["errors"] == {}, r
+        assert r["steps"] == 6 - 2 and r["step_ms"] > 0  # 6 tokens: prefill, profiled, 4 timed
+        assert [len(t) for t in r["tokens"]] == [6, 6]
+    assert compiled["compiled"]["graphs"] == 1 and compiled["eager"]["graphs"] is None
+    assert compiled["compiled"]["tokens"][0] == compiled["eager"]["tokens"][0]
+    assert compiled["compiled / eager"]["requests"] == 2
 
     [eager] = [r for r in by["kernels"] if "skipped" not in r]
     assert eager["mode"] == "eager" and eager["operators"] > 0 and eager["step_ms"] > 0
