@@ -9,8 +9,9 @@ in the first ~20 seconds of the one call, with the rest of the run still to come
   while a request decodes; that request's tokens must equal its run at fixed widths, and the
   full subnet must decode what it decoded before the shrink;
 - `oom`: a real allocation failure in a step (on CUDA the caching allocator is capped at what it
-  already holds, so the step's first new segment fails inside PyTorch's allocator; the shrink it
-  triggers lifts the cap, as a real shrink would free rows): the engine shrinks, retries, and
+  already holds and the free room in its segments is filled, so the step's first allocation
+  fails inside PyTorch's allocator; the shrink it triggers lifts the cap and frees the filling,
+  as a real shrink would free rows): the engine shrinks, retries, and
   every request finishes;
 - `sampling`: seeded sampled decoding (temperature, top-k, top-p) reproduces exactly;
 - `mixed bf16`: eight greedy requests over eight subnets, together against alone, in each FFN
@@ -170,13 +171,22 @@ def check_out_of_memory(rt: ElasticRuntime) -> dict[str, Any]:
         eng.step()
     device = rt.weights.device
     forward = rt.model.forward
+    fillers: list[torch.Tensor] = []
     if device.type == "cuda":
         release_cached(device)
         reserved = torch.cuda.memory_reserved(device)
         total = torch.cuda.get_device_properties(device).total_memory
         # The allocator may hold no more than it holds now: a step's first new segment fails.
         torch.cuda.set_per_process_memory_fraction(reserved / total, device)
-        how = "allocator capped"
+        # A tiny step fits in the free room of the segments the allocator keeps (the first H200
+        # run: no failure at all): fill that room, so the step must ask for a new segment.
+        size = 1 << 30
+        while size >= 512:
+            try:
+                fillers.append(torch.empty(size, dtype=torch.uint8, device=device))
+            except torch.OutOfMemoryError:
+                size //= 2
+        how = f"allocator capped, {sum(f.numel() for f in fillers)} free bytes filled"
     else:  # host memory cannot be exhausted safely: the forward raises it once
         calls = {"n": 0}
 
@@ -192,6 +202,7 @@ def check_out_of_memory(rt: ElasticRuntime) -> dict[str, Any]:
 
     def shrink_and_lift(scheduler):
         if device.type == "cuda":  # what a real shrink frees, at this scale, is the cap
+            fillers.clear()
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         return shrink(scheduler)
 
@@ -203,6 +214,7 @@ def check_out_of_memory(rt: ElasticRuntime) -> dict[str, Any]:
             outs.extend(eng.step())
     finally:
         el.on_out_of_memory = shrink
+        fillers.clear()
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         else:
