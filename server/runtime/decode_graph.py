@@ -187,26 +187,14 @@ class DecodeGraphs:
         return checked
 
     def _captured(self, shape: StaticShape, run, flat: torch.Tensor, ple_rows: torch.Tensor):
-        """`run` recorded as one CUDA graph over static copies of its two inputs; each later step
-        copies its inputs in and replays it, one launch for the whole step. The step writes only
-        the cache slots its inputs name (and rewriting one with the same values changes nothing),
-        so the warm-up runs that must precede a capture are harmless. A capture that fails (an
+        """`run` recorded over static copies of its two inputs; each later step copies its inputs
+        in and replays the recording, one launch for the whole step. The step writes only the
+        cache slots its inputs name (and rewriting one with the same values changes nothing), so
+        the warm-up runs that must precede a capture are harmless. A capture that fails (an
         operation CUDA graphs cannot record) leaves the bucket uncaptured, said in a warning."""
-        device = flat.device
         static_flat, static_ple = flat.clone(), ple_rows.clone()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # lazy initialisations (cuBLAS workspaces) happen here
-            for _ in range(2):
-                run(static_flat, static_ple)
-        torch.cuda.current_stream(device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: a background grow's uploads on another thread may run meanwhile
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = run(static_flat, static_ple)
+            out, replay_graph = self._record(run, static_flat, static_ple)
         except RuntimeError as e:
             self.uncaptured[shape] = f"{type(e).__name__}: {e}"
             warnings.warn(f"decode step {shape} runs uncaptured: {e}", stacklevel=2)
@@ -215,10 +203,29 @@ class DecodeGraphs:
         def replay(flat: torch.Tensor, ple_rows: torch.Tensor) -> torch.Tensor:
             static_flat.copy_(flat, non_blocking=True)
             static_ple.copy_(ple_rows, non_blocking=True)
-            graph.replay()
+            replay_graph()
             return out
 
         return replay
+
+    def _record(self, run, *static: torch.Tensor):
+        """(the output of `run(*static)` as recorded, a call that replays the recording): one
+        `torch.cuda.CUDAGraph`, after warm-up runs on a side stream (where lazy initialisations,
+        e.g. cuBLAS workspaces, happen outside the capture)."""
+        device = static[0].device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run(*static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a background grow's uploads on another thread may run meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = run(*static)
+        return out, graph.replay
 
     def _step(self, spec: StepSpec, flat: torch.Tensor, ple_rows: torch.Tensor) -> torch.Tensor:
         model = self.model

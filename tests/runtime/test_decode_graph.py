@@ -15,6 +15,9 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
   collector's full passes (object_heap.py), so that no later step stalls walking it;
 - a greedy batch-1 step dispatches at most AROUND_GRAPH ops around its graph (planning, the
   upload, the per-layer embedding rows, sampling): on an accelerator each is a launch;
+- a captured step (CUDA's recording stood in for by one that replays the same computation)
+  copies each step's inputs into the recorded ones and returns the recorded output: the same
+  tokens as eager; a capture that fails leaves its bucket uncaptured, with a warning;
 - a paged step (attention reading K/V where the cache holds them, FlexAttention) gives the same
   tokens as eager for mixes of subnets, again without recompiling. Run by "aot_eager",
   FlexAttention attends every slot of the pool through its `mask_mod`, so these engines get a
@@ -190,3 +193,45 @@ def test_a_paged_step_decodes_every_mix_the_same_without_recompiling(tiny, engin
     run(list(tiny.subnets.names())[-7:], 400)  # seven other subnets
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert [shape.paged for shape in paged.runner.graphs.graphs] == [True]
+
+
+def test_a_captured_step_replays_with_each_steps_inputs(tiny, engines):
+    """The data flow around a CUDA graph, on a CPU: each bucket's step is recorded once over
+    static copies of its inputs, and every later step copies its own inputs in and replays,
+    returning the recorded output. The recording here is what a replay does (the captured
+    computation again, over the static inputs, into the recorded output's memory), so a replay
+    that read stale inputs or returned another tensor would decode other tokens. A capture that
+    fails leaves its bucket uncaptured, with a warning, decoding the same."""
+    engine = assemble_engine(tiny, kv_bytes_for(tiny, 4 * 64), compile_backend=BACKEND)
+    graphs = engine.runner.graphs
+    graphs.capture = True
+    replays = []
+
+    def record(run, *static):
+        out = run(*static)
+
+        def replay():
+            replays.append(out.data_ptr())
+            out.copy_(run(*static))
+
+        return out, replay
+
+    graphs._record = record
+    requests = [
+        GenerationRequest(tiny.subnets[n], prompt_ids(9 + 4 * i, seed=70 + i), greedy(6))
+        for i, n in enumerate(["full", "e2b"])
+    ]
+    for a, b in zip(generate(engines[0], requests), generate(engine, requests), strict=True):
+        assert b.token_ids == a.token_ids
+    assert len(replays) == 4 and len(set(replays)) == 1  # 5 decode steps: 1 recorded, 4 replayed
+    assert not graphs.uncaptured
+
+    def refuse(run, *static):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._record = refuse
+    alone = requests[:1]
+    with pytest.warns(UserWarning, match="runs uncaptured: operation not permitted"):
+        [b] = generate(engine, alone)
+    assert b.token_ids == generate(engines[0], alone)[0].token_ids
+    assert [s.num_rows for s in graphs.uncaptured] == [1] and len(replays) == 4
