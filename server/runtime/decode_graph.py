@@ -92,6 +92,12 @@ class DecodeGraphs:
         self.capture = cuda  # record each bucket's step as a CUDA graph (benchmarks may not)
         self.uncaptured: dict[StaticShape, str] = {}  # buckets whose capture failed, and why
         self._pool = None  # the graphs' one memory pool: their steps never run concurrently
+        # Captured buckets' uncaptured steps, to record again once a resize has replaced FFN
+        # buffers whose addresses a recording holds (even at the widths it was made for: a
+        # shrink and a grow back, with no compiled step between them, keep the key).
+        self._direct_steps: dict[StaticShape, object] = {}
+        self._stale: set[StaticShape] = set()
+        self._generation = model.w.ffn_generation
 
     @staticmethod
     def applies(seqs: Sequence[StepSequence]) -> bool:
@@ -111,19 +117,29 @@ class DecodeGraphs:
         planned = plan_step(
             text, seqs, self.block_size, self.kv.scratch_block, "masked", static=shape
         )
+        if w.ffn_generation != self._generation:
+            self._generation = w.ffn_generation
+            self._stale = set(self._direct_steps)
         entry = self.graphs.get(shape)
         if entry is None:
             # Graphs for other resident widths read buffers a resize replaced: drop them, so
             # they hold nothing alive (the widths come back rarely; recompiling then is fine).
             for old in [s for s in self.graphs if s.widths != shape.widths]:
                 del self.graphs[old]
+                self._direct_steps.pop(old, None)
+                self._stale.discard(old)
             entry = self.graphs[shape] = (planned.spec, self._first_run(shape, planned.spec))
         spec, step = entry
         if planned.spec != spec:
             raise RuntimeError(f"a static step of {shape} planned a different layout")
         flat = upload(planned.values, w.device)
+        ple_rows = w.ple_rows(planned.host_ids)
         with torch.no_grad():  # (inference mode's tensors cannot enter a compiled graph)
-            logits = step(flat, w.ple_rows(planned.host_ids))
+            if shape in self._stale:
+                self._stale.discard(shape)
+                step = self._captured(shape, self._direct_steps.pop(shape), flat, ple_rows)
+                self.graphs[shape] = (spec, step)
+            logits = step(flat, ple_rows)
         return logits[: planned.num_real_rows], planned
 
     def _first_run(self, shape: StaticShape, spec: StepSpec):
@@ -199,6 +215,7 @@ class DecodeGraphs:
             self.uncaptured[shape] = f"{type(e).__name__}: {e}"
             warnings.warn(f"decode step {shape} runs uncaptured: {e}", stacklevel=2)
             return run
+        self._direct_steps[shape] = run
 
         def replay(flat: torch.Tensor, ple_rows: torch.Tensor) -> torch.Tensor:
             static_flat.copy_(flat, non_blocking=True)

@@ -92,6 +92,9 @@ class FfnResidency:
         # Called with (layer, buffers) whenever a layer's buffers are replaced (weights.py keeps
         # its per-layer references in step with them, so old buffers are not held elsewhere).
         self.on_replace: Callable[[int, Ffn], None] | None = None
+        # Counts buffer replacements: what holds a buffer's address (a captured CUDA graph)
+        # knows from it that the address may be gone.
+        self.generation = 0
         self._staging: torch.Tensor | None = None  # pinned, in the compute dtype, reused
         self._staged: object | None = None  # event: the last copy out of the staging buffer
         self._staging_lock = threading.Lock()
@@ -245,6 +248,7 @@ class FfnResidency:
 
     def _replace(self, layer: int, buffers: Ffn) -> None:
         self.buffers[layer] = buffers
+        self.generation += 1
         for key in [k for k in self._views if k[0] == layer]:
             del self._views[key]
         if self.on_replace is not None:

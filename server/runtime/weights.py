@@ -215,6 +215,11 @@ class Weights:
     def resident_bytes(self) -> int:
         return self.residency.resident_bytes
 
+    @property
+    def ffn_generation(self) -> int:
+        """Changes whenever a resize replaces resident FFN buffers (residency.py)."""
+        return self.residency.generation
+
     def bytes_for(self, widths) -> int:
         return self.residency.bytes_for(widths)
 

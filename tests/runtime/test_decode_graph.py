@@ -17,7 +17,8 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
   upload, the per-layer embedding rows, sampling): on an accelerator each is a launch;
 - a captured step (CUDA's recording stood in for by one that replays the same computation)
   copies each step's inputs into the recorded ones and returns the recorded output: the same
-  tokens as eager; a capture that fails leaves its bucket uncaptured, with a warning;
+  tokens as eager; a resize that replaces FFN buffers makes it record again before it replays;
+  a capture that fails leaves its bucket uncaptured, with a warning;
 - a paged step (attention reading K/V where the cache holds them, FlexAttention) gives the same
   tokens as eager for mixes of subnets, again without recompiling. Run by "aot_eager",
   FlexAttention attends every slot of the pool through its `mask_mod`, so these engines get a
@@ -39,6 +40,7 @@ from server.engine import offline
 from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.offline import GenerationRequest, greedy
 from server.runtime.decode_graph import DecodeGraphs
+from server.vocabulary.residency_levels import residency_levels
 from tests.runtime.conftest import assert_float32_close, decode_reference, prompt_ids
 from tests.runtime.test_decode_step import Ops
 
@@ -205,9 +207,10 @@ def test_a_captured_step_replays_with_each_steps_inputs(tiny, engines):
     engine = assemble_engine(tiny, kv_bytes_for(tiny, 4 * 64), compile_backend=BACKEND)
     graphs = engine.runner.graphs
     graphs.capture = True
-    replays = []
+    replays, records = [], []
 
     def record(run, *static):
+        records.append(run)
         out = run(*static)
 
         def replay():
@@ -224,7 +227,20 @@ def test_a_captured_step_replays_with_each_steps_inputs(tiny, engines):
     for a, b in zip(generate(engines[0], requests), generate(engine, requests), strict=True):
         assert b.token_ids == a.token_ids
     assert len(replays) == 4 and len(set(replays)) == 1  # 5 decode steps: 1 recorded, 4 replayed
-    assert not graphs.uncaptured
+    assert not graphs.uncaptured and len(records) == 1
+
+    # A shrink and a grow back replace the FFN buffers (new addresses on a device) and leave the
+    # widths, so the bucket's key, as they were: its recording is made again before it replays.
+    w = tiny.weights
+    levels = residency_levels(
+        w.full_widths, [(s.layers, s.widths, s.effective_params) for s in tiny.subnets]
+    )
+    w.resize_ffn(levels[0])
+    w.resize_ffn(w.full_widths)
+    for a, b in zip(generate(engines[0], requests), generate(engine, requests), strict=True):
+        assert b.token_ids == a.token_ids
+    assert len(records) == 2 and records[0] is records[1]  # the same compiled step, recorded again
+    assert len(replays) == 4 + 5  # every decode step replays the new recording
 
     def refuse(run, *static):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -234,4 +250,4 @@ def test_a_captured_step_replays_with_each_steps_inputs(tiny, engines):
     with pytest.warns(UserWarning, match="runs uncaptured: operation not permitted"):
         [b] = generate(engine, alone)
     assert b.token_ids == generate(engines[0], alone)[0].token_ids
-    assert [s.num_rows for s in graphs.uncaptured] == [1] and len(replays) == 4
+    assert [s.num_rows for s in graphs.uncaptured] == [1] and len(replays) == 9
