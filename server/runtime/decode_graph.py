@@ -13,9 +13,11 @@ host, are copied into the graph's static buffers before each replay; the weights
 are read and written where they are. Not inductor's `mode="reduce-overhead"`: its CUDA graph
 trees copy every input that is not an nn.Module's parameter (here: all ~800 weight tensors, GBs at
 E4B's sizes) into static buffers before each replay, and stop capturing a graph that writes an
-input (the cache). A graph is compiled once per bucket and resident widths;
-after that no subnet mix recompiles (the mix is data: masks, not control flow), and the bucket's
-steps run the code dynamo made for it directly, without re-checking dynamo's guards each call.
+input (the cache); a resize that replaces FFN buffers (whose addresses a recording holds) makes
+every captured bucket record again before its next replay. A graph is compiled once per bucket
+and resident widths; after that no subnet mix recompiles (the mix is data: masks, not control
+flow), and the bucket's steps run the code dynamo made for it directly, without re-checking
+dynamo's guards each call.
 
 How attention reads the cache is a choice (`paged`): gathered into a [rows, context bucket] copy
 per KV-owning layer and attended with SDPA (the default), or read where the paged cache holds it,
