@@ -2,7 +2,7 @@
 
 Owns the checks benchmarks/gpu_e4b.py runs before anything at E4B's sizes, so that a path that
 breaks on real CUDA (streams, events, the caching allocator, NVML, out-of-memory errors) shows
-in the first ~20 seconds of the one call, with the rest of the run still to come:
+in the first ~40 seconds of the one call (on an H200, 2026-12-04), with the rest still to come:
 
 - `grow`: the resident widths start at the smallest level and the real `Elasticity`, reading the
   real probe (NVML by the device's UUID on CUDA), grows them level by level in the background
