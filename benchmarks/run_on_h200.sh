@@ -44,6 +44,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         --target /tmp/concentric-site .whl/*.whl || exit 1
     export PYTHONPATH="$PYTHONPATH:/tmp/concentric-site"
 fi
+if ! "$PY" -c "import xgrammar" 2>/dev/null; then
+    echo "run_on_h200.sh: no xgrammar on this machine: carry its wheels in .whl/ (see the header)" \
+        | tee "$OUT/gpu_e4b.log" >&2
+    exit 1
+fi
 
 if [ -z "${WORK:-}" ]; then
     most=0
