@@ -531,10 +531,10 @@ def measure_compiled(state: State) -> None:
         load = compiled_load(state, rows)
         floor_tps = rows * bandwidth / union_bytes(state, sorted({s for _, s, _, _ in load}))
         done: dict[str, dict[str, Any]] = {}
-        backend = a.compiled_backend or ("inductor" if cuda else "aot_eager")
-        modes = [("eager", None, False), ("compiled", backend, cuda)]
+        compiler = a.compiled_backend or ("inductor" if cuda else "aot_eager")
+        modes = [("eager", None, False), ("compiled", compiler, cuda)]
         if cuda:
-            modes.append(("compiled, uncaptured", backend, False))
+            modes.append(("compiled, uncaptured", compiler, False))
         for mode, backend, capture in modes:
             # two passes (the first compiles and warms), each of prefill + tokens steps, a
             # batched step costing up to a few batch-1 steps
