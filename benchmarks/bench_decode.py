@@ -18,8 +18,12 @@ For each dev preset given (default: tiny, mini, bench; float32; made on first us
 - the compiled batch-1 step with its weights in huge pages vs in the checkpoint's 4 KiB
   page-cache pages (huge_pages: false), timed alternately in --floor-pairs pairs, and a plain
   read of each kind of memory;
+- the compiled batch-1 step as served, replayed from its recorded kernel calls
+  (kernel_recording.py), vs the same graph through dynamo's code and inductor's Python wrapper,
+  timed alternately in --floor-pairs pairs;
 - where the share goes: the compiled batch-1 step timed in parts (time_split: inductor's kernels,
-  its external calls, the rest of its Python wrapper, the engine's host work outside the graph;
+  its external calls, the rest of the graph call: the replay's loop and input copies, or where
+  the step is not recorded inductor's Python wrapper; the engine's host work outside the graph;
   and the kernels' own read rate against a plain read), and the step at 1 thread vs at all of
   them, timed alternately in --floor-pairs pairs, each with a plain read at the same thread count
   right after it: each count's share of its own read. A share lost as threads are added is lost
@@ -109,6 +113,7 @@ def count_outside_graphs(eng) -> None:
     graphs = eng.runner.graphs
     for shape, (spec, fn) in list(graphs.graphs.items()):
 
+        @functools.wraps(fn)  # keeps a recorded step's `.recording` (time_split times its calls)
         def outside(*args, fn=fn):
             with _disable_current_modes():
                 return fn(*args)
@@ -222,6 +227,30 @@ def pages_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, wa
           f"{small_gbs:.1f} GB/s; greedy tokens are eager's: {same}")  # fmt: skip
 
 
+def recorded_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, want) -> None:
+    """The compiled batch-1 step replayed from its recorded kernel calls (as served:
+    kernel_recording.py) vs the same graph called through dynamo's code and inductor's Python
+    wrapper (`capture` off), timed alternately in --floor-pairs pairs."""
+    med = statistics.median
+    direct = engine(rt, True)
+    direct.runner.graphs.capture = False
+    decode_tps(direct, rt, prompt, args.tokens, count=False)
+    [why] = compiled.runner.graphs.uncaptured.values() or [None]
+    rows = []
+    for i in range(args.floor_pairs):
+        order = [compiled, direct] if i % 2 == 0 else [direct, compiled]
+        got = {id(eng): decode_tps(eng, rt, prompt, args.tokens, count=False) for eng in order}
+        rows.append((got[id(compiled)], got[id(direct)]))
+    ratios = [r[0] / d[0] for r, d in rows]
+    same = all(r[2] == want and d[2] == want for r, d in rows)
+    print(f"compiled batch-1 tok/s, replayed from its recording vs through inductor's wrapper "
+          f"({len(rows)} pairs, alternated): {med(r[0] for r, _ in rows):.1f} vs "
+          f"{med(d[0] for _, d in rows):.1f}, median pair {med(ratios):.2f}x (pairs "
+          f"{' '.join(f'{x:.2f}' for x in ratios)}); "
+          + (f"NOT RECORDED: {why}; " if why else "")
+          + f"greedy tokens are eager's: {same}")  # fmt: skip
+
+
 def threads_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, want) -> None:
     """The compiled batch-1 step and a plain read at 1 thread and at all of them, alternated."""
     med, nbytes, most = statistics.median, floor_bytes(rt), torch.get_num_threads()
@@ -250,10 +279,11 @@ def time_split(rt: ElasticRuntime, compiled, prompt: list[int], args) -> None:
     """Where a compiled batch-1 step's wall time goes, each decode step split by perf_counter
     timers (no profiler) into: inductor's generated kernels (every `cpp_fused_*` call of the
     compiled graph modules), its external calls (`extern_kernels.*`: the attention's batched
-    products), the rest of the graph call (inductor's Python wrapper: buffer reuse, tensor views,
-    argument passing), and the engine step outside the graph (scheduling, planning, uploads,
-    sampling). The kernels' read rate is the floor's bytes over their time (they read every
-    weight), next to a plain read right after. --floor-pairs rounds; the timers are then removed.
+    products), the rest of the graph call (a recorded step's loop over its calls and its input
+    copies; an unrecorded one's Python wrapper: buffer reuse, tensor views, argument passing),
+    and the engine step outside the graph (scheduling, planning, uploads, sampling). The
+    kernels' read rate is the floor's bytes over their time (they read every weight), next to a
+    plain read right after. --floor-pairs rounds; the timers are then removed.
     """
     med, nbytes = statistics.median, floor_bytes(rt)
     total: collections.Counter = collections.Counter()
@@ -288,6 +318,14 @@ def time_split(rt: ElasticRuntime, compiled, prompt: list[int], args) -> None:
     graphs = compiled.runner.graphs.graphs
     saved = dict(graphs)
     graphs.update({shape: (spec, timed(fn, "graph")) for shape, (spec, fn) in saved.items()})
+    for _, fn in saved.values():  # a recorded step calls its kernels from the recording
+        recording = getattr(fn, "recording", None)
+        if hasattr(recording, "calls"):
+            undo.append((recording, "calls", recording.calls))
+            recording.calls = tuple(
+                (timed(f, "kernels" if f.__name__ == "kernel" else "extern"), a, k)
+                for f, a, k in recording.calls
+            )
     step = compiled.step
 
     def step_with_graph():  # prefill steps run no graph: they are left out
@@ -321,7 +359,7 @@ def time_split(rt: ElasticRuntime, compiled, prompt: list[int], args) -> None:
     parts = {
         "kernels": med(r[2]["kernels"] for r in rows),
         "extern calls": med(r[2].get("extern", 0.0) for r in rows),
-        "graph wrapper": med(
+        "the rest of the graph call": med(
             r[2]["graph"] - r[2]["kernels"] - r[2].get("extern", 0.0) for r in rows
         ),
         "host outside the graph": med(r[2]["step"] - r[2]["graph"] for r in rows),
@@ -461,6 +499,7 @@ def bench_preset(name: str, args) -> None:
           f"{' '.join(f'{g:.1f}' for _, g in pairs)}; share of the floor "
           f"{' '.join(f'{x:.0f}%' for x in shares)}, median {med(shares):.0f}%")  # fmt: skip
     time_split(rt, compiled, prompt, args)
+    recorded_side_by_side(rt, compiled, prompt, args, e[0][2])
     if huge:
         pages_side_by_side(rt, compiled, prompt, args, e[0][2])
     if torch.get_num_threads() > 1:

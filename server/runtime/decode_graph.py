@@ -6,11 +6,13 @@ decode step (every sequence computes one token and samples) is planned as a stat
 every FFN at the resident width with per-row width masks, keys read up to a context bucket), so
 its shape depends on the buckets alone. The device half of the plan and the forward are then
 compiled together with `torch.compile(fullgraph=True)`: inductor on a CPU, with products of few rows
-generated as fused loops rather than BLAS calls (narrow_products.py); on CUDA inductor, whose step
-is then captured as one CUDA graph (`torch.cuda.CUDAGraph`, as vLLM's model runner does) and
-replayed: its two inputs, the step's integers and the per-layer embedding rows gathered on the
-host, are copied into the graph's static buffers before each replay; the weights and the cache
-are read and written where they are. Not inductor's `mode="reduce-overhead"`: its CUDA graph
+generated as fused loops rather than BLAS calls (narrow_products.py); on CUDA inductor. Each
+bucket's step is then recorded and replayed: on CUDA as one CUDA graph (`torch.cuda.CUDAGraph`, as
+vLLM's model runner does), on a CPU as its kernels' calls, made again without inductor's Python
+wrapper (kernel_recording.py: a bench-preset batch-1 step spent 1.3-2.1 ms of ~23 in it). Its two
+inputs, the step's integers and the per-layer embedding rows gathered on the host, are copied
+into the recording's static buffers before each replay; the weights and the cache are read and
+written where they are. Not inductor's `mode="reduce-overhead"`: its CUDA graph
 trees copy every input that is not an nn.Module's parameter (here: all ~800 weight tensors, GBs at
 E4B's sizes) into static buffers before each replay, and stop capturing a graph that writes an
 input (the cache); a resize that replaces FFN buffers (whose addresses a recording holds) makes
@@ -47,6 +49,7 @@ import torch
 
 from server.runtime.batch import StaticShape, StepSpec, materialize, plan_step, upload
 from server.runtime.gemma3n import Gemma3nModel
+from server.runtime.kernel_recording import Unrecordable, record
 from server.runtime.kv_cache import KVCache
 from server.runtime.narrow_products import NARROW, inductor_decompositions
 from server.runtime.object_heap import freeze_long_lived
@@ -91,7 +94,9 @@ class DecodeGraphs:
         self.compiler = backend if cuda else cpu_backend(backend)
         self.graphs: dict[StaticShape, tuple[StepSpec, object]] = {}
         self.check_guards = False  # tests: check dynamo's guards before every direct step
-        self.capture = cuda  # record each bucket's step as a CUDA graph (benchmarks may not)
+        # Record each bucket's step (benchmarks may not): as a CUDA graph, or on a CPU as its
+        # inductor kernels' calls (kernel_recording.py; "aot_eager" generates no kernels).
+        self.capture = cuda or backend == "inductor"
         self.uncaptured: dict[StaticShape, str] = {}  # buckets whose capture failed, and why
         self._pool = None  # the graphs' one memory pool: their steps never run concurrently
         # Captured buckets' uncaptured steps, to record again once a resize has replaced FFN
@@ -206,13 +211,20 @@ class DecodeGraphs:
 
     def _captured(self, shape: StaticShape, run, flat: torch.Tensor, ple_rows: torch.Tensor):
         """`run` recorded over static copies of its two inputs; each later step copies its inputs
-        in and replays the recording, one launch for the whole step. The step writes only the
-        cache slots its inputs name (and rewriting one with the same values changes nothing), so
-        the warm-up runs that must precede a capture are harmless. A capture that fails (an
-        operation CUDA graphs cannot record) leaves the bucket uncaptured, said in a warning."""
+        in and replays the recording (`.recording` of what is returned: benchmarks time its
+        parts): on CUDA one launch for the whole step, on a CPU its kernels called without
+        inductor's wrapper. The step writes only the cache slots its inputs name (and rewriting
+        one with the same values changes nothing), so the runs a recording makes are harmless.
+        A capture that fails (an operation CUDA graphs cannot record) leaves the bucket
+        uncaptured, said in a warning; so does a CPU graph a replay of its kernels would not
+        redo (kernel_recording.Unrecordable), without one: some are expected (an operator left
+        to ATen allocates its output every call), and run as compiled."""
         static_flat, static_ple = flat.clone(), ple_rows.clone()
         try:
             out, replay_graph = self._record(run, static_flat, static_ple)
+        except Unrecordable as e:  # expected of some CPU graphs: they run as compiled
+            self.uncaptured[shape] = str(e)
+            return run
         except RuntimeError as e:
             self.uncaptured[shape] = f"{type(e).__name__}: {e}"
             warnings.warn(f"decode step {shape} runs uncaptured: {e}", stacklevel=2)
@@ -225,13 +237,17 @@ class DecodeGraphs:
             replay_graph()
             return out
 
+        replay.recording = replay_graph
         return replay
 
     def _record(self, run, *static: torch.Tensor):
-        """(the output of `run(*static)` as recorded, a call that replays the recording): one
-        `torch.cuda.CUDAGraph`, after warm-up runs on a side stream (where lazy initialisations,
-        e.g. cuBLAS workspaces, happen outside the capture)."""
+        """(the output of `run(*static)` as recorded, a call that replays the recording): on a
+        CPU, its inductor kernels' calls (kernel_recording.py); on CUDA one `torch.cuda.CUDAGraph`,
+        after warm-up runs on a side stream (where lazy initialisations, e.g. cuBLAS workspaces,
+        happen outside the capture)."""
         device = static[0].device
+        if device.type == "cpu":
+            return record(run, *static)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):

@@ -68,7 +68,9 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     arithmetic (penalties.py) run as one compiled graph each instead of dozens of small ops
     (on an accelerator, kernel launches): the same arithmetic, whose sums may round in another
     order (a draw could change only where a top_p threshold, an acceptance test or two racers'
-    ratios tie to within that rounding).
+    ratios tie to within that rounding). A step whose rows are all greedy, none adjusted and
+    none asking for logprobs (a compiled engine's common step) is one compiled pass
+    (`_greedy_pick`: the first maximum and the failure code, packed): the same tokens.
   - Randomness is counter-based (counter_random.py): a pure function of (seed, tokens generated so
     far, stream, token or block index), so a seeded request draws the same tokens whatever else is
     in the batch and wherever its row is; unseeded requests get a random seed at registration.
@@ -230,6 +232,7 @@ class Sampler:
             else _nucleus_envelope_draw
         )
         self._ahead_sums = compiled_per_row("ahead_sums", _ahead_sums, dynamic_columns=False)
+        self._greedy_pick = compiled_per_row("greedy_pick", _greedy_pick) if compiled else None
         self.table = PenaltyTable(self.device, compiled)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -346,6 +349,10 @@ class Sampler:
         """Every row's token from x (the processed logits: raw itself when adjusted in place),
         and the one read-back: (values, logprobs width, tokens, failure codes) on the device."""
         dev, B = raw.device, raw.shape[0]
+        every_greedy = len(plan.greedy) == B and adj is None and not plan.logprobs
+        if self._greedy_pick is not None and every_greedy:  # one compiled pass, one graph
+            tokens, fail, packed = self._greedy_pick(x)
+            return packed.tolist(), 0, tokens, fail
         bm = self._block_max(x)
         fail = _failures(bm.amax(dim=1).float(), adj)
         step = _Step(x, bm, fail, B, plan.min_p)
@@ -1159,6 +1166,19 @@ def _top_candidates(x, bm, rows: _Rows, k: int, bs: int, keys) -> tuple[torch.Te
     vals = gather_blocks(x, rows.gather_index, blocks, bs).flatten(1).float()
     pos = keys(vals, ids, V - 1).topk(k, dim=1).indices
     return ids.gather(1, pos), vals.gather(1, pos)
+
+
+def _greedy_pick(x: torch.Tensor):
+    """A step whose rows are all greedy, none adjusted, none asking for logprobs: (each row's
+    first maximum, its failure code as `_failures` gives it, both packed as `_pack` packs them:
+    [B, 3] float64, the logprob column NaN). Compiled (`compiled_per_row`): one graph for what
+    the general path dispatches as some thirty ops (a kernel launch each on an accelerator)."""
+    top = x.amax(dim=1)
+    token = x.argmax(dim=1)  # the first maximum: ties to the lowest id, as `_first_argmax`
+    bad = torch.isnan(top) | (top == math.inf)
+    fail = torch.where(bad, 1, torch.where(top == NEG_INF, 2, 0))
+    nan = torch.full_like(top, math.nan, dtype=torch.float64)
+    return token, fail, torch.stack([token.double(), fail.double(), nan], dim=1)
 
 
 def _first_argmax(x, bm, rows: _Rows, bs: int) -> torch.Tensor:

@@ -916,6 +916,40 @@ def test_a_compiled_sampler_draws_what_the_eager_one_draws(params: SamplingParam
             assert f.logprob == pytest.approx(e.logprob, abs=1e-5)
 
 
+def test_a_compiled_greedy_step_is_one_pass_picking_what_the_eager_one_picks() -> None:
+    # Every row greedy, none adjusted, none asking for logprobs: the compiled sampler takes the
+    # step in one compiled pass (`_greedy_pick`), and picks and fails exactly as the general
+    # path: ties inside a block and across blocks to the lowest id, placeholders never, and a
+    # row with NaN, +inf or no finite logit fails alone. In float32 and in bfloat16.
+    vocab = 4096
+    raw = torch.randn(7, vocab + 8, generator=torch.Generator().manual_seed(3)) * 4
+    raw[1, :vocab] = 0.0
+    raw[1, [900, 71, 70]] = 5.0
+    raw[2, [40 * 64 + 3, 5 * 64 + 61, 5 * 64 + 60]] = 50.0
+    raw[3, 11] = float("nan")
+    raw[4, 5] = float("inf")
+    raw[5, :vocab] = float("-inf")
+    raw[6, vocab:] = 1e4
+    for dtype in (torch.float32, torch.bfloat16):
+        outcomes, passes = [], []
+        for compiled in (False, True):
+            sampler = Sampler(vocab, compiled=compiled)
+            if compiled:
+                pick, seen = sampler._greedy_pick, passes
+                sampler._greedy_pick = lambda x, f=pick, seen=seen: seen.append(x.shape) or f(x)
+            states = [sampler.add_request(SamplingParams(temperature=0)) for _ in range(7)]
+            with pytest.raises(SamplingError) as info:
+                sampler.sample(raw.to(dtype), states)
+            e = info.value
+            outcomes.append((e.failures, e.results, [s.num_generated for s in states]))
+        assert outcomes[0] == outcomes[1], dtype
+        assert passes == [(7, vocab)], dtype
+        failures, results, _ = outcomes[1]
+        assert sorted(failures) == [3, 4, 5]
+        assert [results[i].token_id for i in (1, 2)] == [70, 5 * 64 + 60]
+        assert results[6].token_id < vocab
+
+
 def test_logprobs_zero_gives_only_the_chosen_token() -> None:
     raw = rand_row(2)[None]
     r = SAMPLER.sample(raw, [state(logprobs=0, temperature=0)])[0]
