@@ -534,10 +534,15 @@ def bench_preset(name: str, args) -> None:
             for i in range(n):
                 hf_generate(model, prompt_of(28, i), args.tokens)
             ht_n = n * args.tokens / (time.perf_counter() - t0)  # full subnet: HF's best case
+            graphs = cg.runner.graphs
+            unrecorded = [f"{s.num_rows} rows: {why}" for s, why in graphs.uncaptured.items()]
             print(f"{n} mixed requests, tok/s: eager {et_n:.1f}, compiled {ct_n:.1f} "
                   f"(compiling {compile_s:.0f} s), transformers one at a time {ht_n:.1f}; "
                   f"compiled/transformers {ct_n / ht_n:.1f}x, eager/transformers "
-                  f"{et_n / ht_n:.1f}x; compiled greedy tokens are eager's: {same}")  # fmt: skip
+                  f"{et_n / ht_n:.1f}x; compiled greedy tokens are eager's: {same}; "
+                  f"{len(graphs.graphs) - len(unrecorded)} of {len(graphs.graphs)} buckets "
+                  f"replayed from a recording"
+                  + "".join(f"; not recorded, {u}" for u in unrecorded))  # fmt: skip
 
 
 def main() -> None:

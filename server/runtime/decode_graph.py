@@ -9,7 +9,7 @@ compiled together with `torch.compile(fullgraph=True)`: inductor on a CPU, with 
 generated as fused loops rather than BLAS calls (narrow_products.py); on CUDA inductor. Each
 bucket's step is then recorded and replayed: on CUDA as one CUDA graph (`torch.cuda.CUDAGraph`, as
 vLLM's model runner does), on a CPU as its kernels' calls, made again without inductor's Python
-wrapper (kernel_recording.py: a bench-preset batch-1 step spent 1.3-2.1 ms of ~23 in it). Its two
+wrapper (kernel_recording.py; a bench-preset batch-1 step 1.04-1.08x as fast). Its two
 inputs, the step's integers and the per-layer embedding rows gathered on the host, are copied
 into the recording's static buffers before each replay; the weights and the cache are read and
 written where they are. Not inductor's `mode="reduce-overhead"`: its CUDA graph

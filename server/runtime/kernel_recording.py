@@ -4,9 +4,11 @@ Owns the CPU counterpart of a CUDA graph. Inductor's CPU output is a Python wrap
 C++ kernels: every call it allocates the intermediate buffers, makes views of them for reuse
 (`reinterpret_tensor`), and calls the kernels and the external products (`extern_kernels.bmm`,
 `out=` a buffer) in order. For a graph of static shapes all of that is the same every call but the
-data, and on a small step it is a large share of the time (a bench-preset batch-1 decode step:
-775 views, 201 allocations and ~3,000 Python statements, 1.3-2.1 ms of a ~23 ms step, the kernels
-replaced by no-ops; benchmarks/bench_decode.py prints the step's parts). `record` runs the step
+data, and on a small step it is a large share of the time: a bench-preset batch-1 decode step
+spent 2.49 ms of 23.1 in it (session 24), replayed 0.48-0.67 ms (its loop and the input
+copies), and the replayed step ran 1.04-1.08x as fast as the wrapper's (medians of alternated
+pairs in three runs; tiny preset, dispatch-bound: 1.58x; benchmarks/bench_decode.py, results/).
+`record` runs the step
 once with the wrapper's names intercepted in its module, keeping every kernel and external call
 with the tensors it was given; the replay makes the same calls on the same tensors (buffers kept
 alive across steps, as a CUDA graph's pool keeps them), after the caller has copied the step's

@@ -890,8 +890,19 @@ def test_a_compiled_pass_runs_dynamos_code_directly_once_compiled_for_a_kind(
             logit_bias={7: 4.0, 9: -100.0},
             min_tokens=2,
         ),
+        # Greedy with output-count penalties: the first step has nothing to adjust (the
+        # compiled greedy pass, which records its tokens for the penalties), later ones do.
+        SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=2.0),
     ],
-    ids=["top_k+top_p", "top_p", "temperature", "min_p", "greedy+logprobs", "penalties"],
+    ids=[
+        "top_k+top_p",
+        "top_p",
+        "temperature",
+        "min_p",
+        "greedy+logprobs",
+        "penalties",
+        "greedy+penalties",
+    ],
 )
 def test_a_compiled_sampler_draws_what_the_eager_one_draws(params: SamplingParams) -> None:
     # The compiled passes change no decision: order keys are the same integers, the penalties'
