@@ -235,7 +235,7 @@ def recorded_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args,
     direct = engine(rt, True)
     direct.runner.graphs.capture = False
     decode_tps(direct, rt, prompt, args.tokens, count=False)
-    [why] = compiled.runner.graphs.uncaptured.values() or [None]
+    why = "; ".join(sorted(set(compiled.runner.graphs.uncaptured.values())))
     rows = []
     for i in range(args.floor_pairs):
         order = [compiled, direct] if i % 2 == 0 else [direct, compiled]
