@@ -18,7 +18,8 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
 - a captured step (CUDA's recording stood in for by one that replays the same computation)
   copies each step's inputs into the recorded ones and returns the recorded output: the same
   tokens as eager; a resize that replaces FFN buffers makes it record again before it replays;
-  a capture that fails leaves its bucket uncaptured, with a warning;
+  a capture that fails leaves its bucket uncaptured, with a warning, and one a CPU replay would
+  not redo (kernel_recording.Unrecordable) runs as compiled without one;
 - a paged step (attention reading K/V where the cache holds them, FlexAttention) gives the same
   tokens as eager for mixes of subnets, again without recompiling. Run by "aot_eager",
   FlexAttention attends every slot of the pool through its `mask_mod`, so these engines get a
@@ -29,6 +30,7 @@ code, which on this CPU takes minutes per graph (benchmarks/bench_runtime.py mea
 from __future__ import annotations
 
 import gc
+import warnings
 
 import pytest
 import torch
@@ -40,6 +42,7 @@ from server.engine import offline
 from server.engine.assembly import assemble_engine, kv_bytes_for
 from server.engine.offline import GenerationRequest, greedy
 from server.runtime.decode_graph import DecodeGraphs
+from server.runtime.kernel_recording import Unrecordable
 from server.vocabulary.residency_levels import residency_levels
 from tests.runtime.conftest import assert_float32_close, decode_reference, prompt_ids
 from tests.runtime.test_decode_step import Ops
@@ -259,3 +262,19 @@ def test_a_captured_step_replays_with_each_steps_inputs(tiny, engines):
     for a, b in zip(generate(engines[0], requests), compiled, strict=True):
         assert b.token_ids == a.token_ids
     assert [s.num_rows for s in graphs.uncaptured] == [2] and len(replays) == 9
+
+    # A CPU graph a replay of its kernels would not redo (kernel_recording.Unrecordable, e.g. an
+    # operator left to ATen) is expected: its bucket (here rows 1, new) runs as compiled, the
+    # reason kept, no warning.
+    def unrecordable(run, *static):
+        raise Unrecordable("the graph's wrapper calls sort")
+
+    graphs._record = unrecordable
+    one = requests[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled = generate(engine, one)
+    assert compiled[0].token_ids == generate(engines[0], one)[0].token_ids
+    assert {s.num_rows: why for s, why in graphs.uncaptured.items()}[1] == (
+        "the graph's wrapper calls sort"
+    )
