@@ -15,7 +15,13 @@ run of the same round, tokens equal, and how long each took to compile. Variants
                 default 512): fewer parallel loops, each ending in a barrier;
 - realize-8:    pointwise expressions of more than 8 ops stored before their users read them
                 (`realize_opcount_threshold`, CPU default 50): e.g. the normalised input of a
-                projection computed once, not again for each output row.
+                projection computed once, not again for each output row;
+- inlined:      every narrow product's input inlined into the product's loop, as inductor does
+                by itself (served: the inputs of products of at least STORED_PRODUCT
+                multiply-adds per row stored, computed once: narrow_products._input), e.g. the
+                LM head's input (the final norm of the mean of the unembedded streams)
+                recomputed for every column;
+- stored-all:   every narrow product's input stored, whatever its size.
 
 The FX-graph cache is off, so that every variant builds its own graph; the C++ it generates is
 still looked up in inductor's build cache, so a compile time printed here is a cold one only where
@@ -23,16 +29,19 @@ that cache is empty (`TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)`). Cold, on the 2-cor
 the cpp-wrapper build is the slow one: all kernels and the wrapper in one translation unit.
 
     PYTHONPATH=. python benchmarks/bench_inductor_options.py [--preset bench] [--pairs 9]
-        [--variants served,cpp-wrapper,cpp-separate,chunk-8k,realize-8] [--base served]
+        [--variants served,cpp-wrapper,cpp-separate,chunk-8k,realize-8,inlined,stored-all]
+        [--base served]
 """
 
 from __future__ import annotations
 
 from functools import partial
+from unittest.mock import patch
 
 import torch._inductor.config as inductor_config
 
 from benchmarks.bench_decode import side_by_side_main
+from server.runtime import narrow_products
 
 VARIANTS = {
     "served": {},
@@ -45,6 +54,10 @@ VARIANTS = {
 
 def main() -> None:
     builds = {name: partial(inductor_config.patch, options) for name, options in VARIANTS.items()}
+    builds["inlined"] = partial(patch.object, narrow_products, "stored", lambda x: x)
+    builds["stored-all"] = partial(
+        patch.object, narrow_products, "_input", lambda a, b: narrow_products.stored(a)
+    )
     side_by_side_main(__doc__, builds, "variants", "served", pairs=9)
 
 

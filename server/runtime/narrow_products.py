@@ -5,8 +5,9 @@ most NARROW_ROWS rows: every projection of a batch of 1 to 4 sequences), small p
 SMALL_PRODUCT multiply-adds: the rotary's `q @ R`, one row per query head, of such a batch) or a
 short inner dimension (`baddbmm` over at most NARROW_INNER terms: AltUp's 4x4 stream mixing and its
 per-stream correction): as a broadcast multiply and a sum, which inductor generates as one
-vectorised loop fused with the ops around it, instead of an external BLAS call; and the
-attention of such a batch (below).
+vectorised loop fused with the ops around it, instead of an external BLAS call (the input of a
+large one computed once before its loop, not once per column: `_input`); and the attention of
+such a batch (below).
 
 Decode attention of as few sequences runs as two batched products (BLAS) around a softmax that
 inductor fuses into its loops, in place of the CPU attention kernel (one external call per
@@ -58,6 +59,7 @@ aten = torch.ops.aten
 NARROW_ROWS = 4  # 1, 2 and 4 rows run faster fused, 8 and more through BLAS (bench_narrow_products)
 SMALL_PRODUCT = 1 << 17  # multiply-adds: the rotary's 32 x 64 x 64 (bench_narrow_products --rotary)
 NARROW_INNER = 4  # AltUp's streams
+STORED_PRODUCT = 1 << 22  # multiply-adds per row from which a product's input is stored (_input)
 DECODE_QUERIES = 16  # query rows per KV head in a decode step (Gemma 3n groups 4 or 2 heads)
 
 
@@ -74,17 +76,48 @@ def fuses(a: torch.Tensor, b: torch.Tensor) -> bool:
     return rows <= NARROW_ROWS or rows * inner * b.shape[1] <= SMALL_PRODUCT
 
 
+def stored(x: torch.Tensor) -> torch.Tensor:
+    """x, computed once into a buffer of its own rather than inlined where it is read.
+
+    Inductor inlines what a reduction reads into the reduction's loop: the input of a product
+    [M, K] @ [K, N] is then recomputed once per output column. A stride requirement on a value
+    inductor has not stored makes it store it (ExternKernel.require_strides); an input or a
+    stored buffer passes as itself, and eagerly it is x."""
+    from torch._inductor import inductor_prims  # (imported when a step is traced, not before)
+
+    return inductor_prims.force_stride_order(x, x.stride())
+
+
+def _input(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The product's input as its loop reads it: `stored` for a product of at least
+    STORED_PRODUCT multiply-adds per row, else as inductor leaves it (inlined).
+
+    The LM head's input is the final norm of the mean of the unembedded AltUp streams: inlined,
+    five more loads and some ten operations per eight weights, recomputed for each of its 262,400
+    columns. Stored, a bench-262k batch-1 step ran 1.15x as fast in two runs (23.0 vs 21.0 and
+    24.7 vs 21.9 tok/s; 74% and 84% of the read floor; medians of 9 alternated rounds:
+    bench_inductor_options.py --variants served,inlined, results/). Stored for every product,
+    the bench preset's step ran 0.95x and 0.93x (--variants stored-all, and an earlier run):
+    each stored input is one more serial pass ending in a barrier inside the kernel, and a
+    layer's products (at most 512 x 2048 there) are too small for that not to show, where the
+    norm they recompute is a few operations hidden under the weights' read. From STORED_PRODUCT
+    (16 MiB of float32 weights, half a millisecond's read on this machine) a pass and a barrier
+    are a few microseconds against the product's read."""
+    return stored(a) if a.shape[1] * b.shape[1] >= STORED_PRODUCT else a
+
+
 def mm(a: torch.Tensor, b: torch.Tensor) -> Any:
-    """[M, K] @ [K, N] -> [M, N] as one multiply-reduce over K, for a product that `fuses`."""
+    """[M, K] @ [K, N] -> [M, N] as one multiply-reduce over K, for a product that `fuses`, its
+    input as `_input` gives it."""
     if not fuses(a, b):
         return NotImplemented
-    return _product(a, b, 1, a_at=2, b_at=0)
+    return _product(_input(a, b), b, 1, a_at=2, b_at=0)
 
 
 def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alpha=1) -> Any:
     if not fuses(a, b) or beta != 1 or alpha != 1:
         return NotImplemented
-    return bias + _product(a, b, 1, a_at=2, b_at=0)
+    return bias + _product(_input(a, b), b, 1, a_at=2, b_at=0)
 
 
 def baddbmm(base: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, *, beta=1, alpha=1) -> Any:

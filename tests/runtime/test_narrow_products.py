@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import math
 import pickle
+from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from server.runtime import narrow_products as narrow
 
@@ -151,3 +153,41 @@ def test_attention_outside_a_decode_step_is_left_to_the_kernel():
     assert call(q.to(torch.bfloat16), k.to(torch.bfloat16)) is NotImplemented
     assert call(q, k, dropout_p=0.1) is NotImplemented
     assert call(q, k, is_causal=True) is NotImplemented
+
+
+def test_a_large_products_input_is_computed_once_not_once_per_column():
+    # The LM head's form: a normalised row times a weight of many columns. Inductor inlines what a
+    # reduction reads into the reduction's loop; `mm` stores the input of a product of
+    # STORED_PRODUCT multiply-adds per row first, so the loop over its columns reads the
+    # normalised row and computes no norm (no square root) per column. A smaller product's input
+    # stays inlined (its loop does compute the norm).
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from server.runtime.decode_graph import cpu_backend
+
+    inner = 64
+    large = narrow.STORED_PRODUCT // inner  # columns; every extent here is distinct, so that it
+    small = 1000  # names its own loop in the generated code
+    x, y, w = randn(1, inner).float(), randn(1, inner).float(), randn(inner).float()
+    head, proj = randn(large, inner).float(), randn(small, inner).float()
+
+    def two_products(x, y, w, head, proj):
+        norm = partial(F.rms_norm, normalized_shape=(inner,), weight=w, eps=1e-6)
+        return F.linear(norm(x), head), F.linear(norm(y), proj)
+
+    compiled = torch.compile(two_products, fullgraph=True, backend=cpu_backend("inductor"))
+    with inductor_config.patch(fx_graph_cache=False):  # generated here, not loaded
+        out, (code,) = run_and_get_code(compiled, x, y, w, head, proj)
+
+    def loop_over(columns: int) -> str:
+        loop = code[code.index(f"<static_cast<int64_t>({columns}L)") :]
+        loop = loop[: loop.index("'''")]  # to the end of the kernel's C++ source
+        end = loop.find("#pragma omp")  # or to the next parallel loop
+        return loop if end < 0 else loop[:end]
+
+    assert "sqrt" not in loop_over(large) and "sqrt" in loop_over(small)
+    want = two_products(x.double(), y.double(), w.double(), head.double(), proj.double())
+    for got, exact in zip(out, want, strict=True):
+        # float32 sums of 64 terms of O(1) values: far inside 1e-4 of the outputs' scale.
+        assert (got.double() - exact).abs().max().item() <= 1e-4 * exact.abs().max().item()
