@@ -15,6 +15,9 @@ For each dev preset given (default: tiny, mini, bench; float32; made on first us
   share of it: --floor-pairs compiled runs, each followed at once by a plain read, and the median
   of the pairs' shares (this VM's bandwidth moves by up to 1.9x between runs and by tens of
   percent within one, so a step and a read timed minutes apart do not compare);
+- the compiled batch-1 step with a sampled request (top_k 64, top_p 0.95: Gemma 3n's defaults,
+  seeded) vs a greedy one, timed alternately in --floor-pairs pairs, and the ops around the
+  graph in a sampled step;
 - the compiled batch-1 step with its weights in huge pages vs in the checkpoint's 4 KiB
   page-cache pages (huge_pages: false), timed alternately in --floor-pairs pairs, and a plain
   read of each kind of memory;
@@ -121,12 +124,18 @@ def count_outside_graphs(eng) -> None:
         graphs.graphs[shape] = (spec, outside)
 
 
+def sampled(n: int) -> SamplingParams:
+    """Gemma 3n's generation_config defaults (top_k 64, top_p 0.95, temperature 1), seeded."""
+    return SamplingParams(max_tokens=n, top_k=64, top_p=0.95, seed=0, ignore_eos=True)
+
+
 def decode_tps(
-    eng, rt, prompt: list[int], tokens: int, count: bool = True
+    eng, rt, prompt: list[int], tokens: int, count: bool = True, params=greedy
 ) -> tuple[float, int, list[int]]:
-    """(batch-1 decode tok/s after the first token, ops of one decode step, the tokens). Warm-ups
-    pass count=False: a graph must not be first run under the op counter (it would not compile)."""
-    eng.add_request("bench", prompt, rt.subnets.full, greedy(tokens))
+    """(batch-1 decode tok/s after the first token, ops of one decode step, the tokens), the
+    request's sampling parameters made by `params` (greedy). Warm-ups pass count=False: a graph
+    must not be first run under the op counter (it would not compile)."""
+    eng.add_request("bench", prompt, rt.subnets.full, params(tokens))
     out: list[int] = []
 
     def step() -> None:
@@ -251,6 +260,27 @@ def recorded_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args,
           + f"greedy tokens are eager's: {same}")  # fmt: skip
 
 
+def sampled_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, want) -> None:
+    """The compiled batch-1 step with a sampled request (`sampled`: top-k and top-p over the
+    whole vocabulary each step) vs a greedy one, timed alternately in --floor-pairs pairs; the
+    ops dispatched around the graph in a sampled step; and whether the seeded draws repeat."""
+    med = statistics.median
+    decode_tps(compiled, rt, prompt, args.tokens, count=False, params=sampled)
+    ops = decode_tps(compiled, rt, prompt, args.tokens, params=sampled)[1]
+    rows = []
+    for i in range(args.floor_pairs):
+        kinds = [greedy, sampled] if i % 2 == 0 else [sampled, greedy]
+        got = {k: decode_tps(compiled, rt, prompt, args.tokens, False, k) for k in kinds}
+        rows.append((got[sampled], got[greedy]))
+    ratios = [s[0] / g[0] for s, g in rows]
+    print(f"compiled batch-1 tok/s, sampled (top_k 64, top_p 0.95, seeded) vs greedy "
+          f"({len(rows)} pairs, alternated): {med(s[0] for s, _ in rows):.1f} vs "
+          f"{med(g[0] for _, g in rows):.1f}, median pair {med(ratios):.2f}x (pairs "
+          f"{' '.join(f'{x:.2f}' for x in ratios)}); ops around the graph in a sampled step: "
+          f"{ops}; seeded draws repeat: {len({tuple(s[2]) for s, _ in rows}) == 1}; greedy "
+          f"tokens are eager's: {all(g[2] == want for _, g in rows)}")  # fmt: skip
+
+
 def threads_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, want) -> None:
     """The compiled batch-1 step and a plain read at 1 thread and at all of them, alternated."""
     med, nbytes, most = statistics.median, floor_bytes(rt), torch.get_num_threads()
@@ -281,7 +311,8 @@ def time_split(rt: ElasticRuntime, compiled, prompt: list[int], args) -> None:
     compiled graph modules), its external calls (`extern_kernels.*`: the attention's batched
     products), the rest of the graph call (a recorded step's loop over its calls and its input
     copies; an unrecorded one's Python wrapper: buffer reuse, tensor views, argument passing),
-    and the engine step outside the graph (scheduling, planning, uploads, sampling). The
+    and the engine step outside the graph (scheduling, planning, uploads, sampling, the compiled
+    sampler's kernels among it). The
     kernels' read rate is the floor's bytes over their time (they read every weight), next to a
     plain read right after. --floor-pairs rounds; the timers are then removed.
     """
@@ -289,14 +320,23 @@ def time_split(rt: ElasticRuntime, compiled, prompt: list[int], args) -> None:
     total: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
 
+    inside = [False]  # in a decode graph's call: kernels outside one (the compiled sampler's)
+    # are the host's part of the step
+
     def timed(fn, key: str):
         def call(*a, **k):
+            within = inside[0]
+            if key == "graph":
+                inside[0] = True
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                total[key] += time.perf_counter() - t0
-                calls[key] += 1
+                part = key if within or key == "graph" else "outside"
+                total[part] += time.perf_counter() - t0
+                calls[part] += 1
+                if key == "graph":
+                    inside[0] = False
 
         return call
 
@@ -500,6 +540,7 @@ def bench_preset(name: str, args) -> None:
           f"{' '.join(f'{x:.0f}%' for x in shares)}, median {med(shares):.0f}%")  # fmt: skip
     time_split(rt, compiled, prompt, args)
     recorded_side_by_side(rt, compiled, prompt, args, e[0][2])
+    sampled_side_by_side(rt, compiled, prompt, args, e[0][2])
     if huge:
         pages_side_by_side(rt, compiled, prompt, args, e[0][2])
     if torch.get_num_threads() > 1:
