@@ -181,10 +181,15 @@ def test_a_large_products_input_is_computed_once_not_once_per_column():
         out, (code,) = run_and_get_code(compiled, x, y, w, head, proj)
 
     def loop_over(columns: int) -> str:
-        loop = code[code.index(f"<static_cast<int64_t>({columns}L)") :]
-        loop = loop[: loop.index("'''")]  # to the end of the kernel's C++ source
-        end = loop.find("#pragma omp")  # or to the next parallel loop
-        return loop if end < 0 else loop[:end]
+        """The C++ of the loop over `columns`: from its `for` to its closing brace (matched, so
+        that it holds at any thread count, parallel regions or not)."""
+        start = code.index("{", code.index(f"<static_cast<int64_t>({columns}L)"))
+        depth = 0
+        for end in range(start, len(code)):
+            depth += {"{": 1, "}": -1}.get(code[end], 0)
+            if depth == 0:
+                return code[start : end + 1]
+        raise AssertionError("unbalanced braces")
 
     assert "sqrt" not in loop_over(large) and "sqrt" in loop_over(small)
     want = two_products(x.double(), y.double(), w.double(), head.double(), proj.double())
