@@ -312,16 +312,15 @@ def time_split(rt: ElasticRuntime, compiled, prompt: list[int], args) -> None:
     products), the rest of the graph call (a recorded step's loop over its calls and its input
     copies; an unrecorded one's Python wrapper: buffer reuse, tensor views, argument passing),
     and the engine step outside the graph (scheduling, planning, uploads, sampling, the compiled
-    sampler's kernels among it). The
-    kernels' read rate is the floor's bytes over their time (they read every weight), next to a
-    plain read right after. --floor-pairs rounds; the timers are then removed.
+    sampler's kernels among it). The kernels' read rate is the floor's bytes over their time
+    (they read every weight), next to a plain read right after. --floor-pairs rounds; the
+    timers are then removed.
     """
     med, nbytes = statistics.median, floor_bytes(rt)
     total: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
 
-    inside = [False]  # in a decode graph's call: kernels outside one (the compiled sampler's)
-    # are the host's part of the step
+    inside = [False]  # within a decode graph's call; kernels outside one are host work
 
     def timed(fn, key: str):
         def call(*a, **k):
