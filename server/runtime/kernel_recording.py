@@ -8,13 +8,12 @@ data, and on a small step it is a large share of the time: a bench-preset batch-
 spent 2.49 ms of 23.1 in it (session 24), replayed 0.48-0.67 ms (its loop and the input
 copies), and the replayed step ran 1.04-1.08x as fast as the wrapper's (medians of alternated
 pairs in three runs; tiny preset, dispatch-bound: 1.58x; benchmarks/bench_decode.py, results/).
-`record` runs the step
-once with the wrapper's names intercepted in its module, keeping every kernel and external call
-with the tensors it was given; the replay makes the same calls on the same tensors (buffers kept
-alive across steps, as a CUDA graph's pool keeps them), after the caller has copied the step's
-inputs into the static ones the recording was made with. Weights and the cache are read and
-written where they are, by the address a call was recorded with: a caller that replaces one (a
-resize) must record again, as for a CUDA graph.
+`record` runs the step once with the wrapper's names intercepted in its module, keeping every
+kernel and external call with the tensors it was given; the replay makes the same calls on the
+same tensors (buffers kept alive across steps, as a CUDA graph's pool keeps them), after the
+caller has copied the step's inputs into the static ones the recording was made with. Weights
+and the cache are read and written where they are, by the address a call was recorded with: a
+caller that replaces one (a resize) must record again, as for a CUDA graph.
 
 A recording is refused (`Unrecordable`, with the reason) unless the wrapper does only what can be
 replayed this way: its code names nothing but the kernels, the external products called with
