@@ -16,8 +16,9 @@ For each dev preset given (default: tiny, mini, bench; float32; made on first us
   of the pairs' shares (this VM's bandwidth moves by up to 1.9x between runs and by tens of
   percent within one, so a step and a read timed minutes apart do not compare);
 - the compiled batch-1 step with a sampled request (top_k 64, top_p 0.95: Gemma 3n's defaults,
-  seeded) vs a greedy one, timed alternately in --floor-pairs pairs, and the ops around the
-  graph in a sampled step;
+  seeded) vs a greedy one, and vs the same sampled request drawn through the sampler's general
+  path (its one-pass `_top_k_pick` off), timed alternately in --floor-pairs rounds, and the ops
+  around the graph in a sampled step either way;
 - the compiled batch-1 step with its weights in huge pages vs in the checkpoint's 4 KiB
   page-cache pages (huge_pages: false), timed alternately in --floor-pairs pairs, and a plain
   read of each kind of memory;
@@ -262,23 +263,46 @@ def recorded_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args,
 
 def sampled_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, want) -> None:
     """The compiled batch-1 step with a sampled request (`sampled`: top-k and top-p over the
-    whole vocabulary each step) vs a greedy one, timed alternately in --floor-pairs pairs; the
-    ops dispatched around the graph in a sampled step; and whether the seeded draws repeat."""
+    whole vocabulary each step) vs a greedy one, and vs the sampled request drawn through the
+    sampler's general path (its one-pass `_top_k_pick` off), timed alternately in --floor-pairs
+    rounds; the ops dispatched around the graph in a sampled step either way; whether the seeded
+    draws repeat and are the same either way."""
     med = statistics.median
-    decode_tps(compiled, rt, prompt, args.tokens, count=False, params=sampled)
-    ops = decode_tps(compiled, rt, prompt, args.tokens, params=sampled)[1]
+    sampler = compiled.runner.sampler
+    one_pass = sampler._top_k_pick
+
+    def general(n: int) -> SamplingParams:  # a marker: `sampled`, through the general path
+        return sampled(n)
+
+    def run(kind, count: bool = False):
+        sampler._top_k_pick = None if kind is general else one_pass
+        try:
+            return decode_tps(compiled, rt, prompt, args.tokens, count, kind)
+        finally:
+            sampler._top_k_pick = one_pass
+
+    kinds = [greedy, sampled, general]
+    ops = {}
+    for kind in kinds[1:]:
+        run(kind)
+        ops[kind] = run(kind, count=True)[1]
     rows = []
     for i in range(args.floor_pairs):
-        kinds = [greedy, sampled] if i % 2 == 0 else [sampled, greedy]
-        got = {k: decode_tps(compiled, rt, prompt, args.tokens, False, k) for k in kinds}
-        rows.append((got[sampled], got[greedy]))
-    ratios = [s[0] / g[0] for s, g in rows]
-    print(f"compiled batch-1 tok/s, sampled (top_k 64, top_p 0.95, seeded) vs greedy "
-          f"({len(rows)} pairs, alternated): {med(s[0] for s, _ in rows):.1f} vs "
-          f"{med(g[0] for _, g in rows):.1f}, median pair {med(ratios):.2f}x (pairs "
-          f"{' '.join(f'{x:.2f}' for x in ratios)}); ops around the graph in a sampled step: "
-          f"{ops}; seeded draws repeat: {len({tuple(s[2]) for s, _ in rows}) == 1}; greedy "
-          f"tokens are eager's: {all(g[2] == want for _, g in rows)}")  # fmt: skip
+        got = {k: run(k) for k in (kinds if i % 2 == 0 else reversed(kinds))}
+        rows.append(got)
+    tps = {k: med(r[k][0] for r in rows) for k in kinds}
+    vs_greedy = [r[sampled][0] / r[greedy][0] for r in rows]
+    vs_general = [r[sampled][0] / r[general][0] for r in rows]
+    draws = {tuple(r[k][2]) for r in rows for k in (sampled, general)}
+    print(f"compiled batch-1 tok/s, sampled (top_k 64, top_p 0.95, seeded) vs greedy vs sampled "
+          f"through the sampler's general path ({len(rows)} rounds, alternated): "
+          f"{tps[sampled]:.1f} vs {tps[greedy]:.1f} vs {tps[general]:.1f}; sampled/greedy median "
+          f"{med(vs_greedy):.2f}x (rounds {' '.join(f'{x:.2f}' for x in vs_greedy)}); one pass/"
+          f"general path median {med(vs_general):.2f}x (rounds "
+          f"{' '.join(f'{x:.2f}' for x in vs_general)}); ops around the graph in a sampled "
+          f"step: {ops[sampled]} (general path {ops[general]}); seeded draws repeat, the same "
+          f"either way: {len(draws) == 1}; greedy tokens are eager's: "
+          f"{all(r[greedy][2] == want for r in rows)}")  # fmt: skip
 
 
 def threads_side_by_side(rt: ElasticRuntime, compiled, prompt: list[int], args, want) -> None:

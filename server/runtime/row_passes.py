@@ -130,15 +130,21 @@ def compiled_exp2_block_sums(x: torch.Tensor, shift: torch.Tensor, block: int) -
     )
 
 
-def compiled_per_row(name: str, fn, dynamic_columns: bool = True) -> _Compiled:
+def compiled_per_row(
+    name: str, fn, dynamic_columns: bool = True, shared: tuple[int, ...] = ()
+) -> _Compiled:
     """`fn` compiled once per process (`torch.compile`, one graph), for functions of [rows, ...]
     tensors whose every result row depends on its own rows alone. Rows are unbacked (one graph
     for every batch, a single row included, and the same arithmetic for a row whatever rows come
     with it). With `dynamic_columns` the other dimensions are marked dynamic where they can be
     (a size of 1 is specialised and compiles once more); without, each of their sizes compiles
-    its own graph (for a function whose sizes are all its caller's constants)."""
-    every = tuple(range(fn.__code__.co_argcount))
-    return _compile(name, fn, unbacked=every, dynamic_columns=dynamic_columns)
+    its own graph (for a function whose sizes are all its caller's constants). `shared`: the
+    positions of arguments that are not per row (the same for every row: e.g. a size carried as
+    a tensor's length), each of whose dimensions is dynamic."""
+    per_row = tuple(i for i in range(fn.__code__.co_argcount) if i not in shared)
+    return _compile(
+        name, fn, unbacked=per_row, dynamic_columns=dynamic_columns, dynamic=tuple(shared)
+    )
 
 
 class _Compiled:
@@ -153,22 +159,28 @@ class _Compiled:
 
     `unbacked`: the positional arguments whose rows (dimension 0) are unbacked;
     `dynamic_columns`: every other dimension of every tensor argument is dynamic where it can
-    be."""
+    be; `dynamic`: positional arguments (not among `unbacked`) each of whose dimensions is."""
 
     check_guards = False
 
     def __init__(
-        self, fn, unbacked: tuple[int, ...], dynamic_columns: bool, options: dict | None = None
+        self,
+        fn,
+        unbacked: tuple[int, ...],
+        dynamic_columns: bool,
+        options: dict | None = None,
+        dynamic: tuple[int, ...] = (),
     ) -> None:
         self.fn = fn
         self.compiled = torch.compile(fn, fullgraph=True, options=options)
         self.unbacked = unbacked
         self.dynamic_columns = dynamic_columns
+        self.dynamic = dynamic
         self.params = fn.__code__.co_varnames[: fn.__code__.co_argcount]
         self.direct: dict[tuple, tuple] = {}
 
     def __call__(self, *args):
-        kind = _kind(args, self.dynamic_columns)
+        kind = _kind(args, self.dynamic_columns, self.dynamic)
         made = self.direct.get(kind)
         if made is None:
             return self._first(kind, args)
@@ -190,6 +202,9 @@ class _Compiled:
                 if self.dynamic_columns:
                     for d in range(1, a.dim()):
                         torch._dynamo.maybe_mark_dynamic(a, d)
+                if i in self.dynamic:
+                    for d in range(a.dim()):
+                        torch._dynamo.maybe_mark_dynamic(a, d)
         with _lock:
             out = self.compiled(*args)
             frame = dict(zip(self.params, args, strict=True))
@@ -202,17 +217,20 @@ class _Compiled:
         return out
 
 
-def _kind(args: tuple, dynamic_columns: bool) -> tuple:
+def _kind(args: tuple, dynamic_columns: bool, dynamic: tuple[int, ...] = ()) -> tuple:
     """What dynamo's guards on these arguments test, but for the rows (unbacked: never
     guarded): for a tensor its dtype, device, grad, inference flag, rank, other sizes and
     strides (with `dynamic_columns`, a packed tensor's other sizes only as 0, 1 or more, all
-    that the guards of a dynamic size test); the value of anything else; the grad and inference
-    modes. A kind that missed something would fail `check_guards` in the tests."""
+    that the guards of a dynamic size test; for an argument in `dynamic`, every size so); the
+    value of anything else; the grad and inference modes. A kind that missed something would
+    fail `check_guards` in the tests."""
     kind: list = [torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
-    for a in args:
+    for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
             if not _packed(a):
                 layout: tuple = (tuple(a.shape[1:]), a.stride())
+            elif i in dynamic:
+                layout = tuple(min(n, 2) for n in a.shape)
             elif dynamic_columns:
                 layout = tuple(min(n, 2) for n in a.shape[1:])
             else:
@@ -240,9 +258,10 @@ def _compile(
     unbacked: tuple[int, ...] = (),
     dynamic_columns: bool = False,
     options: dict | None = None,
+    dynamic: tuple[int, ...] = (),
 ) -> _Compiled:
     """One compiled function per pass and process, made on first use (`options`: inductor's)."""
     with _lock:
         if name not in _compiled:
-            _compiled[name] = _Compiled(fn, unbacked, dynamic_columns, options)
+            _compiled[name] = _Compiled(fn, unbacked, dynamic_columns, options, dynamic)
         return _compiled[name]

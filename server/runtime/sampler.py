@@ -70,7 +70,11 @@ How, for a batch (no Python loop over rows touches a vocabulary-sized tensor):
     order (a draw could change only where a top_p threshold, an acceptance test or two racers'
     ratios tie to within that rounding). A step whose rows are all greedy, none adjusted and
     none asking for logprobs (a compiled engine's common step) is one compiled pass
-    (`_greedy_pick`: the first maximum and the failure code, packed): the same tokens.
+    (`_greedy_pick`: the first maximum and the failure code, packed): the same tokens. So is a
+    step whose rows are all greedy or top_k, none adjusted, none asking for logprobs (sampling
+    with Gemma's defaults, top_k 64 and top_p 0.95): `_top_k_pick` selects the candidates and
+    draws in one graph (the general path's candidates and draw, as compiled above), one graph
+    for every k and batch.
   - Randomness is counter-based (counter_random.py): a pure function of (seed, tokens generated so
     far, stream, token or block index), so a seeded request draws the same tokens whatever else is
     in the batch and wherever its row is; unseeded requests get a random seed at registration.
@@ -233,6 +237,12 @@ class Sampler:
         )
         self._ahead_sums = compiled_per_row("ahead_sums", _ahead_sums, dynamic_columns=False)
         self._greedy_pick = compiled_per_row("greedy_pick", _greedy_pick) if compiled else None
+        self._top_k_pick = (
+            compiled_per_row("top_k_pick", _top_k_pick, dynamic_columns=False, shared=(2, 3))
+            if compiled
+            else None
+        )
+        self._lengths: dict[tuple[str, int], torch.Tensor] = {}  # see `_length`
         self.table = PenaltyTable(self.device, compiled)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -353,14 +363,20 @@ class Sampler:
         if self._greedy_pick is not None and every_greedy:  # one compiled pass, one graph
             tokens, fail, packed = self._greedy_pick(x)
             return packed.tolist(), 0, tokens, fail
+        picks = len(plan.greedy) + len(plan.top_k) == B and adj is None and not plan.logprobs
+        if self._top_k_pick is not None and picks:  # the common sampled step: one graph too
+            k = max(states[r].params.top_k for r in plan.top_k)
+            blocks = min(k, self.text_vocab_size // self.block)
+            params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
+            args = (x, params, self._length("k", k, dev), self._length("blocks", blocks, dev))
+            tokens, fail, packed = self._top_k_pick(*args)
+            return packed.tolist(), 0, tokens, fail
         bm = self._block_max(x)
         fail = _failures(bm.amax(dim=1).float(), adj)
         step = _Step(x, bm, fail, B, plan.min_p)
         if plan.top_k or plan.nucleus or plan.full:  # rows that draw at random
-            host = [row_key(s.seed, s.num_generated) for s in states]
-            keys = torch.tensor(host, dtype=torch.long).to(dev, non_blocking=True)
             step.params = _row_params(states, self.text_vocab_size).to(dev, non_blocking=True)
-            step.lo, step.hi = keys[:, 0], keys[:, 1]
+            step.lo, step.hi = step.params[:, _KEY_LO].long(), step.params[:, _KEY_HI].long()
         top = None
 
         greedy = step.rows(plan.greedy)
@@ -374,7 +390,7 @@ class Sampler:
         if plan.top_k:
             rows = step.rows(plan.top_k)
             k = max(states[r].params.top_k for r in plan.top_k)
-            ids, vals = _top_candidates(x, bm, rows, k, self.block, self.keys)
+            ids, vals = _top_candidates(x, bm, rows.gather_index, k, self.block, self.keys)
             tokens[rows.index] = self._sample_top_k(step, rows, ids, vals)
             if not set(plan.logprobs) - set(plan.top_k) - set(plan.adjusted):
                 top = (plan.top_k, ids, vals)  # the raw logits' top tokens, for logprobs
@@ -406,6 +422,14 @@ class Sampler:
                 self._resolve_nucleus(step, at, nucleus.select(undecided), count, tokens)
             values, width = self._read(raw, bm, adj, states, plan, tokens, fail, None, top)
         return values, width, tokens, fail
+
+    def _length(self, name: str, n: int, device: torch.device) -> torch.Tensor:
+        """A tensor of length n: the size `name` handed to a compiled pass as a dynamic size (one
+        tensor per name: two arguments that were one tensor would be another graph)."""
+        t = self._lengths.get((name, n))
+        if t is None:
+            t = self._lengths[name, n] = torch.empty(n, dtype=torch.uint8, device=device)
+        return t
 
     def _read(self, raw, bm, adj, states, plan, tokens, fail, redraw, top):
         """Pack the results and copy them to the host. Logprobs are of the raw logits, so
@@ -616,7 +640,7 @@ class Sampler:
         """top_p rows without top_k (their unfiltered weights in w): candidates first, then exact
         rejection for the rows whose nucleus the candidates do not hold."""
         ids, vals = _top_candidates(
-            step.x, step.bm, rows, self.nucleus_candidates, self.block, self.keys
+            step.x, step.bm, rows.gather_index, self.nucleus_candidates, self.block, self.keys
         )
         # The candidates' weights are read from w, so they are the very terms of the total.
         wc = w.gather(1, ids).double()
@@ -737,7 +761,9 @@ class Sampler:
                     at = _index([where[r] for r in plan.logprobs], dev)
                     ids, vals = ids.index_select(0, at), vals.index_select(0, at)
             elif k:
-                ids, vals = _top_candidates(raw, raw_bm, rows, k, self.block, self.keys)
+                ids, vals = _top_candidates(
+                    raw, raw_bm, rows.gather_index, k, self.block, self.keys
+                )
             if k:
                 columns += [ids.double(), vals.double() - lse]
             logprobs = torch.cat(columns, dim=1)
@@ -770,7 +796,7 @@ class Sampler:
 
 # ---- per-step plan and parameters ------------------------------------------------------------
 
-_C, _TOP_K, _TOP_P, _LOG2_MIN_P, _MIN_P_SHIFT = range(5)  # columns of _row_params
+_C, _TOP_K, _TOP_P, _LOG2_MIN_P, _MIN_P_SHIFT, _KEY_LO, _KEY_HI = range(7)  # _row_params
 # Random streams (counter_random), one per use so that no two uses share a number. A block race
 # uses stream + level (level < 8): rejection round r uses 2 + 8 (r % 24), whole-vocabulary draws
 # 200, candidate races 1, the envelope 220.
@@ -822,10 +848,12 @@ def _plan(states: Sequence[SamplerState], vocab: int) -> _Plan:
 
 
 def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
-    """Per-row parameters as one host tensor [B, 5] (one copy to the device): log2(e) / T,
-    top_k (vocab when off), top_p, log2(min_p) (-inf when off), T ln(min_p) (0 when off). The
-    temperature factor and log2(min_p) are rounded to float32, the precision they are used in,
-    so every comparison of one row sees the same threshold."""
+    """Per-row parameters and random keys as one host tensor [B, 7] (one copy to the device):
+    log2(e) / T (0 when greedy), top_k (vocab when off), top_p, log2(min_p) (-inf when off),
+    T ln(min_p) (0 when off), and the halves of the step's random key (`row_key`: 32-bit
+    integers, which float64 holds exactly). The temperature factor and log2(min_p) are rounded
+    to float32, the precision they are used in, so every comparison of one row sees the same
+    threshold."""
     rows = []
     for s in states:
         p = s.params
@@ -834,7 +862,8 @@ def _row_params(states: Sequence[SamplerState], vocab: int) -> torch.Tensor:
         on = p.min_p >= _MIN_P_FLOOR
         lmp = math.log2(p.min_p) if on else NEG_INF
         shift = p.temperature * math.log(p.min_p) if on else 0.0
-        rows.append([_float32(c), k, p.top_p, _float32(lmp), shift])
+        lo, hi = row_key(s.seed, s.num_generated)
+        rows.append([_float32(c), k, p.top_p, _float32(lmp), shift, lo, hi])
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -971,7 +1000,7 @@ class _Step:
     fail: torch.Tensor
     batch: int
     min_p: set[int]  # rows with min_p
-    params: torch.Tensor | None = None  # [B, 5]: _row_params
+    params: torch.Tensor | None = None  # [B, 7]: _row_params
     lo: torch.Tensor | None = None  # [B] random keys
     hi: torch.Tensor | None = None
 
@@ -1151,19 +1180,26 @@ def _keep_non_negative_(w: torch.Tensor) -> None:
     torch.nn.functional.threshold_(w, -torch.finfo(torch.float32).tiny, NEG_INF)
 
 
-def _top_candidates(x, bm, rows: _Rows, k: int, bs: int, keys) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k highest logits of each row in `rows`, ordered by (logit desc, id asc) through `keys`
-    (row_passes.py, eager or compiled): ids [R, k] and float32 values. They lie in the row's k
-    blocks with the highest maxima (ordered the same way): each such block holds an element at
-    least as large as any element of a later block."""
+def _top_candidates(
+    x, bm, rows, k: int, bs: int, keys, n_blocks: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k highest logits of each row `rows` [R] picks (None: every row, in order), ordered by
+    (logit desc, id asc) through `keys` (row_passes.py, eager or compiled): ids [R, k] and
+    float32 values. They lie in the row's k blocks with the highest maxima (ordered the same
+    way): each such block holds an element at least as large as any element of a later block.
+    `n_blocks`: how many blocks that is, min(k, V / bs), where the caller has it (a compiled
+    pass, whose k is a dynamic size: the comparison would be a guard of its graph)."""
     nb = bm.shape[1]
     V = nb * bs
-    k = min(k, V)
+    if n_blocks is None:
+        k = min(k, V)
+        n_blocks = min(k, nb)
     dev = x.device
-    block_keys = keys(rows.pick(bm), torch.arange(nb, device=dev), nb - 1)
-    blocks = block_keys.topk(min(k, nb), dim=1).indices
+    picked = bm if rows is None else bm.index_select(0, rows)
+    block_keys = keys(picked, torch.arange(nb, device=dev), nb - 1)
+    blocks = block_keys.topk(n_blocks, dim=1).indices
     ids = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
-    vals = gather_blocks(x, rows.gather_index, blocks, bs).flatten(1).float()
+    vals = gather_blocks(x, rows, blocks, bs).flatten(1).float()
     pos = keys(vals, ids, V - 1).topk(k, dim=1).indices
     return ids.gather(1, pos), vals.gather(1, pos)
 
@@ -1178,6 +1214,31 @@ def _greedy_pick(x: torch.Tensor):
     bad = torch.isnan(top) | (top == math.inf)
     fail = torch.where(bad, 1, torch.where(top == NEG_INF, 2, 0))
     nan = torch.full_like(top, math.nan, dtype=torch.float64)
+    return token, fail, torch.stack([token.double(), fail.double(), nan], dim=1)
+
+
+def _top_k_pick(x: torch.Tensor, p: torch.Tensor, k: torch.Tensor, blocks: torch.Tensor):
+    """A step whose rows are all greedy or top_k, none adjusted, none asking for logprobs (the
+    common sampled step: Gemma's generation_config asks for top_k 64): each row's token, its
+    failure code as `_failures` gives it, and both packed as `_pack` packs them ([B, 3] float64,
+    the logprob column NaN). x [B, V]: the text logits; p [B, 7]: `_row_params`; k and blocks:
+    lengths, the largest top_k of the batch and the number of blocks its candidates come from
+    (min(k, V / block), worked out on the host, so that no guard of the graph compares them and
+    one graph serves every k). Compiled (`compiled_per_row`): one graph for what the general
+    path dispatches as some eighty ops (a kernel launch each on an accelerator).
+
+    The same decisions as the general path: the same top-k candidates (the same integer keys),
+    `_top_k_draw` on them; a greedy row takes its first candidate, the lowest id holding the
+    row's maximum, as `_first_argmax` does (order keys make -0.0 and +0.0 one value, as == does).
+    """
+    V = x.shape[1]
+    bs = math.gcd(V, MAX_BLOCK)  # `Sampler.block`
+    bm = x.reshape(x.shape[0], V // bs, bs).amax(dim=2)
+    fail = _failures(bm.amax(dim=1).float(), None)
+    ids, vals = _top_candidates(x, bm, None, k.shape[0], bs, order_keys, blocks.shape[0])
+    drawn = _top_k_draw(vals, ids, p, p[:, _KEY_LO].long(), p[:, _KEY_HI].long())
+    token = torch.where(p[:, _C] == 0, ids[:, 0], drawn)
+    nan = torch.full_like(token, math.nan, dtype=torch.float64)
     return token, fail, torch.stack([token.double(), fail.double(), nan], dim=1)
 
 

@@ -961,6 +961,88 @@ def test_a_compiled_greedy_step_is_one_pass_picking_what_the_eager_one_picks() -
         assert results[6].token_id < vocab
 
 
+def test_a_compiled_top_k_step_is_one_pass_drawing_what_the_eager_one_draws() -> None:
+    # Every row greedy or top_k, none adjusted, none asking for logprobs (the common sampled
+    # step): the compiled sampler takes it in one compiled pass (`_top_k_pick`), and draws and
+    # fails exactly as the eager general path, step after step (the seeds' streams advance):
+    # top_k with top_p, min_p and temperatures, k from 1 to 300, a greedy row whose maximum is
+    # -0.0 at one id and +0.0 at a later one (equal: the lower id), placeholders never, NaN and
+    # no finite logit failing alone. In float32 and in bfloat16. One graph for every k and
+    # batch: after the first steps another k and batch size compile nothing more.
+    from torch._dynamo.utils import counters
+
+    vocab = 4096
+    raw = torch.randn(9, vocab + 8, generator=torch.Generator().manual_seed(4)) * 4
+    raw[1, :vocab] = -1.0
+    raw[1, [700, 12]] = torch.tensor([0.0, -0.0])
+    raw[6, 11] = float("nan")
+    raw[7, :vocab] = float("-inf")
+    raw[8, vocab:] = 1e4
+    params = [
+        SamplingParams(top_k=64, top_p=0.95, seed=1),
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=5, temperature=0.7, seed=2),
+        SamplingParams(top_k=1, seed=3),
+        SamplingParams(top_k=300, top_p=0.5, temperature=1.5, seed=4),
+        SamplingParams(top_k=64, min_p=0.1, seed=5),
+        SamplingParams(top_k=64, seed=6),
+        SamplingParams(top_k=8, seed=7),
+        SamplingParams(top_k=64, seed=8),
+    ]
+    for dtype in (torch.float32, torch.bfloat16):
+        outcomes, passes = [], []
+        for compiled in (False, True):
+            sampler = Sampler(vocab, compiled=compiled)
+            if compiled:
+                pick, seen = sampler._top_k_pick, passes
+                sampler._top_k_pick = lambda *a, f=pick, seen=seen: seen.append(a[0].shape) or f(*a)
+            states = [sampler.add_request(p) for p in params]
+            steps = []
+            for _ in range(3):
+                with pytest.raises(SamplingError) as info:
+                    sampler.sample(raw.to(dtype), states)
+                e = info.value
+                steps.append((e.failures, e.results, [s.num_generated for s in states]))
+            outcomes.append(steps)
+        assert outcomes[0] == outcomes[1], dtype
+        assert passes == [(9, vocab)] * 3, dtype
+        failures, results, _ = outcomes[1][0]
+        assert sorted(failures) == [6, 7]
+        assert results[1].token_id == 12
+        assert results[3].token_id == raw[3, :vocab].to(dtype).argmax().item()  # top_k 1
+        assert all(r is None or r.token_id < vocab for r in results)
+    graphs = counters["stats"]["unique_graphs"]
+    sampler = Sampler(vocab, compiled=True)
+    states = [sampler.add_request(SamplingParams(top_k=k, seed=k)) for k in (40, 3)]
+    assert all(r.token_id < vocab for r in sampler.sample(raw[2:4], states))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_compiled_sampled_step_dispatches_few_ops_around_its_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The ops a compiled top_k step dispatches (on an accelerator: kernel launches), counted:
+    # the parameters' one upload (the host tensor, its detach, the copy), the slice to the text
+    # vocabulary, the pass's library calls (the two top-k selections, the cumulative sum of
+    # top_p), the read-back's two. Bound 12: those 9 and a little room. The eager sampler
+    # dispatches over a hundred for the same step (the first count below; a compiled one
+    # without this pass, about eighty). The counting mode
+    # adds a dispatch key dynamo's guards would see (the pass was compiled outside it), so the
+    # guards are not checked here; the test above checks them.
+    monkeypatch.setattr(_Compiled, "check_guards", False)
+    rows = [SamplingParams(top_k=64, top_p=0.95, seed=1), SamplingParams(temperature=0)] * 2
+    counts = []
+    for compiled in (False, True):
+        sampler = Sampler(4096, compiled=compiled)
+        states = [sampler.add_request(p) for p in rows]
+        logits = torch.randn(4, 4096 + 8, generator=torch.Generator().manual_seed(1))
+        sampler.sample(logits, states)  # compiles
+        with DispatchedOps() as mode:
+            sampler.sample(logits, states)
+        counts.append(sum(mode.ops.values()))
+    assert counts[1] <= 12 < 50 <= counts[0], counts
+
+
 def test_logprobs_zero_gives_only_the_chosen_token() -> None:
     raw = rand_row(2)[None]
     r = SAMPLER.sample(raw, [state(logprobs=0, temperature=0)])[0]
