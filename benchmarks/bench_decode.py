@@ -141,6 +141,8 @@ def decode_tps(
 
     def step() -> None:
         for o in eng.step():
+            if o.error:  # else the loops below would wait for tokens that never come
+                raise RuntimeError(f"the benchmark's request failed: {o.error}")
             out.extend(o.token_ids)
 
     while not out:

@@ -13,7 +13,8 @@ per-pair ratios: on a shared machine whose speed drifts, the paired number is th
 then ops per step at B=1, eager and compiled: the aten ops `sample` calls (an op called inside
 another is not counted again) with each compiled loop counted once, from torch.profiler. On an
 accelerator each is at least one kernel launch (a few microseconds each), which at small batches
-is the step's cost.
+is the step's cost. Last, a compiled sampler's top_k + top_p step in its one pass
+(`_top_k_pick`) vs through its general path, paired, with the ops of each.
 
 The process keeps the memory a step frees, as a runtime on a CPU does (host_heap.py: glibc
 otherwise maps and faults in again, every step, tensors of a few megabytes and up);
@@ -341,6 +342,40 @@ def main() -> None:
             cells = paired[compiled].items()
             over = [f"{n} (B={b}: {r:.1f}x)" for (n, b), r in sorted(cells) if r > 3]
             print(f"{label}, paired: over 3x greedy: {', '.join(over) or 'none'}")
+    if args.pairs:
+        one_pass_side_by_side(batches, args.pairs)
+
+
+def one_pass_side_by_side(batches: list[int], pairs: int) -> None:
+    """A compiled sampler's top_k + top_p step in its one pass (`_top_k_pick`) vs the same step
+    through its general path (the pass off), the two timed back to back in `pairs` pairs; ops
+    per step either way, and whether they draw the same tokens."""
+    print(
+        f"\ncompiled top_k + top_p, one pass vs the general path ({pairs} pairs, median ms and "
+        "the median of the per-pair ratios; ops per step: a compiled loop counts once):"
+    )
+    for b in batches:
+        logits = make_logits(b, flat=False)
+        one = new_step(logits, COMBINATIONS["top_k + top_p"], compiled=True)
+        general = new_step(logits, COMBINATIONS["top_k + top_p"], compiled=True)
+        general.func.__self__._top_k_pick = None
+        general()  # compiles the general path's passes
+        one()  # so that both have drawn as many tokens (a seeded row's draw depends on it)
+        same = [r.token_id for r in one()] == [r.token_id for r in general()]
+        times: dict[str, list[float]] = {"one": [], "general": []}
+        for i in range(pairs):
+            order = (("one", one), ("general", general))
+            for name, fn in order if i % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        med = statistics.median
+        ratio = med(g / o for o, g in zip(times["one"], times["general"], strict=True))
+        print(
+            f"  B={b:<4} one pass {1e3 * med(times['one']):7.2f} ms, general path "
+            f"{1e3 * med(times['general']):7.2f} ms: {ratio:.2f}x; ops {count_ops(one)} vs "
+            f"{count_ops(general)}; the same draws: {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -138,12 +138,15 @@ def compiled_per_row(
     for every batch, a single row included, and the same arithmetic for a row whatever rows come
     with it). With `dynamic_columns` the other dimensions are marked dynamic where they can be
     (a size of 1 is specialised and compiles once more); without, each of their sizes compiles
-    its own graph (for a function whose sizes are all its caller's constants). `shared`: the
+    its own graph (for a function whose sizes are all its caller's constants: marked static, so
+    that dynamo does not make a dimension dynamic once it has seen two sizes, as it does on its
+    own, in a graph that may take a size for a constant, e.g. in `math.gcd`). `shared`: the
     positions of arguments that are not per row (the same for every row: e.g. a size carried as
     a tensor's length), each of whose dimensions is dynamic."""
     per_row = tuple(i for i in range(fn.__code__.co_argcount) if i not in shared)
+    static = () if dynamic_columns else per_row
     return _compile(
-        name, fn, unbacked=per_row, dynamic_columns=dynamic_columns, dynamic=tuple(shared)
+        name, fn, per_row, dynamic_columns, dynamic=tuple(shared), static_columns=static
     )
 
 
@@ -159,7 +162,8 @@ class _Compiled:
 
     `unbacked`: the positional arguments whose rows (dimension 0) are unbacked;
     `dynamic_columns`: every other dimension of every tensor argument is dynamic where it can
-    be; `dynamic`: positional arguments (not among `unbacked`) each of whose dimensions is."""
+    be; `dynamic`: positional arguments (not among `unbacked`) each of whose dimensions is;
+    `static_columns`: positional arguments each of whose dimensions but the rows is static."""
 
     check_guards = False
 
@@ -170,12 +174,14 @@ class _Compiled:
         dynamic_columns: bool,
         options: dict | None = None,
         dynamic: tuple[int, ...] = (),
+        static_columns: tuple[int, ...] = (),
     ) -> None:
         self.fn = fn
         self.compiled = torch.compile(fn, fullgraph=True, options=options)
         self.unbacked = unbacked
         self.dynamic_columns = dynamic_columns
         self.dynamic = dynamic
+        self.static_columns = static_columns
         self.params = fn.__code__.co_varnames[: fn.__code__.co_argcount]
         self.direct: dict[tuple, tuple] = {}
 
@@ -205,6 +211,9 @@ class _Compiled:
                 if i in self.dynamic:
                     for d in range(a.dim()):
                         torch._dynamo.maybe_mark_dynamic(a, d)
+                if i in self.static_columns:
+                    for d in range(1, a.dim()):
+                        torch._dynamo.mark_static(a, d)
         with _lock:
             out = self.compiled(*args)
             frame = dict(zip(self.params, args, strict=True))
@@ -259,9 +268,12 @@ def _compile(
     dynamic_columns: bool = False,
     options: dict | None = None,
     dynamic: tuple[int, ...] = (),
+    static_columns: tuple[int, ...] = (),
 ) -> _Compiled:
     """One compiled function per pass and process, made on first use (`options`: inductor's)."""
     with _lock:
         if name not in _compiled:
-            _compiled[name] = _Compiled(fn, unbacked, dynamic_columns, options, dynamic)
+            _compiled[name] = _Compiled(
+                fn, unbacked, dynamic_columns, options, dynamic, static_columns
+            )
         return _compiled[name]

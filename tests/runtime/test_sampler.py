@@ -1016,6 +1016,14 @@ def test_a_compiled_top_k_step_is_one_pass_drawing_what_the_eager_one_draws() ->
     states = [sampler.add_request(SamplingParams(top_k=k, seed=k)) for k in (40, 3)]
     assert all(r.token_id < vocab for r in sampler.sample(raw[2:4], states))
     assert counters["stats"]["unique_graphs"] == graphs
+    # Another vocabulary in the same process (1000 ids: blocks of 8) compiles its own graph, as
+    # its sizes are static: the block size is worked out from the vocabulary inside the pass.
+    drawn = []
+    for compiled in (False, True):
+        sampler = Sampler(1000, compiled=compiled)
+        states = [sampler.add_request(p) for p in params[:6]]
+        drawn.append([r.token_id for r in sampler.sample(raw[:6, :1008], states)])
+    assert drawn[0] == drawn[1]
 
 
 def test_a_compiled_sampled_step_dispatches_few_ops_around_its_pass(
