@@ -145,6 +145,7 @@ MAX_BLOCK = 64  # ids per block of the block maxima / block sums (and fan-out of
 NUCLEUS_CANDIDATES = 64  # top_p without top_k: candidates that usually settle the nucleus
 ENVELOPE_BLOCKS = 64  # whole-distribution rows: blocks weighed exactly in the envelope
 ENVELOPE_PROPOSALS = 8  # whole-distribution rows: proposals per step before the exact path
+_KEPT_LENGTHS = 64  # views kept by `Sampler._length`
 _F32_MAX = torch.finfo(torch.float32).max
 _FAIL_MESSAGES = {
     1: "the model's logits contain NaN or +inf",
@@ -247,6 +248,7 @@ class Sampler:
             else None
         )
         self._lengths: dict[tuple[str, int], torch.Tensor] = {}  # see `_length`
+        self._length_buffers: dict[str, torch.Tensor] = {}
         self.table = PenaltyTable(self.device, compiled)
         self.grammars = grammars
         self._buffers: dict[str, torch.Tensor] = {}
@@ -428,11 +430,19 @@ class Sampler:
         return values, width, tokens, fail
 
     def _length(self, name: str, n: int, device: torch.device) -> torch.Tensor:
-        """A tensor of length n: the size `name` handed to a compiled pass as a dynamic size (one
-        tensor per name: two arguments that were one tensor would be another graph)."""
+        """A tensor of length n (n <= the vocabulary): the size `name` handed to a compiled pass
+        as a dynamic size. A view of one vocabulary-long buffer per name (two arguments that
+        were one tensor would be another graph), so that sizes cost no memory whatever top_k
+        values clients send; the views of the last sizes used are kept (making one is an op)."""
         t = self._lengths.get((name, n))
         if t is None:
-            t = self._lengths[name, n] = torch.empty(n, dtype=torch.uint8, device=device)
+            base = self._length_buffers.get(name)
+            if base is None:
+                base = torch.empty(self.text_vocab_size, dtype=torch.uint8, device=device)
+                self._length_buffers[name] = base
+            if len(self._lengths) >= _KEPT_LENGTHS:
+                self._lengths.clear()
+            t = self._lengths[name, n] = base[:n]
         return t
 
     def _read(self, raw, bm, adj, states, plan, tokens, fail, redraw, top):

@@ -1015,7 +1015,12 @@ def test_a_compiled_top_k_step_is_one_pass_drawing_what_the_eager_one_draws() ->
     sampler = Sampler(vocab, compiled=True)
     states = [sampler.add_request(SamplingParams(top_k=k, seed=k)) for k in (40, 3)]
     assert all(r.token_id < vocab for r in sampler.sample(raw[2:4], states))
+    # A client may send a new top_k every request: neither graphs nor memory grow with them
+    # (each size is a view of one buffer per argument).
+    for k in range(2, 300, 3):
+        sampler.sample(raw[2:3], [sampler.add_request(SamplingParams(top_k=k, seed=k))])
     assert counters["stats"]["unique_graphs"] == graphs
+    assert len({t.untyped_storage().data_ptr() for t in sampler._lengths.values()}) <= 2
     # Another vocabulary in the same process (1000 ids: blocks of 8) compiles its own graph, as
     # its sizes are static: the block size is worked out from the vocabulary inside the pass.
     drawn = []
