@@ -490,8 +490,7 @@ class Sampler:
         return out
 
     def _block_max(self, x: torch.Tensor) -> torch.Tensor:
-        bs = self.block
-        return x.reshape(x.shape[0], self.text_vocab_size // bs, bs).amax(dim=2)
+        return _block_max(x, self.block)
 
     def _buffer(
         self, name: str, rows: int, device: torch.device, dtype: torch.dtype = torch.float32
@@ -1257,10 +1256,14 @@ def _block_maxima(x: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
     """What a one-pass pick starts from: the block maxima of x [B, V] (a compiled pass's V is
     static: the block size is `Sampler.block`, worked out from it), the block size, and each
     row's failure code as `_failures` gives it without adjustments."""
-    V = x.shape[1]
-    bs = math.gcd(V, MAX_BLOCK)
-    bm = x.reshape(x.shape[0], V // bs, bs).amax(dim=2)
+    bs = math.gcd(x.shape[1], MAX_BLOCK)
+    bm = _block_max(x, bs)
     return bm, bs, _failures(bm.amax(dim=1).float(), None)
+
+
+def _block_max(x: torch.Tensor, bs: int) -> torch.Tensor:
+    """[B, V / bs]: the maximum of each block of bs ids of x [B, V]."""
+    return x.reshape(x.shape[0], x.shape[1] // bs, bs).amax(dim=2)
 
 
 def _packed_picks(token: torch.Tensor, fail: torch.Tensor) -> torch.Tensor:

@@ -927,6 +927,14 @@ def test_a_compiled_sampler_draws_what_the_eager_one_draws(params: SamplingParam
             assert f.logprob == pytest.approx(e.logprob, abs=1e-5)
 
 
+def _calls_of(sampler: Sampler, name: str) -> list[torch.Size]:
+    """Watch the sampler's one-pass pick `name`: the list returned gets the shape of the logits
+    of each call."""
+    pick, seen = getattr(sampler, name), []
+    setattr(sampler, name, lambda x, *rest: seen.append(x.shape) or pick(x, *rest))
+    return seen
+
+
 def test_a_compiled_greedy_step_is_one_pass_picking_what_the_eager_one_picks() -> None:
     # Every row greedy, none adjusted, none asking for logprobs: the compiled sampler takes the
     # step in one compiled pass (`_greedy_pick`), and picks and fails exactly as the general
@@ -946,8 +954,7 @@ def test_a_compiled_greedy_step_is_one_pass_picking_what_the_eager_one_picks() -
         for compiled in (False, True):
             sampler = Sampler(vocab, compiled=compiled)
             if compiled:
-                pick, seen = sampler._greedy_pick, passes
-                sampler._greedy_pick = lambda x, f=pick, seen=seen: seen.append(x.shape) or f(x)
+                passes = _calls_of(sampler, "_greedy_pick")
             states = [sampler.add_request(SamplingParams(temperature=0)) for _ in range(7)]
             with pytest.raises(SamplingError) as info:
                 sampler.sample(raw.to(dtype), states)
@@ -994,8 +1001,7 @@ def test_a_compiled_top_k_step_is_one_pass_drawing_what_the_eager_one_draws() ->
         for compiled in (False, True):
             sampler = Sampler(vocab, compiled=compiled)
             if compiled:
-                pick, seen = sampler._top_k_pick, passes
-                sampler._top_k_pick = lambda *a, f=pick, seen=seen: seen.append(a[0].shape) or f(*a)
+                passes = _calls_of(sampler, "_top_k_pick")
             states = [sampler.add_request(p) for p in params]
             steps = []
             for _ in range(3):
